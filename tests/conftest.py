@@ -1,0 +1,143 @@
+"""Shared fixtures: a fake OpenRouter and a real wattgate on loopback, as factories."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+
+from wattgate.app import create_app
+from wattgate.config import load_config
+from wattgate.credentials import mint_credentials
+from wattgate.fakeupstream import FakeOpenRouter, create_fake_openrouter
+from wattgate.views.state import gateway_key
+
+FUNDING_KEY = "sk-or-v1-" + "f" * 48
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Clock:
+    """A clock tests move by hand: expiry and periods without sleeping."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class AppCreds:
+    app_id: str
+    publishable_key: str
+    secret_key: str
+    origin: str
+
+
+@dataclass
+class Harness:
+    url: str
+    http: aiohttp.ClientSession
+    fake: FakeOpenRouter
+    app: Any
+    tmp_path: Any
+    clock: Clock
+    apps: list[AppCreds] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return self.url + "/api/v1"
+
+    @property
+    def gw(self):  # type: ignore[no-untyped-def]
+        return self.app[gateway_key]
+
+    async def create_app(self, name: str = "Demo", origin: str = "http://localhost:3000") -> AppCreds:
+        creds = mint_credentials()
+        await self.gw.store.create_app(creds.app_id, name, self.gw.hash(creds.secret), [origin],
+                                       now=self.clock())
+        app = AppCreds(creds.app_id, creds.publishable_key, creds.secret_key, origin)
+        self.apps.append(app)
+        return app
+
+    async def session(self, app: AppCreds, user: str, monthly_usd: Any = None) -> str:
+        body: dict[str, Any] = {"appUserId": user}
+        if monthly_usd is not None:
+            body["requestLimit"] = {"monthlyUsd": monthly_usd}
+        async with self.http.post(self.api + "/sessions", json=body,
+                                  headers={"Authorization": f"Bearer {app.secret_key}"}) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["token"]
+
+    async def connect(self, app: AppCreds, user: str, monthly_usd: Any = 10,
+                      funding_key: str = FUNDING_KEY) -> dict[str, Any]:
+        token = await self.session(app, user)
+        async with self.http.post(self.api + "/connections",
+                                  json={"monthlyUsd": monthly_usd, "fundingKey": funding_key},
+                                  headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def status(self, app: AppCreds, user: str) -> dict[str, Any]:
+        async with self.http.get(self.api + "/status", params={"appUserId": user},
+                                 headers={"Authorization": f"Bearer {app.secret_key}"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
+    fake = FakeOpenRouter()
+    server = await aiohttp_server(create_fake_openrouter(fake))
+    fake.base_url = str(server.make_url("/api/v1"))  # type: ignore[attr-defined]
+    fake.origin = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    return fake
+
+
+@pytest.fixture
+async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type: ignore[no-untyped-def]
+    """Factory: start a wattgate with config overrides, return a Harness."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(env: dict[str, str] | None = None, *,
+                   clock_fn: Callable[[], float] | None = None) -> Harness:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        values = {
+            "WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"),
+            "WATTGATE_SERVER__PUBLIC_URL": url,
+            "WATTGATE_UPSTREAM__BASE_URL": fake_upstream.base_url,
+        }
+        values.update(env or {})
+        config = load_config(None, env=values)
+        app = create_app(config, clock=clock_fn or clock)
+        await aiohttp_server(app, port=port)
+        http = aiohttp.ClientSession()
+        sessions.append(http)
+        return Harness(url, http, fake_upstream, app, tmp_path, clock)
+
+    yield make
+    for s in sessions:
+        await s.close()
+
+
+@pytest.fixture
+async def harness(make_harness):  # type: ignore[no-untyped-def]
+    return await make_harness()

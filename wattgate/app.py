@@ -1,0 +1,60 @@
+"""The app factory: the one place the parts of wattgate are wired together.
+
+``create_app(config)`` opens the keys file, the store and the upstream session
+in ``cleanup_ctx`` (teardown runs only if setup did), sweeps holds left by a
+previous process, and mounts the routes. Tests pass a config pointing
+``upstream.base_url`` at a fake OpenRouter and, where time matters, a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from aiohttp import web
+
+from .config import Config
+from .gateway import open_gateway
+from .middleware import error_middleware
+from .upstream import Upstream
+from .views import control
+from .views.state import gateway_key, upstream_key
+
+log = logging.getLogger("wattgate")
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=config.server_max_body_bytes)
+
+    async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+        gw = open_gateway(config, clock=clock)
+        app[gateway_key] = gw
+        swept = await gw.store.sweep_holds()
+        if swept:
+            log.warning("released %d budget holds left by a previous process", swept)
+        yield
+        await gw.store.close()
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        upstream = Upstream(config.upstream_base_url,
+                            key_check_path=config.upstream_key_check_path,
+                            connect_timeout=config.upstream_connect_timeout,
+                            first_byte_timeout=config.upstream_first_byte_timeout,
+                            idle_timeout=config.upstream_idle_timeout,
+                            models_ttl=config.upstream_models_ttl, clock=clock)
+        await upstream.start()
+        app[upstream_key] = upstream
+        yield
+        await upstream.close()
+
+    app.cleanup_ctx.append(gateway_ctx)
+    app.cleanup_ctx.append(upstream_ctx)
+
+    r = app.router
+    r.add_get("/healthz", control.healthz)
+    r.add_post("/api/v1/sessions", control.create_session)
+    r.add_get("/api/v1/status", control.get_status)
+    r.add_route("*", "/api/v1/connections", control.connections)
+    return app

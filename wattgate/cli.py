@@ -1,0 +1,219 @@
+"""The ``wattgate`` command line: serve, manage apps, rotate keys.
+
+Every command takes ``--config PATH`` (or ``WATTGATE_CONFIG``). Failures print
+one line, ``wattgate: error: …``, and exit 2 (usage) or 1 (everything else);
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sqlite3
+import sys
+import time
+from typing import Any, Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
+
+from .config import Config, load_config
+from .credentials import mint_credentials
+from .errors import ConfigError
+from .gateway import Gateway, open_gateway
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can fix; printed as one line."""
+
+
+def normalize_origin(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise CommandError(f"not an origin (scheme://host[:port]): {value!r}")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def _run(config: Config, fn: Callable[[Gateway], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        gw = open_gateway(config)
+        try:
+            return await fn(gw)
+        finally:
+            await gw.store.close()
+    return asyncio.run(main())
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    changes = {}
+    if args.host:
+        changes["server.host"] = args.host
+    if args.port is not None:
+        changes["server.port"] = args.port
+    config = config.replace(**changes) if changes else config
+    app = create_app(config)
+    print(f"wattgate listening on http://{config.server_host}:{config.server_port} "
+          f"(database {config.database_file}, keys {config.keys_path})", flush=True)
+    web.run_app(app, host=config.server_host, port=config.server_port, print=None,
+                access_log=None, shutdown_timeout=30)
+    return 0
+
+
+def cmd_apps(args: argparse.Namespace, config: Config) -> int:
+    if args.apps_command == "create":
+        origins = [normalize_origin(o) for o in args.origin]
+        name = args.name.strip()
+        if not name:
+            raise CommandError("--name must not be empty")
+        creds = mint_credentials()
+
+        async def create(gw: Gateway) -> None:
+            await gw.store.create_app(creds.app_id, name, gw.hash(creds.secret), origins,
+                                      now=time.time())
+        _run(config, create)
+        out = {"appId": creds.app_id, "publishableKey": creds.publishable_key,
+               "secretKey": creds.secret_key}
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(f"Created app {name!r}\n  appId:          {creds.app_id}\n"
+                  f"  publishableKey: {creds.publishable_key}\n"
+                  f"  secretKey:      {creds.secret_key}\n"
+                  "The secret key is shown once; store it in your backend's secrets.")
+        return 0
+    if args.apps_command == "list":
+        apps = _run(config, lambda gw: gw.store.list_apps())
+        rows = [{"appId": a.app_id, "name": a.name, "publishableKey": f"pk_live_{a.app_id}",
+                 "origins": list(a.origins)} for a in apps]
+        if args.json:
+            print(json.dumps(rows))
+        elif not rows:
+            print("no apps yet: wattgate apps create --name NAME --origin URL")
+        else:
+            for r in rows:
+                print(f"{r['appId']}  {r['name']}  {' '.join(r['origins'])}")
+        return 0
+    app_id = args.app_id
+    if args.apps_command == "rotate-secret":
+        creds = mint_credentials(app_id)
+
+        async def rotate(gw: Gateway) -> bool:
+            return await gw.store.set_app_secret(app_id, gw.hash(creds.secret))
+        if not _run(config, rotate):
+            raise CommandError(f"unknown app {app_id}")
+        print(json.dumps({"appId": app_id, "secretKey": creds.secret_key}) if args.json
+              else f"New secret key for {app_id} (the old one no longer works):\n"
+                   f"  {creds.secret_key}")
+        return 0
+    if args.apps_command == "delete":
+        if not _run(config, lambda gw: gw.store.delete_app(app_id)):
+            raise CommandError(f"unknown app {app_id}")
+        print(f"deleted app {app_id} with its connections and grants")
+        return 0
+    origin = normalize_origin(args.origin)
+    add = [origin] if args.apps_command == "add-origin" else []
+    remove = [origin] if args.apps_command == "remove-origin" else []
+    if not _run(config, lambda gw: gw.store.set_origins(app_id, add, remove)):
+        raise CommandError(f"unknown app {app_id}")
+    print(f"{'added' if add else 'removed'} origin {origin} for {app_id}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, config: Config) -> int:
+    from .keyfile import add_master_key
+    from .sealing import SealError
+
+    async def rotate(gw: Gateway) -> tuple[str, int]:
+        kid = add_master_key(gw.keys)
+        gw.sealer.__init__(gw.keys.master_keys, gw.keys.active_key_id)  # type: ignore[misc]
+        changes = []
+        for table, row_id, sealed in await gw.store.all_sealed_keys():
+            aad = f"{'connection' if table == 'connections' else 'grant'}:{row_id}"
+            try:
+                plain = gw.sealer.unseal(sealed, aad)
+            except SealError as e:
+                raise CommandError(f"{table} row {row_id}: {e}") from None
+            changes.append((table, row_id, sealed, gw.sealer.seal(plain, aad)))
+        return kid, await gw.store.replace_sealed_keys(changes)
+    kid, count = _run(config, rotate)
+    print(f"master key {kid} is now active; re-sealed {count} funding keys")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wattgate", description=(
+        "Self-hosted consent and metering gateway for AI spend."))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default: $WATTGATE_CONFIG or "
+                        "embedded defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    apps = sub.add_parser("apps", help="register and manage apps")
+    apps_sub = apps.add_subparsers(dest="apps_command", required=True)
+    create = apps_sub.add_parser("create", parents=[common], help="register an app")
+    create.add_argument("--name", required=True)
+    create.add_argument("--origin", action="append", required=True,
+                        help="an origin allowed to open the consent popup (repeatable)")
+    create.add_argument("--json", action="store_true")
+    lst = apps_sub.add_parser("list", parents=[common], help="list apps")
+    lst.add_argument("--json", action="store_true")
+    rot = apps_sub.add_parser("rotate-secret", parents=[common],
+                              help="issue a new secret key; the old one stops working")
+    rot.add_argument("app_id")
+    rot.add_argument("--json", action="store_true")
+    dele = apps_sub.add_parser("delete", parents=[common], help="delete an app")
+    dele.add_argument("app_id")
+    for name in ("add-origin", "remove-origin"):
+        p = apps_sub.add_parser(name, parents=[common], help=f"{name.split('-')[0]} an origin")
+        p.add_argument("app_id")
+        p.add_argument("origin")
+
+    keys = sub.add_parser("keys", help="manage the master sealing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("rotate", parents=[common],
+                        help="add a new master key and re-seal every funding key")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "serve": cmd_serve, "apps": cmd_apps, "keys": cmd_keys,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None))
+        if getattr(args, "log_level", None):
+            config = config.replace(**{"log.level": args.log_level})
+        logging.basicConfig(level=config.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        return COMMANDS[args.command](args, config)
+    except (ConfigError, CommandError) as e:
+        print(f"wattgate: error: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"wattgate: error: database: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Configuration: every setting declared once, as data, with its default and help.
+
+Sources, later ones winning: the embedded defaults below, a TOML file
+(``--config`` or ``WATTGATE_CONFIG``), then environment variables named
+``WATTGATE_<SECTION>__<KEY>`` (upper case, double underscore), e.g.
+``WATTGATE_SERVER__PORT=9000``. Unknown keys and bad values are refused with a
+``ConfigError`` naming the key. Secrets never live here: see ``wattgate.keyfile``.
+
+``config.example.toml`` documents every setting; a test keeps it in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env(self) -> str:
+        return f"WATTGATE_{self.section.upper()}__{self.key.upper()}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "host", str, "127.0.0.1", "Address to listen on."),
+    Setting("server", "port", int, 8787, "TCP port to listen on.", 0),
+    Setting("server", "public_url", str, "",
+            "URL end users' browsers reach the gateway at (consent popup, SDK). "
+            "Empty: http://{host}:{port}."),
+    Setting("server", "max_body_bytes", int, 4 * 1024 * 1024,
+            "Largest request body accepted, in bytes.", 1024),
+    Setting("database", "path", str, "wattgate.db",
+            "SQLite ledger file. Relative paths are relative to the working folder."),
+    Setting("keys", "file", str, "",
+            "Keys file (JWT signing key, master sealing keys), created mode 0600 on "
+            "first use. Empty: next to the database, named <database>.keys.json."),
+    Setting("upstream", "base_url", str, "https://openrouter.ai/api/v1",
+            "OpenAI-compatible upstream the proxy forwards to."),
+    Setting("upstream", "key_check_path", str, "/key",
+            "Path under base_url used to check a funding key before it is saved "
+            "(OpenRouter's GET /key). Empty: check with GET /models instead."),
+    Setting("upstream", "connect_timeout", float, 10.0,
+            "Seconds to open a connection to the upstream.", 0.1),
+    Setting("upstream", "first_byte_timeout", float, 120.0,
+            "Seconds to wait for the upstream's response headers.", 0.1),
+    Setting("upstream", "idle_timeout", float, 120.0,
+            "Seconds of silence tolerated between two chunks of a streamed answer.", 0.1),
+    Setting("upstream", "models_ttl", float, 600.0,
+            "Seconds a fetched model price list is used before it is refreshed.", 1),
+    Setting("sessions", "ttl_seconds", int, 600,
+            "Lifetime of a session token minted by POST /sessions.", 10),
+    Setting("limits", "sessions_per_minute", int, 120,
+            "RL_SESSIONS: session mints per minute per app.", 1),
+    Setting("limits", "chat_per_minute", int, 30,
+            "RL_CHAT: inference requests per minute per app and user.", 1),
+    Setting("metering", "default_max_tokens", int, 4096,
+            "max_tokens injected into a request that sets none, so its worst cost "
+            "is known before it leaves.", 1),
+    Setting("metering", "hold_ttl_seconds", int, 900,
+            "A budget hold older than this is swept (its request is long gone).", 60),
+    Setting("metering", "drain_seconds", float, 60.0,
+            "When a client disconnects mid-stream, how long the gateway keeps "
+            "reading the upstream to learn the final cost.", 0),
+    Setting("metering", "max_drains", int, 64,
+            "How many such drains may run at once; past that the call is recorded "
+            "at its estimate, marked provisional.", 0),
+    Setting("grants", "ttl_seconds", int, 600, "Lifetime of a one-time grant token.", 10),
+    Setting("grants", "max_requests", int, 100,
+            "Largest request count one grant may authorize.", 1),
+    Setting("dev", "allow_unlimited", bool, False,
+            "Allow connections with monthlyUsd: null (no cap). Development only."),
+    Setting("log", "level", str, "info", "debug, info, warning or error."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+SECTIONS = sorted({s.section for s in SETTINGS})
+
+
+class Config:
+    """Parsed settings, read as ``config.get("server.port")`` or ``config.server_port``."""
+
+    def __init__(self, values: Mapping[str, Any], *, source: str | None = None) -> None:
+        self._values = dict(values)
+        self.source = source
+
+    def get(self, name: str) -> Any:
+        return self._values[name]
+
+    def __getattr__(self, attr: str) -> Any:
+        section, _, key = attr.partition("_")
+        try:
+            return self._values[f"{section}.{key}"]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    def replace(self, **changes: Any) -> "Config":
+        values = dict(self._values)
+        for name, raw in changes.items():
+            setting = _BY_NAME.get(name.replace("__", "."))
+            if setting is None:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[setting.name] = _coerce(setting, raw, origin=setting.name)
+        return Config(values, source=self.source)
+
+    @property
+    def public_origin(self) -> str:
+        url = self.server_public_url or f"http://{self.server_host}:{self.server_port}"
+        return url.rstrip("/")
+
+    @property
+    def database_file(self) -> Path:
+        return Path(self.database_path)
+
+    @property
+    def keys_path(self) -> Path:
+        if self.keys_file:
+            return Path(self.keys_file)
+        db = self.database_file
+        return db.with_name(db.name + ".keys.json")
+
+
+def _coerce(setting: Setting, raw: Any, *, origin: str) -> Any:
+    t = setting.type
+    value: Any
+    if isinstance(raw, str) and t is not str:
+        text = raw.strip()
+        if t is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{origin}: expected true or false, got {raw!r}")
+        try:
+            value = t(text)
+        except ValueError:
+            raise ConfigError(f"{origin}: expected {t.__name__}, got {raw!r}") from None
+    elif t is float and isinstance(raw, int) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, t) and not (t is int and isinstance(raw, bool)):
+        value = raw
+    else:
+        raise ConfigError(f"{origin}: expected {t.__name__}, got {type(raw).__name__}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(f"{origin}: must be at least {setting.minimum}, got {value}")
+    if setting.name == "log.level" and value not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{origin}: expected debug, info, warning or error, got {value!r}")
+    if setting.name == "upstream.base_url" and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{origin}: expected an http(s) URL, got {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file, then ``WATTGATE_*`` variables."""
+    env = os.environ if env is None else env
+    values = {s.name: s.default for s in SETTINGS}
+    if path is None and env.get("WATTGATE_CONFIG"):
+        path = env["WATTGATE_CONFIG"]
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for section, table in data.items():
+            if section not in SECTIONS or not isinstance(table, dict):
+                raise ConfigError(f"{path}: unknown section [{section}]")
+            for key, raw in table.items():
+                setting = _BY_NAME.get(f"{section}.{key}")
+                if setting is None:
+                    raise ConfigError(f"{path}: unknown key {section}.{key}")
+                values[setting.name] = _coerce(setting, raw, origin=setting.name)
+    known_env = {s.env: s for s in SETTINGS}
+    for name, raw in env.items():
+        if not name.startswith("WATTGATE_") or "__" not in name:
+            continue
+        setting = known_env.get(name)
+        if setting is None:
+            raise ConfigError(f"unknown environment setting {name}")
+        values[setting.name] = _coerce(setting, raw, origin=name)
+    return Config(values, source=str(path) if path else None)
+
+
+def example_toml() -> str:
+    """The text of config.example.toml, made from SETTINGS."""
+    lines = ["# wattgate configuration: every key with its default.",
+             "# Each key can also be set as WATTGATE_<SECTION>__<KEY> in the environment.",
+             "# Secrets are never read from here: see the keys file.", ""]
+    for section in dict.fromkeys(s.section for s in SETTINGS):
+        lines.append(f"[{section}]")
+        for s in SETTINGS:
+            if s.section != section:
+                continue
+            lines.append(f"# {s.help}")
+            lines.append(f"{s.key} = {_toml_value(s.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,141 @@
+"""The gateway's own secrets: where they come from and how they are created.
+
+Secrets never live in the TOML config. Each comes from the environment when
+set there, else from a JSON keys file that wattgate creates with mode 0600 on
+first use (next to the database unless ``[keys] file`` says otherwise):
+
+- ``jwt_secret`` (``WATTGATE_JWT_SECRET``): signs session tokens (HS256).
+- ``hash_key`` (``WATTGATE_HASH_KEY``): keys the HMAC under which app secrets,
+  grant tokens and presence cookies are stored.
+- ``master_keys`` + ``active_key_id`` (``WATTGATE_MASTER_KEY``, base64 of 32
+  bytes, taken as key id ``env``): AES-256-GCM keys sealing funding keys.
+  ``wattgate keys rotate`` adds a key, makes it active and re-seals every
+  stored funding key; old keys stay so that nothing becomes unreadable.
+- ``admin_token`` (``WATTGATE_ADMIN_TOKEN``): the admin console's login.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigError
+
+
+@dataclass
+class Keys:
+    jwt_secret: str
+    hash_key: bytes
+    master_keys: dict[str, bytes]
+    active_key_id: str
+    admin_token: str
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def active_master_key(self) -> bytes:
+        return self.master_keys[self.active_key_id]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{what} is not valid base64") from None
+    return data
+
+
+def _new_key_id(existing: Mapping[str, bytes]) -> str:
+    n = len(existing) + 1
+    while f"k{n}" in existing:
+        n += 1
+    return f"k{n}"
+
+
+def _fresh() -> dict:
+    return {
+        "jwt_secret": secrets.token_urlsafe(48),
+        "hash_key": _b64(secrets.token_bytes(32)),
+        "master_keys": {"k1": _b64(secrets.token_bytes(32))},
+        "active_key_id": "k1",
+        "admin_token": secrets.token_urlsafe(24),
+    }
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_keys(path: Path, env: Mapping[str, str] | None = None, *, create: bool = True) -> Keys:
+    """Read the keys file (creating it if missing), then apply env overrides."""
+    env = os.environ if env is None else env
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        if not create:
+            raise ConfigError(f"keys file not found: {path}") from None
+        data = _fresh()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(path, data)
+        except OSError as e:
+            raise ConfigError(f"cannot create keys file {path}: {e.strerror}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read keys file {path}: {e}") from None
+    try:
+        masters = {kid: _unb64(v, f"master key {kid}") for kid, v in data["master_keys"].items()}
+        keys = Keys(
+            jwt_secret=data["jwt_secret"],
+            hash_key=_unb64(data["hash_key"], "hash_key"),
+            master_keys=masters,
+            active_key_id=data["active_key_id"],
+            admin_token=data["admin_token"],
+            path=path,
+        )
+    except (KeyError, TypeError, AttributeError):
+        raise ConfigError(f"keys file {path} is missing fields; restore it from backup") from None
+    if env.get("WATTGATE_JWT_SECRET"):
+        keys.jwt_secret = env["WATTGATE_JWT_SECRET"]
+    if env.get("WATTGATE_HASH_KEY"):
+        keys.hash_key = _unb64(env["WATTGATE_HASH_KEY"], "WATTGATE_HASH_KEY")
+    if env.get("WATTGATE_ADMIN_TOKEN"):
+        keys.admin_token = env["WATTGATE_ADMIN_TOKEN"]
+    if env.get("WATTGATE_MASTER_KEY"):
+        keys.master_keys["env"] = _unb64(env["WATTGATE_MASTER_KEY"], "WATTGATE_MASTER_KEY")
+        keys.active_key_id = "env"
+    for kid, key in keys.master_keys.items():
+        if len(key) != 32:
+            raise ConfigError(f"master key {kid} must be 32 bytes, got {len(key)}")
+    if keys.active_key_id not in keys.master_keys:
+        raise ConfigError(f"active master key {keys.active_key_id!r} is not in the keys file")
+    return keys
+
+
+def add_master_key(keys: Keys) -> str:
+    """Add a fresh master key, make it active, and persist the keys file."""
+    if keys.path is None:
+        raise ConfigError("keys have no file to write to")
+    data = json.loads(keys.path.read_text())
+    kid = _new_key_id({k: b"" for k in data["master_keys"]})
+    new = secrets.token_bytes(32)
+    data["master_keys"][kid] = _b64(new)
+    data["active_key_id"] = kid
+    _write(keys.path, data)
+    keys.master_keys[kid] = new
+    keys.active_key_id = kid
+    return kid

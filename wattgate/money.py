@@ -1,0 +1,47 @@
+"""Exact money: integer nano-dollars (10⁻⁹ USD) from the parser to the ledger.
+
+OpenRouter reports ``usage.cost`` as a JSON number in USD with up to ~10
+significant decimals (cheap models cost fractions of a micro-dollar per call),
+so the ledger counts in nano-dollars: an int64 holds $9.2 billion. Amounts are
+parsed from ``Decimal`` (never a binary float) and rounded half-up to the
+nano-dollar; they leave as JSON numbers only at the HTTP edge.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
+
+NANOS_PER_USD = 1_000_000_000
+_NANO = Decimal(NANOS_PER_USD)
+
+
+def usd_to_nanos(value: object, *, round_up: bool = False) -> int:
+    """Convert a USD amount (Decimal, int, str, float) to nano-dollars.
+
+    Floats are converted through ``repr`` so ``0.03`` means 3 cents, not the
+    nearest binary fraction. Raises ``ValueError`` on anything not a finite number.
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    if isinstance(value, float):
+        value = repr(value)
+    try:
+        amount = Decimal(value)  # type: ignore[arg-type]
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError("not a number") from None
+    if not amount.is_finite():
+        raise ValueError("not a finite number")
+    rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
+    return int((amount * _NANO).to_integral_value(rounding=rounding))
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    return Decimal(nanos) / _NANO
+
+
+def nanos_to_json(nanos: int) -> float | int:
+    """The JSON number for an amount: exact to the nano-dollar when printed."""
+    amount = Decimal(nanos) / _NANO
+    if amount == amount.to_integral_value():
+        return int(amount)
+    return float(amount.normalize())

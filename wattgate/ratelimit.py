@@ -1,0 +1,41 @@
+"""Token-bucket rate limits (RL_SESSIONS, RL_CHAT), in memory, clock passed in.
+
+Each key gets a bucket of ``per_minute`` tokens refilled continuously; a
+request takes one or is refused with the seconds until one is back. State is
+per process, which is what a single-process gateway needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import RateLimited
+
+
+class RateLimiter:
+    def __init__(self, per_minute: int, *, name: str, max_keys: int = 100_000) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.name = name
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._max_keys = max_keys
+        self.rejections = 0
+
+    def take(self, key: str, *, now: float) -> None:
+        tokens, last = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            self.rejections += 1
+            raise RateLimited(f"Rate limit {self.name} reached; retry later.",
+                              retry_after=math.ceil((1.0 - tokens) / self.rate))
+        if len(self._buckets) >= self._max_keys and key not in self._buckets:
+            self._forget_full(now)
+        self._buckets[key] = (tokens - 1.0, now)
+
+    def _forget_full(self, now: float) -> None:
+        # A bucket that has refilled is indistinguishable from a new one.
+        full = [k for k, (t, last) in self._buckets.items()
+                if t + (now - last) * self.rate >= self.capacity]
+        for k in full:
+            del self._buckets[k]

@@ -1,0 +1,58 @@
+"""Sealing of funding keys with AES-256-GCM under a rotatable master key.
+
+A sealed key is ``v1.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>``; the
+associated data binds it to its connection or grant (``aad``), so a sealed key
+copied onto another row does not open. Unsealing happens per request and the
+plaintext is never stored, returned by an API or logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+
+class SealError(Exception):
+    """A sealed value could not be opened (unknown key id, tampering, bad format)."""
+
+
+class Sealer:
+    def __init__(self, keys: Mapping[str, bytes], active_key_id: str) -> None:
+        self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
+        self.active_key_id = active_key_id
+
+    def seal(self, plaintext: str, aad: str) -> str:
+        nonce = os.urandom(12)
+        ct = self._aead[self.active_key_id].encrypt(nonce, plaintext.encode(), aad.encode())
+        blob = base64.urlsafe_b64encode(nonce + ct).decode().rstrip("=")
+        return f"v1.{self.active_key_id}.{blob}"
+
+    def unseal(self, sealed: str, aad: str) -> str:
+        try:
+            version, kid, blob = sealed.split(".", 2)
+        except ValueError:
+            raise SealError("malformed sealed value") from None
+        aead = self._aead.get(kid)
+        if version != "v1" or aead is None:
+            raise SealError(f"no master key {kid!r} to open this value")
+        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+        try:
+            return aead.decrypt(raw[:12], raw[12:], aad.encode()).decode()
+        except InvalidTag:
+            raise SealError("sealed value does not open under its key") from None
+
+    def key_id_of(self, sealed: str) -> str:
+        return sealed.split(".", 2)[1]
+
+
+def connection_aad(connection_id: int) -> str:
+    """The associated data binding a sealed key to its connection row."""
+    return f"connection:{connection_id}"
+
+
+def grant_aad(grant_id: int) -> str:
+    return f"grant:{grant_id}"

@@ -1,0 +1,78 @@
+"""Frozen rows: what leaves the store. Amounts are integer nano-dollars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVE = "active"
+REVOKED = "revoked"
+NEEDS_RECONNECT = "needs_reconnect"
+
+
+@dataclass(frozen=True)
+class App:
+    app_id: str
+    name: str
+    secret_hash: str
+    origins: tuple[str, ...]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Connection:
+    connection_id: int
+    app_id: str
+    app_user_id: str
+    state: str
+    cap_nanos: int | None  # None: unlimited (dev switch only)
+    sealed_key: str | None
+    browser_hash: str | None  # the presence proof of the browser that approved it
+    created_at: float
+    updated_at: float
+
+    @property
+    def connected(self) -> bool:
+        return self.state == ACTIVE and self.sealed_key is not None
+
+
+@dataclass(frozen=True)
+class Grant:
+    grant_id: int
+    app_id: str
+    token_hash: str
+    requests: int
+    used: int
+    max_nanos: int | None
+    spent_nanos: int
+    held_nanos: int
+    sealed_key: str | None
+    connection_id: int | None  # set when funded by the user's connection
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One metered call, as the ledger stores it (never prompt or completion)."""
+
+    generation_id: str
+    app_id: str
+    connection_id: int | None
+    grant_id: int | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nanos: int
+    provisional: bool
+    status: str
+    latency_ms: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Hold:
+    hold_id: int
+    connection_id: int | None
+    grant_id: int | None
+    period: str
+    amount_nanos: int

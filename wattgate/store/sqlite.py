@@ -1,0 +1,475 @@
+"""The SQLite store: every SQL statement of wattgate lives in this file.
+
+Writes go through one writer thread with *group commit*: operations queued
+while a transaction is running are applied together in the next
+``BEGIN IMMEDIATE`` transaction, each inside its own savepoint, and every caller
+awaits its own commit. Concurrent requests thus share one commit, yet no
+request finishes before its own debit is durable. An operation, once queued,
+runs even if its caller is cancelled, so a debit or a release is never lost
+to a client disconnect.
+
+Point reads run synchronously on the event loop thread through a second
+connection: in WAL mode they never wait for the writer, and a primary-key
+lookup costs microseconds, less than a hop to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from ..errors import BudgetExceeded, GrantInvalid, NotConnected
+from .migrations import migrate
+from .records import ACTIVE, App, Connection, Grant, Hold, Usage
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA busy_timeout = 10000")
+    return db
+
+
+class _Writer:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wattgate-writer")
+        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    async def run(self, op: Op) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((op, future))
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await asyncio.shield(loop.run_in_executor(
+                        self._executor, self._apply, [op for op, _ in batch]))
+                except BaseException as e:  # the whole transaction failed
+                    results = [(False, e)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, results):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._draining = None
+
+    def _apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        results: list[tuple[bool, Any]] = []
+        try:
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    value = op(db)
+                except Exception as e:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    results.append((False, e))
+                else:
+                    db.execute("RELEASE op")
+                    results.append((True, value))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
+
+    async def close(self) -> None:
+        while self._draining is not None:
+            await asyncio.sleep(0)
+            if self._draining is not None:
+                await self._draining
+        self._executor.shutdown(wait=True)
+
+
+_CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
+                    "browser_hash, created_at, updated_at")
+_GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
+               "held_nanos, sealed_key, connection_id, created_at, expires_at")
+
+
+class SQLiteStore:
+    """The store interface wattgate's domain code talks to (see wattgate.store)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._write_db = _connect(self.path)
+        migrate(self._write_db)
+        self._read = _connect(self.path)
+        self._writer = _Writer(self._write_db)
+
+    @classmethod
+    def open(cls, path: Path) -> "SQLiteStore":
+        return cls(path)
+
+    async def close(self) -> None:
+        await self._writer.close()
+        self._read.close()
+        self._write_db.close()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process, the writer) commits."""
+        return self._read.execute("PRAGMA data_version").fetchone()[0]
+
+    def _one(self, sql: str, params: dict[str, Any] | tuple = ()) -> tuple | None:
+        return self._read.execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: dict[str, Any] | tuple = ()) -> list[tuple]:
+        return self._read.execute(sql, params).fetchall()
+
+    # ---- apps -------------------------------------------------------------
+    async def create_app(self, app_id: str, name: str, secret_hash: str,
+                         origins: Iterable[str], *, now: float) -> App:
+        origins = tuple(dict.fromkeys(origins))
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+                       "VALUES (:a, :n, :h, :t)", {"a": app_id, "n": name, "h": secret_hash, "t": now})
+            db.executemany("INSERT INTO app_origins (app_id, origin) VALUES (?, ?)",
+                           [(app_id, o) for o in origins])
+        await self._writer.run(op)
+        return App(app_id, name, secret_hash, origins, now)
+
+    async def get_app(self, app_id: str) -> App | None:
+        row = self._one("SELECT app_id, name, secret_hash, created_at FROM apps WHERE app_id = ?",
+                        (app_id,))
+        if row is None:
+            return None
+        origins = tuple(r[0] for r in self._all(
+            "SELECT origin FROM app_origins WHERE app_id = ? ORDER BY origin", (app_id,)))
+        return App(row[0], row[1], row[2], origins, row[3])
+
+    async def list_apps(self) -> list[App]:
+        apps = []
+        for (app_id,) in self._all("SELECT app_id FROM apps ORDER BY created_at, app_id"):
+            app = await self.get_app(app_id)
+            if app is not None:
+                apps.append(app)
+        return apps
+
+    async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE apps SET secret_hash = :h WHERE app_id = :a",
+                              {"h": secret_hash, "a": app_id}).rowcount == 1
+        return await self._writer.run(op)
+
+    async def delete_app(self, app_id: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
+        return await self._writer.run(op)
+
+    async def set_origins(self, app_id: str, add: Iterable[str] = (),
+                          remove: Iterable[str] = ()) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone() is None:
+                return False
+            db.executemany("INSERT OR IGNORE INTO app_origins (app_id, origin) VALUES (?, ?)",
+                           [(app_id, o) for o in add])
+            db.executemany("DELETE FROM app_origins WHERE app_id = ? AND origin = ?",
+                           [(app_id, o) for o in remove])
+            return True
+        return await self._writer.run(op)
+
+    async def origin_registered(self, origin: str) -> bool:
+        """Whether any app registered this origin (answers CORS preflights)."""
+        return self._one("SELECT 1 FROM app_origins WHERE origin = ? LIMIT 1",
+                         (origin,)) is not None
+
+    # ---- connections ------------------------------------------------------
+    async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:
+        row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections "
+                        "WHERE app_id = :a AND app_user_id = :u", {"a": app_id, "u": app_user_id})
+        return Connection(*row) if row else None
+
+    async def get_connection_by_id(self, connection_id: int) -> Connection | None:
+        row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections WHERE connection_id = ?",
+                        (connection_id,))
+        return Connection(*row) if row else None
+
+    async def connections_for_browser(self, browser_hash: str) -> list[Connection]:
+        rows = self._all(f"SELECT {_CONNECTION_COLS} FROM connections WHERE browser_hash = ? "
+                         "ORDER BY updated_at DESC", (browser_hash,))
+        return [Connection(*r) for r in rows]
+
+    async def connections_for_app(self, app_id: str) -> list[Connection]:
+        rows = self._all(f"SELECT {_CONNECTION_COLS} FROM connections WHERE app_id = ? "
+                         "ORDER BY updated_at DESC", (app_id,))
+        return [Connection(*r) for r in rows]
+
+    async def save_connection(self, app_id: str, app_user_id: str, *, state: str,
+                              cap_nanos: int | None, sealed_key: str | None,
+                              browser_hash: str | None, now: float,
+                              seal: Callable[[int], str] | None = None) -> Connection:
+        """Insert or update the connection of (app, user).
+
+        ``seal``, when given, is called with the connection id inside the
+        transaction and its result stored as the sealed key (the sealed key's
+        associated data names its row, which a new row only knows here).
+        """
+        def op(db: sqlite3.Connection) -> Connection:
+            params = {"a": app_id, "u": app_user_id, "s": state, "c": cap_nanos,
+                      "k": sealed_key, "b": browser_hash, "t": now}
+            db.execute(
+                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
+                "browser_hash, created_at, updated_at) VALUES (:a, :u, :s, :c, :k, :b, :t, :t) "
+                "ON CONFLICT (app_id, app_user_id) DO UPDATE SET state = :s, cap_nanos = :c, "
+                "sealed_key = :k, browser_hash = :b, updated_at = :t", params)
+            row = db.execute(f"SELECT {_CONNECTION_COLS} FROM connections "
+                             "WHERE app_id = :a AND app_user_id = :u", params).fetchone()
+            if seal is not None:
+                sealed = seal(row[0])
+                db.execute("UPDATE connections SET sealed_key = ? WHERE connection_id = ?",
+                           (sealed, row[0]))
+                row = row[:5] + (sealed,) + row[6:]
+            return Connection(*row)
+        return await self._writer.run(op)
+
+    async def set_connection_state(self, connection_id: int, state: str, *, now: float,
+                                   drop_key: bool = False) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            sql = "UPDATE connections SET state = :s, updated_at = :t"
+            if drop_key:
+                sql += ", sealed_key = NULL"
+            db.execute(sql + " WHERE connection_id = :c", {"s": state, "t": now, "c": connection_id})
+        await self._writer.run(op)
+
+    async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
+        """(table, row id, sealed key) for every stored funding key."""
+        rows = [("connections", r[0], r[1]) for r in self._all(
+            "SELECT connection_id, sealed_key FROM connections WHERE sealed_key IS NOT NULL")]
+        rows += [("grants", r[0], r[1]) for r in self._all(
+            "SELECT grant_id, sealed_key FROM grants WHERE sealed_key IS NOT NULL")]
+        return rows
+
+    async def replace_sealed_keys(self, changes: list[tuple[str, int, str, str]]) -> int:
+        """Swap (table, id, old, new) sealed keys in one transaction, only where still old."""
+        def op(db: sqlite3.Connection) -> int:
+            n = 0
+            for table, row_id, old, new in changes:
+                id_col = "connection_id" if table == "connections" else "grant_id"
+                n += db.execute(f"UPDATE {table} SET sealed_key = :new "
+                                f"WHERE {id_col} = :id AND sealed_key = :old",
+                                {"new": new, "id": row_id, "old": old}).rowcount
+            return n
+        return await self._writer.run(op)
+
+    # ---- spend ------------------------------------------------------------
+    async def period_spent(self, connection_id: int, period: str) -> int:
+        row = self._one("SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?",
+                        (connection_id, period))
+        return row[0] if row else 0
+
+    async def held(self, connection_id: int) -> int:
+        row = self._one("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds "
+                        "WHERE connection_id = ?", (connection_id,))
+        return row[0] if row else 0
+
+    async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
+                    now: float, expires_at: float) -> Hold:
+        """Atomically: refuse if spent + held + amount would pass the cap, else hold."""
+        def op(db: sqlite3.Connection) -> Hold:
+            row = db.execute("SELECT state, cap_nanos, sealed_key FROM connections "
+                             "WHERE connection_id = ?", (connection_id,)).fetchone()
+            if row is None or row[0] != ACTIVE or row[2] is None:
+                raise NotConnected()
+            _check_cap(db, connection_id, period, row[1], amount_nanos)
+            cur = db.execute("INSERT INTO holds (connection_id, period, amount_nanos, created_at, "
+                             "expires_at) VALUES (?, ?, ?, ?, ?)",
+                             (connection_id, period, amount_nanos, now, expires_at))
+            return Hold(cur.lastrowid, connection_id, None, period, amount_nanos)
+        return await self._writer.run(op)
+
+    async def settle(self, hold: Hold | None, usage: Usage, period: str) -> bool:
+        """Release the hold and debit the usage, in one transaction.
+
+        Idempotent on ``usage.generation_id``: a second settle of the same
+        generation records nothing more and answers False.
+        """
+        def op(db: sqlite3.Connection) -> bool:
+            if hold is not None:
+                _drop_hold(db, hold)
+            cur = db.execute(
+                "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, grant_id, "
+                "period, model, prompt_tokens, completion_tokens, cost_nanos, provisional, "
+                "status, latency_ms, created_at) VALUES (:g, :a, :c, :gr, :p, :m, :pt, :ct, "
+                ":cost, :prov, :st, :lat, :t)",
+                {"g": usage.generation_id, "a": usage.app_id, "c": usage.connection_id,
+                 "gr": usage.grant_id, "p": period, "m": usage.model,
+                 "pt": usage.prompt_tokens, "ct": usage.completion_tokens,
+                 "cost": usage.cost_nanos, "prov": int(usage.provisional), "st": usage.status,
+                 "lat": usage.latency_ms, "t": usage.created_at})
+            if cur.rowcount == 0:
+                return False
+            if usage.connection_id is not None:
+                _add_spend(db, usage.connection_id, period, usage.cost_nanos)
+            if usage.grant_id is not None:
+                db.execute("UPDATE grants SET spent_nanos = spent_nanos + ? WHERE grant_id = ?",
+                           (usage.cost_nanos, usage.grant_id))
+            return True
+        return await self._writer.run(op)
+
+    async def release(self, hold: Hold, *, refund_request: bool = False) -> None:
+        """Drop a hold without spend (the call never reached the model)."""
+        def op(db: sqlite3.Connection) -> None:
+            dropped = _drop_hold(db, hold)
+            if dropped and refund_request and hold.grant_id is not None:
+                db.execute("UPDATE grants SET used = used - 1 WHERE grant_id = ? AND used > 0",
+                           (hold.grant_id,))
+        await self._writer.run(op)
+
+    async def sweep_holds(self, *, older_than: float | None = None) -> int:
+        """Drop holds created before ``older_than`` (all holds when None)."""
+        def op(db: sqlite3.Connection) -> int:
+            sql = "SELECT hold_id, connection_id, grant_id, period, amount_nanos FROM holds"
+            params: tuple = ()
+            if older_than is not None:
+                sql += " WHERE created_at < ?"
+                params = (older_than,)
+            holds = [Hold(*r) for r in db.execute(sql, params).fetchall()]
+            for h in holds:
+                _drop_hold(db, h)
+            return len(holds)
+        return await self._writer.run(op)
+
+    async def open_holds(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM holds")
+        return row[0] if row else 0
+
+    async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]:
+        rows = self._all(
+            "SELECT generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
+            "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at "
+            "FROM usage WHERE connection_id = ? ORDER BY created_at DESC, usage_id DESC LIMIT ?",
+            (connection_id, limit))
+        return [Usage(*r[:8], bool(r[8]), *r[9:]) for r in rows]
+
+    # ---- grants -----------------------------------------------------------
+    async def create_grant(self, app_id: str, token_hash: str, requests: int,
+                           max_nanos: int | None, *, sealed_key: str | None,
+                           connection_id: int | None, now: float, expires_at: float,
+                           seal: Callable[[int], str] | None = None) -> Grant:
+        def op(db: sqlite3.Connection) -> Grant:
+            cur = db.execute(
+                "INSERT INTO grants (app_id, token_hash, requests, max_nanos, sealed_key, "
+                "connection_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (app_id, token_hash, requests, max_nanos, sealed_key, connection_id, now,
+                 expires_at))
+            grant_id = cur.lastrowid
+            key = sealed_key
+            if seal is not None:
+                key = seal(grant_id)
+                db.execute("UPDATE grants SET sealed_key = ? WHERE grant_id = ?", (key, grant_id))
+            return Grant(grant_id, app_id, token_hash, requests, 0, max_nanos, 0, 0, key,
+                         connection_id, now, expires_at)
+        return await self._writer.run(op)
+
+    async def get_grant(self, token_hash: str) -> Grant | None:
+        row = self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?", (token_hash,))
+        return Grant(*row) if row else None
+
+    async def grants_for_app(self, app_id: str) -> list[Grant]:
+        rows = self._all(f"SELECT {_GRANT_COLS} FROM grants WHERE app_id = ? "
+                         "ORDER BY created_at DESC", (app_id,))
+        return [Grant(*r) for r in rows]
+
+    async def admit_grant(self, token_hash: str, app_id: str, period: str, amount_nanos: int,
+                          *, now: float, expires_at: float) -> tuple[Grant, Hold]:
+        """Atomically use one request of a grant and hold its worst cost.
+
+        Refuses (GrantInvalid) when the grant is unknown, another app's,
+        expired, used up, or when the hold would pass its dollar cap; when the
+        grant is funded by a connection, that connection's cap applies too.
+        """
+        def op(db: sqlite3.Connection) -> tuple[Grant, Hold]:
+            row = db.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?",
+                             (token_hash,)).fetchone()
+            if row is None:
+                raise GrantInvalid()
+            grant = Grant(*row)
+            if grant.app_id != app_id or grant.expires_at <= now or grant.used >= grant.requests:
+                raise GrantInvalid()
+            if grant.max_nanos is not None and \
+                    grant.spent_nanos + grant.held_nanos + amount_nanos > grant.max_nanos:
+                raise GrantInvalid("The grant's dollar cap would be passed by this request.")
+            if grant.connection_id is not None:
+                conn = db.execute("SELECT state, cap_nanos, sealed_key FROM connections "
+                                  "WHERE connection_id = ?", (grant.connection_id,)).fetchone()
+                if conn is None or conn[0] != ACTIVE or conn[2] is None:
+                    raise GrantInvalid("The connection funding this grant was revoked.")
+                _check_cap(db, grant.connection_id, period, conn[1], amount_nanos)
+            db.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + ? "
+                       "WHERE grant_id = ?", (amount_nanos, grant.grant_id))
+            cur = db.execute("INSERT INTO holds (connection_id, grant_id, period, amount_nanos, "
+                             "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                             (grant.connection_id, grant.grant_id, period, amount_nanos, now,
+                              expires_at))
+            hold = Hold(cur.lastrowid, grant.connection_id, grant.grant_id, period, amount_nanos)
+            used = grant.used + 1
+            grant = Grant(*row[:4], used, row[5], row[6], row[7] + amount_nanos, *row[8:])
+            return grant, hold
+        return await self._writer.run(op)
+
+    # ---- presence (the end user's browser, proven by an HttpOnly cookie) ---
+    async def add_presence(self, browser_hash: str, *, now: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO presence (browser_hash, created_at) VALUES (?, ?)",
+                       (browser_hash, now))
+        await self._writer.run(op)
+
+    async def has_presence(self, browser_hash: str) -> bool:
+        return self._one("SELECT 1 FROM presence WHERE browser_hash = ?", (browser_hash,)) is not None
+
+
+def _check_cap(db: sqlite3.Connection, connection_id: int, period: str,
+               cap_nanos: int | None, amount_nanos: int) -> None:
+    if cap_nanos is None:
+        return
+    spent = db.execute("SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?",
+                       (connection_id, period)).fetchone()
+    held = db.execute("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE connection_id = ?",
+                      (connection_id,)).fetchone()[0]
+    if (spent[0] if spent else 0) + held + amount_nanos > cap_nanos:
+        raise BudgetExceeded()
+
+
+def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: int) -> None:
+    db.execute("INSERT INTO periods (connection_id, period, spent_nanos) VALUES (?, ?, ?) "
+               "ON CONFLICT (connection_id, period) DO UPDATE SET spent_nanos = spent_nanos + ?",
+               (connection_id, period, nanos, nanos))
+
+
+def _drop_hold(db: sqlite3.Connection, hold: Hold) -> bool:
+    dropped = db.execute("DELETE FROM holds WHERE hold_id = ?", (hold.hold_id,)).rowcount == 1
+    if dropped and hold.grant_id is not None:
+        db.execute("UPDATE grants SET held_nanos = held_nanos - ? WHERE grant_id = ?",
+                   (hold.amount_nanos, hold.grant_id))
+    return dropped
+

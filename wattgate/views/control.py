@@ -1,0 +1,174 @@
+"""The control plane of /api/v1: sessions, connections, status, health.
+
+Each handler authenticates, validates, calls the store or domain code, and
+answers the reference shapes. Consent rules live in ``wattgate.consent``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import consent
+from ..errors import InvalidRequest, WattgateError
+from ..gateway import Gateway
+from ..middleware import error_response
+from ..ledger import period_of, status_body
+from ..money import nanos_to_usd
+from ..store import ACTIVE, REVOKED, App
+from ..credentials import new_presence_value
+from ..sealing import connection_aad
+from ..sessions import Session
+from . import cors
+from .state import gateway_key, upstream_key
+from .inputs import (app_user_id, funding_key, json_body, secret_key_of, session_token_of,
+                     usd_amount)
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    gw = request.app[gateway_key]
+    await gw.store.get_app("app0000000000000000")  # the database answers
+    return json_response({"ok": True})
+
+
+async def create_session(request: web.Request) -> web.Response:
+    gw = request.app[gateway_key]
+    app = await gw.app_for_secret(secret_key_of(request))
+    gw.rl_sessions.take(app.app_id, now=gw.clock())
+    body = await json_body(request)
+    user = app_user_id(body.get("appUserId"))
+    limit_usd, has_limit = None, False
+    request_limit = body.get("requestLimit")
+    if request_limit is not None:
+        if not isinstance(request_limit, dict):
+            raise InvalidRequest("requestLimit must be an object like {\"monthlyUsd\": 20}.")
+        if "monthlyUsd" in request_limit:
+            nanos = usd_amount(request_limit["monthlyUsd"], "requestLimit.monthlyUsd",
+                               allow_null=True)
+            if nanos is None and not gw.config.dev_allow_unlimited:
+                raise InvalidRequest("requestLimit.monthlyUsd: null (unlimited) is only "
+                                     "allowed in development mode.")
+            has_limit = True
+            limit_usd = None if nanos is None else nanos_to_usd(nanos)
+    token, expires_at = gw.sessions.mint(app.app_id, user, limit_usd, has_limit, now=gw.clock())
+    return json_response({"token": token, "expiresAt": expires_at})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    gw = request.app[gateway_key]
+    app = await gw.app_for_secret(secret_key_of(request))
+    user = app_user_id(request.query.get("appUserId"))
+    return json_response(await connection_status(gw, app.app_id, user))
+
+
+async def connection_status(gw: Gateway, app_id: str, user: str) -> dict[str, Any]:
+    connection = await gw.store.get_connection(app_id, user)
+    spent = 0
+    if connection is not None:
+        spent = await gw.store.period_spent(connection.connection_id, period_of(gw.clock()))
+    return status_body(connection, spent)
+
+
+def is_same_origin(gw: Gateway, request: web.Request) -> bool:
+    """A request made by the gateway's own pages, as the browser itself attests."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    return request.headers.get("Origin") == gw.config.public_origin
+
+
+async def presence_of(gw: Gateway, request: web.Request) -> str | None:
+    """The browser hash proven by the presence cookie on a same-origin request, else None."""
+    value = request.cookies.get(consent.PRESENCE_COOKIE)
+    if not value or not is_same_origin(gw, request):
+        return None
+    browser_hash = gw.hash(value)
+    return browser_hash if await gw.store.has_presence(browser_hash) else None
+
+
+def set_presence_cookie(gw: Gateway, response: web.StreamResponse, value: str) -> None:
+    response.set_cookie(consent.PRESENCE_COOKIE, value, max_age=400 * 24 * 3600, path="/",
+                        httponly=True, samesite="Strict",
+                        secure=gw.config.public_origin.startswith("https://"))
+
+
+async def _session(request: web.Request) -> tuple[Gateway, Session, App]:
+    gw = request.app[gateway_key]
+    session, app = await gw.session_for_token(session_token_of(request))
+    return gw, session, app
+
+
+async def connections(request: web.Request) -> web.StreamResponse:
+    gw = request.app[gateway_key]
+    if request.method == "OPTIONS":
+        return await cors.preflight(gw, request)
+    app: App | None = None
+    try:
+        gw, session, app = await _session(request)
+        if request.method == "GET":
+            response: web.StreamResponse = json_response(
+                await connection_status(gw, app.app_id, session.app_user_id))
+        elif request.method == "DELETE":
+            response = await _revoke(gw, session, app)
+        else:
+            response = await _approve(gw, request, session, app)
+    except WattgateError as e:
+        response = error_response(e)
+    cors.allow_origin(request, response, app)
+    return response
+
+
+async def _revoke(gw: Gateway, session: Session, app: App) -> web.Response:
+    connection = await gw.store.get_connection(app.app_id, session.app_user_id)
+    if connection is not None and connection.state != REVOKED:
+        await gw.store.set_connection_state(connection.connection_id, REVOKED,
+                                            now=gw.clock(), drop_key=True)
+    return web.Response(status=204)
+
+
+async def _approve(gw: Gateway, request: web.Request, session: Session,
+                   app: App) -> web.Response:
+    body = await json_body(request, optional=True)
+    requested: object = consent.UNSET
+    if "monthlyUsd" in body:
+        requested = usd_amount(body["monthlyUsd"], "monthlyUsd", allow_null=True)
+    key = funding_key(body.get("fundingKey"))
+    existing = await gw.store.get_connection(app.app_id, session.app_user_id)
+    browser = await presence_of(gw, request)
+    user_present = browser is not None and existing is not None \
+        and existing.browser_hash == browser
+    token_cap: object = session.limit_nanos if session.has_limit else consent.UNSET
+    change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
+                            has_funding_key=key is not None, user_present=user_present,
+                            allow_unlimited=gw.config.dev_allow_unlimited)
+    new_cookie = None
+    if browser is None and key is not None and is_same_origin(gw, request):
+        # The user approved in the consent page: give this browser its presence proof.
+        new_cookie = new_presence_value()
+        browser = gw.hash(new_cookie)
+        await gw.store.add_presence(browser, now=gw.clock())
+    browser_hash = browser if browser is not None else (existing.browser_hash if existing else None)
+    now = gw.clock()
+    if change.needs_key_check:
+        assert key is not None
+        await request.app[upstream_key].check_key(key)
+        connection = await gw.store.save_connection(
+            app.app_id, session.app_user_id, state=ACTIVE, cap_nanos=change.cap_nanos,
+            sealed_key=None, browser_hash=browser_hash, now=now,
+            seal=lambda cid: gw.sealer.seal(key, aad=connection_aad(cid)))
+    else:
+        assert existing is not None
+        connection = await gw.store.save_connection(
+            app.app_id, session.app_user_id, state=ACTIVE, cap_nanos=change.cap_nanos,
+            sealed_key=existing.sealed_key, browser_hash=browser_hash, now=now)
+    spent = await gw.store.period_spent(connection.connection_id, period_of(now))
+    response = json_response(status_body(connection, spent))
+    if new_cookie is not None:
+        set_presence_cookie(gw, response, new_cookie)
+    return response
+
