@@ -87,6 +87,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dev", "allow_unlimited", bool, False,
             "Allow connections with monthlyUsd: null (no cap). Development only."),
     Setting("log", "level", str, "info", "debug, info, warning or error."),
+    Setting("oauth", "auth_base", str, "https://openrouter.ai",
+            "Where \"Connect with OpenRouter\" sends the user: {auth_base}/auth with a "
+            "PKCE challenge. Empty: the consent popup offers only a pasted key."),
+    Setting("oauth", "api_base", str, "",
+            "Base the gateway exchanges the OAuth code at (POST {api_base}/auth/keys). "
+            "Empty: upstream.base_url."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
