@@ -18,15 +18,18 @@ from .config import Config
 from .gateway import open_gateway
 from .middleware import error_middleware
 from .upstream import Upstream
-from .views import control
+from .views import control, proxy
 from .views.state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    # Long request lines and headers reach the handlers (which answer JSON 400s)
+    # instead of aiohttp's plain-text parser error.
     app = web.Application(middlewares=[error_middleware],
-                          client_max_size=config.server_max_body_bytes)
+                          client_max_size=config.server_max_body_bytes,
+                          handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = open_gateway(config, clock=clock)
@@ -51,10 +54,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
 
     app.cleanup_ctx.append(gateway_ctx)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(proxy.drains_ctx)
 
     r = app.router
     r.add_get("/healthz", control.healthz)
     r.add_post("/api/v1/sessions", control.create_session)
     r.add_get("/api/v1/status", control.get_status)
-    r.add_route("*", "/api/v1/connections", control.connections)
+    for method in ("GET", "POST", "DELETE", "OPTIONS"):  # others: 405 JSON
+        r.add_route(method, "/api/v1/connections", control.connections)
+    r.add_post("/api/v1/chat/completions", proxy.chat_completions)
+    r.add_get("/api/v1/models", proxy.models)
     return app

@@ -1,0 +1,111 @@
+"""Reading the final usage out of an upstream answer without slowing the stream.
+
+``StreamReader.feed`` sees every byte the client sees, in the same chunks, and
+keeps only what metering needs: the generation id, the usage object of the
+last event whose ``usage`` is not null (whatever ``choices`` holds), and
+whether an event carried a top-level ``error``. Comment lines (``:`` such as
+``: OPENROUTER PROCESSING``) are skipped. It never raises on garbage.
+
+Speed: a chunk is scanned with two C-level substring searches; only a chunk
+containing ``"usage"`` or ``"error"`` is split into lines and JSON-parsed, so
+the text chunks of a long answer cost almost nothing. A JSON string cannot
+contain an unescaped quote, so ``"usage"`` in answer text never matches.
+
+``parse_json_body`` does the same for a non-streamed JSON answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
+MAX_PARTIAL = 8 * 1024 * 1024  # a single SSE line longer than this is not metadata
+
+
+@dataclass
+class Outcome:
+    """What an answer said about itself."""
+
+    generation_id: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None      # message of an in-stream error event
+    done: bool = False            # saw ``data: [DONE]`` (or a complete JSON body)
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_float=Decimal)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:500]
+    return "error reported inside the stream"
+
+
+class StreamReader:
+    def __init__(self, generation_id: str | None = None) -> None:
+        self.outcome = Outcome(generation_id=generation_id)
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._partial = data if len(data) <= MAX_PARTIAL else b""
+            return
+        complete, self._partial = data[:end + 1], data[end + 1:]
+        if len(self._partial) > MAX_PARTIAL:
+            self._partial = b""
+        if self.outcome.generation_id is None:
+            m = _ID.search(complete)
+            if m:
+                self.outcome.generation_id = m.group(1).decode("ascii", "replace")
+        if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
+            for line in complete.split(b"\n"):
+                self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return  # comments (":"), event:, id:, blank lines
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.outcome.done = True
+            return
+        if b'"usage"' not in payload and b'"error"' not in payload:
+            return
+        event = _loads(payload)
+        if not isinstance(event, dict):
+            return
+        if "error" in event:
+            self.outcome.error = _error_message(event["error"])
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.outcome.usage = usage
+
+    def close(self) -> Outcome:
+        if self._partial:
+            self._line(self._partial.rstrip(b"\r"))
+            self._partial = b""
+        return self.outcome
+
+
+def parse_json_body(body: bytes, generation_id: str | None = None) -> Outcome:
+    outcome = Outcome(generation_id=generation_id)
+    data = _loads(body)
+    if not isinstance(data, dict):
+        return outcome
+    outcome.done = True
+    if outcome.generation_id is None and isinstance(data.get("id"), str):
+        outcome.generation_id = data["id"][:200]
+    if "error" in data:
+        outcome.error = _error_message(data["error"])
+    if isinstance(data.get("usage"), dict):
+        outcome.usage = data["usage"]
+    return outcome

@@ -1,0 +1,292 @@
+"""POST /api/v1/chat/completions and GET /api/v1/models: the metered proxy.
+
+The path of one call (each step's module in brackets):
+
+1. authenticate the app's secret key [gateway]; identify the payer from
+   ``x-wattfare-user`` / ``x-wattfare-grant`` [admission]; RL_CHAT [ratelimit];
+2. parse the body, inject ``max_tokens`` when absent so the worst cost is
+   known, price it [pricing, upstream];
+3. admit: one atomic hold against the cap or grant [admission, store];
+4. unseal the funding key for this call only, forward with it [upstream];
+5. stream the answer back chunk by chunk as it arrives while ``StreamReader``
+   reads the usage from the same bytes [sse];
+6. settle: usage row + period aggregate + hold release in one transaction,
+   idempotent on the generation id [metering, store].
+
+The hold is released or settled on every way out, including cancellation.
+When the client leaves mid-stream the gateway keeps reading the upstream in
+the background (``metering.drain_seconds``, at most ``metering.max_drains`` at
+once) to learn the real cost; past those bounds the call is recorded at its
+estimate, marked provisional. Once the first byte is sent, an error is never
+written into the stream as a JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import admission
+from ..errors import (FundingInvalid, InvalidRequest, UpstreamError, UpstreamTimeout,
+                      WattgateError)
+from ..gateway import Gateway
+from ..metering import bill, usage_row
+from ..pricing import Price
+from ..sse import Outcome, StreamReader, parse_json_body
+from ..store import NEEDS_RECONNECT
+from ..upstream import Upstream, map_failure
+from .inputs import secret_key_of
+from .state import gateway_key, upstream_key
+
+log = logging.getLogger("wattgate.proxy")
+
+# Only these request headers reach the upstream: never the app's secret key,
+# x-wattfare-*, cookies or hop-by-hop headers.
+FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
+FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
+MAX_ERROR_BODY = 64 * 1024
+
+drains_key = web.AppKey("drains", set)
+
+
+def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, str, bool, int]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a model id string, e.g. \"openai/gpt-4o-mini\".")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("messages must be a list of chat messages.")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false.")
+    changed = False
+    limit = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"{name} must be a positive whole number.")
+        limit = value if limit is None else min(limit, value)
+    if limit is None:
+        limit = default_max_tokens
+        body["max_tokens"] = limit
+        changed = True
+    if stream and "stream_options" not in body:
+        body["stream_options"] = {"include_usage": True}
+        changed = True
+    return body, (json.dumps(body).encode() if changed else raw), model, stream, limit
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[gateway_key]
+    upstream = request.app[upstream_key]
+    started = gw.clock()
+    app = await gw.app_for_secret(secret_key_of(request))
+    payer = admission.identify(request.headers.get("x-wattfare-user"),
+                               request.headers.get("x-wattfare-grant"))
+    await admission.precheck(gw, app.app_id, payer)
+    gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=started)
+    raw = await request.read()
+    _, payload, model, stream, max_tokens = _parse(raw, gw.config.metering_default_max_tokens)
+    price = await upstream.price_for(model)
+    estimate = price.worst_cost_nanos(len(payload), max_tokens)
+    admitted = await admission.admit(gw, app.app_id, payer, estimate, now=gw.clock())
+    call = _Call(gw, upstream, admitted, price, estimate, model, started)
+    return await call.run(request, payload, stream)
+
+
+class _Call:
+    """One admitted call: owns its hold until settled or released, exactly once."""
+
+    def __init__(self, gw: Gateway, upstream: Upstream, admitted: admission.Admitted,
+                 price: Price, estimate: int, model: str, started: float) -> None:
+        self.gw, self.upstream, self.admitted = gw, upstream, admitted
+        self.price, self.estimate, self.model, self.started = price, estimate, model, started
+        self.closed = False
+        self.handed_off = False  # a background drain owns the settle now
+        self.reader: StreamReader | None = None
+
+    async def release(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await asyncio.shield(self.gw.store.release(
+                self.admitted.hold, refund_request=self.admitted.grant_id is not None))
+
+    async def settle(self, outcome: Outcome, status: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        a = self.admitted
+        row = usage_row(outcome, bill(outcome, self.price, self.estimate), app_id=a.app_id,
+                        connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
+                        status=status, started=self.started, now=self.gw.clock())
+        await asyncio.shield(self.gw.store.settle(a.hold, row, a.period))
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.admitted.funding_key}",
+                   "Content-Type": "application/json"}
+        return headers
+
+    async def run(self, request: web.Request, payload: bytes, stream: bool) -> web.StreamResponse:
+        headers = self._headers()
+        for name in FORWARD_REQUEST_HEADERS:
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        assert self.upstream.session is not None
+        try:
+            upstream_resp = await asyncio.wait_for(
+                self.upstream.session.post(self.upstream.url("/chat/completions"),
+                                           data=payload, headers=headers),
+                self.upstream.first_byte_timeout)
+        except BaseException as e:
+            await self.release()
+            if isinstance(e, asyncio.TimeoutError):
+                raise UpstreamTimeout() from None
+            if isinstance(e, aiohttp.ClientError):
+                raise UpstreamError(f"Could not reach the model provider "
+                                    f"({type(e).__name__}).") from None
+            raise
+        try:
+            if upstream_resp.status != 200:
+                await self._refuse(upstream_resp)
+            if stream:
+                return await self._stream(request, upstream_resp)
+            return await self._whole(upstream_resp)
+        finally:
+            if not self.closed and not self.handed_off:
+                if upstream_resp.status == 200:
+                    # Cancelled or failed after the model started answering: it may
+                    # bill, so the call is recorded, never just released.
+                    self._hand_off(request, upstream_resp, self.reader)
+                else:
+                    upstream_resp.close()
+                    await self.release()
+
+    async def _refuse(self, resp: aiohttp.ClientResponse) -> None:
+        try:
+            body = await resp.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            body = b""
+        resp.close()
+        await self.release()
+        error = map_failure(resp.status, body)
+        if isinstance(error, FundingInvalid) and self.admitted.grant_id is None \
+                and self.admitted.connection_id is not None:
+            await self.gw.store.set_connection_state(self.admitted.connection_id,
+                                                     NEEDS_RECONNECT, now=self.gw.clock())
+        raise error
+
+    def _response_headers(self, resp: aiohttp.ClientResponse) -> dict[str, str]:
+        headers = {k: resp.headers[k] for k in FORWARD_RESPONSE_HEADERS if k in resp.headers}
+        if self.admitted.grant_remaining is not None:
+            headers["x-wattfare-grant-remaining"] = str(self.admitted.grant_remaining)
+        return headers
+
+    async def _whole(self, resp: aiohttp.ClientResponse) -> web.Response:
+        try:
+            body = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            await self.settle(Outcome(resp.headers.get("X-Generation-Id")), "upstream_cut")
+            raise UpstreamError(f"The model provider's answer broke off "
+                                f"({type(e).__name__}).") from None
+        outcome = parse_json_body(body, resp.headers.get("X-Generation-Id"))
+        await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
+        return web.Response(body=body, status=200, headers=self._response_headers(resp))
+
+    async def _stream(self, request: web.Request,
+                      resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        reader = self.reader = StreamReader(resp.headers.get("X-Generation-Id"))
+        out = web.StreamResponse(status=200, headers=self._response_headers(resp))
+        out.content_type = "text/event-stream"
+        await out.prepare(request)
+        chunks = resp.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                # Upstream cut or went silent: keep what was sent, settle what is known.
+                await self.settle(reader.close(), "upstream_cut")
+                resp.close()
+                return out
+            reader.feed(chunk)
+            try:
+                await out.write(chunk)
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                self._hand_off(request, resp, reader)
+                return out
+        outcome = reader.close()
+        await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
+        try:
+            await out.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        return out
+
+    def _hand_off(self, request: web.Request, resp: aiohttp.ClientResponse,
+                  reader: StreamReader | None) -> None:
+        """The client left: learn the real cost from the rest of the upstream answer.
+
+        Bounded in time (drain_seconds) and in number (max_drains); past the
+        bound, or for a non-streamed answer, the call is recorded at its
+        estimate, marked provisional, for reconciliation.
+        """
+        self.handed_off = True
+        drains: set[asyncio.Task[None]] = request.app[drains_key]
+        if reader is None or len(drains) >= self.gw.config.metering_max_drains:
+            resp.close()
+            outcome = reader.close() if reader is not None else \
+                Outcome(resp.headers.get("X-Generation-Id"))
+            task = asyncio.ensure_future(self.settle(outcome, "client_gone"))
+        else:
+            task = asyncio.ensure_future(self._drain(resp, reader))
+        drains.add(task)
+        task.add_done_callback(drains.discard)
+
+    async def _drain(self, resp: aiohttp.ClientResponse, reader: StreamReader) -> None:
+        async def read_rest() -> None:
+            async for chunk in resp.content.iter_any():
+                reader.feed(chunk)
+        try:
+            await asyncio.wait_for(read_rest(), self.gw.config.metering_drain_seconds)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            await self.settle(reader.close(), "client_gone")
+            raise
+        finally:
+            resp.close()
+        await self.settle(reader.close(), "client_gone")
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[gateway_key]
+    await gw.app_for_secret(secret_key_of(request))
+    status, body, content_type = await request.app[upstream_key].fetch_models()
+    if status != 200:
+        raise map_failure(status, body)
+    return web.Response(body=body, content_type=content_type.split(";")[0].strip() or
+                        "application/json")
+
+
+async def drains_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    app[drains_key] = set()
+    yield
+    tasks = list(app[drains_key])
+    if tasks:  # let running drains settle before the store closes
+        await asyncio.wait(tasks, timeout=app[gateway_key].config.metering_drain_seconds + 5)
+
+
+__all__ = ["chat_completions", "models", "drains_ctx", "WattgateError"]
