@@ -18,7 +18,7 @@ from .config import Config
 from .gateway import open_gateway
 from .middleware import error_middleware
 from .upstream import Upstream
-from .views import control, proxy
+from .views import control, grants, proxy
 from .views.state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
@@ -64,4 +64,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         r.add_route(method, "/api/v1/connections", control.connections)
     r.add_post("/api/v1/chat/completions", proxy.chat_completions)
     r.add_get("/api/v1/models", proxy.models)
+    for method in ("POST", "OPTIONS"):
+        r.add_route(method, "/api/v1/grants", grants.grants)
+    r.add_get("/api/v1/grants/current", grants.current)
     return app
