@@ -1,0 +1,628 @@
+"""The benchmark: wattgate against a bare aiohttp proxy hop, in one run.
+
+    python bench/run.py                 # the full run, about 3–4 minutes
+    python bench/run.py --quick         # a few seconds per phase: proves the harness
+    python bench/run.py --profile       # also samples wattgate under load with py-spy
+
+It starts on loopback a fake OpenRouter (``python -m wattgate.fakeupstream``),
+the bare pass-through proxy (``bench/bare_proxy.py``) and wattgate
+(``bench/wattgate_server.py``: ``create_app`` on a temporary database, one
+app, one connected user whose cap never trips). Each is its own process, and
+so is every load generator: ``wrk`` for throughput and latency, the clients
+in ``bench/clients.py`` for first byte, large answers and bursts.
+
+Only ratios from one run mean anything on a shared 2-core machine, so the
+targets are measured round by round in alternation (direct, bare, wattgate,
+then the next round in another order) and each figure is the best of its
+rounds: noise only ever makes a server slower.
+
+Results are printed and written to ``bench/results.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PY = sys.executable
+FUNDING_KEY = "sk-or-v1-" + "b" * 48
+USER = "bench_user"
+MODEL = "openai/gpt-4o-mini"
+BIG_PIECE = 1024 * 1024        # bytes per content chunk of the large answer
+BASE_PORT = 18780              # fixed ports from here on; a taken one is replaced by a free one
+
+
+def body(stream: bool, max_tokens: int | None = None) -> str:
+    b: dict[str, Any] = {"model": MODEL, "stream": stream,
+                         "messages": [{"role": "user", "content": "Hello, how are you?"}]}
+    if max_tokens is not None:
+        b["max_tokens"] = max_tokens
+    return json.dumps(b)
+
+
+# ---- processes ---------------------------------------------------------------
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(base: int, n: int) -> list[int]:
+    ports = []
+    for p in range(base, base + n):
+        if not port_free(p):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                p = s.getsockname()[1]
+        ports.append(p)
+    return ports
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    chat_path: str = "/api/v1/chat/completions"
+    auth: str = f"Bearer {FUNDING_KEY}"
+    user: str = ""
+    db: Path | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def chat_url(self) -> str:
+        return self.base + self.chat_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Fleet:
+    """The processes this run started; each is stopped by its own pid."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.servers: list[Server] = []
+
+    def start(self, name: str, port: int, argv: list[str], env: dict[str, str] | None = None,
+              ready_path: str = "/", **kw: Any) -> Server:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        server = Server(name, port, proc, **kw)
+        self.servers.append(server)
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited at start; see {self.tmp / (name + '.log')}:\n"
+                                   + (self.tmp / f"{name}.log").read_text()[-2000:])
+            try:
+                urllib.request.urlopen(server.base + ready_path, timeout=2).read()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers: ready
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start on port {port}") from None
+                time.sleep(0.05)
+        return server
+
+    def stop(self, server: Server) -> None:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            try:
+                server.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
+        if server in self.servers:
+            self.servers.remove(server)
+
+    def stop_all(self) -> None:
+        for server in list(reversed(self.servers)):
+            self.stop(server)
+
+
+def start_fake(fleet: Fleet, name: str, port: int, *extra: str) -> Server:
+    return fleet.start(name, port, [PY, "-m", "wattgate.fakeupstream", "--port", str(port),
+                                    *extra], ready_path="/api/v1/models")
+
+
+def start_bare(fleet: Fleet, name: str, port: int, upstream: Server) -> Server:
+    return fleet.start(name, port, [PY, str(BENCH / "bare_proxy.py"), "--port", str(port),
+                                    "--upstream", upstream.base + "/api/v1"],
+                       ready_path="/api/v1/chat/completions")
+
+
+def post_json(url: str, data: dict[str, Any], auth: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": auth})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server) -> Server:
+    """A wattgate on a fresh database with one app and one connected user."""
+    db = fleet.tmp / f"{name}.db"
+    env = {
+        "WATTGATE_DATABASE__PATH": str(db),
+        "WATTGATE_SERVER__HOST": "127.0.0.1",
+        "WATTGATE_SERVER__PORT": str(port),
+        "WATTGATE_UPSTREAM__BASE_URL": upstream.base + "/api/v1",
+        # The per-user rate limit would refuse a load test after 30 calls; it
+        # still runs on every call, with a bucket that never empties.
+        "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000000",
+    }
+    env.pop("WATTGATE_CONFIG", None)
+    created = subprocess.run([PY, "-m", "wattgate", "apps", "create", "--name", "bench",
+                              "--origin", "http://localhost:3000", "--json"],
+                             cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True)
+    secret = json.loads(created.stdout.strip().splitlines()[-1])["secretKey"]
+    server = fleet.start(name, port, [PY, str(BENCH / "wattgate_server.py")], env=env,
+                         ready_path="/healthz", auth=f"Bearer {secret}", user=USER, db=db)
+    token = post_json(server.base + "/api/v1/sessions", {"appUserId": USER},
+                      server.auth)["token"]
+    post_json(server.base + "/api/v1/connections",
+              {"monthlyUsd": 1000000, "fundingKey": FUNDING_KEY}, f"Bearer {token}")
+    return server
+
+
+def proxy_ready(server: Server) -> str | None:
+    """None when the chat endpoint answers a streamed and a plain call; else why not."""
+    for stream in (False, True):
+        req = urllib.request.Request(server.chat_url, data=body(stream).encode(),
+                                     method="POST", headers=headers_of(server))
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                data = r.read()
+        except urllib.error.HTTPError as e:
+            return f"{server.name}: HTTP {e.code} {e.read()[:200]!r}"
+        if stream and b"[DONE]" not in data:
+            return f"{server.name}: streamed answer without [DONE]"
+        if b'"cost"' not in data:
+            return f"{server.name}: answer without usage"
+    return None
+
+
+def headers_of(server: Server) -> dict[str, str]:
+    h = {"Content-Type": "application/json", "Authorization": server.auth}
+    if server.user:
+        h["x-wattfare-user"] = server.user
+    return h
+
+
+# ---- measurements ----------------------------------------------------------------
+
+def wrk(server: Server, *, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_BODY": body(stream), "BENCH_AUTH": server.auth,
+           "BENCH_USER": server.user}
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(BENCH / "post.lua"), server.chat_url]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.removeprefix("BENCH_JSON "))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors",
+                                     "status_errors", "timeouts"))
+    return r
+
+
+def client(command: str, servers: list[Server], *args: str, timeout: float = 300) -> Any:
+    argv = [PY, str(BENCH / "clients.py"), command, *args]
+    for s in servers:
+        argv += ["--target", s.name, s.chat_url, s.auth, s.user]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"clients.py {command} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in kB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0])
+    return values
+
+
+def reset_hwm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def rss_while(server: Server, answer_mb: int) -> dict[str, Any]:
+    """Stream an answer of ``answer_mb`` MB through ``server``; sample its RSS meanwhile."""
+    pid = server.pid
+    before = proc_status(pid)["VmRSS"]
+    reset_hwm(pid)
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], proc_status(pid)["VmRSS"])
+            except OSError:
+                return
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fetched = client("fetch", [server], "--body", body(True, answer_mb))
+    finally:
+        stop.set()
+        sampler.join()
+    after = proc_status(pid)
+    top = max(peak[0], after["VmHWM"])
+    return {"answer_mb": fetched["bytes"] / 1e6, "seconds": fetched["seconds"],
+            "status": fetched["status"], "rss_before_mb": before / 1024,
+            "rss_peak_mb": top / 1024, "growth_mb": (top - before) / 1024}
+
+
+def commits_of(server: Server) -> int:
+    with urllib.request.urlopen(server.base + "/_bench/stats", timeout=10) as r:
+        return int(json.loads(r.read())["commits"])
+
+
+def debits_of(server: Server) -> int:
+    assert server.db is not None
+    db = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+    finally:
+        db.close()
+
+
+# ---- the run -------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    seconds: float = 8          # per wrk throughput run
+    lat_seconds: float = 5      # per wrk latency run
+    rounds: int = 2
+    warmup: float = 2
+    ttfb_n: int = 300
+    burst: int = 256
+    rss_sizes: tuple[int, ...] = (10, 100)   # MB
+    profile_seconds: float = 0
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(seconds=1, lat_seconds=1, rounds=1, warmup=1, ttfb_n=20, burst=32,
+                   rss_sizes=(2, 8))
+
+
+@dataclass
+class Results:
+    machine: dict[str, str] = field(default_factory=dict)
+    throughput: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    latency: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    ttfb: dict[str, Any] = field(default_factory=dict)
+    burst: dict[str, Any] = field(default_factory=dict)
+    rss: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profile: str = ""
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import aiohttp
+    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "nproc": str(os.cpu_count()), "cpu": cpu,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "aiohttp": aiohttp.__version__,
+            "wrk": (wrk_v.stdout + wrk_v.stderr).split("\n")[0].strip(),
+            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "commit": commit}
+
+
+def rotate(items: list[Server], k: int) -> list[Server]:
+    k %= len(items)
+    return items[k:] + items[:k] if k % 2 == 0 else (items[k:] + items[:k])[::-1]
+
+
+def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) -> None:
+    ports = pick_ports(BASE_PORT + 1, 6)
+    say(f"starting fake upstream, bare proxy and wattgate on 127.0.0.1:{ports[:3]}")
+    fake = start_fake(fleet, "upstream", ports[0])
+    direct = Server("direct", fake.port, fake.proc)
+    bare = start_bare(fleet, "bare", ports[1], fake)
+    wg: Server | None = start_wattgate(fleet, "wattgate", ports[2], fake)
+    assert wg is not None
+    why = proxy_ready(wg)
+    for s in (direct, bare):
+        problem = proxy_ready(s)
+        if problem:
+            raise RuntimeError(problem)
+    if why:
+        res.notes.append(f"wattgate's proxy is not answering yet ({why}); its line is empty.")
+        say("wattgate line skipped: " + why)
+        wg = None
+    targets = [s for s in (direct, bare, wg) if s is not None]
+
+    for stream in (False, True):
+        mode = "streaming" if stream else "non-streaming"
+        say(f"throughput at 32 connections, {mode}")
+        for s in targets:
+            wrk(s, conns=32, seconds=plan.warmup, stream=stream)
+        runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in targets}
+        for r in range(plan.rounds):
+            for s in rotate(targets, r):
+                runs[s.name].append(wrk(s, conns=32, seconds=plan.seconds, stream=stream))
+        res.throughput[mode] = runs
+
+    for stream in (False, True):
+        mode = "streaming" if stream else "non-streaming"
+        say(f"latency at 1 connection, {mode}")
+        runs = {s.name: [] for s in targets}
+        for r in range(plan.rounds):
+            for s in rotate(targets, r):
+                runs[s.name].append(wrk(s, conns=1, seconds=plan.lat_seconds, stream=stream))
+        res.latency[mode] = runs
+
+    say("time to first byte of a streamed answer")
+    res.ttfb = client("ttfb", targets, "--n", str(plan.ttfb_n), "--body", body(True))
+
+    say(f"burst of {plan.burst} concurrent streamed calls")
+    res.burst["bare"] = client("burst", [bare], "--n", str(plan.burst), "--body", body(True))
+    if wg is not None:
+        c0, d0 = commits_of(wg), debits_of(wg)
+        out = client("burst", [wg], "--n", str(plan.burst), "--body", body(True))
+        out["commits"] = commits_of(wg) - c0 - 0  # the stats call itself writes nothing
+        out["debits"] = debits_of(wg) - d0
+        res.burst["wattgate"] = out
+
+    if wg is not None and profile_dir is not None and plan.profile_seconds > 0:
+        res.profile = profile(wg, plan, profile_dir)
+
+    say("large answers: RSS while streaming")
+    fleet.stop(bare)
+    if wg is not None:
+        fleet.stop(wg)
+    fleet.stop(fake)
+    big = start_fake(fleet, "upstream-big", ports[3], "--pieces", str(max(plan.rss_sizes)),
+                     "--piece-bytes", str(BIG_PIECE))
+    big_targets = [start_bare(fleet, "bare-big", ports[4], big)]
+    if wg is not None:
+        big_targets.append(start_wattgate(fleet, "wattgate-big", ports[5], big))
+    for s in big_targets:
+        name = s.name.removesuffix("-big")
+        res.rss[name] = [rss_while(s, mb) for mb in plan.rss_sizes]
+
+
+def profile(wg: Server, plan: Plan, out_dir: Path) -> str:
+    """Sample wattgate with py-spy under 32-connection load; summarise the stacks."""
+    if shutil.which("py-spy") is None:
+        return "py-spy is not installed (pip install py-spy): no profile taken."
+    sys.path.insert(0, str(BENCH))
+    from flame_summary import summarise  # noqa: E402
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for stream in (False, True):
+        mode = "streaming" if stream else "non-streaming"
+        say(f"profiling wattgate with py-spy, {mode}")
+        raw = out_dir / f"wattgate-{mode}.txt"
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(wg.pid), "--rate", "250",
+                                "--nonblocking", "--format", "raw", "--output", str(raw),
+                                "--duration", str(int(plan.profile_seconds) + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        wrk(wg, conns=32, seconds=plan.profile_seconds, stream=stream)
+        spy.wait(60)
+        if raw.exists():
+            parts.append(f"### {mode} (32 connections)\n\n{summarise(raw.read_text())}")
+        else:
+            parts.append(f"### {mode}\n\npy-spy wrote nothing (ptrace not permitted?).")
+    return "\n\n".join(parts)
+
+
+# ---- report ---------------------------------------------------------------------------
+
+def best_rps(runs: list[dict[str, Any]]) -> float:
+    return max(r["rps"] for r in runs)
+
+
+def best_pct(runs: list[dict[str, Any]], key: str) -> float:
+    return min(r[key] for r in runs) / 1000.0   # ms
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**yes**" if ok else "**NO**")
+
+
+def report(res: Results, plan: Plan) -> str:
+    rows: list[list[str]] = []
+    checks: list[bool] = []
+
+    def add(label: str, d: Any, b: Any, w: Any, rel: str, target: str, ok: bool | None) -> None:
+        rows.append([label, d, b, w, rel, target, verdict(ok)])
+        if ok is not None:
+            checks.append(ok)
+
+    for mode, runs in res.throughput.items():
+        d, b = best_rps(runs["direct"]), best_rps(runs["bare"])
+        w = best_rps(runs["wattgate"]) if "wattgate" in runs else None
+        ratio = w / b if w else None
+        add(f"throughput, {mode}, 32 conns (req/s)", f"{d:,.0f}", f"{b:,.0f}",
+            f"{w:,.0f}" if w else "–", f"{ratio:.2f}×" if ratio else "–", "≥ 0.75×",
+            ratio >= 0.75 if ratio else None)
+    for mode, runs in res.latency.items():
+        for pct, limit in (("p50", 0.5), ("p99", 2.0)):
+            key = f"lat_{pct}_us"
+            d, b = best_pct(runs["direct"], key), best_pct(runs["bare"], key)
+            w = best_pct(runs["wattgate"], key) if "wattgate" in runs else None
+            added = w - b if w is not None else None
+            add(f"latency {pct}, {mode}, 1 conn (ms)", f"{d:.3f}", f"{b:.3f}",
+                f"{w:.3f}" if w is not None else "–",
+                f"{added:+.3f} ms" if added is not None else "–", f"≤ +{limit} ms",
+                added <= limit if added is not None else None)
+    if res.ttfb:
+        for key, label, target in (("first_byte", "first body byte", 1.0),
+                                   ("first_data", "first `data:` event", None)):
+            d = res.ttfb["direct"][key]["p50"] / 1000
+            b = res.ttfb["bare"][key]["p50"] / 1000
+            w = res.ttfb["wattgate"][key]["p50"] / 1000 if "wattgate" in res.ttfb else None
+            added = w - b if w is not None else None
+            add(f"time to {label}, streamed, p50 (ms)", f"{d:.3f}", f"{b:.3f}",
+                f"{w:.3f}" if w is not None else "–",
+                f"{added:+.3f} ms" if added is not None else "–",
+                f"≤ +{target} ms" if target else "(info)",
+                (added <= target if added is not None else None) if target else None)
+    for i, mb in enumerate(plan.rss_sizes):
+        b = res.rss.get("bare", [None] * len(plan.rss_sizes))[i]
+        w = res.rss.get("wattgate", [None] * len(plan.rss_sizes))[i]
+        add(f"RSS growth streaming {mb} MB (MB)", "–",
+            f"{b['growth_mb']:.1f}" if b else "–", f"{w['growth_mb']:.1f}" if w else "–",
+            f"peak {w['rss_peak_mb']:.0f} MB" if w else "–", "< 20 MB",
+            w["growth_mb"] < 20 and w["status"] == 200 if w else None)
+    if res.burst:
+        b = res.burst["bare"]
+        w = res.burst.get("wattgate")
+        add(f"burst of {plan.burst} streamed calls, all settled (s)", "–", f"{b['seconds']:.3f}",
+            f"{w['seconds']:.3f}" if w else "–",
+            f"{b['seconds'] / w['seconds']:.2f}× bare's rate" if w else "–", "(info)", None)
+        if w:
+            add("ledger: transactions committed in that burst", "–", "–",
+                f"{w['commits']} for {w['debits']} debits", f"{w['debits'] / max(1, w['commits']):.1f}"
+                " debits/commit", "(info)", None)
+            add("ledger: commits/s and debits/s in that burst", "–", "–",
+                f"{w['commits'] / w['seconds']:,.0f} / {w['debits'] / w['seconds']:,.0f}",
+                "–", "(info)", None)
+
+    head = ["measure", "upstream direct", "bare hop", "wattgate", "wattgate vs bare",
+            "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(lines)
+
+    raw = []
+    for kind, data in (("throughput", res.throughput), ("latency", res.latency)):
+        for mode, runs in data.items():
+            for name, rs in runs.items():
+                cells = ", ".join(
+                    f"{r['rps']:,.0f} req/s p50 {r['lat_p50_us'] / 1000:.2f} ms "
+                    f"p99 {r['lat_p99_us'] / 1000:.2f} ms"
+                    + (f" ({r['errors']} errors)" if r["errors"] else "") for r in rs)
+                raw.append(f"- {kind}, {mode}, {name}: {cells}")
+                if any(r["errors"] for r in rs):
+                    res.notes.append(f"{kind} {mode} {name}: wrk counted errors; its figure "
+                                     "is not a valid measurement.")
+    for name, rs in res.rss.items():
+        raw.append(f"- RSS, {name}: " + ", ".join(
+            f"{r['answer_mb']:.0f} MB in {r['seconds']:.2f} s, RSS {r['rss_before_mb']:.1f} → "
+            f"{r['rss_peak_mb']:.1f} MB (HTTP {r['status']})" for r in rs))
+    for name, r in res.burst.items():
+        raw.append(f"- burst, {name}: {json.dumps(r)}")
+    if res.ttfb:
+        raw.append("- first byte / first data / whole answer (µs): " + json.dumps(res.ttfb))
+
+    verdict_line = ("all targets met" if checks and all(checks) else
+                    f"{sum(checks)} of {len(checks)} targets met" if checks else
+                    "no wattgate figures")
+    mach = "\n".join(f"- {k}: {v}" for k, v in res.machine.items())
+    plan_line = (f"wrk -t1, throughput {plan.seconds:g} s × {plan.rounds} rounds per target "
+                 f"(after {plan.warmup:g} s warm-up), latency {plan.lat_seconds:g} s × "
+                 f"{plan.rounds} rounds, best round reported; first byte over {plan.ttfb_n} "
+                 f"requests per target, alternating; burst of {plan.burst} calls.")
+    out = [f"# wattgate benchmark results\n\n{verdict_line}.\n\n## Machine\n\n{mach}\n",
+           f"## Figures\n\n{table}\n\n{plan_line}\n"]
+    if res.notes:
+        out.append("## Notes\n\n" + "\n".join(f"- {n}" for n in res.notes) + "\n")
+    out.append("## Every run\n\n" + "\n".join(raw) + "\n")
+    if res.profile:
+        out.append("## Profile (py-spy, wattgate process)\n\n" + res.profile + "\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="wattgate vs a bare aiohttp hop, in one run.")
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample wattgate with py-spy under load (adds ~20 s)")
+    parser.add_argument("--seconds", type=float, help="seconds per throughput run")
+    parser.add_argument("--rounds", type=int, help="rounds per target")
+    parser.add_argument("--out", default=str(BENCH / "results.md"))
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    plan = Plan.quick() if args.quick else Plan()
+    if args.seconds:
+        plan.seconds = args.seconds
+    if args.rounds:
+        plan.rounds = args.rounds
+    if args.profile:
+        plan.profile_seconds = 2 if args.quick else 8
+    tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
+    fleet = Fleet(tmp)
+    res = Results(machine=machine())
+    t0 = time.monotonic()
+    try:
+        measure(plan, fleet, res, tmp / "profiles" if args.profile else None)
+    finally:
+        fleet.stop_all()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res.machine["run took"] = f"{time.monotonic() - t0:.0f} s"
+    text = report(res, plan)
+    Path(args.out).write_text(text)
+    print()
+    print(text)
+    say(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

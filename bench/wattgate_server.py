@@ -1,0 +1,38 @@
+"""wattgate as ``wattgate serve`` runs it, plus one read-only route for the benchmark.
+
+The app is built by the same ``create_app(config)`` and served by the same
+``web.run_app`` call as ``python -m wattgate serve``; configuration comes
+from ``WATTGATE_*`` variables. The only addition is ``GET /_bench/stats``,
+which answers the store's commit counter (``SQLiteStore.commits``) so the
+benchmark can count ledger transactions from outside the process.
+
+    WATTGATE_DATABASE__PATH=/tmp/x/wg.db ... python bench/wattgate_server.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from wattgate.app import create_app
+from wattgate.config import load_config
+from wattgate.views.state import gateway_key
+
+
+async def stats(request: web.Request) -> web.Response:
+    store = request.app[gateway_key].store
+    return web.Response(text=json.dumps({"commits": store.commits}),
+                        content_type="application/json")
+
+
+def main() -> None:
+    config = load_config(None)
+    app = create_app(config)
+    app.router.add_get("/_bench/stats", stats)
+    web.run_app(app, host=config.server_host, port=config.server_port, print=None,
+                access_log=None, shutdown_timeout=5)
+
+
+if __name__ == "__main__":
+    main()
