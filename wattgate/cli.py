@@ -62,10 +62,16 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         changes["server.port"] = args.port
     config = config.replace(**changes) if changes else config
     app = create_app(config)
-    print(f"wattgate listening on http://{config.server_host}:{config.server_port} "
-          f"(database {config.database_file}, keys {config.keys_path})", flush=True)
-    web.run_app(app, host=config.server_host, port=config.server_port, print=None,
-                access_log=None, shutdown_timeout=30)
+
+    def ready(_: str) -> None:  # run_app calls this once the socket listens
+        print(f"wattgate listening on http://{config.server_host}:{config.server_port} "
+              f"(database {config.database_file}, keys {config.keys_path})", flush=True)
+    try:
+        web.run_app(app, host=config.server_host, port=config.server_port, print=ready,
+                    access_log=None, shutdown_timeout=30)
+    except OSError as e:
+        raise CommandError(f"cannot listen on {config.server_host}:{config.server_port}: "
+                           f"{e.strerror or e}") from None
     return 0
 
 
@@ -131,14 +137,14 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
     from .keyfile import add_master_key
-    from .sealing import SealError
+    from .sealing import SealError, Sealer, connection_aad, grant_aad
 
     async def rotate(gw: Gateway) -> tuple[str, int]:
         kid = add_master_key(gw.keys)
-        gw.sealer.__init__(gw.keys.master_keys, gw.keys.active_key_id)  # type: ignore[misc]
+        gw.sealer = Sealer(gw.keys.master_keys, gw.keys.active_key_id)
         changes = []
         for table, row_id, sealed in await gw.store.all_sealed_keys():
-            aad = f"{'connection' if table == 'connections' else 'grant'}:{row_id}"
+            aad = connection_aad(row_id) if table == "connections" else grant_aad(row_id)
             try:
                 plain = gw.sealer.unseal(sealed, aad)
             except SealError as e:
@@ -213,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # never a traceback; the log has it at debug level
+        logging.getLogger("wattgate").debug("command failed", exc_info=True)
+        print(f"wattgate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ Sources, later ones winning: the embedded defaults below, a TOML file
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -28,6 +30,7 @@ class Setting:
     default: Any
     help: str
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def name(self) -> str:
@@ -40,7 +43,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server", "host", str, "127.0.0.1", "Address to listen on."),
-    Setting("server", "port", int, 8787, "TCP port to listen on.", 0),
+    Setting("server", "port", int, 8787, "TCP port to listen on.", 0, 65535),
     Setting("server", "public_url", str, "",
             "URL end users' browsers reach the gateway at (consent popup, SDK). "
             "Empty: http://{host}:{port}."),
@@ -163,13 +166,52 @@ def _coerce(setting: Setting, raw: Any, *, origin: str) -> Any:
         value = raw
     else:
         raise ConfigError(f"{origin}: expected {t.__name__}, got {type(raw).__name__}")
+    if t is float and not math.isfinite(value):
+        raise ConfigError(f"{origin}: expected a finite number, got {raw!r}")
     if setting.minimum is not None and value < setting.minimum:
-        raise ConfigError(f"{origin}: must be at least {setting.minimum}, got {value}")
-    if setting.name == "log.level" and value not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{origin}: must be at least {setting.minimum:g}, got {value}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ConfigError(f"{origin}: must be at most {setting.maximum:g}, got {value}")
+    check = _CHECKS.get(setting.name)
+    return check(value, origin) if check else value
+
+
+def _log_level(value: str, origin: str) -> str:
+    if value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{origin}: expected debug, info, warning or error, got {value!r}")
-    if setting.name == "upstream.base_url" and not value.startswith(("http://", "https://")):
+    return value.lower()
+
+
+def _http_url(value: str, origin: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{origin}: expected an http(s) URL, got {value!r}")
     return value
+
+
+def _optional_http_url(value: str, origin: str) -> str:
+    return _http_url(value, origin) if value else value
+
+
+def _path_or_empty(value: str, origin: str) -> str:
+    if value and not value.startswith("/"):
+        raise ConfigError(f"{origin}: expected a path starting with /, got {value!r}")
+    return value
+
+
+def _file_path(value: str, origin: str) -> str:
+    if not value.strip():
+        raise ConfigError(f"{origin}: must name a file")
+    return value
+
+
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "log.level": _log_level,
+    "upstream.base_url": _http_url,
+    "server.public_url": _optional_http_url,
+    "upstream.key_check_path": _path_or_empty,
+    "database.path": _file_path,
+}
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
@@ -188,13 +230,16 @@ def load_config(path: str | os.PathLike[str] | None = None,
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for section, table in data.items():
-            if section not in SECTIONS or not isinstance(table, dict):
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section} must be inside a [section]; "
+                                  f"see config.example.toml")
+            if section not in SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{section}]")
             for key, raw in table.items():
                 setting = _BY_NAME.get(f"{section}.{key}")
                 if setting is None:
                     raise ConfigError(f"{path}: unknown key {section}.{key}")
-                values[setting.name] = _coerce(setting, raw, origin=setting.name)
+                values[setting.name] = _coerce(setting, raw, origin=f"{path}: {setting.name}")
     known_env = {s.env: s for s in SETTINGS}
     for name, raw in env.items():
         if not name.startswith("WATTGATE_") or "__" not in name:

@@ -8,18 +8,20 @@ imports aiohttp's web layer, so the CLI reuses the same wiring without a server.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import Config
 from .credentials import keyed_hash, parse_secret_key, same_hash
-from .errors import AuthError
+from .errors import AuthError, ConfigError
 from .keyfile import Keys, load_keys
 from .ratelimit import RateLimiter
-from .sealing import Sealer
+from .sealing import Sealer, key_id_of
 from .sessions import Session, SessionCodec
 from .store import App, SQLiteStore
+from .store.migrations import SchemaError
 
 log = logging.getLogger("wattgate")
 
@@ -41,6 +43,26 @@ class Gateway:
                                      self.config.sessions_ttl_seconds)
         self.rl_sessions = RateLimiter(self.config.limits_sessions_per_minute, name="RL_SESSIONS")
         self.rl_chat = RateLimiter(self.config.limits_chat_per_minute, name="RL_CHAT")
+
+    def unseal(self, sealed: str, aad: str) -> str:
+        """Open a sealed funding key (SealError if it cannot be opened).
+
+        A key id this process has not seen means ``wattgate keys rotate`` ran
+        in another process while this one was serving: reload the keys file
+        once and retry, so rotation never needs a restart.
+        """
+        if not self.sealer.has_key(key_id_of(sealed)) and self.keys.path is not None:
+            self.reload_keys()
+        return self.sealer.unseal(sealed, aad)
+
+    def reload_keys(self) -> None:
+        assert self.keys.path is not None
+        fresh = load_keys(self.keys.path, create=False)
+        # Keys this process already has stay: a sealed value never becomes unreadable.
+        self.keys.master_keys.update(
+            {k: v for k, v in fresh.master_keys.items() if k not in self.keys.master_keys})
+        self.keys.active_key_id = fresh.active_key_id
+        self.sealer = Sealer(self.keys.master_keys, self.keys.active_key_id)
 
     def hash(self, value: str) -> str:
         return keyed_hash(self.keys.hash_key, value)
@@ -66,13 +88,19 @@ class Gateway:
 
 
 def open_gateway(config: Config, *, clock: Callable[[], float] = time.time) -> Gateway:
-    """Open the keys file (creating it) and the store (migrating it)."""
-    from .errors import ConfigError
+    """Open the store (creating and migrating it) and the keys file (creating it).
 
-    keys = load_keys(config.keys_path)
+    The database comes first, so an unusable data folder is reported as the
+    database's problem, the one the operator configured.
+    """
     try:
         config.database_file.parent.mkdir(parents=True, exist_ok=True)
         store = SQLiteStore.open(config.database_file)
-    except (OSError, __import__("sqlite3").Error) as e:
+    except (OSError, sqlite3.Error, SchemaError) as e:
         raise ConfigError(f"cannot open database {config.database_file}: {e}") from None
+    try:
+        keys = load_keys(config.keys_path)
+    except BaseException:
+        store.close_now()
+        raise
     return Gateway(config=config, keys=keys, store=store, clock=clock)

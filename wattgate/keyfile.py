@@ -70,31 +70,46 @@ def _fresh() -> dict:
     }
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+def _write(path: Path, data: dict, *, replace: bool = True) -> bool:
+    """Write the keys file atomically, mode 0600 from its first byte.
+
+    With ``replace=False`` an existing file wins (two processes starting on an
+    empty folder at once must end up with one set of keys): answers False.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load_keys(path: Path, env: Mapping[str, str] | None = None, *, create: bool = True) -> Keys:
     """Read the keys file (creating it if missing), then apply env overrides."""
     env = os.environ if env is None else env
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         if not create:
-            raise ConfigError(f"keys file not found: {path}") from None
-        data = _fresh()
+            raise ConfigError(f"keys file not found: {path}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write(path, data)
+            _write(path, _fresh(), replace=False)
         except OSError as e:
             raise ConfigError(f"cannot create keys file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read keys file {path}: {e}") from None
     try:

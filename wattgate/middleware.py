@@ -39,7 +39,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if e.status == 404:
             return error_response(NotFound())
         if e.status == 405:
-            return error_response(MethodNotAllowed())
+            response = error_response(MethodNotAllowed(
+                f"{request.method} is not allowed here; use {e.headers.get('Allow', '')}."))
+            response.headers["Allow"] = e.headers.get("Allow", "")
+            return response
         if e.status == 413:
             return error_response(PayloadTooLarge())
         err = WattgateError(e.reason)

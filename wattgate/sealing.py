@@ -39,14 +39,20 @@ class Sealer:
         aead = self._aead.get(kid)
         if version != "v1" or aead is None:
             raise SealError(f"no master key {kid!r} to open this value")
-        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
         try:
+            raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
             return aead.decrypt(raw[:12], raw[12:], aad.encode()).decode()
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise SealError("sealed value does not open under its key") from None
 
-    def key_id_of(self, sealed: str) -> str:
-        return sealed.split(".", 2)[1]
+    def has_key(self, key_id: str) -> bool:
+        return key_id in self._aead
+
+
+def key_id_of(sealed: str) -> str:
+    """The master key id a sealed value names ('' if it is malformed)."""
+    parts = sealed.split(".", 2)
+    return parts[1] if len(parts) == 3 else ""
 
 
 def connection_aad(connection_id: int) -> str:

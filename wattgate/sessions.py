@@ -58,12 +58,17 @@ class SessionCodec:
             claims = jwt.decode(
                 token, self._secret, algorithms=["HS256"], audience=AUDIENCE,
                 issuer=self.issuer, leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "iss", "aud"], "verify_exp": False},
+                options={"require": ["exp", "iat", "iss", "aud"], "verify_exp": False,
+                         "verify_iat": False, "verify_nbf": False},
             )
         except jwt.PyJWTError:
             raise AuthError("Invalid session token.") from None
-        # exp is checked against the injected clock, not the wall clock.
-        if not isinstance(claims.get("exp"), int) or claims["exp"] + LEEWAY_SECONDS < now:
+        # Times are checked against the injected clock, not PyJWT's wall clock.
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not isinstance(exp, int) or not isinstance(iat, int) \
+                or iat > now + LEEWAY_SECONDS:
+            raise AuthError("Invalid session token.")
+        if exp + LEEWAY_SECONDS < now:
             raise AuthError("Session token expired.")
         app_id, user = claims.get("appId"), claims.get("appUserId")
         if not isinstance(app_id, str) or not isinstance(user, str):

@@ -10,6 +10,10 @@ import sqlite3
 from typing import Callable
 
 
+class SchemaError(Exception):
+    """The database was made by a newer wattgate than this one."""
+
+
 def m001_initial(db: sqlite3.Connection) -> None:
     _script(db, """
     CREATE TABLE apps (
@@ -113,8 +117,8 @@ def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
     target = len(MIGRATIONS) if upto is None else upto
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"database schema version {version} is newer than this wattgate ({len(MIGRATIONS)})")
+        raise SchemaError(f"its schema version {version} is newer than this wattgate knows "
+                          f"({len(MIGRATIONS)}); upgrade wattgate")
     for index in range(version, target):
         db.execute("BEGIN IMMEDIATE")
         try:

@@ -103,6 +103,9 @@ class _Writer:
             await asyncio.sleep(0)
             if self._draining is not None:
                 await self._draining
+        self.shutdown()
+
+    def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
 
 
@@ -118,8 +121,12 @@ class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._write_db = _connect(self.path)
-        migrate(self._write_db)
-        self._read = _connect(self.path)
+        try:
+            migrate(self._write_db)
+            self._read = _connect(self.path)
+        except BaseException:
+            self._write_db.close()
+            raise
         self._writer = _Writer(self._write_db)
 
     @classmethod
@@ -131,9 +138,22 @@ class SQLiteStore:
         self._read.close()
         self._write_db.close()
 
+    def close_now(self) -> None:
+        """Close without awaiting: for a store opened but never used (setup failed)."""
+        self._writer.shutdown()
+        self._read.close()
+        self._write_db.close()
+
     @property
     def commits(self) -> int:
         return self._writer.commits
+
+    def ping(self) -> bool:
+        """Whether the database answers: one trivial read, for health checks."""
+        try:
+            return self._one("SELECT 1") == (1,)
+        except sqlite3.Error:
+            return False
 
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import consent
-from ..errors import InvalidRequest, WattgateError
+from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
 from ..middleware import error_response
 from ..ledger import period_of, status_body
@@ -31,8 +31,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    gw = request.app[gateway_key]
-    await gw.store.get_app("app0000000000000000")  # the database answers
+    """For process supervisors: no auth, one trivial read, no upstream call."""
+    if not request.app[gateway_key].store.ping():
+        raise Unavailable("The database does not answer.")
     return json_response({"ok": True})
 
 
@@ -119,7 +120,7 @@ async def connections(request: web.Request) -> web.StreamResponse:
             response = await _approve(gw, request, session, app)
     except WattgateError as e:
         response = error_response(e)
-    cors.allow_origin(request, response, app)
+    await cors.allow_origin(gw, request, response, app)
     return response
 
 
@@ -146,6 +147,9 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
                             has_funding_key=key is not None, user_present=user_present,
                             allow_unlimited=gw.config.dev_allow_unlimited)
+    if change.needs_key_check:
+        assert key is not None
+        await request.app[upstream_key].check_key(key)
     new_cookie = None
     if browser is None and key is not None and is_same_origin(gw, request):
         # The user approved in the consent page: give this browser its presence proof.
@@ -156,7 +160,6 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     now = gw.clock()
     if change.needs_key_check:
         assert key is not None
-        await request.app[upstream_key].check_key(key)
         connection = await gw.store.save_connection(
             app.app_id, session.app_user_id, state=ACTIVE, cap_nanos=change.cap_nanos,
             sealed_key=None, browser_hash=browser_hash, now=now,

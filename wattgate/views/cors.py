@@ -17,10 +17,21 @@ ALLOW_HEADERS = "Authorization, Content-Type"
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def allow_origin(request: web.Request, response: web.StreamResponse, app: App | None) -> None:
+async def allow_origin(gw: Gateway, request: web.Request, response: web.StreamResponse,
+                       app: App | None) -> None:
+    """Let the app's registered origins read this answer.
+
+    When the request named no app we could trust (a bad or expired session
+    token), any registered origin may read the error, as the preflight already
+    allowed: the SDK must see its 401 to mint a fresh token.
+    """
     origin = request.headers.get("Origin")
     response.headers["Vary"] = "Origin"
-    if origin and app is not None and origin in app.origins:
+    if not origin:
+        return
+    allowed = origin in app.origins if app is not None \
+        else await gw.store.origin_registered(origin)
+    if allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
 
 

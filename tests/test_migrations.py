@@ -1,0 +1,93 @@
+"""Schema migrations: a database made by the first schema upgrades in place, rows intact."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from wattgate.ledger import status_body
+from wattgate.store import SQLiteStore
+from wattgate.store.migrations import MIGRATIONS, SchemaError, migrate
+
+APP = "app0123456789abcdef"
+USD = 1_000_000_000
+
+
+def version_1_database(path) -> None:  # type: ignore[no-untyped-def]
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate(db, upto=1) == 1
+    db.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+               "VALUES (?, 'Old app', 'hash', 1.0)", (APP,))
+    db.execute("INSERT INTO app_origins (app_id, origin) VALUES (?, 'https://old.example')",
+               (APP,))
+    db.execute("INSERT INTO connections (connection_id, app_id, app_user_id, state, cap_nanos, "
+               "sealed_key, created_at, updated_at) VALUES (1, ?, 'u1', 'active', ?, "
+               "'v1.k1.sealed', 1.0, 2.0)", (APP, 10 * USD))
+    db.execute("INSERT INTO usage (generation_id, app_id, connection_id, period, model, "
+               "prompt_tokens, completion_tokens, cost_nanos, created_at) "
+               "VALUES ('gen-old', ?, 1, '2026-11', 'openai/gpt-4o-mini', 3, 4, ?, 5.0)",
+               (APP, 3 * USD + 200_000_000))
+    db.execute("INSERT INTO periods (connection_id, period, spent_nanos) VALUES (1, '2026-11', ?)",
+               (3 * USD + 200_000_000,))
+    db.close()
+
+
+async def test_first_schema_upgrades_with_rows_intact(tmp_path):
+    path = tmp_path / "old.db"
+    version_1_database(path)
+    store = SQLiteStore.open(path)  # migrates on open
+    try:
+        assert store._read.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        app = await store.get_app(APP)
+        assert app is not None and app.name == "Old app" and app.origins == ("https://old.example",)
+        conn = await store.get_connection(APP, "u1")
+        assert conn is not None and conn.connected and conn.browser_hash is None
+        spent = await store.period_spent(conn.connection_id, "2026-11")
+        assert status_body(conn, spent) == {"connected": True, "limits": {"monthlyUsd": 10},
+                                            "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8}
+        [old] = await store.recent_usage(conn.connection_id)
+        assert (old.generation_id, old.status, old.provisional, old.grant_id) == \
+            ("gen-old", "ok", False, None)
+        # The new tables work on the upgraded file.
+        await store.add_presence("b", now=1.0)
+        assert await store.has_presence("b")
+    finally:
+        await store.close()
+
+
+def test_migrate_is_idempotent(tmp_path):
+    db = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        assert migrate(db) == len(MIGRATIONS)
+        assert migrate(db) == len(MIGRATIONS)
+    finally:
+        db.close()
+
+
+def test_a_newer_database_is_refused(tmp_path):
+    db = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    try:
+        with pytest.raises(SchemaError, match="newer"):
+            migrate(db)
+    finally:
+        db.close()
+
+
+def test_a_failing_migration_leaves_the_old_version(tmp_path, monkeypatch):
+    import wattgate.store.migrations as m
+
+    def broken(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("boom")
+    monkeypatch.setattr(m, "MIGRATIONS", (m.MIGRATIONS[0], broken))
+    db = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        with pytest.raises(RuntimeError):
+            m.migrate(db)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() \
+            is None
+    finally:
+        db.close()

@@ -1,0 +1,198 @@
+"""The SQLite store: apps, connections, the ledger, group commit, in a real file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from wattgate.errors import BudgetExceeded, NotConnected
+from wattgate.store import ACTIVE, REVOKED, SQLiteStore, Usage
+
+USD = 1_000_000_000
+APP = "app0123456789abcdef"
+T = 1_800_000_000.0
+
+
+@pytest.fixture
+async def store(tmp_path):  # type: ignore[no-untyped-def]
+    s = SQLiteStore.open(tmp_path / "w.db")
+    yield s
+    await s.close()
+
+
+async def funded(store: SQLiteStore, user: str = "u", cap: int | None = 10 * USD):  # type: ignore[no-untyped-def]
+    if await store.get_app(APP) is None:
+        await store.create_app(APP, "Demo", "hash", ["http://localhost:3000"], now=T)
+    return await store.save_connection(APP, user, state=ACTIVE, cap_nanos=cap,
+                                       sealed_key="v1.k1.sealed", browser_hash=None, now=T)
+
+
+def usage(gen: str, connection_id: int | None, cost: int) -> Usage:
+    return Usage(gen, APP, connection_id, None, "openai/gpt-4o-mini", 10, 20, cost, False, "ok",
+                 5, T)
+
+
+async def test_apps_round_trip(store):
+    app = await store.create_app(APP, "Demo", "h1", ["https://a.example", "https://a.example",
+                                                     "http://localhost:3000"], now=T)
+    assert app.origins == ("https://a.example", "http://localhost:3000")
+    got = await store.get_app(APP)
+    assert got is not None and got.name == "Demo" and got.secret_hash == "h1"
+    assert set(got.origins) == {"https://a.example", "http://localhost:3000"}
+    assert [a.app_id for a in await store.list_apps()] == [APP]
+    assert await store.get_app("app" + "0" * 16) is None
+
+
+async def test_secret_rotation_and_origins(store):
+    await store.create_app(APP, "Demo", "h1", ["https://a.example"], now=T)
+    assert await store.set_app_secret(APP, "h2")
+    assert (await store.get_app(APP)).secret_hash == "h2"
+    assert not await store.set_app_secret("app" + "0" * 16, "h3")
+    assert await store.set_origins(APP, add=["https://b.example"], remove=["https://a.example"])
+    assert (await store.get_app(APP)).origins == ("https://b.example",)
+    assert await store.origin_registered("https://b.example")
+    assert not await store.origin_registered("https://a.example")
+    assert not await store.set_origins("app" + "0" * 16, add=["https://c.example"])
+
+
+async def test_delete_app_takes_its_connections(store):
+    c = await funded(store)
+    assert await store.delete_app(APP)
+    assert await store.get_connection(APP, "u") is None
+    assert await store.get_connection_by_id(c.connection_id) is None
+    assert not await store.delete_app(APP)
+
+
+async def test_connection_is_keyed_by_app_and_user(store):
+    a = await funded(store, "u1")
+    b = await funded(store, "u2", cap=3 * USD)
+    again = await store.save_connection(APP, "u1", state=ACTIVE, cap_nanos=2 * USD,
+                                        sealed_key=a.sealed_key, browser_hash="b", now=T + 1)
+    assert again.connection_id == a.connection_id != b.connection_id
+    got = await store.get_connection(APP, "u1")
+    assert got is not None and got.cap_nanos == 2 * USD and got.browser_hash == "b"
+    assert got.created_at == T and got.updated_at == T + 1
+    assert [c.app_user_id for c in await store.connections_for_browser("b")] == ["u1"]
+
+
+async def test_seal_callback_sees_the_new_row_id(store):
+    await funded(store, "other")
+    seen = []
+
+    def seal(cid: int) -> str:
+        seen.append(cid)
+        return f"sealed-for-{cid}"
+    c = await store.save_connection(APP, "u", state=ACTIVE, cap_nanos=USD, sealed_key=None,
+                                    browser_hash=None, now=T, seal=seal)
+    assert seen == [c.connection_id] and c.sealed_key == f"sealed-for-{c.connection_id}"
+    assert (await store.get_connection(APP, "u")).sealed_key == c.sealed_key
+
+
+async def test_revoke_drops_the_sealed_key(store):
+    c = await funded(store)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    got = await store.get_connection(APP, "u")
+    assert got.state == REVOKED and got.sealed_key is None and not got.connected
+
+
+async def test_settle_is_idempotent_on_generation_id(store):
+    c = await funded(store)
+    assert await store.settle(None, usage("gen-1", c.connection_id, 123_456), "2027-01")
+    assert not await store.settle(None, usage("gen-1", c.connection_id, 123_456), "2027-01")
+    assert await store.period_spent(c.connection_id, "2027-01") == 123_456
+    assert [u.generation_id for u in await store.recent_usage(c.connection_id)] == ["gen-1"]
+
+
+async def test_spend_is_per_period(store):
+    c = await funded(store)
+    await store.settle(None, usage("g1", c.connection_id, 5 * USD), "2027-01")
+    await store.settle(None, usage("g2", c.connection_id, 1), "2027-02")
+    assert await store.period_spent(c.connection_id, "2027-01") == 5 * USD
+    assert await store.period_spent(c.connection_id, "2027-02") == 1
+    assert await store.period_spent(c.connection_id, "2027-03") == 0
+
+
+async def test_admit_holds_and_refuses_past_the_cap(store):
+    c = await funded(store, cap=10 * USD)
+    hold = await store.admit(c.connection_id, "2027-01", 6 * USD, now=T, expires_at=T + 900)
+    assert await store.held(c.connection_id) == 6 * USD
+    with pytest.raises(BudgetExceeded):
+        await store.admit(c.connection_id, "2027-01", 5 * USD, now=T, expires_at=T + 900)
+    await store.settle(hold, usage("g1", c.connection_id, 2 * USD), "2027-01")
+    assert await store.held(c.connection_id) == 0
+    await store.admit(c.connection_id, "2027-01", 8 * USD, now=T, expires_at=T + 900)
+    assert await store.sweep_holds() == 1 and await store.open_holds() == 0
+
+
+async def test_admit_refuses_a_revoked_connection(store):
+    c = await funded(store)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    with pytest.raises(NotConnected):
+        await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 1)
+
+
+async def test_concurrent_writes_share_commits(store):
+    c = await funded(store)
+    before = store.commits
+    results = await asyncio.gather(*(
+        store.settle(None, usage(f"g{i}", c.connection_id, 1_000), "2027-01") for i in range(50)))
+    assert all(results)
+    assert await store.period_spent(c.connection_id, "2027-01") == 50_000
+    assert store.commits - before < 50
+
+
+async def test_one_failing_write_does_not_sink_its_batch(store):
+    c = await funded(store)
+    good = store.settle(None, usage("ok", c.connection_id, 7), "2027-01")
+    bad = store.create_app(APP, "Duplicate", "h", [], now=T)  # primary key clash
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert results[0] is True and isinstance(results[1], sqlite3.IntegrityError)
+    assert await store.period_spent(c.connection_id, "2027-01") == 7
+
+
+async def test_replace_sealed_keys_only_where_unchanged(store):
+    a = await funded(store, "u1")
+    b = await funded(store, "u2")
+    assert sorted(r[1] for r in await store.all_sealed_keys()) == sorted(
+        [a.connection_id, b.connection_id])
+    n = await store.replace_sealed_keys([
+        ("connections", a.connection_id, a.sealed_key, "new-a"),
+        ("connections", b.connection_id, "stale", "new-b")])
+    assert n == 1
+    assert (await store.get_connection(APP, "u1")).sealed_key == "new-a"
+    assert (await store.get_connection(APP, "u2")).sealed_key == a.sealed_key
+
+
+async def test_presence(store):
+    assert not await store.has_presence("b")
+    await store.add_presence("b", now=T)
+    await store.add_presence("b", now=T)
+    assert await store.has_presence("b")
+
+
+async def test_ping_and_data_survive_reopen(tmp_path):
+    s = SQLiteStore.open(tmp_path / "w.db")
+    assert s.ping()
+    await s.create_app(APP, "Demo", "h", [], now=T)
+    await s.close()
+    s = SQLiteStore.open(tmp_path / "w.db")
+    try:
+        assert (await s.get_app(APP)).name == "Demo"
+        mode = s._read.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        await s.close()
+
+
+async def test_money_is_stored_as_integers(store):
+    c = await funded(store, cap=10 * USD + 1)
+    await store.settle(None, usage("g", c.connection_id, 1), "2027-01")
+    db = sqlite3.connect(store.path)
+    try:
+        assert db.execute("SELECT typeof(cap_nanos) FROM connections").fetchone() == ("integer",)
+        assert db.execute("SELECT typeof(cost_nanos) FROM usage").fetchone() == ("integer",)
+        assert db.execute("SELECT typeof(spent_nanos) FROM periods").fetchone() == ("integer",)
+    finally:
+        db.close()
