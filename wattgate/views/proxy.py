@@ -40,7 +40,7 @@ from ..pricing import Price
 from ..sse import Outcome, StreamReader, parse_json_body
 from ..store import NEEDS_RECONNECT
 from ..upstream import Upstream, map_failure
-from .inputs import secret_key_of
+from .inputs import check_json_depth, secret_key_of
 from .state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate.proxy")
@@ -55,6 +55,7 @@ drains_key = web.AppKey("drains", set)
 
 
 def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, str, bool, int]:
+    check_json_depth(raw)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
