@@ -1,0 +1,246 @@
+"""Consent integrity, as an attack: an app holding only its secret key tries every forbidden move.
+
+The app can mint any session token and send any header from its server
+(``Origin``, ``Sec-Fetch-Site``), but it has neither the user's funding key nor
+the HttpOnly presence cookie the gateway gave the user's browser on approval.
+Each forbidden move must answer ``403 consent_required`` and leave the stored
+connection exactly as it was.
+"""
+
+from __future__ import annotations
+
+from http.cookies import SimpleCookie
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import FUNDING_KEY
+from wattgate.consent import PRESENCE_COOKIE
+from wattgate.sealing import connection_aad
+
+USD = 1_000_000_000
+FORGED = [{}, {"Sec-Fetch-Site": "same-origin"}, "public-origin"]
+
+
+def forged_headers(h, kind: Any) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    if kind == "public-origin":
+        return {"Origin": h.url, "Sec-Fetch-Site": "same-origin", "Referer": h.url + "/connect"}
+    return dict(kind)
+
+
+async def post(h, token: str, body: dict[str, Any], headers: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
+               cookie: str | None = None) -> tuple[int, dict[str, Any], Any]:
+    hdrs = {"Authorization": f"Bearer {token}"} | (headers or {})
+    if cookie is not None:
+        hdrs["Cookie"] = f"{PRESENCE_COOKIE}={cookie}"
+    async with h.http.post(h.api + "/connections", json=body, headers=hdrs) as r:
+        return r.status, await r.json(), r.headers
+
+
+async def stored(h, app, user: str):  # type: ignore[no-untyped-def]
+    return await h.gw.store.get_connection(app.app_id, user)
+
+
+def refused(result: tuple[int, Any, Any]) -> None:
+    status, body, _ = result
+    assert (status, body["error"]["code"]) == (403, "consent_required"), body
+
+
+async def approve_in_browser(h, app, user: str, cap: Any = 10, key: str = FUNDING_KEY,  # type: ignore[no-untyped-def]
+                             cookie: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """What the consent page does: a same-origin request carrying the user's funding key."""
+    token = await h.session(app, user)
+    status, body, headers = await post(h, token, {"monthlyUsd": cap, "fundingKey": key},
+                                       {"Origin": h.url, "Sec-Fetch-Site": "same-origin"},
+                                       cookie=cookie)
+    assert status == 200, body
+    jar = SimpleCookie()
+    for value in headers.getall("Set-Cookie", []):
+        jar.load(value)
+    return body, (jar[PRESENCE_COOKIE].value if PRESENCE_COOKIE in jar else None)
+
+
+@pytest.fixture
+async def h(make_harness):  # type: ignore[no-untyped-def]
+    return await make_harness({"WATTGATE_DEV__ALLOW_UNLIMITED": "true"})
+
+
+# ---- with the secret key alone ----------------------------------------------
+
+@pytest.mark.parametrize("forge", FORGED, ids=["plain", "sec-fetch-site", "public-origin"])
+async def test_cannot_create_a_funded_connection(h, forge):
+    app = await h.create_app()
+    token = await h.session(app, "victim", monthly_usd=50)
+    for body in ({"monthlyUsd": 50}, {}, {"monthlyUsd": None}):
+        refused(await post(h, token, body, forged_headers(h, forge)))
+    assert await stored(h, app, "victim") is None
+    assert (await h.status(app, "victim"))["connected"] is False
+
+
+@pytest.mark.parametrize("forge", FORGED, ids=["plain", "sec-fetch-site", "public-origin"])
+async def test_cannot_raise_a_cap_or_make_it_unlimited(h, forge):
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    before = await stored(h, app, "victim")
+    token = await h.session(app, "victim", monthly_usd=1000)
+    for cap in (10.000000001, 11, 1000, None):
+        refused(await post(h, token, {"monthlyUsd": cap}, forged_headers(h, forge)))
+    assert await stored(h, app, "victim") == before
+    assert (await h.status(app, "victim"))["limits"] == {"monthlyUsd": 10}
+
+
+@pytest.mark.parametrize("forge", FORGED, ids=["plain", "sec-fetch-site", "public-origin"])
+async def test_cannot_refund_a_revoked_connection(h, forge):
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    token = await h.session(app, "victim")
+    async with h.http.delete(h.api + "/connections",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 204
+    before = await stored(h, app, "victim")
+    for body in ({"monthlyUsd": 10}, {"monthlyUsd": 1}, {}):
+        refused(await post(h, token, body, forged_headers(h, forge)))
+    assert await stored(h, app, "victim") == before
+    assert before.sealed_key is None and not before.connected
+
+
+async def test_cannot_reattach_the_key_of_a_connection_needing_reconnect(h):
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    conn = await stored(h, app, "victim")
+    await h.gw.store.set_connection_state(conn.connection_id, "needs_reconnect", now=h.clock())
+    before = await stored(h, app, "victim")
+    token = await h.session(app, "victim")
+    refused(await post(h, token, {"monthlyUsd": 10}, forged_headers(h, "public-origin")))
+    assert await stored(h, app, "victim") == before
+
+
+async def test_a_key_the_upstream_refuses_changes_nothing(h):
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    before = await stored(h, app, "victim")
+    token = await h.session(app, "victim")
+    status, body, _ = await post(h, token, {"monthlyUsd": 500, "fundingKey": "made-up-key"})
+    assert (status, body["error"]["code"]) == (402, "funding_invalid")
+    assert await stored(h, app, "victim") == before
+
+
+async def test_a_new_key_replaces_the_users_key_rather_than_spending_it(h):
+    """The funding key is the proof: a key the app owns funds the connection itself.
+
+    The user's key is dropped, never charged past the cap the user chose.
+    """
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    token = await h.session(app, "victim")
+    apps_own_key = "sk-or-v1-" + "a" * 48
+    status, body, _ = await post(h, token, {"monthlyUsd": 500, "fundingKey": apps_own_key})
+    assert status == 200 and body["limits"] == {"monthlyUsd": 500}
+    conn = await stored(h, app, "victim")
+    assert h.gw.unseal(conn.sealed_key, connection_aad(conn.connection_id)) == apps_own_key
+
+
+async def test_lowering_and_revoking_need_nothing(h):
+    app = await h.create_app()
+    await approve_in_browser(h, app, "u", cap=10)
+    token = await h.session(app, "u")
+    status, body, _ = await post(h, token, {"monthlyUsd": 4.5})
+    assert status == 200 and body["limits"] == {"monthlyUsd": 4.5}
+    assert (await stored(h, app, "u")).cap_nanos == 4_500_000_000
+    status, body, _ = await post(h, token, {})  # no change at all is fine too
+    assert status == 200 and body["limits"] == {"monthlyUsd": 4.5}
+    refused(await post(h, token, {"monthlyUsd": 10}))  # going back up is a raise
+    async with h.http.delete(h.api + "/connections",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 204
+    assert (await h.status(app, "u"))["connected"] is False
+
+
+# ---- the user's browser -----------------------------------------------------
+
+async def test_approval_sets_an_httponly_samesite_strict_presence_cookie(h):
+    app = await h.create_app()
+    token = await h.session(app, "u")
+    _, _, headers = await post(h, token, {"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
+                               {"Sec-Fetch-Site": "same-origin"})
+    [raw] = [v for v in headers.getall("Set-Cookie", []) if v.startswith(PRESENCE_COOKIE)]
+    jar = SimpleCookie()
+    jar.load(raw)
+    morsel = jar[PRESENCE_COOKIE]
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    assert len(morsel.value) >= 32
+    # Stored only as a keyed hash: a copy of the database redeems nothing.
+    for f in h.tmp_path.glob("wattgate.db*"):
+        assert morsel.value.encode() not in f.read_bytes()
+
+
+async def test_no_cookie_for_an_app_server_or_a_cross_site_page(h):
+    app = await h.create_app()
+    for headers in ({}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://localhost:3000"}):
+        token = await h.session(app, f"u{len(headers)}{list(headers.values())}")
+        status, _, resp = await post(h, token, {"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
+                                     headers)
+        assert status == 200
+        assert not any(v.startswith(PRESENCE_COOKIE) for v in resp.getall("Set-Cookie", []))
+
+
+async def test_the_browser_that_approved_can_raise_the_cap(h):
+    app = await h.create_app()
+    _, cookie = await approve_in_browser(h, app, "u", cap=10)
+    assert cookie
+    token = await h.session(app, "u")
+    status, body, _ = await post(h, token, {"monthlyUsd": 25}, {"Sec-Fetch-Site": "same-origin"},
+                                 cookie=cookie)
+    assert status == 200 and body["limits"] == {"monthlyUsd": 25}
+    status, body, _ = await post(h, token, {"monthlyUsd": None}, {"Sec-Fetch-Site": "same-origin"},
+                                 cookie=cookie)
+    assert status == 200 and body["limits"] == {"monthlyUsd": None}
+    # Reconnecting with a key from the same browser keeps its proof (no second cookie).
+    _, again = await approve_in_browser(h, app, "u", cap=5, cookie=cookie)
+    assert again is None
+    status, _, _ = await post(h, token, {"monthlyUsd": 6}, {"Sec-Fetch-Site": "same-origin"},
+                              cookie=cookie)
+    assert status == 200
+
+
+@pytest.mark.parametrize("where", [{"Sec-Fetch-Site": "cross-site"},
+                                   {"Sec-Fetch-Site": "same-site"},
+                                   {"Sec-Fetch-Site": "none"},
+                                   {"Origin": "https://evil.example"}])
+async def test_the_cookie_only_counts_on_the_gateways_own_pages(h, where):
+    app = await h.create_app()
+    _, cookie = await approve_in_browser(h, app, "u", cap=10)
+    token = await h.session(app, "u")
+    refused(await post(h, token, {"monthlyUsd": 20}, where, cookie=cookie))
+    assert (await stored(h, app, "u")).cap_nanos == 10 * USD
+
+
+async def test_the_cookie_of_another_browser_cannot_raise(h):
+    app = await h.create_app()
+    _, victims = await approve_in_browser(h, app, "victim", cap=10)
+    _, attackers = await approve_in_browser(h, app, "attacker", cap=10,
+                                            key="sk-or-v1-" + "b" * 48)
+    assert victims and attackers and victims != attackers
+    token = await h.session(app, "victim")
+    for cookie in (attackers, "made-up-cookie-value", ""):
+        refused(await post(h, token, {"monthlyUsd": 99}, {"Sec-Fetch-Site": "same-origin"},
+                           cookie=cookie))
+    assert (await stored(h, app, "victim")).cap_nanos == 10 * USD
+
+
+async def test_cookie_is_secure_behind_https(make_harness):
+    h = await make_harness({"WATTGATE_SERVER__PUBLIC_URL": "https://gw.example.com"})
+    app = await h.create_app()
+    token = await h.session(app, "u")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as browser:
+        async with browser.post(h.api + "/connections",
+                                json={"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
+                                headers={"Authorization": f"Bearer {token}",
+                                         "Sec-Fetch-Site": "same-origin"}) as r:
+            assert r.status == 200
+            raw = [v for v in r.headers.getall("Set-Cookie") if v.startswith(PRESENCE_COOKIE)]
+    jar = SimpleCookie()
+    jar.load(raw[0])
+    assert jar[PRESENCE_COOKIE]["secure"]
