@@ -19,6 +19,7 @@ from .gateway import open_gateway
 from .middleware import error_middleware
 from .upstream import Upstream
 from .views import control, grants, proxy
+from .views.apidoc import openapi_json
 from .views.state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
@@ -67,4 +68,5 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     for method in ("POST", "OPTIONS"):
         r.add_route(method, "/api/v1/grants", grants.grants)
     r.add_get("/api/v1/grants/current", grants.current)
+    r.add_get("/api/v1/openapi.json", openapi_json)
     return app
