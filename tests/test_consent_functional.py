@@ -138,7 +138,7 @@ async def test_a_new_key_replaces_the_users_key_rather_than_spending_it(h):
     status, body, _ = await post(h, token, {"monthlyUsd": 500, "fundingKey": apps_own_key})
     assert status == 200 and body["limits"] == {"monthlyUsd": 500}
     conn = await stored(h, app, "victim")
-    assert h.gw.unseal(conn.sealed_key, connection_aad(conn.connection_id)) == apps_own_key
+    assert h.gw.sealer.unseal(conn.sealed_key, connection_aad(conn.connection_id)) == apps_own_key
 
 
 async def test_lowering_and_revoking_need_nothing(h):

@@ -62,3 +62,17 @@ def test_wrong_master_key_does_not_open():
 
 def test_key_id_of_malformed_is_empty():
     assert key_id_of("nonsense") == ""
+
+
+def test_unknown_key_id_is_loaded_once_on_demand():
+    asked = []
+
+    def load(kid: str) -> bytes | None:
+        asked.append(kid)
+        return K2 if kid == "k2" else None
+    new = Sealer({"k1": K1, "k2": K2}, "k2").seal(SECRET, "a")
+    sealer = Sealer({"k1": K1}, "k1", load_key=load)
+    assert sealer.unseal(new, "a") == sealer.unseal(new, "a") == SECRET
+    assert asked == ["k2"]
+    with pytest.raises(SealError):
+        sealer.unseal(new.replace("v1.k2.", "v1.k9."), "a")

@@ -17,8 +17,9 @@ from .config import Config
 from .credentials import keyed_hash, parse_secret_key, same_hash
 from .errors import AuthError, ConfigError
 from .keyfile import Keys, load_keys
+from .observer import Observer
 from .ratelimit import RateLimiter
-from .sealing import Sealer, key_id_of
+from .sealing import Sealer
 from .sessions import Session, SessionCodec
 from .store import App, SQLiteStore
 from .store.migrations import SchemaError
@@ -36,33 +37,30 @@ class Gateway:
     sessions: SessionCodec = field(init=False)
     rl_sessions: RateLimiter = field(init=False)
     rl_chat: RateLimiter = field(init=False)
+    observer: Observer = field(init=False)  # metrics and request-log hooks
 
     def __post_init__(self) -> None:
-        self.sealer = Sealer(self.keys.master_keys, self.keys.active_key_id)
+        self.sealer = Sealer(self.keys.master_keys, self.keys.active_key_id,
+                             load_key=self._load_master_key)
         self.sessions = SessionCodec(self.keys.jwt_secret, self.config.public_origin,
                                      self.config.sessions_ttl_seconds)
         self.rl_sessions = RateLimiter(self.config.limits_sessions_per_minute, name="RL_SESSIONS")
         self.rl_chat = RateLimiter(self.config.limits_chat_per_minute, name="RL_CHAT")
+        self.observer = Observer((self.rl_sessions, self.rl_chat))
 
-    def unseal(self, sealed: str, aad: str) -> str:
-        """Open a sealed funding key (SealError if it cannot be opened).
-
-        A key id this process has not seen means ``wattgate keys rotate`` ran
-        in another process while this one was serving: reload the keys file
-        once and retry, so rotation never needs a restart.
-        """
-        if not self.sealer.has_key(key_id_of(sealed)) and self.keys.path is not None:
-            self.reload_keys()
-        return self.sealer.unseal(sealed, aad)
-
-    def reload_keys(self) -> None:
-        assert self.keys.path is not None
-        fresh = load_keys(self.keys.path, create=False)
-        # Keys this process already has stay: a sealed value never becomes unreadable.
-        self.keys.master_keys.update(
-            {k: v for k, v in fresh.master_keys.items() if k not in self.keys.master_keys})
-        self.keys.active_key_id = fresh.active_key_id
-        self.sealer = Sealer(self.keys.master_keys, self.keys.active_key_id)
+    def _load_master_key(self, key_id: str) -> bytes | None:
+        """A master key added to the keys file since start (by ``wattgate keys rotate``)."""
+        if self.keys.path is None:
+            return None
+        try:
+            fresh = load_keys(self.keys.path, create=False)
+        except ConfigError as e:
+            log.error("cannot reload the keys file: %s", e)
+            return None
+        key = fresh.master_keys.get(key_id)
+        if key is not None:
+            self.keys.master_keys.setdefault(key_id, key)
+        return key
 
     def hash(self, value: str) -> str:
         return keyed_hash(self.keys.hash_key, value)

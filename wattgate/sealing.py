@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -21,9 +21,18 @@ class SealError(Exception):
 
 
 class Sealer:
-    def __init__(self, keys: Mapping[str, bytes], active_key_id: str) -> None:
+    """Seals under the active master key; opens under any key it knows.
+
+    ``load_key``, when given, is asked for a key id this sealer does not know
+    (``wattgate keys rotate`` ran in another process and re-sealed the stored
+    keys under a new master key): rotation then needs no restart.
+    """
+
+    def __init__(self, keys: Mapping[str, bytes], active_key_id: str, *,
+                 load_key: Callable[[str], bytes | None] | None = None) -> None:
         self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
         self.active_key_id = active_key_id
+        self._load_key = load_key
 
     def seal(self, plaintext: str, aad: str) -> str:
         nonce = os.urandom(12)
@@ -37,6 +46,10 @@ class Sealer:
         except ValueError:
             raise SealError("malformed sealed value") from None
         aead = self._aead.get(kid)
+        if aead is None and version == "v1" and self._load_key is not None:
+            key = self._load_key(kid)
+            if key is not None:
+                aead = self._aead[kid] = AESGCM(key)
         if version != "v1" or aead is None:
             raise SealError(f"no master key {kid!r} to open this value")
         try:
@@ -44,9 +57,6 @@ class Sealer:
             return aead.decrypt(raw[:12], raw[12:], aad.encode()).decode()
         except (InvalidTag, ValueError):
             raise SealError("sealed value does not open under its key") from None
-
-    def has_key(self, key_id: str) -> bool:
-        return key_id in self._aead
 
 
 def key_id_of(sealed: str) -> str:
