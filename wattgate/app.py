@@ -18,7 +18,7 @@ from .config import Config
 from .gateway import open_gateway
 from .middleware import error_middleware
 from .upstream import Upstream
-from .views import control, grants, proxy
+from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
 from .views.state import gateway_key, upstream_key
 
@@ -69,4 +69,5 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         r.add_route(method, "/api/v1/grants", grants.grants)
     r.add_get("/api/v1/grants/current", grants.current)
     r.add_get("/api/v1/openapi.json", openapi_json)
+    pages.add_routes(app)  # consent popup, dashboard, /sdk/client.js
     return app

@@ -193,11 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("rotate", parents=[common],
                         help="add a new master key and re-seal every funding key")
+    demo = sub.add_parser("demo", help="run the gateway, a fake OpenRouter and an example "
+                          "app on loopback, offline, and print the URL to open")
+    demo.add_argument("--port", type=int, default=8787, help="the gateway's port (default 8787)")
+    demo.add_argument("--app-port", type=int, default=8790, help="the example app's port")
+    demo.add_argument("--fake-port", type=int, default=8788, help="the fake OpenRouter's port")
+    demo.add_argument("--data", help="keep the demo's database in this folder "
+                      "(default: a temporary folder, deleted on exit)")
     return parser
 
 
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from pathlib import Path
+
+    from .demo import run
+
+    try:
+        return run(data_dir=Path(args.data) if args.data else None, gateway_port=args.port,
+                   app_port=args.app_port, fake_port=args.fake_port)
+    except OSError as e:
+        raise CommandError(f"cannot start the demo: {e}") from None
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
-    "serve": cmd_serve, "apps": cmd_apps, "keys": cmd_keys,
+    "serve": cmd_serve, "apps": cmd_apps, "keys": cmd_keys, "demo": cmd_demo,
 }
 
 

@@ -1,0 +1,318 @@
+"""The consent popup, the client SDK and the dashboard, driven in headless Chromium.
+
+Every test runs ``wattgate demo``'s three servers (gateway, fake OpenRouter, the
+"Demo Notes" example app on a second origin) and clicks through them as a user
+would. Screenshots of the popup and the dashboard land in ``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+pytest.importorskip("playwright")
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect  # noqa: E402
+
+from wattgate.demo import Demo, start_demo  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+KEY = "sk-or-v1-" + "d" * 48
+
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)",
+                allow_module_level=True)
+
+
+@pytest.fixture
+async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
+    d = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.05)
+    yield d
+    await d.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+@pytest.fixture
+async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
+    ctx = await browser.new_context(viewport={"width": 1100, "height": 760})
+    ctx.set_default_timeout(10_000)
+    urls: list[str] = []
+    ctx.on("request", lambda request: urls.append(request.url))
+    ctx.seen_urls = urls  # type: ignore[attr-defined]
+    yield ctx
+    await ctx.close()
+
+
+def shot(page: Page, name: str) -> Any:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+async def open_popup(page: Page, button: str) -> Page:
+    async with page.expect_popup() as info:
+        await page.click(button)
+    popup = await info.value
+    await popup.wait_for_load_state()
+    return popup
+
+
+async def approve_connect(page: Page, cap: str, key: str = KEY, screenshot: str | None = None) -> None:
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#origin-text")).to_contain_text("verified")
+    await popup.fill("#cap", cap)
+    await popup.fill("#key", key)
+    if screenshot:
+        await shot(popup, screenshot)
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+
+
+async def bar_width(page: Page) -> float:
+    return await page.eval_on_selector("#bar", "el => parseFloat(el.style.width || '0')")
+
+
+async def status_of(demo: Demo, user: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(demo.gateway_url + "/api/v1/status", params={"appUserId": user},
+                            headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
+            return await r.json()
+
+
+async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    await expect(page.locator("#status")).to_contain_text("Not connected")
+
+    popup = await open_popup(page, "#connect")
+    # The popup names the app and the site asking, verified by the handshake.
+    await expect(popup.locator("#app-name")).to_have_text("Demo Notes")
+    await expect(popup.locator("#origin-text")).to_contain_text(
+        demo.app_url.removeprefix("http://") + " · verified")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    # The cap the app asked for in its session token is prefilled; the user picks another.
+    await expect(popup.locator("#cap")).to_have_value("1")
+    await expect(popup.locator("#cap-hint")).to_contain_text("Demo Notes asked for $1.00 a month")
+    assert "token" not in popup.url and "#" not in popup.url
+    await popup.fill("#cap", "0.25")
+    await popup.fill("#key", KEY)
+    await shot(popup, "consent-connect.png")
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+
+    await expect(page.locator("#status")).to_contain_text("Connected")
+    await expect(page.locator("#status")).to_contain_text("$0.25 / month")
+    await expect(page.locator("#cap")).to_contain_text("$0.25 left of $0.25")
+    assert await bar_width(page) == 0
+
+    # A chat reply streams in: text is visible before the reply is complete.
+    await page.fill("#chat-input", "What does metering mean?")
+    await page.click("#send")
+    await page.wait_for_function(
+        "() => { const r = document.querySelector('.msg.assistant');"
+        " return r && r.textContent.length > 0 && !r.dataset.done; }")
+    reply = page.locator(".msg.assistant").last
+    await expect(reply).to_have_attribute("data-done", "1")
+    assert (await reply.text_content() or "").startswith("Metering is the quiet part")
+    # ... and the budget bar moves by what the call cost.
+    await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
+    assert 0 < await bar_width(page) < 100
+    user = (await page.text_content("#user") or "").strip()
+    status = await status_of(demo, user)
+    assert status["connected"] is True and status["limits"] == {"monthlyUsd": 0.25}
+    assert 0 < status["usage"]["monthlyUsd"] < 0.25
+
+    # The session token never travelled in a URL the browser requested.
+    token_calls = [u for u in context.seen_urls if "eyJ" in u]  # type: ignore[attr-defined]
+    assert token_calls == []
+
+    # The app links to the user's dashboard: the app, its cap, the spend and the last call.
+    dash = await open_popup(page, "#manage")
+    card = dash.locator("article.conn").first
+    await expect(card.locator("h2")).to_have_text("Demo Notes")
+    await expect(card.locator(".badge")).to_have_text("Connected")
+    await expect(card.locator(".cap")).to_have_text("of $0.25 cap")
+    await expect(card.locator("table.calls tbody tr")).to_have_count(1)
+    await expect(card.locator("table.calls tbody tr td").nth(1)).to_have_text("wattgate/demo-chat")
+    assert "What does metering mean" not in await dash.content()  # prompts are never shown
+    await shot(dash, "dashboard.png")
+
+    # Revoke (with a confirmation step), then the app shows disconnected.
+    await card.locator("button.danger").click()
+    await expect(card.locator("button.danger")).to_have_text("Revoke Demo Notes's access")
+    await card.locator("button.danger").click()
+    await expect(dash.locator("article.conn .badge")).to_have_text("Revoked")
+    await shot(dash, "dashboard-revoked.png")
+    await page.bring_to_front()
+    await expect(page.locator("#status")).to_contain_text("Not connected", timeout=8000)
+    assert (await status_of(demo, user))["connected"] is False
+
+
+async def test_returning_user_raises_cap_without_a_key(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    await approve_connect(page, "0.20")
+    await expect(page.locator("#status")).to_contain_text("$0.20 / month")
+
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#returning")).to_be_visible()
+    await expect(popup.locator("#cap")).to_have_value("0.2")
+    await expect(popup.locator("#use-existing")).to_be_checked()
+    await expect(popup.locator("#key")).to_be_hidden()
+    await expect(popup.locator("#approve")).to_have_text("Update cap")
+    await popup.fill("#cap", "0.75")
+    await shot(popup, "consent-returning.png")
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    await expect(page.locator("#status")).to_contain_text("$0.75 / month")
+
+
+async def test_one_request_grant_is_used_up(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#origin-text")).to_contain_text("verified")
+    await expect(popup.locator("#ask")).to_have_text("wants to make 1 AI request on your budget")
+    await expect(popup.locator("#grant-requests")).to_have_text("1")
+    await expect(popup.locator("#cap")).to_be_hidden()
+    await popup.fill("#key", KEY)
+    await shot(popup, "consent-grant.png")
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+
+    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    await expect(page.locator("#convert-notice")).to_have_text("Done. 0 requests left on this grant.")
+    await page.click("#convert-again")
+    await expect(page.locator("#convert-notice")).to_contain_text("Grant used up")
+    # A grant is not a connection: the app still shows no budget.
+    await expect(page.locator("#status")).to_contain_text("Not connected")
+
+
+async def test_closing_the_popup_is_a_denial(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.close()
+    await expect(page.locator("#status")).to_contain_text("Not connected")
+    await expect(page.locator("#status")).not_to_contain_text("Checking")
+
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.close()
+    await expect(page.locator("#convert-notice")).to_have_text("No grant: the request was denied.")
+
+    # The Deny button is a denial too.
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    async with popup.expect_event("close"):
+        await popup.click("#deny")
+    await expect(page.locator("#status")).to_contain_text("Not connected")
+    user = (await page.text_content("#user") or "").strip()
+    assert (await status_of(demo, user))["connected"] is False
+
+
+EVIL_PAGE = """<!doctype html><title>Totally Demo Notes</title>
+<button id="go">Connect</button><pre id="out"></pre>
+<script type="module">
+const cfg = %s;
+const { createWattfare } = await import(cfg.gateway + "/sdk/client.js");
+const wf = createWattfare({ publishableKey: cfg.pk, baseURL: cfg.gateway,
+  session: async () => ({ token: cfg.token, expiresAt: Math.floor(Date.now() / 1000) + 600 }) });
+window.heard = [];
+addEventListener("message", (e) => window.heard.push(e.data));
+document.getElementById("go").onclick = async () => {
+  window.result = await wf.connect();
+  document.getElementById("out").textContent = JSON.stringify(window.result);
+};
+</script>"""
+
+
+async def test_unregistered_origin_cannot_complete_the_handshake(
+        demo: Demo, context: BrowserContext, aiohttp_server: Any) -> None:
+    # The worst case: a page elsewhere holds the app's publishable key and even a valid
+    # session token for one of its users.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(demo.gateway_url + "/api/v1/sessions",
+                             headers={"Authorization": f"Bearer {demo.secret_key}"},
+                             json={"appUserId": "victim"}) as r:
+            stolen = (await r.json())["token"]
+    evil_html = EVIL_PAGE % json.dumps({"gateway": demo.gateway_url, "pk": demo.publishable_key,
+                                        "token": stolen})
+    async def evil_page(request: web.Request) -> web.Response:
+        return web.Response(text=evil_html, content_type="text/html")
+    evil = web.Application()
+    evil.router.add_get("/", evil_page)
+    server = await aiohttp_server(evil)
+    evil_url = f"http://localhost:{server.port}/"
+
+    page = await context.new_page()
+    await page.goto(evil_url)
+    popup = await open_popup(page, "#go")
+    await expect(popup.locator("#blocked")).to_contain_text(
+        f"localhost:{server.port} is not a site of Demo Notes")
+    await expect(popup.locator("#origin-dot")).to_have_class("dot bad")
+    await expect(popup.locator("#approve")).to_be_disabled()
+    await expect(popup.locator("#key")).to_be_disabled()
+    await shot(popup, "consent-unregistered-origin.png")
+    # Even forcing the form cannot send a result to the page.
+    await popup.evaluate("document.getElementById('approve').disabled = false")
+    await popup.fill("#key", KEY, force=True)
+    await popup.click("#approve", force=True)
+    await popup.close()
+    await page.wait_for_function("() => window.result !== undefined")
+    heard = await page.evaluate("window.heard")
+    assert heard and all(m.get("type") == "hello" for m in heard)
+    assert (await page.evaluate("window.result"))["connected"] is False
+    assert (await status_of(demo, "victim"))["connected"] is False
+
+
+async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#oauth")).to_be_enabled()
+    await popup.fill("#cap", "0.30")
+    async with popup.expect_popup() as info:
+        await popup.click("#oauth")
+    signin = await info.value
+    # The fake OpenRouter sends the user straight back with a code; the window closes.
+    await signin.wait_for_event("close")
+    await expect(popup.locator("#oauth-done")).to_be_visible()
+    await expect(popup.locator("#key")).to_be_hidden()
+    await shot(popup, "consent-oauth-done.png")
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    await expect(page.locator("#status")).to_contain_text("$0.30 / month")
+    assert demo.fake.oauth_codes == {}  # the code was exchanged (and only once)
+
+
+async def test_token_is_cached_between_calls(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    minted: list[float] = []
+    page.on("request", lambda r: minted.append(time.monotonic())
+            if r.url.endswith("/api/wattfare-token") else None)
+    await page.goto(demo.app_url)
+    await expect(page.locator("#status")).to_contain_text("Not connected")
+    await page.evaluate("window.dispatchEvent(new Event('focus'))")
+    await asyncio.sleep(0.3)
+    await page.evaluate("window.dispatchEvent(new Event('focus'))")
+    await asyncio.sleep(0.3)
+    assert len(minted) == 1

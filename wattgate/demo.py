@@ -1,0 +1,250 @@
+"""``wattgate demo``: the whole Wattfare flow, offline, on loopback, in one command.
+
+Three servers in one process:
+
+- the gateway (``create_app``) at ``http://127.0.0.1:{port}``, with a fresh
+  database in a temporary folder unless ``--data`` names one;
+- the built-in fake OpenRouter (``wattgate.fakeupstream``), streaming real-looking
+  text with usage and cost, and answering "Connect with OpenRouter";
+- "Demo Notes", a tiny example app on a second origin (``http://localhost:{port}``,
+  another site than the gateway, as a real app would be): a "Connect AI budget"
+  button, a budget bar, a streaming chat box and a "Convert with one grant" button,
+  with the backend routes an app writes itself (its token route, its chat route, its
+  grant-redeeming route) done here with plain HTTP calls holding the secret key.
+
+The browser tests drive exactly this. Not here: anything the gateway does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .app import create_app
+from .config import load_config
+from .credentials import mint_credentials
+from .fakeupstream import MODELS, FakeModel, FakeOpenRouter, create_fake_openrouter
+from .views.pages import STATIC, page_data, render
+from .views.state import gateway_key
+
+APP_NAME = "Demo Notes"
+# Priced high on purpose so one chat message visibly moves the budget bar (~2 cents).
+DEMO_MODEL = "wattgate/demo-chat"
+DEMO_PRICE = FakeModel(prompt=Decimal("0.00001"), completion=Decimal("0.0005"),
+                       request=Decimal("0.004"))
+REQUESTED_CAP_USD = 1
+MAX_TOKENS = 64
+USER_COOKIE = "demo_user"
+
+
+@dataclass
+class Demo:
+    gateway_url: str
+    app_url: str
+    fake_url: str
+    publishable_key: str
+    secret_key: str
+    fake: FakeOpenRouter
+    data_dir: Path
+    gateway: web.Application
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _http: aiohttp.ClientSession | None = None
+    _tmp: bool = False
+
+    async def close(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+        if self._tmp:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(app: web.Application, sock: socket.socket) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner
+
+
+async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app_port: int = 0,
+                     fake_port: int = 0, chunk_delay: float = 0.04) -> Demo:
+    """Start the three servers; ports 0 pick free ones. Call ``close()`` when done."""
+    tmp = data_dir is None
+    data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    host = "127.0.0.1"
+    fake_sock, gw_sock, app_sock = (_listen(host, p) for p in (fake_port, gateway_port, app_port))
+    fake_url = f"http://{host}:{fake_sock.getsockname()[1]}"
+    gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
+    # "localhost" is another site than 127.0.0.1, so the app never sees the gateway's cookies.
+    app_url = f"http://localhost:{app_sock.getsockname()[1]}"
+
+    fake = FakeOpenRouter(models={**MODELS, DEMO_MODEL: DEMO_PRICE}, chunk_delay=chunk_delay,
+                          pieces=24, record_calls=False)
+    runners = [await _serve(create_fake_openrouter(fake), fake_sock)]
+    config = load_config(None, env={
+        "WATTGATE_DATABASE__PATH": str(data / "wattgate.db"),
+        "WATTGATE_SERVER__PUBLIC_URL": gateway_url,
+        "WATTGATE_UPSTREAM__BASE_URL": fake_url + "/api/v1",
+        "WATTGATE_OAUTH__AUTH_BASE": fake_url,
+        "WATTGATE_OAUTH__API_BASE": fake_url + "/api/v1",
+    })
+    gateway = create_app(config)
+    runners.append(await _serve(gateway, gw_sock))
+    gw = gateway[gateway_key]
+    creds = mint_credentials()
+    await gw.store.create_app(creds.app_id, APP_NAME, gw.hash(creds.secret), [app_url],
+                              now=gw.clock())
+    demo = Demo(gateway_url, app_url, fake_url, creds.publishable_key, creds.secret_key, fake,
+                data, gateway, runners, aiohttp.ClientSession(), tmp)
+    runners.append(await _serve(example_app(demo), app_sock))
+    return demo
+
+
+# ---- the example app: what an app developer writes ------------------------------------
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def example_app(demo: Demo) -> web.Application:
+    app = web.Application()
+    http = demo._http
+    assert http is not None
+    secret = {"Authorization": f"Bearer {demo.secret_key}"}
+    api = demo.gateway_url + "/api/v1"
+
+    async def index(request: web.Request) -> web.Response:
+        user = request.cookies.get(USER_COOKIE) or "user_" + secrets.token_hex(4)
+        config = {"gatewayURL": demo.gateway_url, "publishableKey": demo.publishable_key,
+                  "user": user, "model": DEMO_MODEL}
+        response = web.Response(text=render("demo-app.html", app_name=APP_NAME, user=user,
+                                            gateway=demo.gateway_url,
+                                            config_html=page_data(config)),
+                                content_type="text/html")
+        response.set_cookie(USER_COOKIE, user, httponly=True, samesite="Lax", path="/")
+        return response
+
+    async def script(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "demo-app.js",
+                                headers={"Content-Type": "text/javascript; charset=utf-8"})
+
+    async def token_route(request: web.Request) -> web.Response:
+        # The app's token route: its own login decides the user; here, a demo cookie.
+        user = request.cookies.get(USER_COOKIE)
+        if not user:
+            return _error(401, "auth", "Not signed in to the demo app.")
+        async with http.post(api + "/sessions", headers=secret, json={
+                "appUserId": user, "requestLimit": {"monthlyUsd": REQUESTED_CAP_USD}}) as r:
+            return web.json_response(await r.json(), status=r.status)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        user = request.cookies.get(USER_COOKIE)
+        body = await request.json()
+        message = str(body.get("message", ""))[:2000]
+        if not user or not message:
+            return _error(400, "invalid_request", "Type a message.")
+        headers = {**secret, "x-wattfare-user": user}
+        payload = {"model": DEMO_MODEL, "stream": True, "max_tokens": MAX_TOKENS,
+                   "messages": [{"role": "user", "content": message}]}
+        async with http.post(api + "/chat/completions", headers=headers, json=payload) as r:
+            if r.status != 200:
+                return web.json_response(await r.json(content_type=None), status=r.status)
+            out = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                              "Cache-Control": "no-cache"})
+            await out.prepare(request)
+            async for text in _deltas(r.content):
+                await out.write(text.encode())
+            await out.write_eof()
+            return out
+
+    async def convert(request: web.Request) -> web.Response:
+        body = await request.json()
+        grant = str(body.get("grantToken", ""))
+        text = str(body.get("text", ""))[:2000] or "hello world"
+        headers = {**secret, "x-wattfare-grant": grant}
+        payload = {"model": DEMO_MODEL, "max_tokens": MAX_TOKENS, "messages": [
+            {"role": "user", "content": f"Rewrite this as a headline: {text}"}]}
+        async with http.post(api + "/chat/completions", headers=headers, json=payload) as r:
+            data = await r.json(content_type=None)
+            if r.status == 402 and data.get("error", {}).get("code") == "grant_invalid":
+                return _error(402, "grant_used", "This grant is used up. Ask for a new one.")
+            if r.status != 200:
+                return web.json_response(data, status=r.status)
+            remaining = r.headers.get("x-wattfare-grant-remaining")
+        return web.json_response({"result": data["choices"][0]["message"]["content"].strip(),
+                                  "remaining": int(remaining) if remaining else None})
+
+    app.router.add_get("/", index)
+    app.router.add_get("/demo-app.js", script)
+    app.router.add_post("/api/wattfare-token", token_route)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/convert", convert)
+    return app
+
+
+async def _deltas(stream: aiohttp.StreamReader) -> Any:
+    """The text pieces of an OpenAI-style SSE stream."""
+    async for raw in stream:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            continue
+        if chunk.get("error"):
+            yield "\n[the model stopped: " + str(chunk["error"].get("message", "error")) + "]"
+            return
+        for choice in chunk.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                yield piece
+
+
+def run(*, data_dir: Path | None, gateway_port: int, app_port: int, fake_port: int) -> int:
+    """The ``wattgate demo`` command: start, print where to go, run until Ctrl-C."""
+    async def main() -> None:
+        demo = await start_demo(data_dir=data_dir, gateway_port=gateway_port,
+                                app_port=app_port, fake_port=fake_port)
+        print(f"wattgate demo is running, offline:\n\n"
+              f"  Open the example app:  {demo.app_url}\n\n"
+              f"  gateway:               {demo.gateway_url}  (your dashboard: "
+              f"{demo.gateway_url}/account)\n"
+              f"  fake OpenRouter:       {demo.fake_url}\n"
+              f"  data:                  {demo.data_dir}"
+              f"{' (deleted on exit)' if demo._tmp else ''}\n\n"
+              f"Paste any key that starts with sk-or- in the consent popup, or use "
+              f"\"Connect with OpenRouter\". Ctrl-C stops.", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await demo.close()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,109 @@
+// The dashboard (/account): the apps this browser connected, their budget, last calls,
+// change cap, revoke. Keyed by the presence cookie; no account system.
+import { api, el, fmtTime, fmtUsd, initials } from "/static/ui.js";
+
+const list = document.getElementById("list");
+const host = (origin) => (origin || "").replace(/^https?:\/\//, "");
+
+async function load() {
+  let data;
+  try {
+    data = await api("GET", "/api/v1/account");
+  } catch (e) {
+    list.replaceChildren(el("div", { class: "alert error" }, e.message));
+    return;
+  }
+  if (!data.connections.length) {
+    list.replaceChildren(el("div", { class: "empty" },
+      el("p", {}, el("strong", {}, "No connected apps in this browser.")),
+      el("p", {}, "When you approve an app's request for an AI budget, it shows up here.")));
+    return;
+  }
+  list.replaceChildren(...data.connections.map(card));
+}
+
+function budget(status) {
+  const cap = status.limits ? status.limits.monthlyUsd : null;
+  const spent = status.usage.monthlyUsd;
+  const pct = cap ? Math.min(100, (spent / cap) * 100) : 0;
+  const bar = el("div", { class: "bar" + (pct >= 80 ? " high" : ""), role: "progressbar",
+    "aria-valuemin": 0, "aria-valuemax": cap ?? 0, "aria-valuenow": spent,
+    "aria-label": "Spent this month" }, el("span", { style: `width:${pct.toFixed(2)}%` }));
+  return el("div", { class: "budget" },
+    el("div", { class: "budget-numbers" },
+      el("span", {}, el("strong", { class: "spent" }, fmtUsd(spent)), " spent this month"),
+      el("span", { class: "cap" }, cap == null ? "no cap" : `of ${fmtUsd(cap)} cap`)),
+    bar);
+}
+
+function calls(rows) {
+  if (!rows.length) return el("p", { class: "hint" }, "No calls yet.");
+  return el("table", { class: "calls" },
+    el("thead", {}, el("tr", {}, el("th", {}, "Time"), el("th", {}, "Model"),
+      el("th", { class: "num" }, "Cost"))),
+    el("tbody", {}, ...rows.map((c) => el("tr", {},
+      el("td", {}, fmtTime(c.at)),
+      el("td", {}, el("code", {}, c.model)),
+      el("td", { class: "num" }, fmtUsd(c.costUsd) + (c.provisional ? " (est.)" : ""))))));
+}
+
+function card(conn) {
+  const active = conn.state === "active";
+  const label = { active: "Connected", revoked: "Revoked", needs_reconnect: "Needs a new key" }[conn.state] || conn.state;
+  const message = el("div", { class: "alert", role: "status", hidden: true });
+  const capInput = el("input", { type: "number", min: "0", step: "0.01", "aria-label": `Monthly cap for ${conn.app.name}`,
+    value: conn.status.limits && conn.status.limits.monthlyUsd != null ? conn.status.limits.monthlyUsd : "" });
+  const say = (kind, text) => { message.className = "alert " + kind; message.textContent = text; message.hidden = false; };
+
+  const save = el("button", { class: "btn secondary small", type: "button", onclick: async () => {
+    const value = Number(capInput.value);
+    if (capInput.value.trim() === "" || !Number.isFinite(value) || value < 0) {
+      say("error", "Enter a cap in dollars."); return;
+    }
+    save.disabled = true;
+    try {
+      await api("POST", `/api/v1/account/connections/${conn.id}`, { body: { monthlyUsd: Math.round(value * 100) / 100 } });
+      await load();
+    } catch (e) { say("error", e.message); save.disabled = false; }
+  } }, "Save cap");
+
+  const revoke = el("button", { class: "btn danger small", type: "button" }, "Revoke");
+  const cancel = el("button", { class: "btn secondary small", type: "button", hidden: true }, "Keep");
+  revoke.addEventListener("click", async () => {
+    if (!revoke.classList.contains("confirm")) {
+      revoke.classList.add("confirm");
+      revoke.textContent = `Revoke ${conn.app.name}'s access`;
+      cancel.hidden = false;
+      return;
+    }
+    revoke.disabled = true;
+    try {
+      await api("DELETE", `/api/v1/account/connections/${conn.id}`);
+      await load();
+    } catch (e) { say("error", e.message); revoke.disabled = false; }
+  });
+  cancel.addEventListener("click", () => {
+    revoke.classList.remove("confirm"); revoke.textContent = "Revoke"; cancel.hidden = true;
+  });
+
+  const actions = active
+    ? el("div", { class: "conn-actions" },
+      el("div", { class: "money-input" }, el("span", {}, "$"), capInput, el("span", { class: "suffix" }, "/ month")),
+      save, el("span", { class: "spacer" }), cancel, revoke)
+    : el("p", { class: "hint" }, "This app can no longer spend. Connect again from the app to restore access.");
+
+  return el("article", { class: "conn " + conn.state, "data-connection": conn.id },
+    el("div", { class: "conn-head" },
+      el("div", { class: "avatar", "aria-hidden": "true" }, initials(conn.app.name)),
+      el("div", { class: "conn-title" },
+        el("h2", {}, conn.app.name),
+        el("p", { class: "origin" }, host(conn.app.origin))),
+      el("span", { class: "badge " + conn.state }, label)),
+    active ? budget(conn.status) : null,
+    actions,
+    message,
+    calls(conn.calls));
+}
+
+load();
+document.addEventListener("visibilitychange", () => { if (!document.hidden) load(); });

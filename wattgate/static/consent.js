@@ -1,0 +1,260 @@
+// The consent popup (/connect and /grant): origin handshake, funding source, approve or deny.
+//
+// The handshake (concepts.md, "The consent popup"): this window asks its opener who it
+// is; the app's SDK answers with the session token. The browser stamps that answer with
+// the opener's real origin (event.origin), which must be one of the app's registered
+// origins before Approve is enabled; the result is posted back only to that origin.
+import { api, fmtUsd } from "/static/ui.js";
+
+const data = JSON.parse(document.getElementById("wg-data").textContent);
+const $ = (id) => document.getElementById(id);
+const flow = data.flow;
+const app = data.app;
+
+let token = null;         // the session token: from the fragment or the handshake, never a query
+let openerOrigin = null;  // the verified origin of the page that opened this window
+let context = null;       // what the gateway says about this session (GET /consent/session)
+let oauthKey = null;      // a key obtained through "Connect with OpenRouter"
+let pkce = null;
+let finished = false;
+
+for (const node of document.querySelectorAll("[data-flow-only]")) {
+  node.hidden = node.dataset.flowOnly !== flow;
+}
+if (flow === "grant") {
+  $("grant-requests").textContent = String(data.grant.requests);
+  $("grant-max").textContent = data.grant.maxUsd == null ? "no limit" : fmtUsd(data.grant.maxUsd);
+}
+
+// A token may ride in the fragment (never sent to a server); drop it from the address bar.
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("token")) token = fragment.get("token");
+if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+
+const host = (origin) => origin.replace(/^https?:\/\//, "");
+
+function setOrigin(state, text) {
+  $("origin-dot").className = "dot " + state;
+  $("origin-text").textContent = text;
+}
+
+function block(message) {
+  setOrigin("bad", $("origin-text").textContent.startsWith("Checking")
+    ? "Could not verify who is asking" : $("origin-text").textContent);
+  $("blocked").textContent = message;
+  $("blocked").hidden = false;
+  $("approve").disabled = true;
+  for (const input of document.querySelectorAll("#consent-form input")) input.disabled = true;
+  $("oauth").disabled = true;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function send(message) {
+  // Only ever to the verified origin: a page elsewhere that opened this window hears nothing.
+  if (window.opener && openerOrigin) {
+    window.opener.postMessage({ wattgate: 1, flow, ...message }, openerOrigin);
+  }
+}
+
+function hello() {
+  let tries = 0;
+  const ping = () => {
+    if (openerOrigin || !window.opener || tries++ > 40) return;
+    // Nothing secret in a hello: any page may hear it, only a registered one can be trusted.
+    window.opener.postMessage({ wattgate: 1, type: "hello", flow }, "*");
+    setTimeout(ping, 250);
+  };
+  ping();
+  setTimeout(() => {
+    if (!openerOrigin && !finished) {
+      block(`The page that opened this window did not identify itself. Close this window and start again from ${app.name}.`);
+    }
+  }, 12000);
+}
+
+window.addEventListener("message", (event) => {
+  if (openerOrigin || event.source !== window.opener) return;
+  const msg = event.data;
+  if (!msg || msg.wattgate !== 1 || msg.type !== "session") return;
+  openerOrigin = event.origin; // set by the browser, not by the sender
+  if (typeof msg.token === "string" && msg.token) token = msg.token;
+  verify();
+});
+
+async function verify() {
+  if (!app.origins.includes(openerOrigin)) {
+    setOrigin("bad", `Requested by ${host(openerOrigin)}`);
+    const allowed = app.origins.map(host).join(", ") || "no site";
+    block(`${host(openerOrigin)} is not a site of ${app.name} (registered: ${allowed}). ` +
+      "For your safety this request cannot be approved.");
+    openerOrigin = null; // never answer it
+    return;
+  }
+  if (!token) {
+    block(`${app.name} did not send a session. Close this window and try again.`);
+    return;
+  }
+  try {
+    context = await api("GET", `/api/v1/consent/session?pk=${encodeURIComponent(data.pk)}`, { token });
+  } catch (e) {
+    block(e.message);
+    return;
+  }
+  setOrigin("ok", `Requested by ${host(openerOrigin)} · verified`);
+  ready();
+}
+
+function ready() {
+  const status = context.status;
+  const returning = context.returning;
+  if (flow === "connect") {
+    const requested = context.requestedLimit ? context.requestedLimit.monthlyUsd : null;
+    const current = status.connected && status.limits ? status.limits.monthlyUsd : null;
+    const cap = current ?? requested;
+    $("cap").value = cap == null ? "" : String(cap);
+    $("cap").disabled = false;
+    const parts = [];
+    if (requested != null) parts.push(`${app.name} asked for ${fmtUsd(requested)} a month.`);
+    parts.push("You can choose any amount; the app can never spend more in a calendar month.");
+    $("cap-hint").textContent = parts.join(" ");
+    if (returning) {
+      $("returning").hidden = false;
+      $("spent-now").textContent = fmtUsd(status.usage.monthlyUsd);
+      $("cap-now").textContent = fmtUsd(current);
+      $("approve").textContent = "Update cap";
+    }
+  }
+  if (returning) {
+    $("use-existing-choice").hidden = false;
+    $("use-new-choice").hidden = false;
+    $("use-existing").checked = true;
+    $("existing-hint").textContent = flow === "grant"
+      ? `Paid from your ${app.name} budget; counts toward its monthly cap.`
+      : "Keeps the key you connected before.";
+    for (const r of document.querySelectorAll("input[name=source]")) {
+      r.addEventListener("change", syncSource);
+    }
+  }
+  syncSource();
+  $("key").disabled = false;
+  if (data.oauth.authBase) {
+    $("oauth").hidden = false;
+    $("oauth").disabled = false;
+    $("or-divider").hidden = false;
+    preparePkce();
+  }
+  $("approve").disabled = false;
+  (flow === "connect" ? $("cap") : $("key")).focus();
+}
+
+function syncSource() {
+  const existing = context && context.returning && $("use-existing").checked;
+  $("new-source").hidden = Boolean(existing);
+}
+
+// ---- Connect with OpenRouter (OAuth PKCE) -------------------------------------------
+const b64url = (bytes) => btoa(String.fromCharCode(...bytes))
+  .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+
+async function preparePkce() {
+  // Made ahead of the click, so the sign-in window opens inside the gesture.
+  const verifier = b64url(crypto.getRandomValues(new Uint8Array(32)));
+  const nonce = b64url(crypto.getRandomValues(new Uint8Array(12)));
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier));
+  pkce = { verifier, nonce, challenge: b64url(new Uint8Array(digest)) };
+}
+
+const channel = new BroadcastChannel("wattgate-oauth");
+channel.addEventListener("message", async (event) => {
+  const msg = event.data || {};
+  if (!pkce || msg.nonce !== pkce.nonce || typeof msg.code !== "string") return;
+  const verifier = pkce.verifier;
+  preparePkce();
+  $("oauth").disabled = true;
+  $("oauth").textContent = "Connecting…";
+  try {
+    const { key } = await api("POST", "/api/v1/consent/oauth", { body: { code: msg.code, codeVerifier: verifier } });
+    oauthKey = key;
+    $("oauth").hidden = true;
+    $("or-divider").hidden = true;
+    $("key").hidden = true;
+    $("oauth-done").hidden = false;
+    showError("");
+    $("approve").focus();
+  } catch (e) {
+    $("oauth").disabled = false;
+    $("oauth").textContent = "Connect with OpenRouter";
+    showError(e.message);
+  }
+});
+
+$("oauth").addEventListener("click", () => {
+  if (!pkce) return;
+  const callback = `${data.publicOrigin}/connect/oauth-callback?n=${encodeURIComponent(pkce.nonce)}`;
+  const url = `${data.oauth.authBase}/auth?callback_url=${encodeURIComponent(callback)}` +
+    `&code_challenge=${encodeURIComponent(pkce.challenge)}&code_challenge_method=S256`;
+  const w = window.open(url, "wattgate-oauth", "popup,width=520,height=720");
+  if (!w) showError("Your browser blocked the OpenRouter window. Allow popups, or paste a key.");
+});
+
+// ---- approve / deny ----------------------------------------------------------------------
+$("consent-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!context || $("approve").disabled) return;
+  showError("");
+  const useExisting = context.returning && $("use-existing").checked;
+  const key = oauthKey || $("key").value.trim();
+  if (!useExisting && !key) {
+    showError("Paste your OpenRouter key, or use Connect with OpenRouter.");
+    $("key").focus();
+    return;
+  }
+  const body = {};
+  if (!useExisting) body.fundingKey = key;
+  let path;
+  if (flow === "connect") {
+    const raw = $("cap").value.trim();
+    const cap = Number(raw);
+    if (raw === "" || !Number.isFinite(cap) || cap < 0) {
+      showError("Enter a monthly cap in dollars, for example 5.");
+      $("cap").focus();
+      return;
+    }
+    body.monthlyUsd = Math.round(cap * 100) / 100;
+    path = "/api/v1/connections";
+  } else {
+    body.requests = data.grant.requests;
+    if (data.grant.maxUsd != null) body.maxUsd = data.grant.maxUsd;
+    path = "/api/v1/grants";
+  }
+  $("approve").disabled = true;
+  $("approve").textContent = "Approving…";
+  try {
+    const result = await api("POST", path, { token, body });
+    finished = true;
+    send(flow === "connect" ? { type: "result", approved: true, status: result }
+      : { type: "result", approved: true, grant: result });
+    $("approve").textContent = "Approved ✓";
+    setTimeout(() => window.close(), 150);
+  } catch (e) {
+    showError(e.message);
+    $("approve").disabled = false;
+    $("approve").textContent = flow === "connect" && context.returning ? "Update cap" : "Approve";
+  }
+});
+
+$("deny").addEventListener("click", () => {
+  finished = true;
+  send({ type: "result", approved: false });
+  window.close();
+});
+
+if (!window.opener) {
+  block(`Open this window from ${app.name}: it was not opened by an app.`);
+} else {
+  hello();
+}

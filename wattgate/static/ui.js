@@ -1,0 +1,81 @@
+// Small helpers shared by the consent popup and the dashboard (same-origin pages only).
+
+/** Format dollars for people: $5.00, $0.25, $0.0063. @param {number|null|undefined} usd */
+export function fmtUsd(usd) {
+  if (usd === null || usd === undefined) return "unlimited";
+  if (usd === 0) return "$0.00";
+  if (Math.abs(usd) < 0.01) return "$" + Number(usd.toPrecision(2)).toString();
+  return "$" + usd.toFixed(2);
+}
+
+/** Create an element: el("p", {class: "x"}, "text", child). Text is never parsed as HTML. */
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === false || v === null || v === undefined) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "style") node.style.cssText = v; // CSSOM: allowed under the pages' CSP
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+export function initials(name) {
+  const words = String(name).split(/[^\p{L}\p{N}]+/u).filter(Boolean);
+  return (words.slice(0, 2).map((w) => w[0]).join("") || "?").toUpperCase();
+}
+
+export class ApiError extends Error {
+  constructor(code, message, status) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+/** Call the gateway's JSON API from its own pages (the presence cookie rides along). */
+export async function api(method, path, { token, body } = {}) {
+  const headers = {};
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, {
+      method, headers, credentials: "same-origin", cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError("network", "The gateway could not be reached. Check your connection.", 0);
+  }
+  if (res.status === 204) return null;
+  let data = null;
+  try { data = await res.json(); } catch { /* not JSON */ }
+  if (!res.ok) {
+    const err = (data && data.error) || {};
+    throw new ApiError(err.code || "internal", friendly(err.code, err.message), res.status);
+  }
+  return data;
+}
+
+const FRIENDLY = {
+  funding_invalid: "OpenRouter refused this key. Check that it is correct and has credits.",
+  upstream: "OpenRouter could not be reached to check the key. Try again in a moment.",
+  consent_required: "This change needs a funding key.",
+  rate_limited: "Too many attempts. Wait a moment and try again.",
+};
+
+function friendly(code, message) {
+  if (code === "auth" && /expired/i.test(message || "")) {
+    return "This request has expired. Close this window and start again from the app.";
+  }
+  return FRIENDLY[code] || message || "Something went wrong.";
+}
+
+export function fmtTime(unixSeconds) {
+  const d = new Date(unixSeconds * 1000);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay
+    ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
