@@ -43,6 +43,8 @@ function block(message) {
     ? "Could not verify who is asking" : $("origin-text").textContent);
   $("blocked").textContent = message;
   $("blocked").hidden = false;
+  document.body.classList.add("blocked");
+  $("deny").textContent = "Close";
   $("approve").disabled = true;
   for (const input of document.querySelectorAll("#consent-form input")) input.disabled = true;
   $("oauth").disabled = true;
