@@ -244,3 +244,20 @@ async def test_cookie_is_secure_behind_https(make_harness):
     jar = SimpleCookie()
     jar.load(raw[0])
     assert jar[PRESENCE_COOKIE]["secure"]
+
+
+async def test_another_browser_cannot_take_over_a_connection_by_lowering_it(h):
+    """The app's operator approves their own connection to get a cookie, then tries to bind
+    it to the victim's connection with an allowed change (a lower cap) before raising."""
+    app = await h.create_app()
+    await approve_in_browser(h, app, "victim", cap=10)
+    _, operators = await approve_in_browser(h, app, "operator", cap=1,
+                                            key="sk-or-v1-" + "c" * 48)
+    token = await h.session(app, "victim")
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    status, _, _ = await post(h, token, {"monthlyUsd": 9}, same_origin, cookie=operators)
+    assert status == 200  # lowering is always allowed...
+    refused(await post(h, token, {"monthlyUsd": 100}, same_origin, cookie=operators))
+    conn = await stored(h, app, "victim")
+    assert conn.cap_nanos == 9 * USD  # ...but it bound nothing: the raise is refused
+    assert h.gw.sealer.unseal(conn.sealed_key, connection_aad(conn.connection_id)) == FUNDING_KEY

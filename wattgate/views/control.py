@@ -156,7 +156,11 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         new_cookie = new_presence_value()
         browser = gw.hash(new_cookie)
         await gw.store.add_presence(browser, now=gw.clock())
-    browser_hash = browser if browser is not None else (existing.browser_hash if existing else None)
+    # Only an approval carrying the funding key binds a browser to the connection;
+    # otherwise any browser holding some presence cookie (the app operator's own,
+    # from approving their own connection) could bind itself by lowering a cap, then raise.
+    browser_hash = browser if key is not None and browser is not None \
+        else (existing.browser_hash if existing else None)
     now = gw.clock()
     if change.needs_key_check:
         assert key is not None
