@@ -16,6 +16,7 @@ lookup costs microseconds, less than a hop to a thread.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,10 @@ Op = Callable[[sqlite3.Connection], Any]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        # The ledger holds sealed funding keys and secret hashes: owner-only from the first
+        # byte (SQLite gives its -wal and -shm files the database file's mode).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL
