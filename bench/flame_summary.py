@@ -43,21 +43,36 @@ def _short(fn: str, path: str) -> str:
     return f"{fn} ({p})"
 
 
-def summarise(text: str, top: int = 15) -> str:
-    total = 0
-    self_time: Counter[str] = Counter()
+def _thread_of(stack: str) -> tuple[str, str]:
+    """Split py-spy's ``--threads`` root frame off: (thread name, rest of the stack)."""
+    head, sep, rest = stack.partition(";")
+    if head.startswith("thread ("):
+        name = head.split(":", 1)[-1].strip()
+        return ("writer" if "writer" in name else name), rest
+    return "", stack
+
+
+def summarise(text: str, top: int = 15, seconds: float | None = None,
+              rate: int | None = None) -> str:
+    threads: Counter[str] = Counter()
+    self_time: dict[str, Counter[str]] = {}
     by_pkg: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    total = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
         total += n
+        thread, stack = _thread_of(stack)
+        thread = thread or "all threads"
+        threads[thread] += n
         frames = [_parse(f) for f in stack.split(";") if f]
-        frames = [f for f in frames if f[1]] or frames  # drop the "process"/"thread" roots
+        if not frames:
+            continue
         fn, path = frames[-1]
-        self_time[_short(fn, path)] += n
+        self_time.setdefault(thread, Counter())[_short(fn, path)] += n
         by_pkg[_where(path)] += n
         seen = set()
         for f, p in frames:
@@ -71,12 +86,18 @@ def summarise(text: str, top: int = 15) -> str:
 
     def pct(n: int) -> str:
         return f"{100 * n / total:.1f}%"
-    out = [f"{total} samples (active threads only).", "",
+    busy = ""
+    if seconds and rate:
+        busy = " Share of the run each thread was busy: " + ", ".join(
+            f"{k} {100 * v / (seconds * rate):.0f}%" for k, v in threads.most_common()) + "."
+    out = [f"{total} samples of busy threads (percentages below are of these).{busy}", "",
            "Self time by package (leaf frame): " + ", ".join(
-               f"{k} {pct(v)}" for k, v in by_pkg.most_common(10)), "",
-           "| self | function |", "|---|---|"]
-    out += [f"| {pct(v)} | `{k}` |" for k, v in self_time.most_common(top)]
-    out += ["", "| inclusive | wattgate function |", "|---|---|"]
+               f"{k} {pct(v)}" for k, v in by_pkg.most_common(10)), ""]
+    for thread, counts in sorted(self_time.items(), key=lambda kv: -threads[kv[0]]):
+        out += [f"| self ({thread}) | function |", "|---|---|"]
+        out += [f"| {pct(v)} | `{k}` |" for k, v in counts.most_common(top)]
+        out.append("")
+    out += ["| inclusive | wattgate function |", "|---|---|"]
     out += [f"| {pct(v)} | `{k}` |" for k, v in inclusive.most_common(top)]
     return "\n".join(out)
 

@@ -167,10 +167,15 @@ def post_json(url: str, data: dict[str, Any], auth: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server) -> Server:
-    """A wattgate on a fresh database with one app and one connected user."""
+def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server,
+                   variant: str = "") -> Server:
+    """A wattgate on a fresh database with one app and one connected user.
+
+    ``variant`` names a prototype of ``bench/variants.py`` to apply first.
+    """
     db = fleet.tmp / f"{name}.db"
     env = {
+        "BENCH_VARIANT": variant,
         "WATTGATE_DATABASE__PATH": str(db),
         "WATTGATE_SERVER__HOST": "127.0.0.1",
         "WATTGATE_SERVER__PORT": str(port),
@@ -220,7 +225,15 @@ def headers_of(server: Server) -> dict[str, str]:
 
 # ---- measurements ----------------------------------------------------------------
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(server: Server, *, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
+    cpu0 = cpu_seconds(server.pid)
     env = {**os.environ, "BENCH_BODY": body(stream), "BENCH_AUTH": server.auth,
            "BENCH_USER": server.user}
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
@@ -231,6 +244,9 @@ def wrk(server: Server, *, conns: int, seconds: float, stream: bool) -> dict[str
         raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
     r = json.loads(line.removeprefix("BENCH_JSON "))
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    # CPU the server process spent per answered call: steadier than req/s on a
+    # shared machine, since time the scheduler gives to others is not counted.
+    r["cpu_us"] = (cpu_seconds(server.pid) - cpu0) * 1e6 / max(1, r["requests"])
     r["errors"] = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors",
                                      "status_errors", "timeouts"))
     return r
@@ -321,6 +337,7 @@ class Plan:
     burst: int = 256
     rss_sizes: tuple[int, ...] = (10, 100)   # MB
     profile_seconds: float = 0
+    variant: str = ""           # a prototype of bench/variants.py, measured beside stock
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -330,6 +347,7 @@ class Plan:
 
 @dataclass
 class Results:
+    targets: list[str] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
     throughput: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     latency: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
@@ -372,23 +390,27 @@ def rotate(items: list[Server], k: int) -> list[Server]:
 
 
 def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) -> None:
-    ports = pick_ports(BASE_PORT + 1, 6)
+    ports = pick_ports(BASE_PORT + 1, 8)
     say(f"starting fake upstream, bare proxy and wattgate on 127.0.0.1:{ports[:3]}")
     fake = start_fake(fleet, "upstream", ports[0])
     direct = Server("direct", fake.port, fake.proc)
     bare = start_bare(fleet, "bare", ports[1], fake)
-    wg: Server | None = start_wattgate(fleet, "wattgate", ports[2], fake)
-    assert wg is not None
-    why = proxy_ready(wg)
     for s in (direct, bare):
         problem = proxy_ready(s)
         if problem:
             raise RuntimeError(problem)
-    if why:
-        res.notes.append(f"wattgate's proxy is not answering yet ({why}); its line is empty.")
-        say("wattgate line skipped: " + why)
-        wg = None
-    targets = [s for s in (direct, bare, wg) if s is not None]
+    gates = [start_wattgate(fleet, "wattgate", ports[2], fake)]
+    if plan.variant:
+        gates.append(start_wattgate(fleet, f"wattgate+{plan.variant}", ports[3], fake,
+                                    plan.variant))
+    for g in list(gates):
+        why = proxy_ready(g)
+        if why:
+            res.notes.append(f"{g.name}'s proxy is not answering ({why}); its line is empty.")
+            say(f"{g.name} skipped: {why}")
+            gates.remove(g)
+    targets = [direct, bare, *gates]
+    res.targets = [t.name for t in targets]
 
     for stream in (False, True):
         mode = "streaming" if stream else "non-streaming"
@@ -414,30 +436,28 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
     res.ttfb = client("ttfb", targets, "--n", str(plan.ttfb_n), "--body", body(True))
 
     say(f"burst of {plan.burst} concurrent streamed calls")
-    res.burst["bare"] = client("burst", [bare], "--n", str(plan.burst), "--body", body(True))
-    if wg is not None:
-        c0, d0 = commits_of(wg), debits_of(wg)
-        out = client("burst", [wg], "--n", str(plan.burst), "--body", body(True))
-        out["commits"] = commits_of(wg) - c0 - 0  # the stats call itself writes nothing
-        out["debits"] = debits_of(wg) - d0
-        res.burst["wattgate"] = out
+    for s in (bare, *gates):
+        before = (commits_of(s), debits_of(s)) if s.db else None
+        out = client("burst", [s], "--n", str(plan.burst), "--body", body(True))
+        if before is not None:
+            out["commits"] = commits_of(s) - before[0]
+            out["debits"] = debits_of(s) - before[1]
+        res.burst[s.name] = out
 
-    if wg is not None and profile_dir is not None and plan.profile_seconds > 0:
-        res.profile = profile(wg, plan, profile_dir)
+    if gates and profile_dir is not None and plan.profile_seconds > 0:
+        res.profile = profile(gates[0], plan, profile_dir)
 
     say("large answers: RSS while streaming")
-    fleet.stop(bare)
-    if wg is not None:
-        fleet.stop(wg)
-    fleet.stop(fake)
-    big = start_fake(fleet, "upstream-big", ports[3], "--pieces", str(max(plan.rss_sizes)),
+    for s in (bare, *gates, fake):
+        fleet.stop(s)
+    big = start_fake(fleet, "upstream-big", ports[4], "--pieces", str(max(plan.rss_sizes)),
                      "--piece-bytes", str(BIG_PIECE))
-    big_targets = [start_bare(fleet, "bare-big", ports[4], big)]
-    if wg is not None:
-        big_targets.append(start_wattgate(fleet, "wattgate-big", ports[5], big))
+    big_targets = [start_bare(fleet, "bare", ports[5], big)]
+    for i, g in enumerate(gates):
+        big_targets.append(start_wattgate(fleet, g.name, ports[6 + i], big,
+                                          plan.variant if i else ""))
     for s in big_targets:
-        name = s.name.removesuffix("-big")
-        res.rss[name] = [rss_while(s, mb) for mb in plan.rss_sizes]
+        res.rss[s.name] = [rss_while(s, mb) for mb in plan.rss_sizes]
 
 
 def profile(wg: Server, plan: Plan, out_dir: Path) -> str:
@@ -454,14 +474,16 @@ def profile(wg: Server, plan: Plan, out_dir: Path) -> str:
         say(f"profiling wattgate with py-spy, {mode}")
         raw = out_dir / f"wattgate-{mode}.txt"
         spy = subprocess.Popen(["py-spy", "record", "--pid", str(wg.pid), "--rate", "250",
-                                "--nonblocking", "--format", "raw", "--output", str(raw),
+                                "--nonblocking", "--threads", "--format", "raw",
+                                "--output", str(raw),
                                 "--duration", str(int(plan.profile_seconds) + 1)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         wrk(wg, conns=32, seconds=plan.profile_seconds, stream=stream)
         spy.wait(60)
         if raw.exists():
-            parts.append(f"### {mode} (32 connections)\n\n{summarise(raw.read_text())}")
+            text = summarise(raw.read_text(), seconds=plan.profile_seconds + 1, rate=250)
+            parts.append(f"### {mode} (32 connections)\n\n{text}")
         else:
             parts.append(f"### {mode}\n\npy-spy wrote nothing (ptrace not permitted?).")
     return "\n\n".join(parts)
@@ -477,71 +499,81 @@ def best_pct(runs: list[dict[str, Any]], key: str) -> float:
     return min(r[key] for r in runs) / 1000.0   # ms
 
 
+def best_cpu(runs: list[dict[str, Any]]) -> float:
+    return min(r["cpu_us"] for r in runs)
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**yes**" if ok else "**NO**")
 
 
 def report(res: Results, plan: Plan) -> str:
+    names = res.targets
+    gates = [n for n in names if n.startswith("wattgate")]
+    head = (["measure", "upstream direct", "bare hop", *gates]
+            + [f"{g} vs bare" for g in gates] + ["target", "met"])
     rows: list[list[str]] = []
     checks: list[bool] = []
 
-    def add(label: str, d: Any, b: Any, w: Any, rel: str, target: str, ok: bool | None) -> None:
-        rows.append([label, d, b, w, rel, target, verdict(ok)])
+    def add(label: str, values: dict[str, str], rel: dict[str, str], target: str,
+            ok: bool | None) -> None:
+        rows.append([label, values.get("direct", "–"), values.get("bare", "–"),
+                     *(values.get(g, "–") for g in gates), *(rel.get(g, "–") for g in gates),
+                     target, verdict(ok)])
         if ok is not None:
             checks.append(ok)
 
     for mode, runs in res.throughput.items():
-        d, b = best_rps(runs["direct"]), best_rps(runs["bare"])
-        w = best_rps(runs["wattgate"]) if "wattgate" in runs else None
-        ratio = w / b if w else None
-        add(f"throughput, {mode}, 32 conns (req/s)", f"{d:,.0f}", f"{b:,.0f}",
-            f"{w:,.0f}" if w else "–", f"{ratio:.2f}×" if ratio else "–", "≥ 0.75×",
-            ratio >= 0.75 if ratio else None)
+        v = {n: best_rps(rs) for n, rs in runs.items()}
+        ratio = {g: v[g] / v["bare"] for g in gates if g in v}
+        add(f"throughput, {mode}, 32 conns (req/s)", {n: f"{x:,.0f}" for n, x in v.items()},
+            {g: f"{x:.2f}×" for g, x in ratio.items()}, "≥ 0.75×",
+            ratio["wattgate"] >= 0.75 if "wattgate" in ratio else None)
+    for mode, runs in res.throughput.items():
+        v = {n: best_cpu(rs) for n, rs in runs.items()}
+        add(f"CPU per call, {mode}, 32 conns (µs, server process)",
+            {n: f"{x:,.0f}" for n, x in v.items()},
+            {g: f"{v['bare'] / v[g]:.2f}× (bare/this)" for g in gates if g in v},
+            "(info)", None)
     for mode, runs in res.latency.items():
         for pct, limit in (("p50", 0.5), ("p99", 2.0)):
-            key = f"lat_{pct}_us"
-            d, b = best_pct(runs["direct"], key), best_pct(runs["bare"], key)
-            w = best_pct(runs["wattgate"], key) if "wattgate" in runs else None
-            added = w - b if w is not None else None
-            add(f"latency {pct}, {mode}, 1 conn (ms)", f"{d:.3f}", f"{b:.3f}",
-                f"{w:.3f}" if w is not None else "–",
-                f"{added:+.3f} ms" if added is not None else "–", f"≤ +{limit} ms",
-                added <= limit if added is not None else None)
+            v = {n: best_pct(rs, f"lat_{pct}_us") for n, rs in runs.items()}
+            added = {g: v[g] - v["bare"] for g in gates if g in v}
+            add(f"latency {pct}, {mode}, 1 conn (ms)", {n: f"{x:.3f}" for n, x in v.items()},
+                {g: f"{x:+.3f} ms" for g, x in added.items()}, f"≤ +{limit} ms",
+                added["wattgate"] <= limit if "wattgate" in added else None)
     if res.ttfb:
-        for key, label, target in (("first_byte", "first body byte", 1.0),
-                                   ("first_data", "first `data:` event", None)):
-            d = res.ttfb["direct"][key]["p50"] / 1000
-            b = res.ttfb["bare"][key]["p50"] / 1000
-            w = res.ttfb["wattgate"][key]["p50"] / 1000 if "wattgate" in res.ttfb else None
-            added = w - b if w is not None else None
-            add(f"time to {label}, streamed, p50 (ms)", f"{d:.3f}", f"{b:.3f}",
-                f"{w:.3f}" if w is not None else "–",
-                f"{added:+.3f} ms" if added is not None else "–",
-                f"≤ +{target} ms" if target else "(info)",
-                (added <= target if added is not None else None) if target else None)
+        for key, label, limit in (("first_byte", "first body byte", 1.0),
+                                  ("first_data", "first `data:` event", None)):
+            v = {n: res.ttfb[n][key]["p50"] / 1000 for n in names if key in res.ttfb.get(n, {})}
+            added = {g: v[g] - v["bare"] for g in gates if g in v}
+            ok = (added["wattgate"] <= limit) if limit and "wattgate" in added else None
+            add(f"time to {label}, streamed, p50 (ms)", {n: f"{x:.3f}" for n, x in v.items()},
+                {g: f"{x:+.3f} ms" for g, x in added.items()},
+                f"≤ +{limit} ms" if limit else "(info)", ok)
     for i, mb in enumerate(plan.rss_sizes):
-        b = res.rss.get("bare", [None] * len(plan.rss_sizes))[i]
-        w = res.rss.get("wattgate", [None] * len(plan.rss_sizes))[i]
-        add(f"RSS growth streaming {mb} MB (MB)", "–",
-            f"{b['growth_mb']:.1f}" if b else "–", f"{w['growth_mb']:.1f}" if w else "–",
-            f"peak {w['rss_peak_mb']:.0f} MB" if w else "–", "< 20 MB",
-            w["growth_mb"] < 20 and w["status"] == 200 if w else None)
+        v = {n: rs[i] for n, rs in res.rss.items()}
+        ok = None
+        if "wattgate" in v:
+            ok = v["wattgate"]["growth_mb"] < 20 and v["wattgate"]["status"] == 200
+        add(f"RSS growth streaming {mb} MB (MB)", {n: f"{r['growth_mb']:.1f}"
+                                                  for n, r in v.items()},
+            {g: f"peak {v[g]['rss_peak_mb']:.0f} MB" for g in gates if g in v}, "< 20 MB", ok)
     if res.burst:
-        b = res.burst["bare"]
-        w = res.burst.get("wattgate")
-        add(f"burst of {plan.burst} streamed calls, all settled (s)", "–", f"{b['seconds']:.3f}",
-            f"{w['seconds']:.3f}" if w else "–",
-            f"{b['seconds'] / w['seconds']:.2f}× bare's rate" if w else "–", "(info)", None)
-        if w:
-            add("ledger: transactions committed in that burst", "–", "–",
-                f"{w['commits']} for {w['debits']} debits", f"{w['debits'] / max(1, w['commits']):.1f}"
-                " debits/commit", "(info)", None)
-            add("ledger: commits/s and debits/s in that burst", "–", "–",
-                f"{w['commits'] / w['seconds']:,.0f} / {w['debits'] / w['seconds']:,.0f}",
-                "–", "(info)", None)
+        b = res.burst
+        add(f"burst of {plan.burst} streamed calls, until all settled (s)",
+            {n: f"{r['seconds']:.3f}" for n, r in b.items()},
+            {g: f"{b['bare']['seconds'] / b[g]['seconds']:.2f}× bare's rate"
+             for g in gates if g in b}, "(info)", None)
+        add("ledger transactions committed in that burst",
+            {g: f"{b[g]['commits']} for {b[g]['debits']} debits" for g in gates if g in b},
+            {g: f"{b[g]['debits'] / max(1, b[g]['commits']):.1f} debits/commit"
+             for g in gates if g in b}, "(info)", None)
+        add("ledger commits/s · debits/s in that burst",
+            {g: f"{b[g]['commits'] / b[g]['seconds']:,.0f} · "
+                f"{b[g]['debits'] / b[g]['seconds']:,.0f}" for g in gates if g in b},
+            {}, "(info)", None)
 
-    head = ["measure", "upstream direct", "bare hop", "wattgate", "wattgate vs bare",
-            "target", "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
@@ -552,7 +584,7 @@ def report(res: Results, plan: Plan) -> str:
             for name, rs in runs.items():
                 cells = ", ".join(
                     f"{r['rps']:,.0f} req/s p50 {r['lat_p50_us'] / 1000:.2f} ms "
-                    f"p99 {r['lat_p99_us'] / 1000:.2f} ms"
+                    f"p99 {r['lat_p99_us'] / 1000:.2f} ms {r['cpu_us']:.0f} µs CPU/call"
                     + (f" ({r['errors']} errors)" if r["errors"] else "") for r in rs)
                 raw.append(f"- {kind}, {mode}, {name}: {cells}")
                 if any(r["errors"] for r in rs):
@@ -564,8 +596,8 @@ def report(res: Results, plan: Plan) -> str:
             f"{r['rss_peak_mb']:.1f} MB (HTTP {r['status']})" for r in rs))
     for name, r in res.burst.items():
         raw.append(f"- burst, {name}: {json.dumps(r)}")
-    if res.ttfb:
-        raw.append("- first byte / first data / whole answer (µs): " + json.dumps(res.ttfb))
+    for name, r in res.ttfb.items():
+        raw.append(f"- first byte / first data / whole answer, {name} (µs): {json.dumps(r)}")
 
     verdict_line = ("all targets met" if checks and all(checks) else
                     f"{sum(checks)} of {len(checks)} targets met" if checks else
@@ -573,10 +605,12 @@ def report(res: Results, plan: Plan) -> str:
     mach = "\n".join(f"- {k}: {v}" for k, v in res.machine.items())
     plan_line = (f"wrk -t1, throughput {plan.seconds:g} s × {plan.rounds} rounds per target "
                  f"(after {plan.warmup:g} s warm-up), latency {plan.lat_seconds:g} s × "
-                 f"{plan.rounds} rounds, best round reported; first byte over {plan.ttfb_n} "
-                 f"requests per target, alternating; burst of {plan.burst} calls.")
-    out = [f"# wattgate benchmark results\n\n{verdict_line}.\n\n## Machine\n\n{mach}\n",
-           f"## Figures\n\n{table}\n\n{plan_line}\n"]
+                 f"{plan.rounds} rounds, rounds alternating between targets, best round "
+                 f"reported; CPU per call is the server process's user+system time over a "
+                 f"run divided by the calls answered; first byte over {plan.ttfb_n} requests "
+                 f"per target, alternating; burst of {plan.burst} calls started at once.")
+    out = [f"# wattgate benchmark results\n\n{verdict_line} (stock wattgate).\n\n"
+           f"## Machine\n\n{mach}\n", f"## Figures\n\n{table}\n\n{plan_line}\n"]
     if res.notes:
         out.append("## Notes\n\n" + "\n".join(f"- {n}" for n in res.notes) + "\n")
     out.append("## Every run\n\n" + "\n".join(raw) + "\n")
@@ -592,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also sample wattgate with py-spy under load (adds ~20 s)")
     parser.add_argument("--seconds", type=float, help="seconds per throughput run")
     parser.add_argument("--rounds", type=int, help="rounds per target")
+    parser.add_argument("--variant", default="",
+                        help="also measure wattgate with a prototype of bench/variants.py")
     parser.add_argument("--out", default=str(BENCH / "results.md"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -603,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.seconds = args.seconds
     if args.rounds:
         plan.rounds = args.rounds
+    plan.variant = args.variant
     if args.profile:
         plan.profile_seconds = 2 if args.quick else 8
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))

@@ -5,6 +5,8 @@ The app is built by the same ``create_app(config)`` and served by the same
 from ``WATTGATE_*`` variables. The only addition is ``GET /_bench/stats``,
 which answers the store's commit counter (``SQLiteStore.commits``) so the
 benchmark can count ledger transactions from outside the process.
+With ``BENCH_VARIANT=NAME`` in the environment it first applies one of the
+prototypes of ``bench/variants.py`` (``run.py --variant NAME``).
 
     WATTGATE_DATABASE__PATH=/tmp/x/wg.db ... python bench/wattgate_server.py
 """
@@ -12,6 +14,7 @@ benchmark can count ledger transactions from outside the process.
 from __future__ import annotations
 
 import json
+import os
 
 from aiohttp import web
 
@@ -27,6 +30,10 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def main() -> None:
+    if os.environ.get("BENCH_VARIANT"):
+        import variants  # bench/, beside this file: prototypes measured against stock
+
+        variants.apply(os.environ["BENCH_VARIANT"])
     config = load_config(None)
     app = create_app(config)
     app.router.add_get("/_bench/stats", stats)
