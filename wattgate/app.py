@@ -20,6 +20,7 @@ from .middleware import error_middleware
 from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
+from .views import admin
 from .views.state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
@@ -70,4 +71,5 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     r.add_get("/api/v1/grants/current", grants.current)
     r.add_get("/api/v1/openapi.json", openapi_json)
     pages.add_routes(app)  # consent popup, dashboard, /sdk/client.js
+    admin.add_routes(app)  # admin console, /metrics, one log line per request
     return app

@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fake-port", type=int, default=8788, help="the fake OpenRouter's port")
     demo.add_argument("--data", help="keep the demo's database in this folder "
                       "(default: a temporary folder, deleted on exit)")
+    add_usage_parser(sub, common)
     return parser
 
 
@@ -229,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config.replace(**{"log.level": args.log_level})
         logging.basicConfig(level=config.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        configure_log_format(config)
         return COMMANDS[args.command](args, config)
     except (ConfigError, CommandError) as e:
         print(f"wattgate: error: {e}", file=sys.stderr)
@@ -243,6 +245,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wattgate: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
+
+# ---- wattgate usage export ------------------------------------------------
+def add_usage_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    usage = sub.add_parser("usage", help="export the metered calls of an app")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
+    exp = usage_sub.add_parser("export", parents=[common], help=(
+        "print one line per metered call (time UTC, user or grant, model, tokens, exact "
+        "cost in USD, provisional or final); never prompt content"))
+    exp.add_argument("--app", required=True, help="the app id")
+    exp.add_argument("--from", dest="since", help="first day (YYYY-MM-DD, UTC) or date-time")
+    exp.add_argument("--to", dest="until", help="last day, included (YYYY-MM-DD, UTC) or "
+                     "date-time, excluded")
+    exp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
+                     help="csv (with a header row) or jsonl (default csv)")
+    exp.add_argument("--output", "-o", help="write to this file instead of standard output")
+
+
+def cmd_usage(args: argparse.Namespace, config: Config) -> int:
+    from . import export
+
+    try:
+        since = export.parse_bound(args.since) if args.since else None
+        until = export.parse_bound(args.until, end=True) if args.until else None
+    except ValueError:
+        raise CommandError("--from/--to: expected a date like 2026-11-01 or an ISO date-time") \
+            from None
+
+    async def read(gw: Gateway) -> Any:
+        if await gw.store.get_app(args.app) is None:
+            raise CommandError(f"unknown app {args.app}")
+        return await gw.store.usage_lines(args.app, since, until)
+    lines = _run(config, read)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        for text in export.render(lines, args.format):
+            out.write(text)
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def configure_log_format(config: Config) -> None:
+    from .logs import configure
+    configure(config.log_level, config.log_format)
+
+
+COMMANDS["usage"] = cmd_usage
 
 if __name__ == "__main__":
     sys.exit(main())

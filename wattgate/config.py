@@ -90,6 +90,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dev", "allow_unlimited", bool, False,
             "Allow connections with monthlyUsd: null (no cap). Development only."),
     Setting("log", "level", str, "info", "debug, info, warning or error."),
+    Setting("log", "format", str, "text",
+            "text (time level logger message key=value) or json (one object per line). "
+            "Either way there is one line per request: request id, route, status, "
+            "latency, app, user id hash, model, cost; never keys, tokens or prompts."),
+    Setting("metrics", "enabled", bool, True, "Serve Prometheus metrics at GET /metrics."),
+    Setting("metrics", "allow_remote", bool, False,
+            "Serve /metrics to any client. false: loopback clients only (a request that "
+            "came through a reverse proxy is not loopback), unless token_file is set."),
+    Setting("metrics", "token_file", str, "",
+            "File holding a bearer token (16+ characters) that lets a remote scraper read "
+            "/metrics. Empty: no token."),
     Setting("oauth", "auth_base", str, "https://openrouter.ai",
             "Where \"Connect with OpenRouter\" sends the user: {auth_base}/auth with a "
             "PKCE challenge. Empty: the consent popup offers only a pasted key."),
@@ -182,6 +193,12 @@ def _log_level(value: str, origin: str) -> str:
     return value.lower()
 
 
+def _log_format(value: str, origin: str) -> str:
+    if value.lower() not in ("text", "json"):
+        raise ConfigError(f"{origin}: expected text or json, got {value!r}")
+    return value.lower()
+
+
 def _http_url(value: str, origin: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -207,6 +224,7 @@ def _file_path(value: str, origin: str) -> str:
 
 _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "log.level": _log_level,
+    "log.format": _log_format,
     "upstream.base_url": _http_url,
     "server.public_url": _optional_http_url,
     "upstream.key_check_path": _path_or_empty,

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
 from .migrations import migrate
+from .reports import ReportsMixin  # the console's and exports' range reads
 from .records import ACTIVE, App, Connection, Grant, Hold, Usage
 
 T = TypeVar("T")
@@ -120,7 +121,7 @@ _GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_n
                "held_nanos, sealed_key, connection_id, created_at, expires_at")
 
 
-class SQLiteStore:
+class SQLiteStore(ReportsMixin):
     """The store interface wattgate's domain code talks to (see wattgate.store)."""
 
     def __init__(self, path: Path) -> None:

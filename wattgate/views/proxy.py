@@ -117,6 +117,7 @@ class _Call:
         self.closed = False
         self.handed_off = False  # a background drain owns the settle now
         self.reader: StreamReader | None = None
+        self.sent: float | None = None  # when the call left for the upstream (metrics)
 
     async def release(self) -> None:
         if not self.closed:
@@ -132,6 +133,7 @@ class _Call:
         row = usage_row(outcome, bill(outcome, self.price, self.estimate), app_id=a.app_id,
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
                         status=status, started=self.started, now=self.gw.clock())
+        self.gw.observer.settled(row, self.sent)
         await asyncio.shield(self.gw.store.settle(a.hold, row, a.period))
 
     def _headers(self) -> dict[str, str]:
@@ -145,6 +147,7 @@ class _Call:
             if name in request.headers:
                 headers[name] = request.headers[name]
         assert self.upstream.session is not None
+        self.sent = self.gw.observer.clock()
         try:
             upstream_resp = await asyncio.wait_for(
                 self.upstream.session.post(self.upstream.url("/chat/completions"),
@@ -158,6 +161,7 @@ class _Call:
                 raise UpstreamError(f"Could not reach the model provider "
                                     f"({type(e).__name__}).") from None
             raise
+        self.gw.observer.answered(self.sent, upstream_resp.status)
         try:
             if upstream_resp.status != 200:
                 await self._refuse(upstream_resp)

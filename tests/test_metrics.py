@@ -1,0 +1,124 @@
+"""GET /metrics through the running app: parses as Prometheus text, moves with traffic, guarded."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wattgate.money import usd_to_nanos
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(snap, name: str, **labels: str) -> float:
+    return snap.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(h, **kw) -> dict:
+    async with h.http.get(h.url + "/metrics", **kw) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return samples(await r.text())
+
+
+async def test_counters_move_with_traffic(make_harness):
+    h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "3"})
+    app = await h.create_app()
+    await h.connect(app, "mia", monthly_usd=5)
+    before = await scrape(h)
+    assert value(before, "wattgate_holds_open") == 0
+    chat = "/api/v1/chat/completions"
+    async with openai.AsyncOpenAI(base_url=h.api, api_key=app.secret_key, max_retries=0,
+                                  default_headers={"x-wattfare-user": "mia"}) as oa:
+        await oa.chat.completions.create(model="fake/flat-3c",
+                                         messages=[{"role": "user", "content": "hi"}])
+        stream = await oa.chat.completions.create(
+            model="fake/flat-2c", stream=True, messages=[{"role": "user", "content": "hi"}])
+        async for _ in stream:
+            pass
+        stream = await oa.chat.completions.create(
+            model="fake/no-usage", stream=True, messages=[{"role": "user", "content": "hi"}])
+        async for _ in stream:
+            pass
+        with pytest.raises(openai.RateLimitError):
+            await oa.chat.completions.create(model="fake/flat-3c",
+                                             messages=[{"role": "user", "content": "hi"}])
+    after = await scrape(h)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("wattgate_http_requests_total", route=chat, method="POST", status="200") == 3
+    assert moved("wattgate_http_requests_total", route=chat, method="POST", status="429") == 1
+    assert moved("wattgate_rate_limit_rejections_total", limit="RL_CHAT") == 1
+    assert moved("wattgate_upstream_ttfb_seconds_count") == 3
+    assert moved("wattgate_upstream_latency_seconds_count") == 3
+    assert moved("wattgate_metered_calls_total", app=app.app_id, state="final") == 2
+    assert moved("wattgate_metered_calls_total", app=app.app_id, state="provisional") == 1
+    # Dollars: the two flat-priced calls plus the estimate recorded for the one with no usage.
+    ledger = sum(u.cost_nanos for u in await h.gw.store.usage_lines(app.app_id))
+    assert ledger > usd_to_nanos(Decimal("0.05"))
+    assert moved("wattgate_metered_usd_total", app=app.app_id) == pytest.approx(ledger / 1e9)
+    assert value(after, "wattgate_reconciliation_backlog") == 1
+    assert value(after, "wattgate_holds_open") == 0
+    # The scrape itself is counted, under its route pattern, never a raw path.
+    assert moved("wattgate_http_requests_total", route="/metrics", method="GET", status="200") == 1
+
+
+async def test_unmatched_paths_share_one_label(harness):
+    for path in ("/nope/1", "/nope/2", "/api/v1/secret-sk_live_x"):
+        async with harness.http.get(harness.url + path) as r:
+            assert r.status == 404
+    snap = await scrape(harness)
+    assert value(snap, "wattgate_http_requests_total", route="unmatched", method="GET",
+                 status="404") == 3
+    assert not any("secret" in str(labels) for _, labels in snap)
+
+
+async def test_proxied_request_is_not_loopback(harness):
+    async with harness.http.get(harness.url + "/metrics",
+                                headers={"X-Forwarded-For": "203.0.113.9"}) as r:
+        assert r.status == 403
+        assert (await r.json())["error"]["code"] == "forbidden"
+
+
+async def test_token_lets_a_remote_scraper_in(make_harness, tmp_path):
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text("scrape-token-0123456789\n")
+    h = await make_harness({"WATTGATE_METRICS__TOKEN_FILE": str(token_file)})
+    remote = {"Forwarded": "for=203.0.113.9"}
+    async with h.http.get(h.url + "/metrics", headers=remote) as r:
+        assert r.status == 401
+    async with h.http.get(h.url + "/metrics", headers={
+            **remote, "Authorization": "Bearer wrong-token-0123456789"}) as r:
+        assert r.status == 401
+    await scrape(h, headers={**remote, "Authorization": "Bearer scrape-token-0123456789"})
+
+
+async def test_allow_remote_and_disabled(make_harness):
+    h = await make_harness({"WATTGATE_METRICS__ALLOW_REMOTE": "true"})
+    await scrape(h, headers={"X-Forwarded-For": "203.0.113.9"})
+    h2 = await make_harness({"WATTGATE_METRICS__ENABLED": "false"})
+    async with h2.http.get(h2.url + "/metrics") as r:
+        assert r.status == 404
+
+
+async def test_two_gateways_in_one_process_count_apart(make_harness):
+    a = await make_harness()
+    b = await make_harness()
+    async with a.http.get(a.url + "/healthz") as r:
+        assert r.status == 200
+    sa, sb = await scrape(a), await scrape(b)
+    assert value(sa, "wattgate_http_requests_total", route="/healthz", method="GET",
+                 status="200") == 1
+    assert value(sb, "wattgate_http_requests_total", route="/healthz", method="GET",
+                 status="200") == 0

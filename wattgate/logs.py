@@ -1,0 +1,162 @@
+"""The request log: one structured line per request, and how log lines are formatted.
+
+``request_log_middleware`` (the outermost middleware) writes one line per
+request to the ``wattgate.access`` logger when the answer is done: request id
+(also sent back as ``X-Request-Id``), method, route, status, latency, and what
+the handler learned (``observer.RequestNote``): app, a keyed hash of the user
+id, model, cost. It also counts the request for ``/metrics``.
+
+What a line never holds: keys, tokens, cookies, query strings other than the
+ones below, request or response bodies, the raw user id. The user hash is an
+HMAC under the gateway's hash key (``user_hash``), the same on every line and
+in the admin console, so an operator can follow one user without the log
+naming them, and nobody without the keys file can test a guessed id against it.
+
+``[log] format = "json"`` turns every log line of the process into one JSON
+object (``JSONFormatter``); ``"text"`` keeps ``key=value`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .credentials import keyed_hash
+from .money import NANOS_PER_USD
+from .observer import open_note
+from .views.state import gateway_key
+
+log = logging.getLogger("wattgate.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FIELDS = ("request_id", "method", "route", "status", "latency_ms", "app", "user",
+          "grant", "model", "cost_usd", "cost_state", "outcome")
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+request_id_key = web.RequestKey("request_id", str)
+
+
+def user_hash(hash_key: bytes, user: str) -> str:
+    """A stable, keyed pseudonym for a user id: 16 hex digits."""
+    return keyed_hash(hash_key, "log-user:" + user)[:16]
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.route is not None else None
+    # The route's pattern, never the raw path: bounded label values, no ids in them.
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _app_claimed(request: web.Request) -> str | None:
+    """The app a secret key names (``sk_live_{app}_…``), read without trusting it."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    parts = value.strip().split("_")
+    if scheme.lower() == "bearer" and len(parts) >= 4 and parts[0] == "sk":
+        return parts[2][:40]
+    return None
+
+
+@web.middleware
+async def request_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = secrets.token_hex(8)
+    request[request_id_key] = request_id
+    note = open_note()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except BaseException:  # cancelled (client gone) or a bug below the error middleware
+        status = 499
+        raise
+    finally:
+        gw = request.app[gateway_key]
+        route = _route(request)
+        gw.observer.request_done(route, request.method, status)
+        fields: dict[str, Any] = {
+            "request_id": request_id, "method": request.method, "route": route,
+            "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        app = note.app_id or (_app_claimed(request) if status != 401 else None)
+        user = note.user or request.headers.get("x-wattfare-user")
+        if user is None and route == "/api/v1/status":
+            user = request.query.get("appUserId")
+        if app:
+            fields["app"] = app
+        if user and status != 401:
+            fields["user"] = user_hash(gw.keys.hash_key, user)
+        if note.grant_id is not None:
+            fields["grant"] = note.grant_id
+        if note.model:
+            fields["model"] = note.model
+        if note.cost_nanos is not None:
+            fields["cost_usd"] = note.cost_nanos / NANOS_PER_USD
+            fields["cost_state"] = "provisional" if note.provisional else "final"
+            fields["outcome"] = note.outcome
+        log.info("%s %s %s", request.method, route, status, extra={"request": fields})
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer, streamed or not, names its request id."""
+    request_id = request.get(request_id_key)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(getattr(record, "request", {}))
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key != "request":
+                out[key] = value if isinstance(value, (str, int, float, bool)) else repr(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+JSONFormatter.converter = time.gmtime  # type: ignore[assignment]
+
+
+class TextFormatter(logging.Formatter):
+    """The usual ``time level logger message`` line, with structured fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "request", None)
+        if fields:
+            line += " " + " ".join(f"{k}={fields[k]}" for k in FIELDS if k in fields)
+        return line
+
+
+def formatter_for(fmt: str) -> logging.Formatter:
+    return JSONFormatter() if fmt == "json" else TextFormatter()
+
+
+def configure(level: str, fmt: str) -> None:
+    """Point the root logger's handlers at the configured format and level (the CLI)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(formatter_for(fmt))
+    root.setLevel(level.upper())

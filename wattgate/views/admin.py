@@ -1,0 +1,366 @@
+"""The admin console at /admin: who may use it, and what each page does.
+
+Sign-in takes the admin token (keys file ``admin_token`` or
+``WATTGATE_ADMIN_TOKEN``; not an app key), compared in constant time, with
+failed attempts rate-limited. A successful sign-in sets a random session id
+in an HttpOnly, SameSite=Strict cookie scoped to /admin; the server keeps
+only its SHA-256, in memory, with the session's CSRF token, so a restart signs
+everyone out. Every POST must carry that CSRF token in the form and, when the
+browser sends an Origin, come from this host. Pages are sent with a CSP that
+allows no script, no framing and no referrer, and are never cached.
+
+``add_routes(app)`` mounts the console, ``/metrics`` and the request log on
+an app. The HTML lives in ``views.console``; the SQL in ``store.reports``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .. import export
+from ..charts import day_range, series_by
+from ..cli import CommandError, normalize_origin
+from ..credentials import is_app_id, mint_credentials
+from ..errors import RateLimited
+from ..gateway import Gateway
+from ..ledger import period_of
+from ..logs import add_request_id, request_log_middleware, user_hash
+from ..ratelimit import RateLimiter
+from ..store import REVOKED, App
+from ..store.reports import DAY
+from . import console, metrics
+from .state import gateway_key
+
+SESSION_COOKIE = "wattgate_admin"
+SESSION_SECONDS = 12 * 3600
+CSS = Path(__file__).resolve().parent.parent / "static" / "admin.css"
+PAGE_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; style-src 'self'; img-src 'self' data:; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    csrf: str
+    expires_at: float
+
+
+class AdminSessions:
+    """Signed-in console sessions, by the SHA-256 of their cookie value."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, AdminSession] = {}
+        self.failed_logins = RateLimiter(10, name="RL_ADMIN_LOGIN")
+
+    @staticmethod
+    def _key(cookie: str) -> str:
+        return hashlib.sha256(cookie.encode()).hexdigest()
+
+    def open(self, now: float) -> tuple[str, AdminSession]:
+        self._by_hash = {k: s for k, s in self._by_hash.items() if s.expires_at > now}
+        cookie = secrets.token_urlsafe(32)
+        session = AdminSession(secrets.token_urlsafe(24), now + SESSION_SECONDS)
+        self._by_hash[self._key(cookie)] = session
+        return cookie, session
+
+    def find(self, cookie: str | None, now: float) -> AdminSession | None:
+        if not cookie:
+            return None
+        session = self._by_hash.get(self._key(cookie))
+        return session if session is not None and session.expires_at > now else None
+
+    def close(self, cookie: str | None) -> None:
+        if cookie:
+            self._by_hash.pop(self._key(cookie), None)
+
+
+sessions_key = web.AppKey("admin_sessions", AdminSessions)
+Page = Callable[[web.Request, Gateway, AdminSession], Awaitable[web.StreamResponse]]
+
+
+def html_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html",
+                        headers=PAGE_HEADERS)
+
+
+def _see(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def _same_host(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
+    return origin != "null" and urlsplit(origin).netloc == request.host
+
+
+def signed_in(page: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A console page: needs a live session; a POST also needs its CSRF token."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[gateway_key]
+        session = request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE), gw.clock())
+        if session is None:
+            if request.method == "GET":
+                return _see("/admin")
+            return html_response(console.login("Your session ended; sign in again."), 403)
+        if request.method == "POST":
+            form = await request.post()
+            token = form.get("csrf")
+            if not _same_host(request) or not isinstance(token, str) or \
+                    not hmac.compare_digest(token.encode(), session.csrf.encode()):
+                return html_response(console.message(
+                    "Request refused", "This form was not sent by this console page (stale or "
+                    "forged). Go back, reload and try again.", csrf=session.csrf), 403)
+        return await page(request, gw, session)
+    return handler
+
+
+async def home(request: web.Request) -> web.StreamResponse:
+    gw = request.app[gateway_key]
+    session = request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE), gw.clock())
+    if session is None:
+        return html_response(console.login())
+    return await overview(request, gw, session)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    gw = request.app[gateway_key]
+    sessions = request.app[sessions_key]
+    if not _same_host(request):
+        return html_response(console.login("Sign in from this console's own page."), 403)
+    form = await request.post()
+    token = form.get("token")
+    given = token.encode() if isinstance(token, str) else b""
+    if not hmac.compare_digest(given, gw.keys.admin_token.encode()):
+        try:
+            sessions.failed_logins.take(request.remote or "?", now=gw.clock())
+        except RateLimited as e:
+            response = html_response(console.login(
+                f"Too many failed attempts; wait {e.retry_after} seconds."), 429)
+            response.headers["Retry-After"] = str(e.retry_after)
+            return response
+        return html_response(console.login("That is not the admin token."), 401)
+    cookie, _ = sessions.open(gw.clock())
+    response = _see("/admin")
+    response.set_cookie(SESSION_COOKIE, cookie, max_age=SESSION_SECONDS, path="/admin",
+                        httponly=True, samesite="Strict",
+                        secure=gw.config.public_origin.startswith("https://"))
+    return response
+
+
+async def logout(request: web.Request, gw: Gateway, session: AdminSession) -> web.StreamResponse:
+    request.app[sessions_key].close(request.cookies.get(SESSION_COOKIE))
+    response = _see("/admin")
+    response.del_cookie(SESSION_COOKIE, path="/admin")
+    return response
+
+
+def _days(request: web.Request) -> int:
+    try:
+        days = int(request.query.get("days", "30"))
+    except ValueError:
+        days = 30
+    return days if days in console.DAY_CHOICES else 30
+
+
+def _window(now: float, days: int) -> tuple[list[str], float, float]:
+    day_list = day_range(now, days)
+    since = export.parse_bound(day_list[0])
+    return day_list, since, since + days * DAY
+
+
+def _month(now: float) -> tuple[float, float]:
+    period = period_of(now)
+    since = export.parse_bound(period + "-01")
+    year, month = int(period[:4]), int(period[5:])
+    nxt = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01"
+    return since, export.parse_bound(nxt)
+
+
+async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    now, days = gw.clock(), _days(request)
+    day_list, since, until = _window(now, days)
+    apps = await gw.store.list_apps()
+    names = {a.app_id: a.name for a in apps}
+    spend = await gw.store.daily_spend(since, until)
+    by_app = series_by(day_list, ((d.day, names.get(d.app_id, d.app_id), d.cost_nanos)
+                                  for d in spend))
+    by_model = series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend))
+    payers = await gw.store.top_payers(since, until, limit=10)
+    month = await gw.store.app_totals(*_month(now))
+    return html_response(console.overview(
+        csrf=session.csrf, days=days, day_list=day_list, by_app=by_app, by_model=by_model,
+        payers=payers, names=names, month=month.values(), period=period_of(now),
+        holds_open=await gw.store.open_holds(), backlog=gw.store.reconciliation_backlog()))
+
+
+async def apps_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    now = gw.clock()
+    return html_response(console.apps_list(
+        csrf=session.csrf, apps=await gw.store.list_apps(),
+        totals=await gw.store.app_totals(*_month(now)), period=period_of(now)))
+
+
+def _origins_of(text: str) -> list[str]:
+    return [normalize_origin(line) for line in text.replace(",", "\n").splitlines()
+            if line.strip()]
+
+
+async def create_app(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    form = await request.post()
+    name = str(form.get("name", "")).strip()[:100]
+    try:
+        origins = _origins_of(str(form.get("origins", "")))
+    except CommandError as e:
+        return html_response(console.message("App not created", str(e), csrf=session.csrf,
+                                             back="/admin/apps"), 400)
+    if not name or not origins:
+        return html_response(console.message("App not created", "An app needs a name and at "
+                                             "least one origin.", csrf=session.csrf,
+                                             back="/admin/apps"), 400)
+    creds = mint_credentials()
+    app = await gw.store.create_app(creds.app_id, name, gw.hash(creds.secret), origins,
+                                    now=gw.clock())
+    return html_response(console.secret_shown(csrf=session.csrf, app=app,
+                                              secret_key=creds.secret_key, created=True))
+
+
+async def _app(request: web.Request, gw: Gateway) -> App:
+    app_id = request.match_info["app_id"]
+    app = await gw.store.get_app(app_id) if is_app_id(app_id) else None
+    if app is None:
+        raise web.HTTPNotFound()
+    return app
+
+
+async def app_page(request: web.Request, gw: Gateway, session: AdminSession,
+                   notice: str | None = None) -> web.Response:
+    app = await _app(request, gw)
+    now, days = gw.clock(), _days(request)
+    day_list, since, until = _window(now, days)
+    spend = await gw.store.daily_spend(since, until, app_id=app.app_id)
+    connections = await gw.store.connection_spend(app.app_id, period_of(now))
+    hashes = {r.connection.connection_id: user_hash(gw.keys.hash_key, r.connection.app_user_id)
+              for r in connections}
+    totals = await gw.store.app_totals(*_month(now))
+    return html_response(console.app_detail(
+        csrf=session.csrf, app=app, days=days, day_list=day_list,
+        by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
+        payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
+        connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
+        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice))
+
+
+async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    creds = mint_credentials(app.app_id)
+    await gw.store.set_app_secret(app.app_id, gw.hash(creds.secret))
+    return html_response(console.secret_shown(csrf=session.csrf, app=app,
+                                              secret_key=creds.secret_key, created=False))
+
+
+async def change_origin(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    remove = request.path.endswith("/remove")
+    try:
+        origin = normalize_origin(str((await request.post()).get("origin", "")))
+    except CommandError as e:
+        return html_response(console.message("Origin not changed", str(e), csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}"), 400)
+    await gw.store.set_origins(app.app_id, [] if remove else [origin], [origin] if remove else [])
+    return _see(f"/admin/apps/{app.app_id}")
+
+
+async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    try:
+        connection_id = int(request.match_info["connection_id"])
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    connection = await gw.store.get_connection_by_id(connection_id)
+    if connection is None or connection.app_id != app.app_id:
+        raise web.HTTPNotFound()
+    if connection.state != REVOKED:
+        await gw.store.set_connection_state(connection_id, REVOKED, now=gw.clock(),
+                                            drop_key=True)
+    return _see(f"/admin/apps/{app.app_id}#connections")
+
+
+async def usage_download(request: web.Request, gw: Gateway,
+                         session: AdminSession) -> web.StreamResponse:
+    app = await _app(request, gw)
+    fmt = request.query.get("format", "csv")
+    try:
+        if fmt not in export.FORMATS:
+            raise ValueError(f"unknown format {fmt!r}")
+        since = export.parse_bound(request.query["from"]) if request.query.get("from") else None
+        until = export.parse_bound(request.query["to"], end=True) \
+            if request.query.get("to") else None
+    except ValueError as e:
+        return html_response(console.message("Export refused", f"{e}. Use dates like "
+                                             "2026-11-01.", csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}#export"), 400)
+    lines = await gw.store.usage_lines(app.app_id, since, until)
+    response = web.StreamResponse(headers={
+        "Content-Type": f"{export.FORMATS[fmt]}; charset=utf-8", "Cache-Control": "no-store",
+        "Content-Disposition":
+            f'attachment; filename="{export.filename(app.app_id, fmt, since, until)}"'})
+    await response.prepare(request)
+    chunk: list[str] = []
+    for text in export.render(lines, fmt):
+        chunk.append(text)
+        if len(chunk) >= 500:
+            await response.write("".join(chunk).encode())
+            chunk = []
+    await response.write("".join(chunk).encode())
+    await response.write_eof()
+    return response
+
+
+async def stylesheet(request: web.Request) -> web.Response:
+    return web.Response(body=CSS.read_bytes(), content_type="text/css",
+                        headers={"Cache-Control": "max-age=300"})
+
+
+async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics.check_token_file(app[gateway_key].config)  # refuse to start, not to scrape
+    app[sessions_key] = AdminSessions()
+    yield
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount the console, /metrics and the request log (one line in ``create_app``)."""
+    # Outermost, so each request's line and count see the status it really answered.
+    app.middlewares.insert(0, request_log_middleware)
+    app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(sessions_ctx)
+    r = app.router
+    r.add_get("/metrics", metrics.metrics)
+    r.add_get("/admin", home)
+    r.add_get("/admin/admin.css", stylesheet)
+    r.add_post("/admin/login", login)
+    r.add_post("/admin/logout", signed_in(logout))
+    r.add_get("/admin/apps", signed_in(apps_page))
+    r.add_post("/admin/apps", signed_in(create_app))
+    r.add_get("/admin/apps/{app_id}", signed_in(app_page))
+    r.add_post("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
+    r.add_post("/admin/apps/{app_id}/origins", signed_in(change_origin))
+    r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
+    r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))
+    r.add_get("/admin/apps/{app_id}/usage", signed_in(usage_download))
+
+
+__all__ = ["add_routes", "AdminSessions"]

@@ -1,0 +1,86 @@
+"""GET /metrics: the gateway's Prometheus metrics, for the operator's scraper only.
+
+Who may read it (``[metrics]``): nobody when ``enabled = false`` (404); a
+client on the loopback interface; anyone when ``allow_remote = true``; or a
+client sending ``Authorization: Bearer`` with the token held in
+``token_file``. A request carrying ``Forwarded`` or ``X-Forwarded-For`` came
+through a reverse proxy, so its loopback peer address proves nothing: it needs
+``allow_remote`` or the token. Refusals use the API's error body.
+
+Values that need the database (holds open, reconciliation backlog) are read
+here, at scrape time, with two indexed counts; nothing is read per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..config import Config
+from ..errors import AuthError, ConfigError, NotFound, WattgateError
+from .state import gateway_key
+
+
+class MetricsForbidden(WattgateError):
+    status = 403
+    code = "forbidden"
+    default_message = ("/metrics is served to loopback clients only; set [metrics] "
+                       "allow_remote or token_file to scrape it from elsewhere.")
+
+
+@lru_cache(maxsize=4)
+def _token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"metrics.token_file {path}: {e.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"metrics.token_file {path}: the token must be 16 characters or more")
+    return token
+
+
+def check_token_file(config: Config) -> None:
+    """Fail at start, not at the first scrape, when the token file is unusable."""
+    if config.metrics_enabled and config.metrics_token_file:
+        _token(config.metrics_token_file)
+
+
+def _is_loopback(request: web.Request) -> bool:
+    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        return False
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _allowed(config: Config, request: web.Request) -> bool:
+    if config.metrics_allow_remote or _is_loopback(request):
+        return True
+    if not config.metrics_token_file:
+        return False
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError("/metrics needs Authorization: Bearer with the metrics token.")
+    if not hmac.compare_digest(value.strip().encode(), _token(config.metrics_token_file).encode()):
+        raise AuthError("Wrong metrics token.")
+    return True
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[gateway_key]
+    if not gw.config.metrics_enabled:
+        raise NotFound()
+    if not _allowed(gw.config, request):
+        raise MetricsForbidden()
+    gw.observer.set_gauges(holds_open=await gw.store.open_holds(),
+                           backlog=gw.store.reconciliation_backlog())
+    response = web.Response(body=gw.observer.exposition())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    response.headers["Cache-Control"] = "no-store"
+    return response
