@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 pytest.importorskip("playwright")
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect  # noqa: E402
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from wattgate.demo import Demo, start_demo  # noqa: E402
+from wattgate.demo import Demo, start_demo
 
 pytestmark = pytest.mark.browser
 
@@ -90,10 +91,10 @@ async def bar_width(page: Page) -> float:
 
 
 async def status_of(demo: Demo, user: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(demo.gateway_url + "/api/v1/status", params={"appUserId": user},
-                            headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
-            return await r.json()
+    async with aiohttp.ClientSession() as http, http.get(
+            demo.gateway_url + "/api/v1/status", params={"appUserId": user},
+            headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
+        return await r.json()
 
 
 async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: BrowserContext) -> None:
@@ -249,11 +250,10 @@ async def test_unregistered_origin_cannot_complete_the_handshake(
         demo: Demo, context: BrowserContext, aiohttp_server: Any) -> None:
     # The worst case: a page elsewhere holds the app's publishable key and even a valid
     # session token for one of its users.
-    async with aiohttp.ClientSession() as http:
-        async with http.post(demo.gateway_url + "/api/v1/sessions",
-                             headers={"Authorization": f"Bearer {demo.secret_key}"},
-                             json={"appUserId": "victim"}) as r:
-            stolen = (await r.json())["token"]
+    async with aiohttp.ClientSession() as http, http.post(demo.gateway_url + "/api/v1/sessions",
+                         headers={"Authorization": f"Bearer {demo.secret_key}"},
+                         json={"appUserId": "victim"}) as r:
+        stolen = (await r.json())["token"]
     evil_html = EVIL_PAGE % json.dumps({"gateway": demo.gateway_url, "pk": demo.publishable_key,
                                         "token": stolen})
     async def evil_page(request: web.Request) -> web.Response:

@@ -14,7 +14,6 @@ endpoints the popup posts its approval to (``views.control``, ``views.grants``).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -96,7 +95,7 @@ async def oauth_exchange(request: web.Request) -> web.Response:
                 timeout=aiohttp.ClientTimeout(total=30)) as resp:
             data = await resp.json(content_type=None) if resp.status < 500 else None
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         raise UpstreamError("Could not reach OpenRouter to finish connecting.") from None
     key = data.get("key") if isinstance(data, dict) else None
     if status != 200 or not isinstance(key, str) or not key:

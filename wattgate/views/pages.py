@@ -21,7 +21,7 @@ import html
 import json
 import re
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def page_headers(gw: Gateway) -> dict[str, str]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(name: str) -> str:
     return (TEMPLATES / name).read_text(encoding="utf-8")
 
