@@ -77,6 +77,13 @@ class MethodNotAllowed(WattgateError):
     code = "method_not_allowed"
     default_message = "Method not allowed on this endpoint."
 
+    def __init__(self, message: str | None = None, *, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
 
 class PayloadTooLarge(WattgateError):
     status = 413

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, WattgateError
+from .errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, WattgateError
 
 log = logging.getLogger("wattgate.http")
 
@@ -27,27 +27,41 @@ def error_response(error: WattgateError) -> web.Response:
                         content_type="application/json", headers=error.headers())
 
 
+def response_started(request: web.Request) -> bool:
+    """Whether bytes of a response already left: then no error body may follow."""
+    writer = request.writer
+    return writer is not None and writer.output_size > 0
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except WattgateError as e:
+        if response_started(request):
+            raise
         return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        if e.status == 404:
-            return error_response(NotFound())
-        if e.status == 405:
-            response = error_response(MethodNotAllowed(
-                f"{request.method} is not allowed here; use {e.headers.get('Allow', '')}."))
-            response.headers["Allow"] = e.headers.get("Allow", "")
-            return response
-        if e.status == 413:
-            return error_response(PayloadTooLarge())
-        err = WattgateError(e.reason)
-        err.status = e.status
-        return error_response(err)
+        return error_response(_from_http_exception(request, e))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if response_started(request):
+            raise
         return error_response(WattgateError())
+
+
+def _from_http_exception(request: web.Request, e: web.HTTPException) -> WattgateError:
+    """aiohttp's own refusals (routing, body size, parsing) in the one error body."""
+    if e.status == 404:
+        return NotFound()
+    if e.status == 405:
+        allow = e.headers.get("Allow", "")
+        return MethodNotAllowed(f"{request.method} is not allowed here; use {allow}.",
+                                allow=allow)
+    if e.status == 413:
+        return PayloadTooLarge()
+    err = InvalidRequest(e.text or e.reason) if e.status < 500 else WattgateError()
+    err.status = e.status
+    return err
