@@ -452,3 +452,21 @@ async def test_preflight(harness):
     _, headers, _ = await call(harness, "POST", "/api/v1/sessions", "x",
                                headers={"Origin": "https://a.example"})
     assert "Access-Control-Allow-Origin" not in headers
+
+
+async def test_funding_keys_are_never_logged(harness, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    app = await harness.create_app()
+    await harness.connect(app, "u", funding_key=FUNDING_KEY)
+    token = await harness.session(app, "u2")
+    refused_key = "sk-or-v1-refused-" + "r" * 40
+    harness.fake.revoked_keys.add(refused_key)
+    await call(harness, "POST", "/api/v1/connections", token,
+               json={"monthlyUsd": 1, "fundingKey": refused_key})
+    await call(harness, "POST", "/api/v1/connections", token,
+               json={"monthlyUsd": 1, "fundingKey": "x" * 600})
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    for key in (FUNDING_KEY, refused_key, "x" * 600):
+        assert key not in logged
