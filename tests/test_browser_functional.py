@@ -135,6 +135,7 @@ async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: Brows
     # ... and the budget bar moves by what the call cost.
     await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
     assert 0 < await bar_width(page) < 100
+    await shot(page, "demo-app-connected.png")
     user = (await page.text_content("#user") or "").strip()
     status = await status_of(demo, user)
     assert status["connected"] is True and status["limits"] == {"monthlyUsd": 0.25}
@@ -202,6 +203,7 @@ async def test_one_request_grant_is_used_up(demo: Demo, context: BrowserContext)
     await expect(page.locator("#convert-notice")).to_have_text("Done. 0 requests left on this grant.")
     await page.click("#convert-again")
     await expect(page.locator("#convert-notice")).to_contain_text("Grant used up")
+    await shot(page, "demo-app-grant-used.png")
     # A grant is not a connection: the app still shows no budget.
     await expect(page.locator("#status")).to_contain_text("Not connected")
 
@@ -320,3 +322,23 @@ async def test_token_is_cached_between_calls(demo: Demo, context: BrowserContext
     await page.evaluate("window.dispatchEvent(new Event('focus'))")
     await asyncio.sleep(0.3)
     assert len(minted) == 1
+
+
+async def test_grant_paid_from_the_existing_connection_needs_no_key(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    await approve_connect(page, "0.50")
+    await expect(page.locator("#status")).to_contain_text("$0.50 / month")
+
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#use-existing")).to_be_checked()
+    await expect(popup.locator("#existing-hint")).to_contain_text("counts toward its monthly cap")
+    await expect(popup.locator("#key")).to_be_hidden()
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    # The grant's call counts toward the connection's monthly spend.
+    await page.evaluate("window.dispatchEvent(new Event('focus'))")
+    await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
+    await expect(page.locator("#status")).to_contain_text("$0.50 / month")
