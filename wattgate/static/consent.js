@@ -16,6 +16,7 @@ let openerOrigin = null;  // the verified origin of the page that opened this wi
 let context = null;       // what the gateway says about this session (GET /consent/session)
 let oauthKey = null;      // a key obtained through "Connect with OpenRouter"
 let pkce = null;
+let answered = false;     // the opener answered the hello (verified or not): ask no more
 let finished = false;
 
 for (const node of document.querySelectorAll("[data-flow-only]")) {
@@ -65,23 +66,24 @@ function send(message) {
 function hello() {
   let tries = 0;
   const ping = () => {
-    if (openerOrigin || !window.opener || tries++ > 40) return;
+    if (answered || !window.opener || tries++ > 40) return;
     // Nothing secret in a hello: any page may hear it, only a registered one can be trusted.
     window.opener.postMessage({ wattgate: 1, type: "hello", flow }, "*");
     setTimeout(ping, 250);
   };
   ping();
   setTimeout(() => {
-    if (!openerOrigin && !finished) {
+    if (!answered && !finished) {
       block(`The page that opened this window did not identify itself. Close this window and start again from ${app.name}.`);
     }
   }, 12000);
 }
 
 window.addEventListener("message", (event) => {
-  if (openerOrigin || event.source !== window.opener) return;
+  if (answered || event.source !== window.opener) return;
   const msg = event.data;
   if (!msg || msg.wattgate !== 1 || msg.type !== "session") return;
+  answered = true;
   openerOrigin = event.origin; // set by the browser, not by the sender
   if (typeof msg.token === "string" && msg.token) token = msg.token;
   verify();
