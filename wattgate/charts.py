@@ -96,7 +96,7 @@ def _short_day(day: str) -> str:
 def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
                  width: int = 880, height: int = 260) -> str:
     """Stacked bars of spend per day; an accessible SVG string."""
-    left, right, top, bottom = 64, 12, 12, 28
+    left, right, top, bottom = 64, 24, 12, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     totals = [sum(s.values[i] for s in series) for i in range(len(days))]
     ymax = _nice_top(max(totals, default=0))
@@ -115,7 +115,10 @@ def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
     for i, day in enumerate(days):
         x = left + slot * i + (slot - bar) / 2
         if (len(days) - 1 - i) % every == 0:
-            parts.append(f'<text x="{x + bar / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+            # The last label ends at its bar, so it never runs off the right edge.
+            anchor, tx = ("end", x + bar) if i == len(days) - 1 and len(days) > 10 \
+                else ("middle", x + bar / 2)
+            parts.append(f'<text x="{tx:.1f}" y="{height - 8}" text-anchor="{anchor}" '
                          f'font-size="11" fill="#64748b">{e(_short_day(day))}</text>')
         y = top + plot_h
         for s in series:

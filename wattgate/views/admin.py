@@ -46,7 +46,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; style-src 'self'; img-src 'self' data:; "
                                 "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
@@ -101,9 +101,17 @@ def _see(location: str) -> web.Response:
 
 
 def _same_host(request: web.Request) -> bool:
+    """Whether a POST came from a page of this console, as the browser attests.
+
+    ``Sec-Fetch-Site`` when the browser sends it, else the ``Origin`` host; a
+    client sending neither (curl, a script) is not a cross-site browser form.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
     origin = request.headers.get("Origin")
     if origin is None:
-        return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
+        return True
     return origin != "null" and urlsplit(origin).netloc == request.host
 
 
@@ -246,8 +254,7 @@ async def _app(request: web.Request, gw: Gateway) -> App:
     return app
 
 
-async def app_page(request: web.Request, gw: Gateway, session: AdminSession,
-                   notice: str | None = None) -> web.Response:
+async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
     app = await _app(request, gw)
     now, days = gw.clock(), _days(request)
     day_list, since, until = _window(now, days)
@@ -256,6 +263,13 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession,
     hashes = {r.connection.connection_id: user_hash(gw.keys.hash_key, r.connection.app_user_id)
               for r in connections}
     totals = await gw.store.app_totals(*_month(now))
+    notice = None
+    revoked = [r.connection for r in connections
+               if str(r.connection.connection_id) == request.query.get("revoked")
+               and r.connection.state == REVOKED]
+    if revoked:
+        notice = (f"Revoked the connection of {revoked[0].app_user_id}: their next call is "
+                  "refused with 402 not_connected until they connect again.")
     return html_response(console.app_detail(
         csrf=session.csrf, app=app, days=days, day_list=day_list,
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
@@ -296,7 +310,7 @@ async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> we
     if connection.state != REVOKED:
         await gw.store.set_connection_state(connection_id, REVOKED, now=gw.clock(),
                                             drop_key=True)
-    return _see(f"/admin/apps/{app.app_id}#connections")
+    return _see(f"/admin/apps/{app.app_id}?revoked={connection_id}#connections")
 
 
 async def usage_download(request: web.Request, gw: Gateway,

@@ -22,6 +22,11 @@ DAY_CHOICES = (30, 90)
 ON = ' class="on" aria-current="page"'
 
 
+def month_name(period: str) -> str:
+    """``2026-11`` → ``November 2026``."""
+    return time.strftime("%B %Y", time.strptime(period, "%Y-%m"))
+
+
 def when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
@@ -38,7 +43,6 @@ def frame(title: str, body: str, *, csrf: str | None, active: str = "") -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
 <title>{e(title)} · wattgate console</title>
 <link rel="stylesheet" href="/admin/admin.css">
 </head><body>
@@ -78,12 +82,13 @@ def _days_switch(base: str, days: int) -> str:
 
 
 def _chart_card(title: str, days: Sequence[str], series: Sequence[Series], *,
-                chart_id: str) -> str:
+                chart_id: str, half: bool = False) -> str:
     total = sum(s.total for s in series)
     if not series:
         body = '<p class="empty">No metered calls in this range yet.</p>'
     else:
-        body = stacked_bars(days, series, label=f"{title}, per day") + legend(series)
+        size = {"width": 520, "height": 240} if half else {}
+        body = stacked_bars(days, series, label=f"{title}, per day", **size) + legend(series)
     return (f'<section class="card" id="{chart_id}"><div class="card-head"><h2>{e(title)}</h2>'
             f'<span class="figure">{e(usd_label(total))}</span></div>{body}</section>')
 
@@ -124,7 +129,7 @@ def overview(*, csrf: str, days: int, day_list: Sequence[str], by_app: Sequence[
     spend = sum(t.cost_nanos for t in month)
     calls = sum(t.calls for t in month)
     active = sum(t.connections_active for t in month)
-    stats = (_stat(f"Spend in {period}", usd_label(spend), f"{calls} calls")
+    stats = (_stat(f"Spend in {month_name(period)}", usd_label(spend), f"{calls} calls")
              + _stat("Active connections", str(active), f"{len(month)} apps")
              + _stat("Calls in flight", str(holds_open), "budget holds open")
              + _stat("Awaiting final cost", str(backlog), "provisional calls"))
@@ -133,7 +138,8 @@ def overview(*, csrf: str, days: int, day_list: Sequence[str], by_app: Sequence[
 <div class="stats">{stats}</div>
 {_chart_card(f"Spend per app, last {days} days", day_list, by_app, chart_id="spend-by-app")}
 <div class="grid2">
-{_chart_card(f"Spend per model, last {days} days", day_list, by_model, chart_id="spend-by-model")}
+{_chart_card(f"Spend per model, last {days} days", day_list, by_model, chart_id="spend-by-model",
+             half=True)}
 {top_payers(payers, names, show_app=True)}
 </div>"""
     return frame("Overview", body, csrf=csrf, active="overview")
@@ -152,7 +158,7 @@ def apps_list(*, csrf: str, apps: Sequence[App], totals: dict[str, AppTotals],
             f'<td class="num">{t.calls if t else 0}</td>'
             f'<td class="num">{e(usd_label(t.cost_nanos if t else 0))}</td></tr>')
     table = (f'<table><thead><tr><th>App</th><th>Origins</th><th class="num">Active connections'
-             f'</th><th class="num">Calls ({e(period)})</th><th class="num">Spend ({e(period)})'
+             f'</th><th class="num">Calls in {e(month_name(period))}</th><th class="num">Spend'
              f'</th></tr></thead><tbody>{"".join(rows)}</tbody></table>') if apps else \
         '<p class="empty">No apps yet. Create the first one below.</p>'
     create = _form("/admin/apps", csrf, """
@@ -214,8 +220,8 @@ def _connections(csrf: str, app: App, rows: Sequence[ConnectionSpend],
             f'<span>{e(usd_label(r.spent_nanos))}{held}</span></div></td>'
             f'<td class="muted">{e(when(c.updated_at))}</td><td class="actions">{revoke}</td></tr>')
     return (f'<table class="connections"><thead><tr><th>User</th><th>State</th>'
-            f'<th class="num">Cap / month</th><th>Spend in {e(period)}</th><th>Updated</th><th>'
-            f'</th></tr></thead><tbody>{"".join(out)}</tbody></table>')
+            f'<th class="num">Cap / month</th><th>Spend in {e(month_name(period))}</th>'
+            f'<th>Updated</th><th></th></tr></thead><tbody>{"".join(out)}</tbody></table>')
 
 
 def grant_state(g: Grant, now: float) -> str:
@@ -269,7 +275,8 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
     base = f"/admin/apps/{app.app_id}"
     users = {r.connection.connection_id: r.connection.app_user_id for r in connections}
     month = totals or AppTotals(app.app_id, 0, 0, 0, 0)
-    stats = (_stat(f"Spend in {period}", usd_label(month.cost_nanos), f"{month.calls} calls")
+    stats = (_stat(f"Spend in {month_name(period)}", usd_label(month.cost_nanos),
+                   f"{month.calls} calls")
              + _stat("Active connections", str(month.connections_active),
                      f"{len(connections)} in all")
              + _stat("Live grants", str(sum(grant_state(g, now) == "live" for g in grants)),
@@ -285,7 +292,7 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
 <button type="submit" class="small">Download usage</button></form>
 <p class="muted">One line per metered call: time (UTC), user or grant, model, tokens, exact cost
 in USD, provisional or final. Never prompt content. Dates are optional and inclusive.</p>"""
-    body = f"""{banner}
+    body = f"""
 <div class="page-head"><div><a class="muted" href="/admin/apps">Apps</a> /
 <h1>{e(app.name)}</h1> <span class="mono muted">{e(app.app_id)}</span></div>
 {_days_switch(base, days)}</div>
@@ -296,7 +303,7 @@ in USD, provisional or final. Never prompt content. Dates are optional and inclu
 <dl class="keys"><dt>Publishable key</dt><dd class="mono">pk_live_{e(app.app_id)}</dd>
 <dt>Secret key</dt><dd>shown once at creation {rotate}</dd></dl>
 <h3>Allowed origins</h3>{_origins(csrf, app)}</section></div>
-<section class="card" id="connections"><h2>Connections</h2>
+<section class="card" id="connections"><h2>Connections</h2>{banner}
 {_connections(csrf, app, connections, hashes, period)}</section>
 <section class="card" id="grants"><h2>One-time grants</h2>{_grants(grants, users, now)}</section>
 <section class="card" id="export"><h2>Usage export</h2>{export}</section>"""
