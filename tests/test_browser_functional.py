@@ -342,3 +342,137 @@ async def test_grant_paid_from_the_existing_connection_needs_no_key(
     await page.evaluate("window.dispatchEvent(new Event('focus'))")
     await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
     await expect(page.locator("#status")).to_contain_text("$0.50 / month")
+
+
+# ---- the React SDK in a real browser -------------------------------------------------
+JS = Path(__file__).resolve().parent.parent / "js"
+VENDOR = {"scheduler": "scheduler/cjs/scheduler.development.js",
+          "react": "react/cjs/react.development.js",
+          "react-dom": "react-dom/cjs/react-dom.development.js",
+          "react-dom/client": "react-dom/cjs/react-dom-client.development.js"}
+
+
+def react_bundle() -> str:
+    """React's CommonJS builds behind a tiny require(), as one classic script (no bundler)."""
+    head = ("(function () {\nconst process = { env: { NODE_ENV: 'development' } };\n"
+            "const sources = {}; const cache = {};\n"
+            "function require(name) { if (!cache[name]) { const module = { exports: {} };"
+            " cache[name] = module; sources[name](module, module.exports, require); }"
+            " return cache[name].exports; }\n")
+    parts = [head]
+    for name, path in VENDOR.items():
+        source = (JS / "node_modules" / path).read_text(encoding="utf-8")
+        parts.append(f"sources[{json.dumps(name)}] = function (module, exports, require) {{\n"
+                     f"{source}\n}};\n")
+    parts.append("window.__React = require('react');"
+                 " window.__ReactDOMClient = require('react-dom/client');\n})();\n")
+    return "".join(parts)
+
+
+REACT_SHIM = """const R = window.__React; export default R;
+export const { createContext, createElement, useCallback, useContext, useEffect, useMemo,
+  useRef, useState } = R;"""
+
+REACT_PAGE = """<!doctype html><title>React Notes</title>
+<script src="/vendor/react-bundle.js"></script>
+<script type="importmap">{"imports": {"react": "/vendor/react.js"}}</script>
+<div id="root"></div>
+<script type="module">
+import { createElement as h, useState } from "react";
+import { WattfareProvider, useWattfare } from "/js/react.js";
+const cfg = %s;
+function Budget() {
+  const wf = useWattfare();
+  const [grant, setGrant] = useState("none");
+  const state = wf.loading ? "loading" : wf.connected
+    ? `connected cap=${wf.limits.monthlyUsd} remaining=${wf.remainingUsd}` : "not connected";
+  return h("div", null,
+    h("p", { id: "state" }, state),
+    h("button", { id: "connect", onClick: wf.connect }, "Connect"),
+    h("button", { id: "grant", onClick: async () => {
+      const r = await wf.requestGrant({ requests: 2 });
+      setGrant(r ? `granted ${r.requests}` : "denied");
+    } }, "Grant"),
+    h("button", { id: "disconnect", onClick: wf.disconnect }, "Disconnect"),
+    h("p", { id: "grant-out" }, grant));
+}
+window.__ReactDOMClient.createRoot(document.getElementById("root")).render(
+  h(WattfareProvider, { publishableKey: cfg.pk, session: "/token", baseURL: cfg.gateway },
+    h(Budget)));
+</script>"""
+
+
+@pytest.mark.skipif(not (JS / "node_modules" / "react-dom").exists(),
+                    reason="npm install in js/ first (React is a dev dependency)")
+async def test_react_hook_drives_the_same_flow(demo: Demo, context: BrowserContext,
+                                               aiohttp_server: Any) -> None:
+    from wattgate.credentials import mint_credentials
+    from wattgate.views.state import gateway_key
+
+    port_app = web.Application()
+    gw = demo.gateway[gateway_key]
+    creds = mint_credentials()
+    bundle = react_bundle()
+    user = "react_user"
+
+    async def page(request: web.Request) -> web.Response:
+        cfg = json.dumps({"pk": creds.publishable_key, "gateway": demo.gateway_url})
+        return web.Response(text=REACT_PAGE % cfg, content_type="text/html")
+
+    async def vendor(request: web.Request) -> web.Response:
+        if request.match_info["name"] == "react-bundle.js":
+            return web.Response(text=bundle, content_type="text/javascript")
+        return web.Response(text=REACT_SHIM, content_type="text/javascript")
+
+    async def js_file(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in ("react.js", "client.js"):
+            raise web.HTTPNotFound()
+        return web.FileResponse(JS / name, headers={"Content-Type": "text/javascript"})
+
+    async def token(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession() as http, http.post(
+                demo.gateway_url + "/api/v1/sessions", json={"appUserId": user},
+                headers={"Authorization": f"Bearer {creds.secret_key}"}) as r:
+            return web.json_response(await r.json(), status=r.status)
+
+    port_app.router.add_get("/", page)
+    port_app.router.add_get("/vendor/{name}", vendor)
+    port_app.router.add_get("/js/{name}", js_file)
+    port_app.router.add_post("/token", token)
+    server = await aiohttp_server(port_app)
+    origin = f"http://localhost:{server.port}"
+    await gw.store.create_app(creds.app_id, "React Notes", gw.hash(creds.secret), [origin],
+                              now=gw.clock())
+
+    page_ = await context.new_page()
+    errors: list[str] = []
+    page_.on("pageerror", lambda e: errors.append(str(e)))
+    await page_.goto(origin + "/")
+    await expect(page_.locator("#state")).to_have_text("not connected")
+
+    popup = await open_popup(page_, "#connect")
+    await expect(popup.locator("#app-name")).to_have_text("React Notes")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.fill("#cap", "3")
+    await popup.fill("#key", KEY)
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    await expect(page_.locator("#state")).to_have_text("connected cap=3 remaining=3")
+
+    # requestGrant resolves with the grant and leaves the connection state as it was.
+    popup = await open_popup(page_, "#grant")
+    await expect(popup.locator("#grant-requests")).to_have_text("2")
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    await expect(page_.locator("#grant-out")).to_have_text("granted 2")
+    await expect(page_.locator("#state")).to_have_text("connected cap=3 remaining=3")
+
+    popup = await open_popup(page_, "#grant")
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.close()
+    await expect(page_.locator("#grant-out")).to_have_text("denied")
+
+    await page_.click("#disconnect")
+    await expect(page_.locator("#state")).to_have_text("not connected")
+    assert errors == []
