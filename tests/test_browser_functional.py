@@ -156,6 +156,14 @@ async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: Brows
     assert "What does metering mean" not in await dash.content()  # prompts are never shown
     await shot(dash, "dashboard.png")
 
+    # Change the cap from the dashboard: the app sees it.
+    await card.locator("input[type=number]").fill("0.4")
+    await card.get_by_role("button", name="Save cap").click()
+    await expect(dash.locator("article.conn .cap")).to_have_text("of $0.40 cap")
+    await page.evaluate("window.dispatchEvent(new Event('focus'))")
+    await expect(page.locator("#status")).to_contain_text("$0.40 / month")
+    card = dash.locator("article.conn").first
+
     # Revoke (with a confirmation step), then the app shows disconnected.
     await card.locator("button.danger").click()
     await expect(card.locator("button.danger")).to_have_text("Revoke Demo Notes's access")
