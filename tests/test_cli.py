@@ -58,8 +58,13 @@ def upstream_url(tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-
         yield f"http://127.0.0.1:{port}/api/v1"
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def clean_env(**settings: str) -> dict[str, str]:
+    """No WATTGATE_* from the caller; children import this checkout's wattgate, whatever cwd."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATTGATE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(settings)
     return env
 
