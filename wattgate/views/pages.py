@@ -76,10 +76,19 @@ def _template(name: str) -> str:
 
 
 _SLOT = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+LOGO = ('<svg class="bolt" viewBox="0 0 24 24" aria-hidden="true">'
+        '<path d="M13 2 4 14h7l-1 8 9-12h-7z"/></svg>')
 
 
 def render(name: str, **values: Any) -> str:
-    """Fill ``{{ slot }}``s, HTML-escaped unless the slot name ends in ``_html``."""
+    """Fill ``{{ slot }}``s, HTML-escaped unless the slot name ends in ``_html``.
+
+    Every page may use ``{{ head_html }}`` (the shared ``<head>`` lines) and
+    ``{{ logo_html }}``.
+    """
+    values.setdefault("head_html", _template("_head.html"))
+    values.setdefault("logo_html", LOGO)
+
     def fill(m: re.Match[str]) -> str:
         key = m.group(1)
         value = values[key]
