@@ -16,7 +16,6 @@ import pytest
 
 pytest.importorskip("playwright")
 from playwright.async_api import Browser, Page, async_playwright, expect
-
 from test_grants_functional import mint_grant, redeem
 
 pytestmark = pytest.mark.browser
@@ -92,7 +91,7 @@ async def three_weeks_of_traffic(h) -> tuple:
 
 async def test_sign_in_see_spend_revoke_connection(make_harness, page: Page):
     h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000"})
-    notes, tutor, calls = await three_weeks_of_traffic(h)
+    notes, _, calls = await three_weeks_of_traffic(h)
     assert calls > 20
     ARTIFACTS.mkdir(exist_ok=True)
 

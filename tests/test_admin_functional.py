@@ -153,8 +153,9 @@ async def test_revoke_and_pages_escape_user_ids(harness):
     victim = await harness.gw.store.get_connection(app.app_id, evil)
     r = await c.post(f"/admin/apps/{other.app_id}/connections/{victim.connection_id}/revoke",
                      {"csrf": c.csrf})
-    assert r.status == 404
+    assert r.status == 404 and "No such app or connection" in r.text_body
     assert (await harness.status(app, evil))["connected"] is True
+    assert (await c.page("/admin/apps/app0000000000000000"))[0] == 404
 
 
 async def test_sign_out_ends_the_session(harness):

@@ -9,8 +9,8 @@ import json
 from decimal import Decimal
 
 import pytest
-
 from test_admin_functional import close_consoles, sign_in  # noqa: F401 (fixture)
+
 from wattgate.cli import main
 from wattgate.export import parse_bound, usd_text
 from wattgate.ledger import period_of

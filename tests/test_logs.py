@@ -6,10 +6,10 @@ import json
 import logging
 
 import pytest
-
 from conftest import FUNDING_KEY
 from test_admin_functional import close_consoles, sign_in  # noqa: F401 (fixture)
 from test_grants_functional import mint_grant, redeem
+
 from wattgate.logs import JSONFormatter, TextFormatter, user_hash
 
 PROMPT = "my-private-prompt-okapi-7731"
@@ -141,3 +141,41 @@ def test_log_format_setting(value, ok):
     else:
         with pytest.raises(ConfigError, match="log.format|LOG__FORMAT"):
             load_config(None, env={"WATTGATE_LOG__FORMAT": value})
+
+
+async def test_serve_writes_json_lines_when_configured(tmp_path):
+    """``wattgate serve`` with ``[log] format = "json"``: every stderr line is one JSON object."""
+    import asyncio
+    import os
+    import sys
+
+    import aiohttp
+
+    from conftest import free_port
+
+    port = free_port()
+    config = tmp_path / "wattgate.toml"
+    config.write_text('[log]\nformat = "json"\n')
+    env = {**os.environ, "WATTGATE_DATABASE__PATH": str(tmp_path / "w.db"),
+           "WATTGATE_CONFIG": str(config)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wattgate", "serve", "--port", str(port), "--log-level", "info",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"listening" in line
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                request_id = r.headers["X-Request-Id"]
+            async with http.get(f"http://127.0.0.1:{port}/api/v1/models",
+                                headers={"Authorization": "Bearer sk_live_nope_x"}) as r:
+                assert r.status == 401
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = [json.loads(x) for x in err.decode().splitlines() if x.strip()]
+    health = [x for x in lines if x.get("route") == "/healthz"]
+    assert health and health[0]["request_id"] == request_id and health[0]["level"] == "info"
+    assert any(x.get("route") == "/api/v1/models" and x["status"] == 401 for x in lines)
+    assert "sk_live_nope_x" not in err.decode()

@@ -9,10 +9,10 @@ amount through SVG ``<title>``. Amounts are integer nano-dollars.
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Iterable, Mapping, Sequence
 
 from .money import NANOS_PER_USD
 
@@ -103,8 +103,8 @@ def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
     slot = plot_w / max(1, len(days))
     bar = max(2.0, slot * 0.72)
     e = html.escape
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
-             f'aria-label="{e(label)}" xmlns="http://www.w3.org/2000/svg">']
+    parts = [(f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
+              f'aria-label="{e(label)}" xmlns="http://www.w3.org/2000/svg">')]
     for k in range(5):
         y = top + plot_h - plot_h * k / 4
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" '

@@ -15,9 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Iterable, Iterator
 
 from .money import NANOS_PER_USD
 from .store.reports import UsageLine
@@ -47,7 +47,7 @@ def parse_bound(text: str, *, end: bool = False) -> float:
     try:
         day = date.fromisoformat(text)
     except ValueError:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text)
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from .records import Connection
 
@@ -186,4 +187,7 @@ def _usage_lines(db: sqlite3.Connection, app_id: str, since: float | None,
     cursor = db.execute(sql + " ORDER BY u.created_at, u.usage_id", params)
     while rows := cursor.fetchmany(batch):
         for r in rows:
-            yield UsageLine(*r[:9], bool(r[9]), r[10])
+            yield UsageLine(created_at=r[0], generation_id=r[1], app_id=r[2], app_user_id=r[3],
+                            grant_id=r[4], model=r[5], prompt_tokens=r[6],
+                            completion_tokens=r[7], cost_nanos=r[8], provisional=bool(r[9]),
+                            status=r[10])

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -132,7 +132,12 @@ def signed_in(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
                 return html_response(console.message(
                     "Request refused", "This form was not sent by this console page (stale or "
                     "forged). Go back, reload and try again.", csrf=session.csrf), 403)
-        return await page(request, gw, session)
+        try:
+            return await page(request, gw, session)
+        except web.HTTPNotFound:
+            return html_response(console.message(
+                "Not found", "No such app or connection; it may have been deleted.",
+                csrf=session.csrf, back="/admin/apps"), 404)
     return handler
 
 
@@ -377,4 +382,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/apps/{app_id}/usage", signed_in(usage_download))
 
 
-__all__ = ["add_routes", "AdminSessions"]
+__all__ = ["AdminSessions", "add_routes"]

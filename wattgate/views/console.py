@@ -11,8 +11,8 @@ and under a CSP of ``default-src 'none'``. Not here: who may see a page
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from html import escape as e
-from typing import Iterable, Sequence
 
 from ..charts import Series, legend, meter, shares, stacked_bars, usd_label
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
