@@ -484,3 +484,35 @@ async def test_react_hook_drives_the_same_flow(demo: Demo, context: BrowserConte
     await page_.click("#disconnect")
     await expect(page_.locator("#state")).to_have_text("not connected")
     assert errors == []
+
+
+async def test_token_in_the_fragment_is_accepted_and_wiped_from_the_address_bar(
+        demo: Demo, context: BrowserContext) -> None:
+    """For integrations without the SDK: /connect?pk=…#token=…, then the same handshake."""
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    user = (await page.text_content("#user") or "").strip()
+    async with aiohttp.ClientSession() as http, http.post(
+            demo.gateway_url + "/api/v1/sessions", json={"appUserId": user},
+            headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
+        token = (await r.json())["token"]
+    url = f"{demo.gateway_url}/connect?pk={demo.publishable_key}#token={token}"
+    async with page.expect_popup() as info:
+        await page.evaluate("""([url, gateway]) => {
+            addEventListener("message", (e) => {
+              if (e.origin !== gateway) return;
+              if (e.data.type === "hello") e.source.postMessage({ wattgate: 1, type: "session" }, gateway);
+              if (e.data.type === "result") window.res = e.data;
+            });
+            window.open(url, "", "popup");
+        }""", [url, demo.gateway_url])
+    popup = await info.value
+    await expect(popup.locator("#origin-text")).to_contain_text("verified")
+    assert token not in popup.url and "#" not in popup.url
+    await popup.fill("#cap", "2")
+    await popup.fill("#key", KEY)
+    async with popup.expect_event("close"):
+        await popup.click("#approve")
+    result = await page.evaluate("window.res")
+    assert result["approved"] is True and result["status"]["limits"] == {"monthlyUsd": 2}
+    assert all(token not in u for u in context.seen_urls)  # type: ignore[attr-defined]
