@@ -130,6 +130,11 @@ function ready() {
       $("spent-now").textContent = fmtUsd(status.usage.monthlyUsd);
       $("cap-now").textContent = fmtUsd(current);
       $("approve").textContent = "Update cap";
+    } else if (status.connected) {
+      // Approved in another browser: only the key proves it is the same person here.
+      $("returning").hidden = false;
+      $("returning").querySelector(".note").textContent =
+        `${app.name} is already connected from another browser. Enter your key to approve changes here.`;
     }
   }
   if (returning) {
