@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .credentials import keyed_hash
 from .money import NANOS_PER_USD
-from .observer import open_note
+from .observer import RequestNote, open_note
 from .views.state import gateway_key
 
 log = logging.getLogger("wattgate.access")
@@ -83,27 +83,33 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
         gw = request.app[gateway_key]
         route = _route(request)
         gw.observer.request_done(route, request.method, status)
-        fields: dict[str, Any] = {
-            "request_id": request_id, "method": request.method, "route": route,
-            "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        app = note.app_id or (_app_claimed(request) if status != 401 else None)
-        user = note.user or request.headers.get("x-wattfare-user")
-        if user is None and route == "/api/v1/status":
-            user = request.query.get("appUserId")
-        if app:
-            fields["app"] = app
-        if user and status != 401:
-            fields["user"] = user_hash(gw.keys.hash_key, user)
-        if note.grant_id is not None:
-            fields["grant"] = note.grant_id
-        if note.model:
-            fields["model"] = note.model
-        if note.cost_nanos is not None:
-            fields["cost_usd"] = note.cost_nanos / NANOS_PER_USD
-            fields["cost_state"] = "provisional" if note.provisional else "final"
-            fields["outcome"] = note.outcome
-        log.info("%s %s %s", request.method, route, status, extra={"request": fields})
+        if log.isEnabledFor(logging.INFO):  # [log] level = "warning" turns the lines off
+            _write_line(request, gw.keys.hash_key, note, route, status, request_id, started)
+
+
+def _write_line(request: web.Request, hash_key: bytes, note: RequestNote, route: str,
+                status: int, request_id: str, started: float) -> None:
+    fields: dict[str, Any] = {
+        "request_id": request_id, "method": request.method, "route": route,
+        "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+    }
+    app = note.app_id or (_app_claimed(request) if status != 401 else None)
+    user = note.user or request.headers.get("x-wattfare-user")
+    if user is None and route == "/api/v1/status":
+        user = request.query.get("appUserId")
+    if app:
+        fields["app"] = app
+    if user and status != 401:
+        fields["user"] = user_hash(hash_key, user)
+    if note.grant_id is not None:
+        fields["grant"] = note.grant_id
+    if note.model:
+        fields["model"] = note.model
+    if note.cost_nanos is not None:
+        fields["cost_usd"] = note.cost_nanos / NANOS_PER_USD
+        fields["cost_state"] = "provisional" if note.provisional else "final"
+        fields["outcome"] = note.outcome
+    log.info("%s %s %s", request.method, route, status, extra={"request": fields})
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
