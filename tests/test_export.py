@@ -12,7 +12,7 @@ import pytest
 from test_admin_functional import close_consoles, sign_in  # noqa: F401 (fixture)
 
 from wattgate.cli import main
-from wattgate.export import parse_bound, usd_text
+from wattgate.export import COLUMNS, parse_bound, usd_text
 from wattgate.ledger import period_of
 from wattgate.money import usd_to_nanos
 
@@ -135,3 +135,22 @@ def test_bounds_and_amounts():
     assert parse_bound("2026-11-01T12:00:00Z") == parse_bound("2026-11-01") + 43200
     with pytest.raises(ValueError):
         parse_bound("last week")
+
+
+async def test_pages_cover_every_call_once_in_order(traffic):
+    h, app, n = traffic
+    for size, shape in ((4, [4, 4, 1]), (3, [3, 3, 3]), (100, [9])):
+        pages = [p async for p in h.gw.store.usage_lines(app.app_id, page=size)]
+        assert [len(p) for p in pages] == shape
+        lines = [line for p in pages for line in p]
+        assert len({line.generation_id for line in lines}) == n
+        assert [line.created_at for line in lines] == sorted(line.created_at for line in lines)
+
+
+async def test_an_app_without_calls_exports_a_header_only(traffic, capsys, monkeypatch):
+    h, _, _ = traffic
+    quiet = await h.create_app("Quiet")
+    out = await export_cli(h, capsys, monkeypatch, "--app", quiet.app_id, "--format", "csv")
+    assert out.splitlines() == [",".join(COLUMNS)]
+    assert await export_cli(h, capsys, monkeypatch, "--app", quiet.app_id,
+                            "--format", "jsonl") == ""

@@ -65,7 +65,7 @@ async def test_counters_move_with_traffic(make_harness):
     assert moved("wattgate_metered_calls_total", app=app.app_id, state="final") == 2
     assert moved("wattgate_metered_calls_total", app=app.app_id, state="provisional") == 1
     # Dollars: the two flat-priced calls plus the estimate recorded for the one with no usage.
-    ledger = sum(u.cost_nanos for u in await h.gw.store.usage_lines(app.app_id))
+    ledger = sum([u.cost_nanos async for page in h.gw.store.usage_lines(app.app_id) for u in page])
     assert ledger > usd_to_nanos(Decimal("0.05"))
     assert moved("wattgate_metered_usd_total", app=app.app_id) == pytest.approx(ledger / 1e9)
     assert value(after, "wattgate_reconciliation_backlog") == 1

@@ -272,18 +272,17 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
         raise CommandError("--from/--to: expected a date like 2026-11-01 or an ISO date-time") \
             from None
 
-    async def read(gw: Gateway) -> Any:
+    async def write(gw: Gateway) -> None:
         if await gw.store.get_app(args.app) is None:
             raise CommandError(f"unknown app {args.app}")
-        return await gw.store.usage_lines(args.app, since, until)
-    lines = _run(config, read)
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    try:
-        for text in export.render(lines, args.format):
-            out.write(text)
-    finally:
-        if args.output:
-            out.close()
+        out = open(args.output, "w", newline="") if args.output else sys.stdout
+        try:
+            async for text in export.pages(gw.store, args.app, args.format, since, until):
+                out.write(text)
+        finally:
+            if args.output:
+                out.close()
+    _run(config, write)
     return 0
 
 

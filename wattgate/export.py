@@ -15,12 +15,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from .money import NANOS_PER_USD
 from .store.reports import UsageLine
+
+if TYPE_CHECKING:
+    from .store import SQLiteStore
 
 FORMATS = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 COLUMNS = ("time", "app_id", "user_id", "grant_id", "model", "prompt_tokens",
@@ -78,30 +82,40 @@ def _cell(value: object) -> object:
     return "" if value is None else value
 
 
-def csv_lines(lines: Iterable[UsageLine]) -> Iterator[str]:
-    """A header row, then one row per call."""
+def csv_lines(lines: Iterable[UsageLine], *, header: bool = True) -> Iterator[str]:
+    """A header row (unless this continues an export), then one row per call."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    yield buf.getvalue()
+    if header:
+        writer.writerow(COLUMNS)
     for line in lines:
-        buf.seek(0)
-        buf.truncate()
         writer.writerow([_cell(v) for v in record(line).values()])
-        yield buf.getvalue()
+    yield buf.getvalue()
 
 
-def jsonl_lines(lines: Iterable[UsageLine]) -> Iterator[str]:
+def jsonl_lines(lines: Iterable[UsageLine], *, header: bool = True) -> Iterator[str]:
     for line in lines:
         yield json.dumps(record(line), separators=(",", ":")) + "\n"
 
 
-def render(lines: Iterable[UsageLine], fmt: str) -> Iterator[str]:
+def render(lines: Iterable[UsageLine], fmt: str, *, header: bool = True) -> str:
+    """One page of an export as text; ``header=False`` for the pages after the first."""
     if fmt == "csv":
-        return csv_lines(lines)
+        return "".join(csv_lines(lines, header=header))
     if fmt == "jsonl":
-        return jsonl_lines(lines)
+        return "".join(jsonl_lines(lines))
     raise ValueError(f"unknown export format {fmt!r}; use csv or jsonl")
+
+
+async def pages(store: SQLiteStore, app_id: str, fmt: str, since: float | None,
+                until: float | None) -> AsyncIterator[str]:
+    """The whole export as text, a page of calls at a time (a CSV header even when empty)."""
+    first = True
+    async for lines in store.usage_lines(app_id, since, until):
+        yield render(lines, fmt, header=first)
+        first = False
+    if first and fmt == "csv":
+        yield render([], fmt)
 
 
 def filename(app_id: str, fmt: str, since: float | None, until: float | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,34 +160,50 @@ class ReportsMixin:
 
     async def usage_lines(self, app_id: str, since: float | None = None,
                           until: float | None = None, *,
-                          batch: int = 5000) -> list[UsageLine]:
-        """Every metered call of an app in [since, until), oldest first."""
-        return await self._report(lambda db: list(_usage_lines(db, app_id, since, until, batch)))
+                          page: int = 5000) -> AsyncIterator[list[UsageLine]]:
+        """Every metered call of an app in [since, until), oldest first, a page at a time.
+
+        Each page is its own short read (keyset on created_at, usage_id), so an
+        export of millions of calls never holds them all in memory nor keeps
+        one read transaction open for the whole download.
+        """
+        after: tuple[float, int] | None = None
+        while True:
+            def read(db: sqlite3.Connection, after: tuple[float, int] | None = after
+                     ) -> tuple[list[UsageLine], tuple[float, int] | None]:
+                return _usage_page(db, app_id, since, until, after, page)
+            lines, after = await self._report(read)
+            if lines:
+                yield lines
+            if after is None:
+                return
 
     def reconciliation_backlog(self) -> int:
         """How many calls are recorded at their estimate, awaiting their real cost.
 
-        A point read on the caller's thread: the partial index of migration 3
-        keeps it a count of the provisional rows only.
+        A point read on the caller's thread (a count over an index of the
+        provisional rows, where the schema has one), for each /metrics scrape.
         """
         row = self._one("SELECT COUNT(*) FROM usage WHERE provisional = 1")
         return row[0] if row else 0
 
 
-def _usage_lines(db: sqlite3.Connection, app_id: str, since: float | None,
-                 until: float | None, batch: int) -> Iterator[UsageLine]:
+def _usage_page(db: sqlite3.Connection, app_id: str, since: float | None,
+                until: float | None, after: tuple[float, int] | None,
+                limit: int) -> tuple[list[UsageLine], tuple[float, int] | None]:
     sql = ("SELECT u.created_at, u.generation_id, u.app_id, c.app_user_id, u.grant_id, u.model, "
-           "u.prompt_tokens, u.completion_tokens, u.cost_nanos, u.provisional, u.status "
-           "FROM usage u " + _PAYER_JOIN + "WHERE u.app_id = :app")
-    params: dict[str, Any] = {"app": app_id, "since": since, "until": until}
+           "u.prompt_tokens, u.completion_tokens, u.cost_nanos, u.provisional, u.status, "
+           "u.usage_id FROM usage u " + _PAYER_JOIN + "WHERE u.app_id = :app")
+    params: dict[str, Any] = {"app": app_id, "since": since, "until": until, "n": limit,
+                              "t": after[0] if after else None, "id": after[1] if after else None}
     if since is not None:
         sql += " AND u.created_at >= :since"
     if until is not None:
         sql += " AND u.created_at < :until"
-    cursor = db.execute(sql + " ORDER BY u.created_at, u.usage_id", params)
-    while rows := cursor.fetchmany(batch):
-        for r in rows:
-            yield UsageLine(created_at=r[0], generation_id=r[1], app_id=r[2], app_user_id=r[3],
-                            grant_id=r[4], model=r[5], prompt_tokens=r[6],
-                            completion_tokens=r[7], cost_nanos=r[8], provisional=bool(r[9]),
-                            status=r[10])
+    if after is not None:
+        sql += " AND (u.created_at, u.usage_id) > (:t, :id)"
+    rows = db.execute(sql + " ORDER BY u.created_at, u.usage_id LIMIT :n", params).fetchall()
+    lines = [UsageLine(created_at=r[0], generation_id=r[1], app_id=r[2], app_user_id=r[3],
+                       grant_id=r[4], model=r[5], prompt_tokens=r[6], completion_tokens=r[7],
+                       cost_nanos=r[8], provisional=bool(r[9]), status=r[10]) for r in rows]
+    return lines, ((rows[-1][0], rows[-1][11]) if len(rows) == limit else None)

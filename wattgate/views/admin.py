@@ -332,19 +332,13 @@ async def usage_download(request: web.Request, gw: Gateway,
         return html_response(console.message("Export refused", f"{e}. Use dates like "
                                              "2026-11-01.", csrf=session.csrf,
                                              back=f"/admin/apps/{app.app_id}#export"), 400)
-    lines = await gw.store.usage_lines(app.app_id, since, until)
     response = web.StreamResponse(headers={
         "Content-Type": f"{export.FORMATS[fmt]}; charset=utf-8", "Cache-Control": "no-store",
         "Content-Disposition":
             f'attachment; filename="{export.filename(app.app_id, fmt, since, until)}"'})
     await response.prepare(request)
-    chunk: list[str] = []
-    for text in export.render(lines, fmt):
-        chunk.append(text)
-        if len(chunk) >= 500:
-            await response.write("".join(chunk).encode())
-            chunk = []
-    await response.write("".join(chunk).encode())
+    async for text in export.pages(gw.store, app.app_id, fmt, since, until):
+        await response.write(text.encode())
     await response.write_eof()
     return response
 
