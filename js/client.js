@@ -270,6 +270,8 @@ export function createWattfare(options) {
   }
 
   const pkQuery = `pk=${encodeURIComponent(publishableKey)}`;
+  /** @returns {Promise<ConnectionStatus>} */
+  const status = () => api("GET", "/api/v1/connections");
 
   return {
     publishableKey,
@@ -277,20 +279,19 @@ export function createWattfare(options) {
 
     /**
      * Open the consent popup; resolves to the status after the user's choice. A denial or a
-     * closed popup resolves to the current (normally not-connected) status, never throws.
+     * closed popup resolves to the current (normally not-connected) status; a blocked popup
+     * (WattfarePopupError) or a failing token route rejects with a typed error.
      * @returns {Promise<ConnectionStatus>}
      */
     async connect() {
       const popup = openPopup(`/connect?${pkQuery}`); // synchronously, inside the click
       const result = await handshake(popup, "connect");
       if (result && result.status) return result.status;
-      try { return await this.status(); } catch { return { ...NOT_CONNECTED, usage: { monthlyUsd: 0 } }; }
+      try { return await status(); } catch { return { ...NOT_CONNECTED, usage: { monthlyUsd: 0 } }; }
     },
 
     /** @returns {Promise<ConnectionStatus>} */
-    async status() {
-      return api("GET", "/api/v1/connections");
-    },
+    status,
 
     /** Revoke this user's connection to the app. @returns {Promise<void>} */
     async disconnect() {
