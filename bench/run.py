@@ -390,7 +390,7 @@ def rotate(items: list[Server], k: int) -> list[Server]:
 
 
 def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) -> None:
-    ports = pick_ports(BASE_PORT + 1, 8)
+    ports = pick_ports(BASE_PORT + 1, 12)
     say(f"starting fake upstream, bare proxy and wattgate on 127.0.0.1:{ports[:3]}")
     fake = start_fake(fleet, "upstream", ports[0])
     direct = Server("direct", fake.port, fake.proc)
@@ -399,10 +399,10 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
         problem = proxy_ready(s)
         if problem:
             raise RuntimeError(problem)
+    variants = [v for v in plan.variant.split(",") if v]
     gates = [start_wattgate(fleet, "wattgate", ports[2], fake)]
-    if plan.variant:
-        gates.append(start_wattgate(fleet, f"wattgate+{plan.variant}", ports[3], fake,
-                                    plan.variant))
+    for i, v in enumerate(variants):
+        gates.append(start_wattgate(fleet, f"wattgate+{v}", ports[3 + i], fake, v))
     for g in list(gates):
         why = proxy_ready(g)
         if why:
@@ -450,12 +450,12 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
     say("large answers: RSS while streaming")
     for s in (bare, *gates, fake):
         fleet.stop(s)
-    big = start_fake(fleet, "upstream-big", ports[4], "--pieces", str(max(plan.rss_sizes)),
+    big = start_fake(fleet, "upstream-big", ports[6], "--pieces", str(max(plan.rss_sizes)),
                      "--piece-bytes", str(BIG_PIECE))
-    big_targets = [start_bare(fleet, "bare", ports[5], big)]
+    big_targets = [start_bare(fleet, "bare", ports[7], big)]
     for i, g in enumerate(gates):
-        big_targets.append(start_wattgate(fleet, g.name, ports[6 + i], big,
-                                          plan.variant if i else ""))
+        big_targets.append(start_wattgate(fleet, g.name, ports[8 + i], big,
+                                          g.name.partition("+")[2]))
     for s in big_targets:
         res.rss[s.name] = [rss_while(s, mb) for mb in plan.rss_sizes]
 
@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="seconds per throughput run")
     parser.add_argument("--rounds", type=int, help="rounds per target")
     parser.add_argument("--variant", default="",
-                        help="also measure wattgate with a prototype of bench/variants.py")
+                        help="also measure wattgate with prototypes of bench/variants.py "
+                        "(comma-separated names, at most 3)")
     parser.add_argument("--out", default=str(BENCH / "results.md"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)

@@ -17,12 +17,18 @@ earns its keep is then proposed for wattgate itself, with the figures.
   with ``busy_timeout = 0``), the batch falls back to the writer thread with
   the usual 10 s patience; WAL checkpoints (which fsync) run on the writer
   thread, through their own connection, instead of inside a commit.
+- ``bg-checkpoint``: only the last part of that: the writer thread stays, but
+  SQLite's automatic WAL checkpoint (an fsync of the WAL and the database,
+  run inside whichever commit crosses 1000 pages) is replaced by a passive
+  checkpoint every 200 commits on a connection of its own, so no caller's
+  commit waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from wattgate.store import sqlite as store_sqlite
@@ -133,7 +139,41 @@ class InlineWriter(store_sqlite._Writer):
         await super().close()
 
 
-VARIANTS = {"inline-writer": lambda: setattr(store_sqlite, "_Writer", InlineWriter)}
+class CheckpointAsideWriter(store_sqlite._Writer):
+    def __init__(self, db: sqlite3.Connection) -> None:
+        super().__init__(db)
+        self._path = db.execute("PRAGMA database_list").fetchone()[2]
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._checkpoint_at = CHECKPOINT_EVERY
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="wattgate-checkpoint")
+        self._checkpointing = False
+
+    def _apply(self, ops: list[Any]) -> list[tuple[bool, Any]]:
+        results = super()._apply(ops)
+        if self.commits >= self._checkpoint_at and not self._checkpointing:
+            self._checkpoint_at = self.commits + CHECKPOINT_EVERY
+            self._checkpointing = True
+            self._checkpointer.submit(self._checkpoint)
+        return results
+
+    def _checkpoint(self) -> None:
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None)
+            try:
+                db.execute("PRAGMA busy_timeout = 10000")
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                db.close()
+        finally:
+            self._checkpointing = False
+
+    def shutdown(self) -> None:
+        self._checkpointer.shutdown(wait=True)
+        super().shutdown()
+
+
+VARIANTS = {"inline-writer": lambda: setattr(store_sqlite, "_Writer", InlineWriter),
+            "bg-checkpoint": lambda: setattr(store_sqlite, "_Writer", CheckpointAsideWriter)}
 
 
 def apply(name: str) -> None:
