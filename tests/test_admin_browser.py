@@ -140,3 +140,17 @@ async def test_sign_in_see_spend_revoke_connection(make_harness, page: Page):
     status, body = await chat(h, notes, "dora", "fake/flat-2c")
     assert (status, body["error"]["code"]) == (402, "not_connected")
     assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200  # others unaffected
+
+    # Rotating the secret asks first, then shows the new key once; the old one stops working.
+    await page.goto(f"{h.url}/admin/apps/{notes.app_id}")
+    await page.get_by_role("link", name="Rotate secret key").click()
+    await expect(page.get_by_role("heading", name="Rotate the secret key of Acme Notes?")) \
+        .to_be_visible()
+    await page.screenshot(path=str(ARTIFACTS / "admin-rotate-confirm.png"))
+    await page.get_by_role("button", name="Rotate the secret key now").click()
+    new_secret = (await page.locator("#secret-key").text_content()).strip()
+    await page.screenshot(path=str(ARTIFACTS / "admin-secret-shown.png"))
+    assert new_secret.startswith(f"sk_live_{notes.app_id}_") and new_secret != notes.secret_key
+    assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 401
+    notes.secret_key = new_secret
+    assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200

@@ -112,6 +112,9 @@ async def test_create_rotate_and_origins(harness):
     _, detail = await c.page(f"/admin/apps/{app.app_id}")
     assert secret not in detail  # shown once, never again
 
+    status, confirm = await c.page(f"/admin/apps/{app.app_id}/rotate-secret")
+    assert status == 200 and "stops working at once" in confirm
+    assert await harness.gw.app_for_secret(secret)  # asking is not rotating
     r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf})
     new = secret_in(r.text_body)
     assert new != secret

@@ -208,6 +208,8 @@ async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> 
     day_list, since, until = _window(now, days)
     apps = await gw.store.list_apps()
     names = {a.app_id: a.name for a in apps}
+    taken = [a.name for a in apps]
+    names = {i: n if taken.count(n) == 1 else f"{n} ({i})" for i, n in names.items()}
     spend = await gw.store.daily_spend(since, until)
     by_app = series_by(day_list, ((d.day, names.get(d.app_id, d.app_id), d.cost_nanos)
                                   for d in spend))
@@ -285,6 +287,8 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
     app = await _app(request, gw)
+    if request.method == "GET":  # breaking every backend's key deserves a second click
+        return html_response(console.confirm_rotation(csrf=session.csrf, app=app))
     creds = mint_credentials(app.app_id)
     await gw.store.set_app_secret(app.app_id, gw.hash(creds.secret))
     return html_response(console.secret_shown(csrf=session.csrf, app=app,
@@ -369,6 +373,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/apps", signed_in(apps_page))
     r.add_post("/admin/apps", signed_in(create_app))
     r.add_get("/admin/apps/{app_id}", signed_in(app_page))
+    r.add_get("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/origins", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))

@@ -283,8 +283,7 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                      f"{len(grants)} in all")
              + _stat("Awaiting final cost", str(month.provisional), "provisional calls"))
     banner = f'<p class="flash" role="status">{e(notice)}</p>' if notice else ""
-    rotate = _form(f"{base}/rotate-secret", csrf,
-                   '<button class="secondary small" type="submit">Rotate secret key</button>')
+    rotate = f'<a class="button secondary small" href="{e(base)}/rotate-secret">Rotate secret key</a>'
     export = f"""<form method="get" action="{e(base)}/usage" class="row">
 <label>From <input type="date" name="from"></label><label>To <input type="date" name="to"></label>
 <label>Format <select name="format"><option value="csv">CSV</option>
@@ -308,6 +307,17 @@ in USD, provisional or final. Never prompt content. Dates are optional and inclu
 <section class="card" id="grants"><h2>One-time grants</h2>{_grants(grants, users, now)}</section>
 <section class="card" id="export"><h2>Usage export</h2>{export}</section>"""
     return frame(app.name, body, csrf=csrf, active="apps")
+
+
+def confirm_rotation(*, csrf: str, app: App) -> str:
+    form = _form(f"/admin/apps/{app.app_id}/rotate-secret", csrf,
+                 '<button class="danger" type="submit">Rotate the secret key now</button> '
+                 f'<a class="button secondary" href="/admin/apps/{e(app.app_id)}">Cancel</a>')
+    return frame("Rotate secret key", f"""<section class="card login">
+<h1>Rotate the secret key of {e(app.name)}?</h1>
+<p>A new secret key is shown once. <b>The current key stops working at once</b>: every
+backend using it gets <code>401</code> until it is given the new one. Sessions already
+minted and users' connections are not affected.</p>{form}</section>""", csrf=csrf, active="apps")
 
 
 def message(title: str, text: str, *, csrf: str | None, back: str = "/admin") -> str:
