@@ -8,6 +8,8 @@ previous process, and mounts the routes. Tests pass a config pointing
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator, Callable
@@ -17,6 +19,7 @@ from aiohttp import web
 from .config import Config
 from .gateway import open_gateway
 from .middleware import error_middleware
+from .reconcile import Reconciler
 from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
@@ -43,12 +46,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         await gw.store.close()
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-        upstream = Upstream(config.upstream_base_url,
-                            key_check_path=config.upstream_key_check_path,
-                            connect_timeout=config.upstream_connect_timeout,
-                            first_byte_timeout=config.upstream_first_byte_timeout,
-                            idle_timeout=config.upstream_idle_timeout,
-                            models_ttl=config.upstream_models_ttl, clock=clock)
+        upstream = Upstream.from_config(config, clock=clock)
         await upstream.start()
         app[upstream_key] = upstream
         yield
@@ -57,6 +55,16 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(gateway_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(proxy.drains_ctx)
+
+    async def reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(
+            Reconciler(app[gateway_key], app[upstream_key]).loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(reconcile_ctx)
 
     r = app.router
     r.add_get("/healthz", control.healthz)

@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("rotate", parents=[common],
                         help="add a new master key and re-seal every funding key")
+    ledger = sub.add_parser("ledger", help="verify and reconcile the spend ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    ledger_sub.add_parser("check", parents=[common], help=(
+        "verify every aggregate equals the sum of its rows and no hold outlived its bound; "
+        "exit 1 if not"))
+    ledger_sub.add_parser("reconcile", parents=[common], help=(
+        "ask the upstream for the final cost of provisional calls, correct them, and sweep "
+        "expired holds"))
     demo = sub.add_parser("demo", help="run the gateway, a fake OpenRouter and an example "
                           "app on loopback, offline, and print the URL to open")
     demo.add_argument("--port", type=int, default=8787, help="the gateway's port (default 8787)")
@@ -216,8 +224,42 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(f"cannot start the demo: {e}") from None
 
 
+def cmd_ledger(args: argparse.Namespace, config: Config) -> int:
+    if args.ledger_command == "check":
+        async def check(gw: Gateway) -> tuple[list[str], int]:
+            problems = await gw.store.check(now=time.time(),
+                                            hold_ttl=config.metering_hold_ttl_seconds)
+            return problems, await gw.store.provisional_count()
+        problems, provisional = _run(config, check)
+        for line in problems:
+            print(f"ledger: {line}")
+        if problems:
+            print(f"ledger check failed: {len(problems)} problems", file=sys.stderr)
+            return 1
+        print(f"ledger ok ({provisional} provisional calls awaiting reconciliation)")
+        return 0
+
+    from .reconcile import Reconciler
+    from .upstream import Upstream
+
+    async def reconcile(gw: Gateway) -> tuple[int, Any]:
+        upstream = Upstream.from_config(config, clock=time.time)
+        await upstream.start()
+        try:
+            reconciler = Reconciler(gw, upstream)
+            swept = await reconciler.sweep()
+            return swept, await reconciler.run_once(force=True)
+        finally:
+            await upstream.close()
+    swept, report = _run(config, reconcile)
+    print(f"swept {swept} expired holds; checked {report.checked} provisional calls, "
+          f"corrected {report.corrected}, {report.waiting} not ready upstream yet, "
+          f"{report.unreachable} without a funding key to ask with")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
-    "serve": cmd_serve, "apps": cmd_apps, "keys": cmd_keys, "demo": cmd_demo,
+    "serve": cmd_serve, "apps": cmd_apps, "keys": cmd_keys, "demo": cmd_demo, "ledger": cmd_ledger,
 }
 
 

@@ -84,6 +84,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metering", "max_drains", int, 64,
             "How many such drains may run at once; past that the call is recorded "
             "at its estimate, marked provisional.", 0),
+    Setting("metering", "reconcile_interval", float, 30.0,
+            "Seconds between background passes that sweep expired holds and ask the "
+            "upstream for the final cost of provisional calls.", 0.1),
+    Setting("metering", "reconcile_give_up", float, 86400.0,
+            "Seconds after a call past which its provisional cost is no longer "
+            "reconciled and stays at its estimate.", 60),
     Setting("grants", "ttl_seconds", int, 600, "Lifetime of a one-time grant token.", 10),
     Setting("grants", "max_requests", int, 100,
             "Largest request count one grant may authorize.", 1),

@@ -58,6 +58,14 @@ class Upstream:
         self._clock = clock
         self._refreshing: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_config(cls, config: Any, *, clock: Callable[[], float]) -> "Upstream":
+        return cls(config.upstream_base_url, key_check_path=config.upstream_key_check_path,
+                   connect_timeout=config.upstream_connect_timeout,
+                   first_byte_timeout=config.upstream_first_byte_timeout,
+                   idle_timeout=config.upstream_idle_timeout,
+                   models_ttl=config.upstream_models_ttl, clock=clock)
+
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
@@ -101,6 +109,27 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"Could not reach the model provider ({type(e).__name__}).") \
                 from None
+
+    async def generation_cost(self, generation_id: str, funding_key: str) -> Decimal | None:
+        """The final cost of a generation, or None while the upstream does not know it yet."""
+        assert self.session is not None
+        try:
+            async with self.session.get(
+                    self.url("/generation"), params={"id": generation_id},
+                    headers={"Authorization": f"Bearer {funding_key}"},
+                    timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+        try:
+            cost = json.loads(body, parse_float=Decimal)["data"]["total_cost"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if isinstance(cost, bool) or not isinstance(cost, (int, Decimal)) or cost < 0:
+            return None
+        return Decimal(cost)
 
     async def refresh_prices(self) -> None:
         status, body, _ = await self.fetch_models()

@@ -99,6 +99,17 @@ def m002_grants_presence_and_call_details(db: sqlite3.Connection) -> None:
     """)
 
 
+def m003_hold_generation(db: sqlite3.Connection) -> None:
+    # A hold names its upstream generation as soon as the upstream answers, so a
+    # crash mid-call leaves a record to reconcile instead of a lost debit.
+    _script(db, """
+    ALTER TABLE holds ADD COLUMN generation_id TEXT;
+    ALTER TABLE holds ADD COLUMN app_id TEXT;
+    ALTER TABLE holds ADD COLUMN model TEXT;
+    CREATE INDEX usage_provisional ON usage (provisional) WHERE provisional = 1
+    """)
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -109,6 +120,7 @@ def _script(db: sqlite3.Connection, sql: str) -> None:
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m001_initial,
     m002_grants_presence_and_call_details,
+    m003_hold_generation,
 )
 
 

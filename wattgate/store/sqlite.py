@@ -16,6 +16,7 @@ lookup costs microseconds, less than a hop to a thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,11 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
 from .migrations import migrate
-from .reports import ReportsMixin  # the console's and exports' range reads
 from .records import ACTIVE, App, Connection, Grant, Hold, Usage
+from .reports import ReportsMixin  # the console's and exports' range reads
 
 T = TypeVar("T")
+log = logging.getLogger("wattgate.store")
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -59,6 +61,15 @@ class _Writer:
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
         return await future
+
+    def submit(self, op: Op) -> None:
+        """Queue an operation without waiting for its commit (ordered before later ops)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_consume)
+        self._queue.append((op, future))
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +126,13 @@ class _Writer:
         self._executor.shutdown(wait=True)
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("background ledger write failed: %r", future.exception())
+
+
+_USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
+               "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
 _CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
                     "browser_hash, created_at, updated_at")
 _GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
@@ -353,14 +371,78 @@ class SQLiteStore(ReportsMixin):
                  "cost": usage.cost_nanos, "prov": int(usage.provisional), "st": usage.status,
                  "lat": usage.latency_ms, "t": usage.created_at})
             if cur.rowcount == 0:
+                # Already recorded. A final figure replaces a provisional one (a
+                # swept hold's estimate); a final row is never counted twice.
+                if not usage.provisional:
+                    return _correct(db, usage.generation_id, usage.cost_nanos,
+                                    usage.prompt_tokens, usage.completion_tokens)
                 return False
-            if usage.connection_id is not None:
-                _add_spend(db, usage.connection_id, period, usage.cost_nanos)
-            if usage.grant_id is not None:
-                db.execute("UPDATE grants SET spent_nanos = spent_nanos + ? WHERE grant_id = ?",
-                           (usage.cost_nanos, usage.grant_id))
+            _debit(db, usage.connection_id, usage.grant_id, period, usage.cost_nanos)
             return True
         return await self._writer.run(op)
+
+    def note_generation(self, hold: Hold, generation_id: str, app_id: str, model: str) -> None:
+        """Remember on the hold which generation it pays for, before any body byte.
+
+        Not awaited: it is ordered before the call's settle in the writer queue.
+        After a crash, a hold with a generation id becomes a provisional ledger
+        row for reconciliation instead of vanishing.
+        """
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE holds SET generation_id = :g, app_id = :a, model = :m "
+                       "WHERE hold_id = :h", {"g": generation_id, "a": app_id, "m": model[:200],
+                                              "h": hold.hold_id})
+        self._writer.submit(op)
+
+    async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
+        """Replace a provisional row's cost with the upstream's final figure."""
+        def op(db: sqlite3.Connection) -> bool:
+            return _correct(db, generation_id, cost_nanos, None, None)
+        return await self._writer.run(op)
+
+    async def provisional_usage(self, limit: int = 100) -> list[tuple[Usage, str]]:
+        """Provisional rows that name a real upstream generation, oldest first."""
+        rows = self._all(
+            f"SELECT {_USAGE_COLS}, period FROM usage WHERE provisional = 1 "
+            "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id LIMIT ?", (limit,))
+        return [(_usage(r), r[-1]) for r in rows]
+
+    async def provisional_count(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM usage WHERE provisional = 1")
+        return row[0] if row else 0
+
+    async def check(self, *, now: float, hold_ttl: float) -> list[str]:
+        """Every way the ledger disagrees with itself, as sentences (empty: consistent)."""
+        problems = []
+        for cid, period, spent, rows in self._all(
+                "SELECT p.connection_id, p.period, p.spent_nanos, "
+                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u "
+                " WHERE u.connection_id = p.connection_id AND u.period = p.period) "
+                "FROM periods p"):
+            if spent != rows:
+                problems.append(f"connection {cid} period {period}: aggregate {spent} "
+                                f"nano-USD but its rows sum to {rows}")
+        for cid, period, rows in self._all(
+                "SELECT connection_id, period, SUM(cost_nanos) FROM usage u "
+                "WHERE connection_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM periods p "
+                "WHERE p.connection_id = u.connection_id AND p.period = u.period) "
+                "GROUP BY connection_id, period"):
+            if rows:
+                problems.append(f"connection {cid} period {period}: rows sum to {rows} "
+                                "nano-USD but no aggregate exists")
+        for gid, spent, held, rows, holds in self._all(
+                "SELECT g.grant_id, g.spent_nanos, g.held_nanos, "
+                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
+                "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id) "
+                "FROM grants g"):
+            if spent != rows or held != holds:
+                problems.append(f"grant {gid}: spent {spent}/held {held} but rows sum to "
+                                f"{rows} and holds to {holds}")
+        for hold_id, created in self._all("SELECT hold_id, created_at FROM holds "
+                                          "WHERE created_at < ?", (now - hold_ttl,)):
+            problems.append(f"hold {hold_id} is {int(now - created)} s old "
+                            f"(bound {int(hold_ttl)} s)")
+        return problems
 
     async def release(self, hold: Hold, *, refund_request: bool = False) -> None:
         """Drop a hold without spend (the call never reached the model)."""
@@ -372,17 +454,36 @@ class SQLiteStore(ReportsMixin):
         await self._writer.run(op)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
-        """Drop holds created before ``older_than`` (all holds when None)."""
+        """Drop holds created before ``older_than`` (all holds when None).
+
+        A hold whose upstream generation was already named may have been
+        billed: it becomes a provisional row at its estimate, for
+        reconciliation, never a silent $0. A hold with no generation never
+        reached the model and is simply released.
+        """
         def op(db: sqlite3.Connection) -> int:
-            sql = "SELECT hold_id, connection_id, grant_id, period, amount_nanos FROM holds"
+            sql = ("SELECT hold_id, connection_id, grant_id, period, amount_nanos, "
+                   "generation_id, app_id, model, created_at FROM holds")
             params: tuple = ()
             if older_than is not None:
                 sql += " WHERE created_at < ?"
                 params = (older_than,)
-            holds = [Hold(*r) for r in db.execute(sql, params).fetchall()]
-            for h in holds:
-                _drop_hold(db, h)
-            return len(holds)
+            rows = db.execute(sql, params).fetchall()
+            for r in rows:
+                hold = Hold(*r[:5])
+                _drop_hold(db, hold)
+                if r[5] is None:
+                    continue
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, "
+                    "grant_id, period, model, prompt_tokens, completion_tokens, cost_nanos, "
+                    "provisional, status, latency_ms, created_at) VALUES "
+                    "(?, ?, ?, ?, ?, ?, 0, 0, ?, 1, 'swept', 0, ?)",
+                    (r[5], r[6], hold.connection_id, hold.grant_id, hold.period, r[7] or "",
+                     hold.amount_nanos, r[8])).rowcount
+                if inserted:
+                    _debit(db, hold.connection_id, hold.grant_id, hold.period, hold.amount_nanos)
+            return len(rows)
         return await self._writer.run(op)
 
     async def open_holds(self) -> int:
@@ -419,6 +520,10 @@ class SQLiteStore(ReportsMixin):
 
     async def get_grant(self, token_hash: str) -> Grant | None:
         row = self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?", (token_hash,))
+        return Grant(*row) if row else None
+
+    async def get_grant_by_id(self, grant_id: int) -> Grant | None:
+        row = self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE grant_id = ?", (grant_id,))
         return Grant(*row) if row else None
 
     async def grants_for_app(self, app_id: str) -> list[Grant]:
@@ -484,6 +589,34 @@ def _check_cap(db: sqlite3.Connection, connection_id: int, period: str,
                       (connection_id,)).fetchone()[0]
     if (spent[0] if spent else 0) + held + amount_nanos > cap_nanos:
         raise BudgetExceeded()
+
+
+def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
+           period: str, nanos: int) -> None:
+    if connection_id is not None:
+        _add_spend(db, connection_id, period, nanos)
+    if grant_id is not None:
+        db.execute("UPDATE grants SET spent_nanos = spent_nanos + ? WHERE grant_id = ?",
+                   (nanos, grant_id))
+
+
+def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
+             prompt_tokens: int | None, completion_tokens: int | None) -> bool:
+    """Make a provisional row final at ``cost_nanos``, moving the aggregates by the difference."""
+    row = db.execute("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
+                     "WHERE generation_id = ? AND provisional = 1", (generation_id,)).fetchone()
+    if row is None:
+        return False
+    db.execute("UPDATE usage SET cost_nanos = :c, provisional = 0, "
+               "prompt_tokens = COALESCE(:pt, prompt_tokens), "
+               "completion_tokens = COALESCE(:ct, completion_tokens) WHERE generation_id = :g",
+               {"c": cost_nanos, "pt": prompt_tokens, "ct": completion_tokens, "g": generation_id})
+    _debit(db, row[0], row[1], row[2], cost_nanos - row[3])
+    return True
+
+
+def _usage(r: tuple) -> Usage:
+    return Usage(*r[:8], bool(r[8]), *r[9:12])
 
 
 def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: int) -> None:

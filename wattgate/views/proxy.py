@@ -50,6 +50,8 @@ log = logging.getLogger("wattgate.proxy")
 FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
+# No model answers more; past it a worst-case hold would overflow the ledger's int64.
+MAX_TOKENS = 10_000_000
 
 drains_key = web.AppKey("drains", set)
 
@@ -78,6 +80,8 @@ def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"{name} must be a positive whole number.")
+        if value > MAX_TOKENS:
+            raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
         limit = value if limit is None else min(limit, value)
     if limit is None:
         limit = default_max_tokens
@@ -165,6 +169,10 @@ class _Call:
         try:
             if upstream_resp.status != 200:
                 await self._refuse(upstream_resp)
+            generation = upstream_resp.headers.get("X-Generation-Id")
+            if generation:
+                self.gw.store.note_generation(self.admitted.hold, generation[:200],
+                                              self.admitted.app_id, self.model)
             if stream:
                 return await self._stream(request, upstream_resp)
             return await self._whole(upstream_resp)

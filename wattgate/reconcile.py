@@ -1,0 +1,104 @@
+"""Reconciliation: provisional ledger rows corrected to the upstream's final cost.
+
+A call that ended without a usage object (client gone past the drain bound,
+upstream cut, error event, a hold swept after a crash) is recorded at its
+worst-case estimate and marked provisional. The reconciler asks the upstream
+for the truth (OpenRouter ``GET /generation?id=`` with the payer's own key)
+and corrects the row and its aggregates in one transaction, idempotently.
+404 means "not ready yet": the row is retried with exponential backoff until
+``metering.reconcile_give_up`` seconds after the call, after which it stays
+provisional at its estimate (``wattgate ledger check`` still passes; the
+admin console and export show it as provisional).
+
+It also sweeps budget holds older than ``metering.hold_ttl_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from .gateway import Gateway
+from .money import usd_to_nanos
+from .sealing import SealError, connection_aad, grant_aad
+from .store import Usage
+from .upstream import Upstream
+
+log = logging.getLogger("wattgate.reconcile")
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    corrected: int = 0
+    waiting: int = 0
+    unreachable: int = 0  # no funding key left to ask with (connection revoked)
+
+
+@dataclass
+class Reconciler:
+    gw: Gateway
+    upstream: Upstream
+    _next_try: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    async def _funding_key(self, usage: Usage) -> str | None:
+        store, sealer = self.gw.store, self.gw.sealer
+        try:
+            if usage.grant_id is not None:
+                grant = await store.get_grant_by_id(usage.grant_id)
+                if grant is not None and grant.sealed_key is not None:
+                    return sealer.unseal(grant.sealed_key, grant_aad(grant.grant_id))
+            if usage.connection_id is not None:
+                conn = await store.get_connection_by_id(usage.connection_id)
+                if conn is not None and conn.sealed_key is not None:
+                    return sealer.unseal(conn.sealed_key, connection_aad(conn.connection_id))
+        except SealError:
+            return None
+        return None
+
+    async def run_once(self, *, force: bool = False) -> Report:
+        now = self.gw.clock()
+        report = Report()
+        give_up = self.gw.config.metering_reconcile_give_up
+        for usage, _period in await self.gw.store.provisional_usage(500):
+            attempts, next_at = self._next_try.get(usage.generation_id, (0, 0.0))
+            if now - usage.created_at > give_up:
+                continue
+            if not force and next_at > now:
+                report.waiting += 1
+                continue
+            report.checked += 1
+            key = await self._funding_key(usage)
+            if key is None:
+                report.unreachable += 1
+                continue
+            cost = await self.upstream.generation_cost(usage.generation_id, key)
+            if cost is None:
+                self._next_try[usage.generation_id] = (attempts + 1,
+                                                       now + min(2.0 ** attempts, 300.0))
+                report.waiting += 1
+                continue
+            if await self.gw.store.correct_usage(usage.generation_id, usd_to_nanos(cost)):
+                report.corrected += 1
+            self._next_try.pop(usage.generation_id, None)
+        return report
+
+    async def sweep(self) -> int:
+        now = self.gw.clock()
+        return await self.gw.store.sweep_holds(
+            older_than=now - self.gw.config.metering_hold_ttl_seconds)
+
+    async def loop(self) -> None:
+        interval = self.gw.config.metering_reconcile_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                swept = await self.sweep()
+                if swept:
+                    log.warning("swept %d expired budget holds", swept)
+                report = await self.run_once()
+                if report.corrected:
+                    log.info("reconciled %d provisional calls", report.corrected)
+            except Exception:
+                log.exception("reconciliation pass failed")
