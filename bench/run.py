@@ -329,20 +329,21 @@ def debits_of(server: Server) -> int:
 
 @dataclass
 class Plan:
-    seconds: float = 8          # per wrk throughput run
-    lat_seconds: float = 5      # per wrk latency run
-    rounds: int = 2
+    seconds: float = 4          # per wrk throughput run
+    lat_seconds: float = 3      # per wrk latency run
+    rounds: int = 4             # short interleaved rounds: a burst of outside load spoils one
     warmup: float = 2
     ttfb_n: int = 300
     burst: int = 256
     rss_sizes: tuple[int, ...] = (10, 100)   # MB
     profile_seconds: float = 0
+    steps_n: int = 1500         # calls per bench/steps.py run
     variant: str = ""           # a prototype of bench/variants.py, measured beside stock
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(seconds=1, lat_seconds=1, rounds=1, warmup=1, ttfb_n=20, burst=32,
-                   rss_sizes=(2, 8))
+                   rss_sizes=(2, 8), steps_n=100)
 
 
 @dataclass
@@ -356,6 +357,7 @@ class Results:
     rss: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profile: str = ""
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def say(msg: str) -> None:
@@ -431,6 +433,20 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
             for s in rotate(targets, r):
                 runs[s.name].append(wrk(s, conns=1, seconds=plan.lat_seconds, stream=stream))
         res.latency[mode] = runs
+
+    say("metering steps in-process (bench/steps.py)")
+    for r in range(2):
+        for g in (gates if r == 0 else gates[::-1]):
+            v = g.name.partition("+")[2]
+            out = subprocess.run([PY, str(BENCH / "steps.py"), "--n", str(plan.steps_n),
+                                  "--variant", v], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
+            if out.returncode != 0:
+                raise RuntimeError(f"steps.py failed:\n{out.stderr[-3000:]}")
+            got = json.loads(out.stdout)
+            best = res.steps.setdefault(g.name, got)
+            for k, x in got.items():
+                best[k] = min(best[k], x)
 
     say("time to first byte of a streamed answer")
     res.ttfb = client("ttfb", targets, "--n", str(plan.ttfb_n), "--body", body(True))
@@ -577,6 +593,15 @@ def report(res: Results, plan: Plan) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
+    if res.steps:
+        cols = list(res.steps)
+        steps = ["| step (median µs, best of 2 runs) | " + " | ".join(cols) + " |",
+                 "|" + "---|" * (len(cols) + 1)]
+        for k in res.steps[cols[0]]:
+            steps.append(f"| {k} | " + " | ".join(f"{res.steps[c].get(k, 0):.1f}"
+                                                  for c in cols) + " |")
+        table += ("\n\nThe metering steps alone, in-process (`bench/steps.py`: the proxy's own "
+                  "functions on a real store, no HTTP):\n\n" + "\n".join(steps))
 
     raw = []
     for kind, data in (("throughput", res.throughput), ("latency", res.latency)):
@@ -616,6 +641,9 @@ def report(res: Results, plan: Plan) -> str:
     out.append("## Every run\n\n" + "\n".join(raw) + "\n")
     if res.profile:
         out.append("## Profile (py-spy, wattgate process)\n\n" + res.profile + "\n")
+    analysis = BENCH / "analysis.md"
+    if analysis.exists():  # hand-written reading of a past run; dated inside
+        out.append(analysis.read_text())
     return "\n".join(out)
 
 
