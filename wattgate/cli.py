@@ -68,7 +68,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
               f"(database {config.database_file}, keys {config.keys_path})", flush=True)
     try:
         web.run_app(app, host=config.server_host, port=config.server_port, print=ready,
-                    access_log=None, shutdown_timeout=30)
+                    access_log=None,
+                    shutdown_timeout=config.server_shutdown_timeout)
     except OSError as e:
         raise CommandError(f"cannot listen on {config.server_host}:{config.server_port}: "
                            f"{e.strerror or e}") from None

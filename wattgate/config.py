@@ -49,6 +49,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Empty: http://{host}:{port}."),
     Setting("server", "max_body_bytes", int, 4 * 1024 * 1024,
             "Largest request body accepted, in bytes.", 1024),
+    Setting("server", "shutdown_timeout", float, 30.0,
+            "On SIGTERM: seconds running calls may take to finish (and settle) after the "
+            "gateway stops accepting new ones.", 0),
     Setting("database", "path", str, "wattgate.db",
             "SQLite ledger file. Relative paths are relative to the working folder."),
     Setting("keys", "file", str, "",
