@@ -122,3 +122,33 @@ async def test_two_gateways_in_one_process_count_apart(make_harness):
                  status="200") == 1
     assert value(sb, "wattgate_http_requests_total", route="/healthz", method="GET",
                  status="200") == 0
+
+
+async def test_holds_open_counts_calls_in_flight(harness):
+    import asyncio
+
+    app = await harness.create_app()
+    await harness.connect(app, "ned", monthly_usd=5)
+    harness.fake.chunk_delay = 0.1
+    harness.fake.pieces = 8
+    hdrs = {"Authorization": f"Bearer {app.secret_key}", "x-wattfare-user": "ned"}
+    async with harness.http.post(harness.api + "/chat/completions", headers=hdrs, json={
+            "model": "fake/flat-2c", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}) as r:
+        await r.content.readline()  # the answer has started: its hold is open
+        during = await scrape(harness)
+        await r.read()
+    for _ in range(50):
+        if await harness.gw.store.open_holds() == 0:
+            break
+        await asyncio.sleep(0.02)
+    after = await scrape(harness)
+    assert value(during, "wattgate_holds_open") == 1
+    assert value(after, "wattgate_holds_open") == 0
+    assert value(during, "wattgate_upstream_ttfb_seconds_count") == 1
+    assert value(during, "wattgate_upstream_latency_seconds_count") == 0
+    assert value(after, "wattgate_upstream_latency_seconds_count") == 1
+    # The call took at least its eight chunk delays, and the histogram says so.
+    buckets = {dict(labels)["le"]: v for (name, labels), v in after.items()
+               if name == "wattgate_upstream_latency_seconds_bucket"}
+    assert buckets["0.5"] == 0 and buckets["+Inf"] == 1

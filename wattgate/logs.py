@@ -94,7 +94,7 @@ def _write_line(request: web.Request, hash_key: bytes, note: RequestNote, route:
         "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
     }
     app = note.app_id or (_app_claimed(request) if status != 401 else None)
-    user = note.user or request.headers.get("x-wattfare-user")
+    user = request.headers.get("x-wattfare-user")
     if user is None and route == "/api/v1/status":
         user = request.query.get("appUserId")
     if app:

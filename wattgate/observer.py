@@ -46,7 +46,6 @@ class RequestNote:
     """What one request's log line says beyond method, path and status."""
 
     app_id: str | None = None
-    user: str | None = None       # the raw id: the log line carries only its keyed hash
     grant_id: int | None = None
     model: str | None = None
     cost_nanos: int | None = None
@@ -61,10 +60,6 @@ def open_note() -> RequestNote:
     note = RequestNote()
     _note.set(note)
     return note
-
-
-def current_note() -> RequestNote | None:
-    return _note.get()
 
 
 class _Rejections(Collector):
