@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import FUNDING_KEY
 from wattgate.views.inputs import MAX_JSON_DEPTH
 from wattgate.views.state import upstream_key
 
@@ -200,3 +201,19 @@ async def test_unreachable_upstream_is_502_and_releases_the_hold(harness):
     assert (status, body["error"]["code"]) == (502, "upstream")
     assert await harness.gw.store.open_holds() == 0
     await asyncio.sleep(0)
+
+
+async def test_absurd_max_tokens_is_400_not_an_overflow(harness):
+    """Found by schemathesis: max_tokens=10**18 on an uncapped grant overflowed int64 (500)."""
+    app = await harness.create_app()
+    token = await harness.session(app, "hil")
+    async with harness.http.post(harness.api + "/grants",
+                                 json={"requests": 3, "fundingKey": FUNDING_KEY},
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+        grant = (await r.json())["grantToken"]
+    for name in ("max_tokens", "max_completion_tokens"):
+        status, body, _ = await post(harness, "/chat/completions",
+                                     json=chat_body(**{name: 10**18}),
+                                     headers={**auth(app), "x-wattfare-grant": grant})
+        assert (status, body["error"]["code"]) == (400, "invalid_request")
+    assert await harness.gw.store.open_holds() == 0

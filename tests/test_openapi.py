@@ -70,3 +70,10 @@ def test_error_codes_come_from_the_error_hierarchy():
                and "code" in vars(c)]
     assert sorted(enum["enum"]) == sorted(c.code for c in classes)
     assert all(re.fullmatch(r"[a-z_]+", code) for code in enum["enum"])
+
+
+def test_documented_limits_match_the_proxy():
+    from wattgate import openapi
+    from wattgate.views import proxy
+
+    assert openapi.MAX_TOKENS == proxy.MAX_TOKENS

@@ -18,6 +18,7 @@ from . import errors
 from .consent import PRESENCE_COOKIE
 
 Schema = dict[str, Any]
+MAX_TOKENS = 10_000_000  # views.proxy.MAX_TOKENS (a test keeps them equal)
 
 SECRET = [{"secretKey": []}]
 SESSION = [{"sessionToken": []}]
@@ -150,8 +151,8 @@ SCHEMAS: dict[str, Schema] = {
             "model": {"type": "string", "minLength": 1, "examples": ["openai/gpt-4o-mini"]},
             "messages": {"type": "array", "items": {"type": "object"}},
             "stream": {"type": "boolean"},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+            "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
             "stream_options": {"type": "object"},
         },
     },

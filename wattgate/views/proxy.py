@@ -52,6 +52,8 @@ FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
 # No model answers more; past it a worst-case hold would overflow the ledger's int64.
 MAX_TOKENS = 10_000_000
+# No model answers more; past it a worst-case hold would overflow the ledger's int64.
+MAX_TOKENS = 10_000_000
 
 drains_key = web.AppKey("drains", set)
 
@@ -80,6 +82,8 @@ def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"{name} must be a positive whole number.")
+        if value > MAX_TOKENS:
+            raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
         if value > MAX_TOKENS:
             raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
         limit = value if limit is None else min(limit, value)
