@@ -87,10 +87,9 @@ _PAYER_JOIN = ("LEFT JOIN connections c ON c.connection_id = u.connection_id ")
 
 
 class ReportsMixin:
-    """Reporting reads of ``SQLiteStore`` (which provides ``path`` and ``_one``)."""
+    """Reporting reads of ``SQLiteStore`` (which provides ``path``)."""
 
     path: Path
-    _one: Callable[..., tuple | None]
 
     async def _report(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         uri = self.path.resolve().as_uri() + "?mode=ro"
@@ -177,15 +176,6 @@ class ReportsMixin:
                 yield lines
             if after is None:
                 return
-
-    def reconciliation_backlog(self) -> int:
-        """How many calls are recorded at their estimate, awaiting their real cost.
-
-        A point read on the caller's thread (a count over an index of the
-        provisional rows, where the schema has one), for each /metrics scrape.
-        """
-        row = self._one("SELECT COUNT(*) FROM usage WHERE provisional = 1")
-        return row[0] if row else 0
 
 
 def _usage_page(db: sqlite3.Connection, app_id: str, since: float | None,

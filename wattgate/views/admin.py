@@ -219,7 +219,7 @@ async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> 
     return html_response(console.overview(
         csrf=session.csrf, days=days, day_list=day_list, by_app=by_app, by_model=by_model,
         payers=payers, names=names, month=month.values(), period=period_of(now),
-        holds_open=await gw.store.open_holds(), backlog=gw.store.reconciliation_backlog()))
+        holds_open=await gw.store.open_holds(), backlog=await gw.store.provisional_count()))
 
 
 async def apps_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:

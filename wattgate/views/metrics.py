@@ -79,7 +79,7 @@ async def metrics(request: web.Request) -> web.Response:
     if not _allowed(gw.config, request):
         raise MetricsForbidden()
     gw.observer.set_gauges(holds_open=await gw.store.open_holds(),
-                           backlog=gw.store.reconciliation_backlog())
+                           backlog=await gw.store.provisional_count())
     response = web.Response(body=gw.observer.exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     response.headers["Cache-Control"] = "no-store"
