@@ -1,0 +1,241 @@
+// wattgate server SDK for JavaScript (the "wattfare/server" surface). One ES module, no build
+// step. Runs on your backend: holds the app's secret key, mints session tokens for the
+// browser, and gives AI SDK models billed to one of your users or to a one-time grant.
+//
+//   import { Wattfare } from "wattgate/server";
+//   import { generateText } from "ai";
+//   const wf = new Wattfare({ secretKey: process.env.WATTFARE_SECRET_KEY, baseURL: "https://gw.example" });
+//   const { text } = await generateText({ model: wf.user("user_123").model("openai/gpt-4o-mini"), prompt: "Say hello." });
+//
+// model() is built on @ai-sdk/openai-compatible (a peer dependency: install it beside `ai`).
+// The error classes are the client SDK's (one hierarchy for the whole package), re-exported.
+
+import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
+
+import {
+  NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareUpstreamError, errorFromResponse,
+  toWattfareError as clientToWattfareError,
+} from "./client.js";
+
+export {
+  NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareInvalidRequestError,
+  WattfareConsentError, WattfareNotConnectedError, WattfareBudgetError, WattfareGrantError,
+  WattfareFundingError, WattfareRateLimitError, WattfareUpstreamError,
+} from "./client.js";
+
+/**
+ * @typedef {{ connected: boolean, limits: { monthlyUsd: number | null } | null,
+ *   usage: { monthlyUsd: number }, remainingUsd: number | null }} ConnectionStatus
+ * @typedef {{ monthlyUsd: number | null }} Limits
+ * @typedef {{ monthlyUsd: number }} Usage
+ * @typedef {{ requestLimit?: { monthlyUsd?: number | null } }} SessionRequest
+ * @typedef {{ token: string, expiresAt: number }} CreatedSession
+ * @typedef {{ grantToken: string, expiresAt: number, requests: number }} GrantResult
+ * @typedef {import("@ai-sdk/openai-compatible").OpenAICompatibleChatLanguageModel} LanguageModel
+ * @typedef {object} WattfareOptions
+ * @property {string} secretKey The app's secret key (`sk_…`); never send it to a browser.
+ * @property {string} [baseURL] The gateway's URL (its site root; `…/api/v1` is accepted too).
+ * @property {typeof fetch} [fetch] A custom fetch, for tests or unusual runtimes.
+ */
+
+/** The gateway's default listen address (`wattgate serve` with no config). */
+export const DEFAULT_BASE_URL = "http://127.0.0.1:8787";
+export const USER_HEADER = "x-wattfare-user";
+export const GRANT_HEADER = "x-wattfare-grant";
+export const GRANT_REMAINING_HEADER = "x-wattfare-grant-remaining";
+
+const NOT_SIGNED_IN = { error: { code: "auth", message: "Not signed in." } };
+const INTERNAL = { error: { code: "internal", message: "Internal error." } };
+
+/**
+ * The WattfareError behind `err`, or null. Sees through the AI SDK's `APICallError`
+ * (status and body of the gateway's answer), its `RetryError` (the last attempt) and
+ * `StreamProviderError` (a provider failure after the answer started: code `upstream`,
+ * status 502), the openai package's `APIError`, and `cause` chains.
+ * @param {unknown} err @returns {WattfareError | null}
+ */
+export function toWattfareError(err) {
+  for (let e = /** @type {any} */ (err), depth = 0; e && depth < 5; e = e.lastError, depth++) {
+    const found = clientToWattfareError(e);
+    if (found) return found;
+    if (typeof e.status === "number" && typeof e.error?.code === "string" && e.headers) {
+      // The openai npm package's APIError: status, the body's `error` member, headers.
+      return errorFromResponse(e.status, { error: e.error }, e.headers);
+    }
+    if (e.name === "AI_StreamProviderError") {
+      // The provider failed after the answer had started: the gateway passed its error on.
+      const message = typeof e.data?.message === "string" ? e.data.message : e.message;
+      return new WattfareUpstreamError(message, { status: 502, cause: e });
+    }
+  }
+  return null;
+}
+
+/** Model access for one header: a user's id or a grant's token. */
+class ModelAccess {
+  /** @param {Wattfare} wf @param {string} header @param {string} value */
+  constructor(wf, header, value) {
+    /** @private */ this.wf = wf;
+    /** @private */ this.header = header;
+    /** @private */ this.value = value;
+  }
+
+  /**
+   * An AI SDK language model whose calls go through the gateway, billed here.
+   * @param {string} modelId Any OpenRouter model id, e.g. "openai/gpt-4o-mini".
+   * @returns {LanguageModel}
+   */
+  model(modelId) {
+    const provider = createOpenAICompatible({
+      name: "wattfare",
+      baseURL: this.wf.apiURL,
+      apiKey: this.wf.secretKey,
+      headers: { [this.header]: this.value },
+      fetch: this.wf.fetch,
+      includeUsage: true,
+    });
+    return provider.chatModel(modelId);
+  }
+}
+
+/** One of your users: inference billed to their budget, and their status. */
+export class WattfareUser extends ModelAccess {
+  /** @param {Wattfare} wf @param {string} appUserId */
+  constructor(wf, appUserId) {
+    super(wf, USER_HEADER, appUserId);
+    /** @readonly */ this.appUserId = appUserId;
+  }
+
+  /**
+   * The user's connection and budget; `{ connected: false, … }` (never a throw) for a
+   * user who has not connected.
+   * @returns {Promise<ConnectionStatus>}
+   */
+  async status() {
+    try {
+      const query = new URLSearchParams({ appUserId: this.appUserId });
+      return await this.wf.call("GET", `/status?${query}`);
+    } catch (err) {
+      if (err instanceof WattfareError && err.code === "not_connected") {
+        return { ...NOT_CONNECTED, usage: { ...NOT_CONNECTED.usage } };
+      }
+      throw err;
+    }
+  }
+}
+
+/**
+ * A one-time grant redeemed by your backend: each model call spends one of its requests.
+ * Used up, the gateway answers 402 `grant_invalid` (a WattfareGrantError via
+ * toWattfareError); each answer says what is left in `x-wattfare-grant-remaining`.
+ */
+export class WattfareGrant extends ModelAccess {
+  /** @param {Wattfare} wf @param {string} grantToken */
+  constructor(wf, grantToken) {
+    super(wf, GRANT_HEADER, grantToken);
+  }
+}
+
+export class Wattfare {
+  /** @param {WattfareOptions} options */
+  constructor(options) {
+    const { secretKey, baseURL = DEFAULT_BASE_URL, fetch } = options ?? /** @type {any} */ ({});
+    if (typeof secretKey !== "string" || !secretKey.startsWith("sk_")) {
+      throw new WattfareAuthError('secretKey must be the app\'s secret key, starting with "sk_".');
+    }
+    // Not enumerable: logging or serialising the client never prints the key.
+    Object.defineProperty(this, "secretKey", { value: secretKey, enumerable: false });
+    /** @readonly */ this.baseURL = String(baseURL).replace(/\/+$/, "").replace(/\/api\/v1$/, "");
+    /** @readonly */ this.apiURL = `${this.baseURL}/api/v1`;
+    /** @readonly @type {typeof fetch} */
+    this.fetch = fetch ?? ((input, init) => globalThis.fetch(input, init));
+  }
+
+  /** Scope model access and status to one of your own user ids. @param {string} appUserId */
+  user(appUserId) {
+    if (typeof appUserId !== "string" || !appUserId) {
+      throw errorFromResponse(400, { error: { code: "invalid_request", message: "appUserId must be a non-empty string." } });
+    }
+    return new WattfareUser(this, appUserId);
+  }
+
+  /** Redeem a one-time grant token forwarded by the browser. @param {string} grantToken */
+  grant(grantToken) {
+    if (typeof grantToken !== "string" || !grantToken.trim()) {
+      throw new WattfareAuthError("The grant token is empty.");
+    }
+    return new WattfareGrant(this, grantToken.trim());
+  }
+
+  /**
+   * Mint a short-lived session token for your frontend.
+   * @param {string} appUserId @param {SessionRequest} [request] e.g. `{ requestLimit: { monthlyUsd: 20 } }`
+   * @returns {Promise<CreatedSession>}
+   */
+  async createSession(appUserId, request) {
+    /** @type {Record<string, unknown>} */
+    const body = { appUserId };
+    if (request != null) {
+      if (typeof request !== "object") throw new TypeError('request must be an object like { requestLimit: { monthlyUsd: 20 } }');
+      const unknown = Object.keys(request).filter((k) => k !== "requestLimit");
+      if (unknown.length) throw new TypeError(`unknown session request field(s) ${unknown.join(", ")}; the only one is "requestLimit"`);
+      if (request.requestLimit != null) body.requestLimit = request.requestLimit;
+    }
+    const { token, expiresAt } = await this.call("POST", "/sessions", body);
+    return { token, expiresAt };
+  }
+
+  /**
+   * A `Request → Response` handler for your token route (e.g. a Next.js route's POST).
+   * `resolveUser(req)` returns your user id, or null to answer 401; `request` is the cap
+   * to ask for, or a function of the request. A thrown WattfareError answers its own body
+   * and status; anything else a generic 500 (logged, never shown to the browser).
+   * @param {(req: Request) => string | null | undefined | Promise<string | null | undefined>} resolveUser
+   * @param {SessionRequest | ((req: Request) => SessionRequest | Promise<SessionRequest>)} [request]
+   * @returns {(req: Request) => Promise<Response>}
+   */
+  sessionHandler(resolveUser, request) {
+    return async (req) => {
+      const headers = { "Cache-Control": "no-store" };
+      try {
+        const user = await resolveUser(req);
+        if (user == null) return Response.json(NOT_SIGNED_IN, { status: 401, headers });
+        const wanted = typeof request === "function" ? await request(req) : request;
+        return Response.json(await this.createSession(user, wanted), { headers });
+      } catch (err) {
+        if (err instanceof WattfareError && err.status >= 400 && err.status <= 599) {
+          const retryAfter = /** @type {any} */ (err).retryAfter;
+          return Response.json({ error: { code: err.code, message: err.message } }, {
+            status: err.status,
+            headers: retryAfter ? { ...headers, "Retry-After": String(retryAfter) } : headers,
+          });
+        }
+        console.error("wattgate sessionHandler failed:", err);
+        return Response.json(INTERNAL, { status: 500, headers });
+      }
+    };
+  }
+
+  /**
+   * One gateway call with the secret key; an error answer throws its typed WattfareError.
+   * @private @param {string} method @param {string} path @param {unknown} [body]
+   */
+  async call(method, path, body) {
+    /** @type {Record<string, string>} */
+    const headers = { Authorization: `Bearer ${this.secretKey}` };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    // no-store: frameworks that cache fetch (Next.js) must never reuse a status or a token.
+    const res = await this.fetch(this.apiURL + path, {
+      method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    let parsed = null;
+    try { parsed = text ? JSON.parse(text) : null; } catch { /* not JSON: handled below */ }
+    if (res.ok && parsed && typeof parsed === "object") return parsed;
+    if (parsed && typeof parsed === "object" && parsed.error && typeof parsed.error.code === "string") {
+      throw errorFromResponse(res.status, parsed, res.headers);
+    }
+    throw new WattfareError(`${this.apiURL + path} answered HTTP ${res.status} without a Wattfare body: is baseURL the gateway?`,
+      { code: "unexpected_response", status: res.ok ? 502 : res.status });
+  }
+}
