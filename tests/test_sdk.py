@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -403,3 +405,17 @@ async def test_asgi_session_handler_in_fastapi_and_starlette(stub):
             assert r.status_code == 401 and r.json()["error"]["code"] == "auth"
     assert stub.last("/sessions")[1] == {"appUserId": "user_123",
                                          "requestLimit": {"monthlyUsd": 20}}
+
+
+# -- the documentation -------------------------------------------------------------------------
+
+def test_every_python_example_in_the_sdk_docs_parses():
+    text = (Path(__file__).parent.parent / "docs" / "sdk.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 8
+    for block in blocks:
+        try:
+            compile(block, "docs/sdk.md", "exec")
+        except SyntaxError:  # a fragment from inside a handler: parse it as one
+            body = "".join(f"    {line}\n" for line in block.splitlines())
+            compile(f"async def example(request):\n{body}", "docs/sdk.md", "exec")

@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFile } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -25,6 +25,7 @@ const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..")
 const PYTHON = process.env.PYTHON ?? "python3";
 const FUNDING_KEY = "sk-or-v1-" + "f".repeat(48);
 const SECRET = "sk_live_app0000000000000001_secret";
+const run = promisify(execFile);
 
 function json(status, body, headers = {}) {
   return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
@@ -151,9 +152,24 @@ test("toWattfareError sees through AI SDK and openai wrappers and leaves other e
   assert.equal(toWattfareError(null), null);
 });
 
+test("every JavaScript example in docs/sdk.md parses", async () => {
+  const doc = await readFile(path.join(ROOT, "docs", "sdk.md"), "utf8");
+  const blocks = [...doc.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]);
+  assert.ok(blocks.length >= 6);
+  const dir = await mkdtemp(path.join(os.tmpdir(), "wattgate-docs-"));
+  try {
+    for (const [i, block] of blocks.entries()) {
+      const file = path.join(dir, `example${i}.mjs`);
+      await writeFile(file, block);
+      await run(process.execPath, ["--check", file]);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 // ---- against a running gateway --------------------------------------------------------------
 
-const run = promisify(execFile);
 let gw; // { url, api, secretKey, children, dir }
 
 async function freePort() {
