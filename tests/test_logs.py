@@ -112,6 +112,13 @@ async def test_no_secret_or_prompt_in_any_log_line(make_harness, caplog):
     assert chats[4]["grant"] > 0 and "user" not in chats[4]
     assert "user" not in chats[3] and "app" not in chats[3]  # a refused key names no one
     assert len({line["request_id"] for line in lines}) == len(lines)
+    # The consent popup's calls carry a session token: their lines name its app and user.
+    lena = user_hash(h.gw.keys.hash_key, "lena")
+    popup = [line for line in lines if line["route"] == "/api/v1/connections"]
+    assert [line["method"] for line in popup] == ["POST", "GET", "DELETE"]
+    assert all(line["app"] == app.app_id and line["user"] == lena for line in popup)
+    [status_line] = [line for line in lines if line["route"] == "/api/v1/status"]
+    assert status_line["user"] == lena
 
 
 async def test_request_id_is_sent_back_and_logged(harness, caplog):

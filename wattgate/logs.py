@@ -28,8 +28,11 @@ from typing import Any
 from aiohttp import web
 
 from .credentials import keyed_hash
+from .errors import WattgateError
+from .gateway import Gateway
 from .money import NANOS_PER_USD
 from .observer import RequestNote, open_note
+from .sessions import SessionCodec
 from .views.state import gateway_key
 
 log = logging.getLogger("wattgate.access")
@@ -53,13 +56,25 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _app_claimed(request: web.Request) -> str | None:
-    """The app a secret key names (``sk_live_{app}_…``), read without trusting it."""
+def _caller(request: web.Request, sessions: SessionCodec, now: float) -> tuple[str | None,
+                                                                               str | None]:
+    """(app, user) the request's credentials name; only called for answers that were not 401.
+
+    A secret key names its app (``sk_live_{app}_…``); a session token (the
+    consent popup's calls) names its app and user once its signature checks.
+    """
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    parts = value.strip().split("_")
-    if scheme.lower() == "bearer" and len(parts) >= 4 and parts[0] == "sk":
-        return parts[2][:40]
-    return None
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value or value.startswith("pk_"):
+        return None, None
+    if value.startswith("sk_"):
+        parts = value.split("_")
+        return (parts[2][:40] if len(parts) >= 4 else None), None
+    try:
+        session = sessions.verify(value, now=now)
+    except WattgateError:
+        return None, None
+    return session.app_id, session.app_user_id
 
 
 @web.middleware
@@ -84,23 +99,26 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
         route = _route(request)
         gw.observer.request_done(route, request.method, status)
         if log.isEnabledFor(logging.INFO):  # [log] level = "warning" turns the lines off
-            _write_line(request, gw.keys.hash_key, note, route, status, request_id, started)
+            _write_line(request, gw, note, route, status, request_id, started)
 
 
-def _write_line(request: web.Request, hash_key: bytes, note: RequestNote, route: str,
+def _write_line(request: web.Request, gw: Gateway, note: RequestNote, route: str,
                 status: int, request_id: str, started: float) -> None:
     fields: dict[str, Any] = {
         "request_id": request_id, "method": request.method, "route": route,
         "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
     }
-    app = note.app_id or (_app_claimed(request) if status != 401 else None)
-    user = request.headers.get("x-wattfare-user")
-    if user is None and route == "/api/v1/status":
-        user = request.query.get("appUserId")
+    # A refused credential names no one: a 401 line never repeats a claimed identity.
+    app, user = _caller(request, gw.sessions, gw.clock()) if status != 401 else (None, None)
+    app = note.app_id or app
+    if status != 401:
+        user = user or request.headers.get("x-wattfare-user")
+        if user is None and route == "/api/v1/status":
+            user = request.query.get("appUserId")
     if app:
         fields["app"] = app
-    if user and status != 401:
-        fields["user"] = user_hash(hash_key, user)
+    if user:
+        fields["user"] = user_hash(gw.keys.hash_key, user)
     if note.grant_id is not None:
         fields["grant"] = note.grant_id
     if note.model:
