@@ -411,7 +411,7 @@ async def test_asgi_session_handler_in_fastapi_and_starlette(stub):
 
 def test_every_python_example_in_the_sdk_docs_parses():
     text = (Path(__file__).parent.parent / "docs" / "sdk.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert len(blocks) >= 8
     for block in blocks:
         try:

@@ -9,7 +9,8 @@ does not need Starlette otherwise. Behaviour lives in ``_handlers.mint_answer``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 try:
     from starlette.requests import Request

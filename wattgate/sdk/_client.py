@@ -17,17 +17,18 @@ or the error classes (``_errors``).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from ._errors import WattfareError, WattfareInvalidRequestError, auth_error, error_from_body
 
 if TYPE_CHECKING:
-    import openai
     from aiohttp import web
+    from openai import AsyncOpenAI, OpenAI
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8787"
 USER_HEADER = "x-wattfare-user"
@@ -36,7 +37,7 @@ GRANT_REMAINING_HEADER = "x-wattfare-grant-remaining"
 
 SessionRequest = Mapping[str, Any]
 # A session_handler's cap: a SessionRequest, or a function of the framework's request.
-SessionRequestSource = Union[SessionRequest, Callable[[Any], Any], None]
+SessionRequestSource = SessionRequest | Callable[[Any], Any] | None
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,12 @@ class _ModelAccess:
         return {"api_key": self._wf._secret_key, "base_url": self._wf.api_url,
                 "default_headers": {self._header: self._value}}
 
-    def openai(self, **options: Any) -> openai.AsyncOpenAI:
+    def openai(self, **options: Any) -> AsyncOpenAI:
         """An ``openai.AsyncOpenAI`` whose calls are billed here; ``options`` go to its
         constructor (``max_retries``, ``timeout``, a shared ``http_client``...)."""
         return _import_openai().AsyncOpenAI(**{**self.openai_options(), **options})
 
-    def openai_sync(self, **options: Any) -> openai.OpenAI:
+    def openai_sync(self, **options: Any) -> OpenAI:
         """The blocking ``openai.OpenAI`` twin of ``openai()``."""
         return _import_openai().OpenAI(**{**self.openai_options(), **options})
 

@@ -169,7 +169,7 @@ def _translate(err: BaseException) -> WattfareError | None:
     # An error event inside a 200 stream: the provider failed mid-answer.
     body = err.body if isinstance(err.body, dict) else {}
     code = body.get("code")
-    message = body.get("message") if isinstance(body.get("message"), str) else err.message
+    message = body["message"] if isinstance(body.get("message"), str) else str(err.message)
     if isinstance(code, str) and code in CLASS_BY_CODE:
         return error_for(code, 502, message)
     return WattfareUpstreamError("upstream", 502, message)
