@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -114,6 +114,9 @@ class Observer:
         self.backlog = Gauge("wattgate_reconciliation_backlog",
                              "Calls recorded at their estimate (provisional), awaiting "
                              "their real cost.", registry=r)
+        # Labelled children cached by label values: .labels() takes a lock and
+        # builds a key on every call; the hot path only needs the child.
+        self._children: dict[tuple[str, ...], Any] = {}
         self._dollars = _Dollars()
         r.register(self._dollars)
         r.register(_Rejections(limiters))
@@ -123,15 +126,22 @@ class Observer:
     def clock() -> float:
         return time.perf_counter()
 
+    def _child(self, metric: Counter, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def answered(self, sent: float, status: int) -> None:
         self.upstream_ttfb.observe(time.perf_counter() - sent)
-        self.upstream_responses.labels(str(status)).inc()
+        self._child(self.upstream_responses, str(status)).inc()
 
     def settled(self, row: Usage, sent: float | None) -> None:
         if sent is not None:
             self.upstream_latency.observe(time.perf_counter() - sent)
         self._dollars.nanos[row.app_id] = self._dollars.nanos.get(row.app_id, 0) + row.cost_nanos
-        self.calls.labels(row.app_id, "provisional" if row.provisional else "final").inc()
+        self._child(self.calls, row.app_id, "provisional" if row.provisional else "final").inc()
         note = _note.get()
         if note is not None:
             note.app_id, note.grant_id, note.model = row.app_id, row.grant_id, row.model
@@ -140,7 +150,7 @@ class Observer:
 
     # ---- the web layer ----------------------------------------------------
     def request_done(self, route: str, method: str, status: int) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        self._child(self.requests, route, method, str(status)).inc()
 
     def set_gauges(self, *, holds_open: int, backlog: int) -> None:
         self.holds_open.set(holds_open)
