@@ -71,6 +71,18 @@ export function toWattfareError(err) {
   return null;
 }
 
+/**
+ * A user id as the gateway takes it: integer ids are common, and 42 and "42" are one user.
+ * @param {unknown} value @returns {string}
+ */
+function userId(value) {
+  if (Number.isSafeInteger(value)) return String(value);
+  if (typeof value !== "string" || !value) {
+    throw errorFromResponse(400, { error: { code: "invalid_request", message: "appUserId must be a non-empty string (or an integer)." } });
+  }
+  return value;
+}
+
 /** Model access for one header: a user's id or a grant's token. */
 class ModelAccess {
   /** @param {Wattfare} wf @param {string} header @param {string} value */
@@ -151,12 +163,9 @@ export class Wattfare {
     this.fetch = fetch ?? ((input, init) => globalThis.fetch(input, init));
   }
 
-  /** Scope model access and status to one of your own user ids. @param {string} appUserId */
+  /** Scope model access and status to one of your own user ids. @param {string | number} appUserId */
   user(appUserId) {
-    if (typeof appUserId !== "string" || !appUserId) {
-      throw errorFromResponse(400, { error: { code: "invalid_request", message: "appUserId must be a non-empty string." } });
-    }
-    return new WattfareUser(this, appUserId);
+    return new WattfareUser(this, userId(appUserId));
   }
 
   /** Redeem a one-time grant token forwarded by the browser. @param {string} grantToken */
@@ -169,12 +178,12 @@ export class Wattfare {
 
   /**
    * Mint a short-lived session token for your frontend.
-   * @param {string} appUserId @param {SessionRequest} [request] e.g. `{ requestLimit: { monthlyUsd: 20 } }`
+   * @param {string | number} appUserId @param {SessionRequest} [request] e.g. `{ requestLimit: { monthlyUsd: 20 } }`
    * @returns {Promise<CreatedSession>}
    */
   async createSession(appUserId, request) {
     /** @type {Record<string, unknown>} */
-    const body = { appUserId };
+    const body = { appUserId: userId(appUserId) };
     if (request != null) {
       if (typeof request !== "object") throw new TypeError('request must be an object like { requestLimit: { monthlyUsd: 20 } }');
       const unknown = Object.keys(request).filter((k) => k !== "requestLimit");

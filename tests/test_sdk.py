@@ -147,9 +147,17 @@ def test_an_empty_grant_token_is_refused(token):
         Wattfare(SECRET).grant(token)  # type: ignore[arg-type]
 
 
-def test_an_empty_user_id_is_refused_before_any_call():
+@pytest.mark.parametrize("user_id", ["", None, True, 4.5])
+def test_a_user_id_that_is_no_id_is_refused_before_any_call(user_id):
     with pytest.raises(WattfareInvalidRequestError):
-        Wattfare(SECRET).user("")
+        Wattfare(SECRET).user(user_id)  # type: ignore[arg-type]
+
+
+async def test_an_integer_user_id_names_the_same_user_as_its_string(stub):
+    wf = Wattfare(SECRET, base_url=stub.url)
+    assert wf.user(42).openai_options() == wf.user("42").openai_options()
+    await wf.create_session(42)
+    assert stub.last("/sessions")[1] == {"appUserId": "42"}
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -74,7 +74,15 @@ test("the secret key never shows when the client is logged or serialised", () =>
 test("an empty grant token and an empty user id are refused before any call", () => {
   const wf = new Wattfare({ secretKey: SECRET });
   for (const token of ["", "  ", undefined]) assert.throws(() => wf.grant(token), WattfareAuthError);
-  assert.throws(() => wf.user(""), WattfareInvalidRequestError);
+  for (const id of ["", null, 4.5, true]) assert.throws(() => wf.user(id), WattfareInvalidRequestError);
+});
+
+test("an integer user id names the same user as its string", async () => {
+  const { fetch, sent } = stubFetch();
+  const wf = new Wattfare({ secretKey: SECRET, baseURL: "https://gw.test", fetch });
+  assert.equal(wf.user(42).appUserId, "42");
+  await wf.createSession(42);
+  assert.deepEqual(sent[0].body, { appUserId: "42" });
 });
 
 test("createSession sends the reference body and refuses a misspelt request", async () => {

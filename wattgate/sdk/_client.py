@@ -109,6 +109,16 @@ def _normalize_base_url(base_url: str) -> str:
     return url.removesuffix("/api/v1")
 
 
+def _user_id(value: Any) -> str:
+    # Integer primary keys are common: 42 and "42" name the same user.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise WattfareInvalidRequestError("invalid_request", 400,
+                                          "app_user_id must be a non-empty string (or an int).")
+    return value
+
+
 def _import_openai() -> Any:
     try:
         import openai
@@ -200,12 +210,9 @@ class Wattfare:
     def __repr__(self) -> str:
         return f"Wattfare(base_url={self.base_url!r})"  # never the key
 
-    def user(self, app_user_id: str) -> WattfareUser:
+    def user(self, app_user_id: str | int) -> WattfareUser:
         """Scope model access and status to one of your own user ids."""
-        if not isinstance(app_user_id, str) or not app_user_id:
-            raise WattfareInvalidRequestError("invalid_request", 400,
-                                              "app_user_id must be a non-empty string.")
-        return WattfareUser(self, app_user_id)
+        return WattfareUser(self, _user_id(app_user_id))
 
     def grant(self, grant_token: str) -> WattfareGrant:
         """Redeem a one-time grant token forwarded by the browser."""
@@ -213,13 +220,13 @@ class Wattfare:
             raise auth_error("The grant token is empty.")
         return WattfareGrant(self, grant_token.strip())
 
-    async def create_session(self, app_user_id: str,
+    async def create_session(self, app_user_id: str | int,
                              request: SessionRequest | None = None) -> CreatedSession:
         """Mint a short-lived session token for your frontend.
 
         ``request`` is the reference shape, e.g. ``{"requestLimit": {"monthlyUsd": 20}}``.
         """
-        body: dict[str, Any] = {"appUserId": app_user_id}
+        body: dict[str, Any] = {"appUserId": _user_id(app_user_id)}
         if request is not None:
             if not isinstance(request, Mapping):
                 raise TypeError("request must be a dict like {\"requestLimit\": "
