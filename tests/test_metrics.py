@@ -78,8 +78,13 @@ async def test_unmatched_paths_share_one_label(harness):
     for path in ("/nope/1", "/nope/2", "/api/v1/secret-sk_live_x"):
         async with harness.http.get(harness.url + path) as r:
             assert r.status == 404
+    for method in ("PROPFIND", "MKCOL", "LOCK"):  # other methods share one label value
+        async with harness.http.request(method, harness.url + "/pot") as r:
+            assert r.status in (404, 405)
     snap = await scrape(harness)
     assert value(snap, "wattgate_http_requests_total", route="unmatched", method="GET",
+                 status="404") == 3
+    assert value(snap, "wattgate_http_requests_total", route="unmatched", method="OTHER",
                  status="404") == 3
     assert not any("secret" in str(labels) for _, labels in snap)
 
