@@ -23,10 +23,10 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -123,6 +123,14 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
 
 
 # ---- the example app: what an app developer writes ------------------------------------
+def _loads_object(text: str) -> dict[str, object]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else {}
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
@@ -160,7 +168,7 @@ def example_app(demo: Demo) -> web.Application:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         user = request.cookies.get(USER_COOKIE)
-        body = await request.json()
+        body = await request.json(loads=_loads_object)
         message = str(body.get("message", ""))[:2000]
         if not user or not message:
             return _error(400, "invalid_request", "Type a message.")
@@ -179,7 +187,7 @@ def example_app(demo: Demo) -> web.Application:
             return out
 
     async def convert(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await request.json(loads=_loads_object)
         grant = str(body.get("grantToken", ""))
         text = str(body.get("text", ""))[:2000] or "hello world"
         headers = {**secret, "x-wattfare-grant": grant}
@@ -203,7 +211,7 @@ def example_app(demo: Demo) -> web.Application:
     return app
 
 
-async def _deltas(stream: aiohttp.StreamReader) -> Any:
+async def _deltas(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The text pieces of an OpenAI-style SSE stream."""
     async for raw in stream:
         line = raw.decode("utf-8", "replace").strip()
