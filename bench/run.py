@@ -61,6 +61,8 @@ def body(stream: bool, max_tokens: int | None = None) -> str:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As the servers bind: a port left in TIME_WAIT by the last run is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -383,7 +385,10 @@ def machine() -> dict[str, str]:
             "aiohttp": aiohttp.__version__,
             "wrk": (wrk_v.stdout + wrk_v.stderr).split("\n")[0].strip(),
             "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "commit": commit}
+            "commit": commit,
+            "wattgate files changed but not committed": subprocess.run(
+                ["git", "status", "--porcelain", "--", "wattgate"], cwd=ROOT,
+                capture_output=True, text=True).stdout.replace("\n", " ").strip() or "none"}
 
 
 def rotate(items: list[Server], k: int) -> list[Server]:
@@ -404,7 +409,11 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
     variants = [v for v in plan.variant.split(",") if v]
     gates = [start_wattgate(fleet, "wattgate", ports[2], fake)]
     for i, v in enumerate(variants):
-        gates.append(start_wattgate(fleet, f"wattgate+{v}", ports[3 + i], fake, v))
+        try:
+            gates.append(start_wattgate(fleet, f"wattgate+{v}", ports[3 + i], fake, v))
+        except RuntimeError as e:
+            res.notes.append(f"prototype {v} not measured: {str(e).strip().splitlines()[-1]}")
+            say(f"prototype {v} skipped")
     for g in list(gates):
         why = proxy_ready(g)
         if why:
@@ -442,7 +451,9 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
                                   "--variant", v], cwd=ROOT, capture_output=True, text=True,
                                  timeout=300)
             if out.returncode != 0:
-                raise RuntimeError(f"steps.py failed:\n{out.stderr[-3000:]}")
+                res.notes.append(f"bench/steps.py failed for {g.name}: "
+                                 f"{out.stderr.strip().splitlines()[-1:]}")
+                continue
             got = json.loads(out.stdout)
             best = res.steps.setdefault(g.name, got)
             for k, x in got.items():

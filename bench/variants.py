@@ -22,6 +22,12 @@ earns its keep is then proposed for wattgate itself, with the figures.
   run inside whichever commit crosses 1000 pages) is replaced by a passive
   checkpoint every 200 commits on a connection of its own, so no caller's
   commit waits for it.
+- ``timeout-cm``: the proxy bounds its wait for the upstream's headers with
+  ``async with asyncio.timeout(...)`` instead of ``asyncio.wait_for(...)``,
+  which in Python 3.11 wraps the request in a Task of its own (a Task, a
+  context copy and a timer handle per call).
+
+Names joined with ``+`` apply several prototypes at once.
 """
 
 from __future__ import annotations
@@ -36,9 +42,15 @@ from wattgate.store import sqlite as store_sqlite
 CHECKPOINT_EVERY = 200   # commits between two passive WAL checkpoints (on the thread)
 
 
+def _writer_runs_on_a_thread() -> bool:
+    """The prototypes below were written against the thread writer (before group commit
+    moved onto the loop thread in wattgate itself); against the new one they do not apply."""
+    return hasattr(store_sqlite._Writer, "_drain")
+
+
 class InlineWriter(store_sqlite._Writer):
-    def __init__(self, db: sqlite3.Connection) -> None:
-        super().__init__(db)
+    def __init__(self, db: sqlite3.Connection, *args: Any) -> None:
+        super().__init__(db, *args)
         self._flush_handle: asyncio.Handle | None = None
         self._path = db.execute("PRAGMA database_list").fetchone()[2]
         db.execute("PRAGMA wal_autocheckpoint = 0")
@@ -140,8 +152,8 @@ class InlineWriter(store_sqlite._Writer):
 
 
 class CheckpointAsideWriter(store_sqlite._Writer):
-    def __init__(self, db: sqlite3.Connection) -> None:
-        super().__init__(db)
+    def __init__(self, db: sqlite3.Connection, *args: Any) -> None:
+        super().__init__(db, *args)
         self._path = db.execute("PRAGMA database_list").fetchone()[2]
         db.execute("PRAGMA wal_autocheckpoint = 0")
         self._checkpoint_at = CHECKPOINT_EVERY
@@ -172,11 +184,40 @@ class CheckpointAsideWriter(store_sqlite._Writer):
         super().shutdown()
 
 
-VARIANTS = {"inline-writer": lambda: setattr(store_sqlite, "_Writer", InlineWriter),
-            "bg-checkpoint": lambda: setattr(store_sqlite, "_Writer", CheckpointAsideWriter)}
+class _AsyncioWithTimeoutCM:
+    """``asyncio`` as the proxy module sees it, with wait_for done in the caller's task."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw: Any, timeout: float | None) -> Any:
+        async with asyncio.timeout(timeout):
+            return await aw
 
 
-def apply(name: str) -> None:
-    if name not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    VARIANTS[name]()
+def _timeout_cm() -> None:
+    from wattgate.views import proxy
+
+    proxy.asyncio = _AsyncioWithTimeoutCM()  # type: ignore[assignment]
+
+
+def _writer(cls: type) -> Any:
+    def patch() -> None:
+        if not _writer_runs_on_a_thread():
+            raise SystemExit(f"{cls.__name__}: wattgate's store no longer uses the thread "
+                             "writer this prototype replaces (it is in wattgate now)")
+        store_sqlite._Writer = cls  # type: ignore[misc]
+    return patch
+
+
+VARIANTS = {"inline-writer": _writer(InlineWriter),
+            "bg-checkpoint": _writer(CheckpointAsideWriter),
+            "timeout-cm": _timeout_cm}
+
+
+def apply(names: str) -> None:
+    for name in names.split("+"):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        VARIANTS[name]()
