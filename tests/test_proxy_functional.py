@@ -127,7 +127,7 @@ async def test_error_rows(harness):
     assert (status, body["error"]["code"]) == (502, "upstream")
     assert "Internal Server Error" in body["error"]["message"]
     status, body, _ = await post_chat(harness, app, {"x-wattfare-user": "erin"},
-                                      max_tokens=10**9)
+                                      max_tokens=5_000_000)  # worst case $3 > $1 cap
     assert (status, body["error"]["code"]) == (402, "budget_exceeded")
     status, body, _ = await post_chat(harness, app, {"x-wattfare-user": "erin",
                                                      "Authorization": "Bearer sk_live_bad"})

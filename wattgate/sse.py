@@ -91,6 +91,10 @@ class StreamReader:
 
     def close(self) -> Outcome:
         if self._partial:
+            if self.outcome.generation_id is None:
+                m = _ID.search(self._partial)
+                if m:
+                    self.outcome.generation_id = m.group(1).decode("ascii", "replace")
             self._line(self._partial.rstrip(b"\r"))
             self._partial = b""
         return self.outcome

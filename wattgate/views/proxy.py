@@ -52,8 +52,6 @@ FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
 # No model answers more; past it a worst-case hold would overflow the ledger's int64.
 MAX_TOKENS = 10_000_000
-# No model answers more; past it a worst-case hold would overflow the ledger's int64.
-MAX_TOKENS = 10_000_000
 
 drains_key = web.AppKey("drains", set)
 
@@ -82,8 +80,6 @@ def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"{name} must be a positive whole number.")
-        if value > MAX_TOKENS:
-            raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
         if value > MAX_TOKENS:
             raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
         limit = value if limit is None else min(limit, value)
@@ -239,10 +235,16 @@ class _Call:
                 resp.close()
                 return out
             reader.feed(chunk)
+            if reader.outcome.done and not self.closed:
+                # The debit commits before the client sees [DONE]: a status read
+                # right after the stream already includes this call.
+                outcome = reader.close()
+                await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
             try:
                 await out.write(chunk)
             except (ConnectionError, aiohttp.ClientConnectionResetError):
-                self._hand_off(request, resp, reader)
+                if not self.closed:
+                    self._hand_off(request, resp, reader)
                 return out
         outcome = reader.close()
         await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
