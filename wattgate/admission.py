@@ -17,7 +17,7 @@ from .errors import AuthError, GrantInvalid, InvalidRequest, NotConnected
 from .gateway import Gateway
 from .ledger import period_of
 from .sealing import SealError, connection_aad, grant_aad
-from .store import Hold
+from .store import Connection, Hold
 
 
 @dataclass(frozen=True)
@@ -58,20 +58,27 @@ def identify(user: str | None, grant: str | None) -> PayerRef:
     return PayerRef(user, None)
 
 
-async def precheck(gw: Gateway, app_id: str, payer: PayerRef) -> None:
-    """Cheap refusals before any price lookup: unknown or revoked user."""
-    if payer.user is not None:
-        connection = await gw.store.get_connection(app_id, payer.user)
-        if connection is None or not connection.connected:
-            raise NotConnected()
+async def precheck(gw: Gateway, app_id: str, payer: PayerRef) -> Connection | None:
+    """Cheap refusals before any price lookup: unknown or revoked user.
+
+    Returns the user's connection, which ``admit`` re-checks atomically.
+    """
+    if payer.user is None:
+        return None
+    connection = await gw.store.get_connection(app_id, payer.user)
+    if connection is None or not connection.connected:
+        raise NotConnected()
+    return connection
 
 
 async def admit(gw: Gateway, app_id: str, payer: PayerRef, estimate_nanos: int, *,
-                now: float) -> Admitted:
+                now: float, connection: Connection | None = None) -> Admitted:
+    """One atomic hold; ``connection`` is precheck's read (state and cap are re-read inside)."""
     period = period_of(now)
     expires = now + gw.config.metering_hold_ttl_seconds
     if payer.user is not None:
-        connection = await gw.store.get_connection(app_id, payer.user)
+        if connection is None:
+            connection = await gw.store.get_connection(app_id, payer.user)
         if connection is None or not connection.connected:
             raise NotConnected()
         hold = await gw.store.admit(connection.connection_id, period, estimate_nanos,

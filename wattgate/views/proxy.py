@@ -100,13 +100,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = await gw.app_for_secret(secret_key_of(request))
     payer = admission.identify(request.headers.get("x-wattfare-user"),
                                request.headers.get("x-wattfare-grant"))
-    await admission.precheck(gw, app.app_id, payer)
+    connection = await admission.precheck(gw, app.app_id, payer)
     gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=started)
     raw = await request.read()
     _, payload, model, stream, max_tokens = _parse(raw, gw.config.metering_default_max_tokens)
     price = await upstream.price_for(model)
     estimate = price.worst_cost_nanos(len(payload), max_tokens)
-    admitted = await admission.admit(gw, app.app_id, payer, estimate, now=gw.clock())
+    admitted = await admission.admit(gw, app.app_id, payer, estimate, now=gw.clock(),
+                                     connection=connection)
     call = _Call(gw, upstream, admitted, price, estimate, model, started)
     return await call.run(request, payload, stream)
 
