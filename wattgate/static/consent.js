@@ -24,6 +24,8 @@ for (const node of document.querySelectorAll("[data-flow-only]")) {
 }
 if (flow === "grant") {
   $("grant-requests").textContent = String(data.grant.requests);
+  $("grant-requests").nextElementSibling.textContent =
+    data.grant.requests === 1 ? "AI request, one time" : "AI requests, one time";
   $("grant-max").textContent = data.grant.maxUsd == null ? "no limit" : fmtUsd(data.grant.maxUsd);
 }
 

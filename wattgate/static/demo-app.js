@@ -114,7 +114,7 @@ function note(text, error = false) {
 $("convert").addEventListener("click", async () => {
   let result;
   try {
-    result = await wf.requestGrant({ requests: 1 });
+    result = await wf.requestGrant({ requests: 1, maxUsd: 0.5 });
   } catch (e) {
     note((toWattfareError(e) ?? e).message, true);
     return;
