@@ -175,12 +175,16 @@ def test_apps_list_and_origins(env):
 def test_rotate_secret_stops_the_old_key_at_once(env, server):
     creds = create(env)
     connect(server, creds["secretKey"], "u")
+    _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
     rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")
     assert rotated["appId"] == creds["appId"] and rotated["secretKey"] != creds["secretKey"]
     status, body = user_status(server, creds["secretKey"], "u")
     assert (status, body["error"]["code"]) == (401, "auth")
     status, body = user_status(server, rotated["secretKey"], "u")
     assert status == 200 and body["connected"] is True
+    # Session tokens minted with the old secret end with it.
+    status, body = http("GET", server + "/api/v1/connections", session["token"])
+    assert (status, body["error"]["code"]) == (401, "auth")
 
 
 def test_deleted_app_stops_at_once(env, server):

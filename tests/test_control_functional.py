@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import calendar
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
 import pytest
 
 from conftest import FUNDING_KEY, free_port
-from wattgate.credentials import mint_credentials
+from wattgate.credentials import mint_credentials, parse_secret_key
 from wattgate.ledger import period_of
 from wattgate.sessions import AUDIENCE
 from wattgate.store import Usage
@@ -42,9 +43,13 @@ def assert_error(result: tuple[int, Any, Any], status: int, code: str) -> None:
 
 
 def forged_token(h, **changes: Any) -> str:  # type: ignore[no-untyped-def]
+    """A token signed like the gateway's own (unless ``changes`` say otherwise)."""
     now = int(h.clock())
+    app = h.apps[0]
+    secret_hash = h.gw.hash(parse_secret_key(app.secret_key)[1])
     claims = {"iss": h.url, "aud": AUDIENCE, "iat": now, "exp": now + 600, "jti": "x",
-              "appId": h.apps[0].app_id, "appUserId": "user_1", "limits": None}
+              "appId": app.app_id, "appUserId": "user_1", "limits": None,
+              "sv": h.gw.secret_tag(SimpleNamespace(secret_hash=secret_hash))}
     claims.update(changes)
     key = changes.pop("_key", None) or h.gw.keys.jwt_secret
     claims.pop("_key", None)
@@ -147,8 +152,10 @@ async def test_expired_session_token_is_refused(harness, clock):
     lambda h: forged_token(h, iss="https://other-gateway.example"),
     lambda h: forged_token(h, aud="someone-else"),
     lambda h: forged_token(h, appId="app" + "0" * 16),  # an app that does not exist
+    lambda h: forged_token(h, sv="0" * 16),  # minted under another secret
     lambda h: "not-a-jwt",
-], ids=["alg-none", "other-key", "wrong-iss", "wrong-aud", "unknown-app", "garbage"])
+], ids=["alg-none", "other-key", "wrong-iss", "wrong-aud", "unknown-app", "old-secret",
+        "garbage"])
 async def test_forged_session_tokens_are_refused(harness, forge):
     await harness.create_app()
     assert (await call(harness, "GET", "/api/v1/connections", forged_token(harness)))[0] == 200
@@ -203,6 +210,21 @@ async def test_rotated_secret_is_refused_at_once(harness):
     assert_error(await call(harness, "GET", "/api/v1/status?appUserId=u", app.secret_key),
                  401, "auth")
     assert (await call(harness, "GET", "/api/v1/status?appUserId=u", new.secret_key))[0] == 200
+
+
+async def test_rotating_the_secret_ends_the_session_tokens_it_minted(harness):
+    app = await harness.create_app()
+    await harness.connect(app, "u", monthly_usd=10)
+    token = await harness.session(app, "u")
+    new = mint_credentials(app.app_id)
+    await harness.gw.store.set_app_secret(app.app_id, harness.gw.hash(new.secret))
+    for method in ("GET", "POST", "DELETE"):
+        assert_error(await call(harness, method, "/api/v1/connections", token,
+                                json={"monthlyUsd": 1}), 401, "auth")
+    _, _, fresh = await call(harness, "POST", "/api/v1/sessions", new.secret_key,
+                             json={"appUserId": "u"})
+    _, _, body = await call(harness, "GET", "/api/v1/connections", fresh["token"])
+    assert body["limits"] == {"monthlyUsd": 10}  # the connection itself is untouched
 
 
 async def test_deleted_app_tokens_stop_working(harness):

@@ -40,6 +40,13 @@ def test_mint_then_verify(codec):
     assert header["alg"] == "HS256"
 
 
+def test_secret_tag_round_trips(codec):
+    token, _ = codec.mint("app0123456789abcdef", "u", None, False, now=NOW, secret_tag="t1")
+    assert codec.verify(token, now=NOW).secret_tag == "t1"
+    old, _ = codec.mint("app0123456789abcdef", "u", None, False, now=NOW)
+    assert codec.verify(old, now=NOW).secret_tag == ""
+
+
 def test_no_limit_and_unlimited_are_told_apart(codec):
     none, _ = codec.mint("app0123456789abcdef", "u", None, False, now=NOW)
     unlimited, _ = codec.mint("app0123456789abcdef", "u", None, True, now=NOW)

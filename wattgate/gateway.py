@@ -77,11 +77,17 @@ class Gateway:
             raise AuthError("Invalid secret key.")
         return app
 
+    def secret_tag(self, app: App) -> str:
+        """A short tag of the app's current secret, carried by its session tokens."""
+        return keyed_hash(self.keys.hash_key, "session-tag:" + app.secret_hash)[:16]
+
     async def session_for_token(self, token: str) -> tuple[Session, App]:
         session = self.sessions.verify(token, now=self.clock())
         app = await self.store.get_app(session.app_id)
         if app is None:
             raise AuthError("The app of this session token no longer exists.")
+        if not same_hash(session.secret_tag, self.secret_tag(app)):
+            raise AuthError("Session token minted before the app's secret key was rotated.")
         return session, app
 
 

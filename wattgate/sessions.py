@@ -1,8 +1,9 @@
 """Session tokens: the short-lived HS256 JWTs an app's backend mints for its browser.
 
 Claims: ``appId``, ``appUserId``, ``limits`` (``{"monthlyUsd": n}`` or null),
-``iss`` (the gateway's public origin), ``aud`` (``wattgate:session``), ``iat``,
-``exp``, ``jti``. Verification pins HS256, requires every claim, checks
+``sv`` (a tag of the app's secret at minting, so rotating the secret also ends
+the tokens minted with the old one), ``iss`` (the gateway's public origin),
+``aud`` (``wattgate:session``), ``iat``, ``exp``, ``jti``. Verification pins HS256, requires every claim, checks
 ``exp`` with a small leeway for clock skew, and checks issuer and audience.
 A session token proves which app asked, never that the end user consented.
 """
@@ -29,6 +30,7 @@ class Session:
     limit_nanos: int | None  # the cap the app asks the user to approve
     has_limit: bool          # False: the app requested no cap at all
     expires_at: int
+    secret_tag: str = ""     # the app secret's tag when minted ("sv")
 
 
 class SessionCodec:
@@ -38,7 +40,7 @@ class SessionCodec:
         self.ttl_seconds = ttl_seconds
 
     def mint(self, app_id: str, app_user_id: str, limit_usd: Decimal | None,
-             has_limit: bool, *, now: float) -> tuple[str, int]:
+             has_limit: bool, *, now: float, secret_tag: str = "") -> tuple[str, int]:
         iat = int(now)
         exp = iat + self.ttl_seconds
         limits: dict[str, Any] | None = None
@@ -47,7 +49,7 @@ class SessionCodec:
         claims = {
             "iss": self.issuer, "aud": AUDIENCE, "iat": iat, "exp": exp,
             "jti": secrets.token_urlsafe(9),
-            "appId": app_id, "appUserId": app_user_id, "limits": limits,
+            "appId": app_id, "appUserId": app_user_id, "limits": limits, "sv": secret_tag,
         }
         return jwt.encode(claims, self._secret, algorithm="HS256"), exp
 
@@ -78,4 +80,6 @@ class SessionCodec:
         has_limit = isinstance(limits, dict)
         if has_limit and limits.get("monthlyUsd") is not None:
             limit_nanos = usd_to_nanos(limits["monthlyUsd"])
-        return Session(app_id, user, limit_nanos, has_limit, claims["exp"])
+        tag = claims.get("sv", "")
+        return Session(app_id, user, limit_nanos, has_limit, claims["exp"],
+                       tag if isinstance(tag, str) else "")

@@ -56,7 +56,8 @@ async def create_session(request: web.Request) -> web.Response:
                                      "allowed in development mode.")
             has_limit = True
             limit_usd = None if nanos is None else nanos_to_usd(nanos)
-    token, expires_at = gw.sessions.mint(app.app_id, user, limit_usd, has_limit, now=gw.clock())
+    token, expires_at = gw.sessions.mint(app.app_id, user, limit_usd, has_limit, now=gw.clock(),
+                                         secret_tag=gw.secret_tag(app))
     return json_response({"token": token, "expiresAt": expires_at})
 
 
