@@ -93,6 +93,8 @@ def test_unrelated_wattgate_variables_are_not_settings():
     ("[server]\nport = true\n", "server.port: expected int"),
     ("[server]\nport = 80.5\n", "server.port: expected int"),
     ('[server]\npublic_url = "gw.example.com"\n', "server.public_url: expected an http"),
+    ('[server]\npublic_url = "https://example.com/wattgate"\n',
+     "server.public_url: expected an origin"),
     ("[sessions]\nttl_seconds = 1\n", "sessions.ttl_seconds: must be at least 10"),
     ('[dev]\nallow_unlimited = "maybe"\n', "dev.allow_unlimited: expected true or false"),
     ('[upstream]\nbase_url = "openrouter.ai"\n', "upstream.base_url: expected an http"),

@@ -215,8 +215,15 @@ def _http_url(value: str, origin: str) -> str:
     return value
 
 
-def _optional_http_url(value: str, origin: str) -> str:
-    return _http_url(value, origin) if value else value
+def _optional_origin(value: str, origin: str) -> str:
+    """Empty, or an origin: browsers compare it exactly (postMessage, Origin, cookies)."""
+    if not value:
+        return value
+    parts = urlsplit(_http_url(value, origin))
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{origin}: expected an origin like https://gw.example.com "
+                          f"(wattgate serves at the root; no path), got {value!r}")
+    return value
 
 
 def _path_or_empty(value: str, origin: str) -> str:
@@ -235,7 +242,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "log.level": _log_level,
     "log.format": _log_format,
     "upstream.base_url": _http_url,
-    "server.public_url": _optional_http_url,
+    "server.public_url": _optional_origin,
     "upstream.key_check_path": _path_or_empty,
     "database.path": _file_path,
 }
