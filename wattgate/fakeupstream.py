@@ -39,6 +39,7 @@ class FakeModel:
     completion: Decimal = Decimal("0.0000006")
     request: Decimal = Decimal("0")
     behaviour: str = "ok"  # ok | cut | midstream_error | fail_500 | fail_429 | no_usage
+    delay: float | None = None  # seconds between chunks for this model (else chunk_delay)
 
 
 MODELS: dict[str, FakeModel] = {
@@ -198,9 +199,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         call.cost = cost
         fake.charged += cost
         created = int(time.time())
+        delay = model.delay if model.delay is not None else fake.chunk_delay
         if not body.get("stream"):
-            if fake.chunk_delay:
-                await asyncio.sleep(fake.chunk_delay * n)
+            if delay:
+                await asyncio.sleep(delay * n)
             call.finished = True
             text = "".join(pieces)
             payload = ('{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
@@ -213,14 +215,30 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Generation-Id": gen})
+        try:
+            return await stream(request, resp, call, model, head_args=(gen, model_id, created),
+                                pieces=pieces, delay=delay, cost=cost,
+                                prompt_tokens=prompt_tokens)
+        except ConnectionError:  # the client (a gateway killed mid-stream) is gone
+            return resp
+        finally:
+            # The provider knows the generation once it ends, whether or not the
+            # client stayed to the end (a gateway killed mid-stream included).
+            call.finished = True
+
+    async def stream(request: web.Request, resp: web.StreamResponse, call: Call,
+                     model: FakeModel, *, head_args: tuple[str, str, int], pieces: list[str],
+                     delay: float, cost: Decimal, prompt_tokens: int) -> web.StreamResponse:
+        gen, model_id, created = head_args
+        n = len(pieces)
         await resp.prepare(request)
         for _ in range(fake.keepalives):
             await resp.write(b": OPENROUTER PROCESSING\n\n")
         head = '{"id":"%s","provider":"Fake","model":%s,"object":"chat.completion.chunk",' \
                '"created":%d,' % (gen, json.dumps(model_id), created)
         for i, piece in enumerate(pieces):
-            if fake.chunk_delay:
-                await asyncio.sleep(fake.chunk_delay)
+            if delay:
+                await asyncio.sleep(delay)
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
             await resp.write(("data: " + head + '"choices":[{"index":0,"delta":%s,'
                               '"finish_reason":null,"logprobs":null}]}\n\n'

@@ -1,0 +1,41 @@
+"""The money promise under faults and a crash, through a real ``wattgate serve`` process.
+
+Smaller forms of the drills in ``scripts/reliability.py`` (figures in
+docs/reliability.md): every upstream dollar is recorded exactly once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from wattgate import faults
+
+pytestmark = pytest.mark.slow
+
+
+async def test_mixed_faults_then_reconcile_match_the_upstream_exactly():
+    result = await faults.mixed_faults(120, seed=11)
+    before, after = result["before"], result["after"]
+    kinds = {kind for kind, _ in result["seen"]}
+    assert kinds == set(faults.KINDS), "every fault kind was injected"
+    assert before.provisional > 0, "some calls ended without usage and were estimated"
+    assert after.charged_nanos > 0
+    assert after.ledger_nanos == after.aggregate_nanos == after.charged_nanos
+    assert not (after.unknown or after.mismatched or after.foreign)
+    assert after.provisional == 0 and after.open_holds == 0
+    assert result["check"][0] == 0, result["check"][1]
+
+
+async def test_kill_9_mid_load_loses_no_committed_row_and_double_debits_nothing():
+    result = await faults.kill_nine(160, kill_after=0.5, seed=12)
+    after = result["after"]
+    assert result["in_flight"] > 0, "the kill landed while calls were in flight"
+    assert result["check"][0] == 0, result["check"][1]
+    assert after.open_holds == 0
+    assert not after.mismatched, "a generation recorded at a different amount"
+    assert not after.foreign, "a debit for a generation the upstream never billed"
+    assert after.ledger_nanos == after.aggregate_nanos
+    # Only calls the client was still waiting for may be missing, and exactly their cost.
+    assert len(after.unknown) <= result["waiting"]
+    assert after.ledger_nanos + result["unknown_nanos"] == after.charged_nanos
+    assert result["ok"]
