@@ -232,8 +232,7 @@ export function createWattfare(options) {
    * @returns {Promise<any | null>} the approved result message, or null on denial/close
    */
   function handshake(popup, flow) {
-    const tokenPromise = token();
-    tokenPromise.catch(() => {}); // surfaced when the popup asks for it
+    token().catch(() => {}); // start minting at the click; surfaced when the popup asks
     return new Promise((resolve, reject) => {
       let settled = false;
       const settle = (value, error) => {
@@ -250,7 +249,9 @@ export function createWattfare(options) {
         if (msg.type === "hello") {
           let bearer;
           try {
-            bearer = await tokenPromise;
+            // A popup left open past the token's life asks again with refresh: mint anew.
+            if (msg.refresh) cached = null;
+            bearer = await token();
           } catch (error) {
             try { popup.close(); } catch { /* already gone */ }
             settle(null, toWattfareError(error) ?? error);

@@ -517,3 +517,24 @@ async def test_token_in_the_fragment_is_accepted_and_wiped_from_the_address_bar(
     result = await page.evaluate("window.res")
     assert result["approved"] is True and result["status"]["limits"] == {"monthlyUsd": 2}
     assert all(token not in u for u in context.seen_urls)  # type: ignore[attr-defined]
+
+
+async def test_a_popup_left_open_past_the_token_life_still_approves(
+        tmp_path: Path, context: BrowserContext) -> None:
+    from conftest import Clock
+
+    clock = Clock()
+    demo = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.0, clock=clock)
+    try:
+        page = await context.new_page()
+        await page.goto(demo.app_url)
+        popup = await open_popup(page, "#connect")
+        await expect(popup.locator("#approve")).to_be_enabled()
+        await popup.fill("#cap", "0.60")
+        await popup.fill("#key", KEY)
+        clock.advance(3600)  # the user went to OpenRouter to make a key; the token expired
+        async with popup.expect_event("close"):
+            await popup.click("#approve")
+        await expect(page.locator("#status")).to_contain_text("$0.60 / month")
+    finally:
+        await demo.close()

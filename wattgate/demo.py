@@ -23,7 +23,8 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -88,8 +89,12 @@ async def _serve(app: web.Application, sock: socket.socket) -> web.AppRunner:
 
 
 async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app_port: int = 0,
-                     fake_port: int = 0, chunk_delay: float = 0.04) -> Demo:
-    """Start the three servers; ports 0 pick free ones. Call ``close()`` when done."""
+                     fake_port: int = 0, chunk_delay: float = 0.04,
+                     clock: Callable[[], float] = time.time) -> Demo:
+    """Start the three servers; ports 0 pick free ones. Call ``close()`` when done.
+
+    ``clock`` is the gateway's (tests move it to expire tokens without sleeping).
+    """
     tmp = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
     data.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
         "WATTGATE_OAUTH__AUTH_BASE": fake_url,
         "WATTGATE_OAUTH__API_BASE": fake_url + "/api/v1",
     })
-    gateway = create_app(config)
+    gateway = create_app(config, clock=clock)
     runners.append(await _serve(gateway, gw_sock))
     gw = gateway[gateway_key]
     creds = mint_credentials()

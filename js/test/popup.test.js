@@ -105,3 +105,14 @@ test("connect() works when destructured from the client", async () => {
   fake.popup.closed = true;
   assert.deepEqual(await pending, NOT_CONNECTED);
 });
+
+test("a hello with refresh gets a freshly minted token (the popup outlived the first one)", async () => {
+  const pending = client().connect();
+  fake.deliver({ wattgate: 1, type: "hello", flow: "connect" });
+  await tick();
+  fake.deliver({ wattgate: 1, type: "hello", flow: "connect", refresh: true });
+  await tick();
+  assert.deepEqual(fake.popup.posted.map((p) => p.msg.token), ["tok1", "tok2"]);
+  fake.popup.closed = true;
+  await pending;
+});

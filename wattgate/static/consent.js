@@ -81,10 +81,19 @@ function hello() {
   }, 12000);
 }
 
+let onFreshToken = null;  // set while waiting for the opener to send a new token
+
 window.addEventListener("message", (event) => {
-  if (answered || event.source !== window.opener) return;
+  if (event.source !== window.opener) return;
   const msg = event.data;
   if (!msg || msg.wattgate !== 1 || msg.type !== "session") return;
+  if (answered) {
+    // Only a verified opener may hand over a fresh token, and only when asked to.
+    if (onFreshToken && openerOrigin && event.origin === openerOrigin && typeof msg.token === "string") {
+      onFreshToken(msg.token);
+    }
+    return;
+  }
   answered = true;
   openerOrigin = event.origin; // set by the browser, not by the sender
   if (typeof msg.token === "string" && msg.token) token = msg.token;
@@ -212,6 +221,25 @@ $("oauth").addEventListener("click", () => {
   if (!w) showError("Your browser blocked the OpenRouter window. Allow popups, or paste a key.");
 });
 
+/** The session token outlived the popup (the user took a while): ask the app's page for a new one. */
+function freshToken() {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { onFreshToken = null; reject(new Error("no answer")); }, 8000);
+    onFreshToken = (fresh) => { clearTimeout(timer); onFreshToken = null; resolve(fresh); };
+    window.opener.postMessage({ wattgate: 1, type: "hello", flow, refresh: true }, openerOrigin);
+  });
+}
+
+async function post(path, body) {
+  try {
+    return await api("POST", path, { token, body });
+  } catch (e) {
+    if (e.status !== 401 || !window.opener || !openerOrigin) throw e;
+    try { token = await freshToken(); } catch { throw e; }
+    return api("POST", path, { token, body });
+  }
+}
+
 // ---- approve / deny ----------------------------------------------------------------------
 $("consent-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -245,7 +273,7 @@ $("consent-form").addEventListener("submit", async (event) => {
   $("approve").disabled = true;
   $("approve").textContent = "Approving…";
   try {
-    const result = await api("POST", path, { token, body });
+    const result = await post(path, body);
     finished = true;
     send(flow === "connect" ? { type: "result", approved: true, status: result }
       : { type: "result", approved: true, grant: result });
