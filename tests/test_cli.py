@@ -25,7 +25,7 @@ from wattgate.store import SQLiteStore
 ORIGIN = "http://localhost:3000"
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, deadline: float = 15.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, deadline: float = 60.0) -> None:
     """Readiness, not timing: poll until the child listens (or died)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
