@@ -290,6 +290,15 @@ def test_unwritable_database_path(env, tmp_path, command):
     assert_one_line_error(wattgate(bad, *command), "cannot open database")
 
 
+def test_a_lost_keys_file_is_not_silently_replaced(env, tmp_path):
+    create(env)
+    keys_file = tmp_path / "data" / "wattgate.db.keys.json"
+    keys_file.unlink()
+    for command in (("apps", "list"), ("serve", "--port", "0")):
+        assert_one_line_error(wattgate(env, *command), "restore the keys file")
+    assert not keys_file.exists()
+
+
 def test_busy_port(env, server):
     port = server.rsplit(":", 1)[1]
     assert_one_line_error(wattgate(env, "serve", "--port", port), "cannot listen", port)

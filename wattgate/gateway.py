@@ -103,6 +103,12 @@ def open_gateway(config: Config, *, clock: Callable[[], float] = time.time) -> G
     except (OSError, sqlite3.Error, SchemaError) as e:
         raise ConfigError(f"cannot open database {config.database_file}: {e}") from None
     try:
+        if not config.keys_path.exists() and store.holds_apps():
+            # A fresh keys file would silently orphan every app secret and sealed key.
+            raise ConfigError(
+                f"keys file {config.keys_path} is missing but {config.database_file} holds "
+                "apps: restore the keys file from your backup (new keys would make every "
+                "secret key and stored funding key unusable)")
         keys = load_keys(config.keys_path)
     except BaseException:
         store.close_now()

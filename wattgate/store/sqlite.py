@@ -241,6 +241,10 @@ class SQLiteStore(ReportsMixin):
         except sqlite3.Error:
             return False
 
+    def holds_apps(self) -> bool:
+        """Whether any app is registered (the keys file then holds secrets that matter)."""
+        return self._one("SELECT 1 FROM apps LIMIT 1") is not None
+
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""
         return self._read.execute("PRAGMA data_version").fetchone()[0]
