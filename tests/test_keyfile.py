@@ -103,3 +103,12 @@ def test_add_master_key_persists_and_keeps_the_old_ones(tmp_path):
     assert reloaded.active_key_id == kid
     assert reloaded.master_keys["k1"] == old["k1"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_keys_file_others_can_read_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "k.json"
+    load_keys(path, env={})
+    assert not caplog.records
+    os.chmod(path, 0o644)
+    load_keys(path, env={})
+    assert any("chmod 600" in r.getMessage() for r in caplog.records)

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .errors import ConfigError
+
+log = logging.getLogger("wattgate.keys")
 
 
 @dataclass
@@ -110,8 +114,11 @@ def load_keys(path: Path, env: Mapping[str, str] | None = None, *, create: bool 
             raise ConfigError(f"cannot create keys file {path}: {e.strerror}") from None
     try:
         data = json.loads(path.read_text())
+        mode = stat.S_IMODE(path.stat().st_mode)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read keys file {path}: {e}") from None
+    if mode & 0o077:
+        log.warning("keys file %s is readable by others (mode %o); chmod 600 it", path, mode)
     try:
         masters = {kid: _unb64(v, f"master key {kid}") for kid, v in data["master_keys"].items()}
         keys = Keys(
