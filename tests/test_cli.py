@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
 from conftest import FUNDING_KEY, free_port
+
 from wattgate.keyfile import load_keys
 from wattgate.sealing import Sealer, connection_aad, key_id_of
 from wattgate.store import SQLiteStore

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from conftest import FUNDING_KEY
+
 from wattgate.consent import PRESENCE_COOKIE
 from wattgate.sealing import connection_aad
 

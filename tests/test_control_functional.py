@@ -9,8 +9,8 @@ from typing import Any
 
 import jwt
 import pytest
-
 from conftest import FUNDING_KEY, free_port
+
 from wattgate.credentials import mint_credentials, parse_secret_key
 from wattgate.ledger import period_of
 from wattgate.sessions import AUDIENCE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wattgate.sealing import SealError, Sealer, connection_aad, grant_aad, key_id_of
+from wattgate.sealing import Sealer, SealError, connection_aad, grant_aad, key_id_of
 
 K1, K2 = b"1" * 32, b"2" * 32
 SECRET = "sk-or-v1-" + "a" * 48

@@ -138,7 +138,7 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
     from .keyfile import add_master_key
-    from .sealing import SealError, Sealer, connection_aad, grant_aad
+    from .sealing import Sealer, SealError, connection_aad, grant_aad
 
     async def rotate(gw: Gateway) -> tuple[str, int]:
         kid = add_master_key(gw.keys)

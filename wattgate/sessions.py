@@ -78,7 +78,7 @@ class SessionCodec:
         limits = claims.get("limits")
         limit_nanos = None
         has_limit = isinstance(limits, dict)
-        if has_limit and limits.get("monthlyUsd") is not None:
+        if isinstance(limits, dict) and limits.get("monthlyUsd") is not None:
             limit_nanos = usd_to_nanos(limits["monthlyUsd"])
         tag = claims.get("sv", "")
         return Session(app_id, user, limit_nanos, has_limit, claims["exp"],

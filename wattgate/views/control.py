@@ -12,19 +12,19 @@ from typing import Any
 from aiohttp import web
 
 from .. import consent
+from ..credentials import new_presence_value
 from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
-from ..middleware import error_response
 from ..ledger import period_of, status_body
+from ..middleware import error_response
 from ..money import nanos_to_usd
-from ..store import ACTIVE, REVOKED, App
-from ..credentials import new_presence_value
 from ..sealing import connection_aad
 from ..sessions import Session
+from ..store import ACTIVE, REVOKED, App
 from . import cors
+from .inputs import app_user_id, funding_key, json_body, secret_key_of, session_token_of, usd_amount
 from .state import gateway_key, upstream_key
-from .inputs import (app_user_id, funding_key, json_body, secret_key_of, session_token_of,
-                     usd_amount)
+
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data), status=status, content_type="application/json")
