@@ -66,8 +66,11 @@ class PriceList:
             if not isinstance(pricing, dict):
                 continue
             try:
-                prices[entry["id"]] = Price(_dec(pricing.get("prompt")),
-                                            _dec(pricing.get("completion")),
+                # Reasoning tokens count toward max_tokens and may be priced apart
+                # (``internal_reasoning``): the dearer of the two bounds an output token.
+                completion = max(_dec(pricing.get("completion")),
+                                 _dec(pricing.get("internal_reasoning")))
+                prices[entry["id"]] = Price(_dec(pricing.get("prompt")), completion,
                                             _dec(pricing.get("request")))
             except ValueError:
                 continue
