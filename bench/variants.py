@@ -27,6 +27,12 @@ earns its keep is then proposed for wattgate itself, with the figures.
   which in Python 3.11 wraps the request in a Task of its own (a Task, a
   context copy and a timer handle per call).
 
+- ``lone-op``: a transaction that carries a single operation (the common case
+  at low concurrency) runs it without the ``SAVEPOINT``/``RELEASE`` pair that
+  isolates operations sharing a transaction: if it raises, the transaction is
+  rolled back instead, which leaves the database exactly as the savepoint
+  would. Two statements fewer per commit. For the loop-thread writer.
+
 Names joined with ``+`` apply several prototypes at once.
 """
 
@@ -196,6 +202,38 @@ class _AsyncioWithTimeoutCM:
             return await aw
 
 
+def _lone_op() -> None:
+    base = store_sqlite._Writer
+    if _writer_runs_on_a_thread():
+        raise SystemExit("lone-op is written for the loop-thread writer")
+    stock_apply = base._apply
+
+    def _apply(self: Any, ops: list[Any], wait: bool) -> list[tuple[bool, Any]]:
+        if len(ops) != 1:
+            return stock_apply(self, ops, wait)
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {10000 if wait else 0}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            value = ops[0](db)
+        except Exception as e:
+            db.execute("ROLLBACK")
+            return [(False, e)]
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return [(True, value)]
+    base._apply = _apply  # type: ignore[method-assign]
+
+
 def _timeout_cm() -> None:
     from wattgate.views import proxy
 
@@ -213,7 +251,8 @@ def _writer(cls: type) -> Any:
 
 VARIANTS = {"inline-writer": _writer(InlineWriter),
             "bg-checkpoint": _writer(CheckpointAsideWriter),
-            "timeout-cm": _timeout_cm}
+            "timeout-cm": _timeout_cm,
+            "lone-op": _lone_op}
 
 
 def apply(names: str) -> None:
