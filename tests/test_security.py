@@ -328,3 +328,29 @@ async def test_error_bodies_never_echo_the_credential(harness):
         async with harness.http.get(harness.api + "/status", params={"appUserId": "u"},
                                     headers=bearer(token)) as r:
             assert token not in await r.text()
+
+
+async def test_popup_endpoints_answer_only_the_gateways_own_pages(harness):
+    """Another site's page (or a server forging no browser headers) gets nothing."""
+    app = await harness.create_app()
+    token = await harness.session(app, "ann")
+    async with harness.http.post(harness.api + "/connections",
+                                 json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
+                                 headers={**bearer(token), "Sec-Fetch-Site": "same-origin"}) as r:
+        presence = r.cookies["wg_presence"].value
+    cookie = {"Cookie": f"wg_presence={presence}"}
+    checks = [("GET", "/consent/session", {**bearer(token)}, None),
+              ("POST", "/consent/oauth", {}, {"code": "c", "codeVerifier": "v" * 43}),
+              ("GET", "/account", cookie, None),
+              ("DELETE", "/account/connections/1", cookie, None)]
+    for site in ("cross-site", "same-site", None):
+        browser = {"Sec-Fetch-Site": site, "Origin": "https://evil.example"} if site \
+            else {"Origin": "https://evil.example"}
+        for method, path, headers, body in checks:
+            async with harness.http.request(method, harness.api + path, json=body,
+                                            headers={**headers, **browser}) as r:
+                if r.status == 404 and path == "/consent/session":
+                    pytest.skip("consent endpoints not served by this build")
+                assert r.status == 401, (site, path, r.status)
+                assert "Access-Control-Allow-Origin" not in r.headers
+    assert (await harness.status(app, "ann"))["connected"] is True

@@ -431,7 +431,7 @@ async def soak(seconds: float, sample_every: float = 5.0) -> dict[str, Any]:
         stop.set()
         seen = await load
         await wait_for_holds(gw.database)
-        await asyncio.sleep(20)  # idle upstream keep-alive connections close after 15 s
+        await asyncio.sleep(35)  # idle upstream keep-alive connections close 15-30 s later
         fds_after = gw.fds()
         rss_after = gw.rss_kib()
         before = await compare(fake, gw.database, tenant)

@@ -20,9 +20,9 @@ from .consent import PRESENCE_COOKIE
 Schema = dict[str, Any]
 MAX_TOKENS = 10_000_000  # views.proxy.MAX_TOKENS (a test keeps them equal)
 
-SECRET = [{"secretKey": []}]
-SESSION = [{"sessionToken": []}]
-PRESENCE = [{"presenceCookie": []}]
+SECRET: list[dict[str, list[str]]] = [{"secretKey": []}]
+SESSION: list[dict[str, list[str]]] = [{"sessionToken": []}]
+PRESENCE: list[dict[str, list[str]]] = [{"presenceCookie": []}]
 
 
 def _ref(name: str) -> Schema:
