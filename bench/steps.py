@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import statistics
 import sys
@@ -84,6 +85,10 @@ async def measure(n: int) -> dict[str, Any]:
                                                     "completion": "0.0000006",
                                                     "request": "0"}}]}, now=now)
     times: dict[str, list[float]] = {}
+    takes_connection = "connection" in inspect.signature(admission.admit).parameters
+
+    def admit_extra(connection: Any) -> dict[str, Any]:
+        return {"connection": connection} if takes_connection else {}
 
     def lap(name: str, t0: int) -> int:
         t1 = time.perf_counter_ns()
@@ -98,7 +103,7 @@ async def measure(n: int) -> dict[str, Any]:
         app = await gw.app_for_secret(creds.secret_key)
         t = lap("authenticate secret key", t)
         payer = admission.identify("u1", None)
-        await admission.precheck(gw, app.app_id, payer)
+        connection = await admission.precheck(gw, app.app_id, payer)
         t = lap("identify payer + pre-check connection", t)
         gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=time.time())
         t = lap("rate limit", t)
@@ -107,9 +112,14 @@ async def measure(n: int) -> dict[str, Any]:
         price = prices.get(model)
         estimate = price.worst_cost_nanos(len(payload), max_tokens)
         t = lap("price the worst case", t)
-        admitted = await admission.admit(gw, app.app_id, payer, estimate, now=time.time())
+        admitted = await admission.admit(gw, app.app_id, payer, estimate, now=time.time(),
+                                         **admit_extra(connection))
         t = lap("admit: hold commit + unseal", t)
         gen = f"{i:024x}"
+        if hasattr(gw.store, "note_generation"):
+            gw.store.note_generation(admitted.hold, "gen-" + gen, app.app_id, model)
+            await asyncio.sleep(0)  # not awaited by the proxy; commits at the end of this turn
+            t = lap("note generation id (own commit when alone)", t)
         outcome = parse_json_body((ANSWER % (gen, MODEL, USAGE)).encode(), "gen-" + gen)
         t = lap("read usage, non-streamed answer", t)
         reader = StreamReader("gen-" + gen)
