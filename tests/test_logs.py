@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from conftest import FUNDING_KEY
-from test_admin_functional import close_consoles, sign_in  # noqa: F401 (fixture)
+from test_admin_functional import close_consoles, secret_in, sign_in  # noqa: F401 (fixture)
 from test_grants_functional import mint_grant, redeem
 
 from wattgate.logs import JSONFormatter, TextFormatter, user_hash
@@ -83,12 +83,25 @@ async def test_no_secret_or_prompt_in_any_log_line(make_harness, caplog):
     for path in ("/admin", "/admin/apps", f"/admin/apps/{app.app_id}",
                  f"/admin/apps/{app.app_id}/usage?format=jsonl"):
         assert (await console.page(path))[0] == 200
+    created = await console.post("/admin/apps", {"name": "Logged", "csrf": console.csrf,
+                                                 "origins": "https://logged.example"})
+    secrets_seen.append(secret_in(created.text_body))
+    lena_connection = await h.gw.store.get_connection(app.app_id, "lena")
+    await console.post(f"/admin/apps/{app.app_id}/connections/"
+                       f"{lena_connection.connection_id}/revoke", {"csrf": console.csrf})
     for path in ("/metrics", "/healthz"):
         async with h.http.get(h.url + path) as r:
             assert r.status == 200
     async with h.http.delete(h.api + "/connections",
                              headers={"Authorization": f"Bearer {token}"}) as r:
         assert r.status == 204
+    rotated = await console.post(f"/admin/apps/{app.app_id}/rotate-secret",
+                                 {"csrf": console.csrf})
+    app.secret_key = secret_in(rotated.text_body)
+    secrets_seen.append(app.secret_key)
+    audit = [r.getMessage() for r in caplog.records if r.name == "wattgate.admin"]
+    assert any("rotated the secret key of app " + app.app_id in m for m in audit)
+    assert any(f"revoked connection {lena_connection.connection_id}" in m for m in audit)
     assert await chat(h, app, {"x-wattfare-user": "lena"}) == 402
 
     records = list(caplog.records)

@@ -113,7 +113,7 @@ def _write_line(request: web.Request, gw: Gateway, note: RequestNote, route: str
     }
     # A refused credential names no one: a 401 line never repeats a claimed identity.
     app, user = _caller(request, gw.sessions, gw.clock()) if status != 401 else (None, None)
-    app = note.app_id or app
+    app = note.app_id or app or request.match_info.get("app_id")  # console pages of an app
     if status != 401:
         user = user or request.headers.get("x-wattfare-user")
         if user is None and route == "/api/v1/status":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from ..store import REVOKED, App
 from ..store.reports import DAY
 from . import console, metrics
 from .state import gateway_key
+
+log = logging.getLogger("wattgate.admin")  # what operators changed: an audit trail
 
 SESSION_COOKIE = "wattgate_admin"
 SESSION_SECONDS = 12 * 3600
@@ -249,6 +252,7 @@ async def create_app(request: web.Request, gw: Gateway, session: AdminSession) -
     creds = mint_credentials()
     app = await gw.store.create_app(creds.app_id, name, gw.hash(creds.secret), origins,
                                     now=gw.clock())
+    log.info("console: created app %s with origins %s", app.app_id, " ".join(origins))
     return html_response(console.secret_shown(csrf=session.csrf, app=app,
                                               secret_key=creds.secret_key, created=True))
 
@@ -291,6 +295,8 @@ async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession
         return html_response(console.confirm_rotation(csrf=session.csrf, app=app))
     creds = mint_credentials(app.app_id)
     await gw.store.set_app_secret(app.app_id, gw.hash(creds.secret))
+    log.warning("console: rotated the secret key of app %s; the old key no longer works",
+                app.app_id)
     return html_response(console.secret_shown(csrf=session.csrf, app=app,
                                               secret_key=creds.secret_key, created=False))
 
@@ -304,6 +310,8 @@ async def change_origin(request: web.Request, gw: Gateway, session: AdminSession
         return html_response(console.message("Origin not changed", str(e), csrf=session.csrf,
                                              back=f"/admin/apps/{app.app_id}"), 400)
     await gw.store.set_origins(app.app_id, [] if remove else [origin], [origin] if remove else [])
+    log.info("console: %s origin %s for app %s", "removed" if remove else "added", origin,
+             app.app_id)
     return _see(f"/admin/apps/{app.app_id}")
 
 
@@ -319,6 +327,8 @@ async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> we
     if connection.state != REVOKED:
         await gw.store.set_connection_state(connection_id, REVOKED, now=gw.clock(),
                                             drop_key=True)
+        log.info("console: revoked connection %d of app %s (user %s)", connection_id,
+                 app.app_id, user_hash(gw.keys.hash_key, connection.app_user_id))
     return _see(f"/admin/apps/{app.app_id}?revoked={connection_id}#connections")
 
 

@@ -316,8 +316,9 @@ def confirm_rotation(*, csrf: str, app: App) -> str:
     return frame("Rotate secret key", f"""<section class="card login">
 <h1>Rotate the secret key of {e(app.name)}?</h1>
 <p>A new secret key is shown once. <b>The current key stops working at once</b>: every
-backend using it gets <code>401</code> until it is given the new one. Sessions already
-minted and users' connections are not affected.</p>{form}</section>""", csrf=csrf, active="apps")
+backend using it gets <code>401</code> until it is given the new one, and session tokens
+minted with it stop working too. Users' connections and budgets are not affected.</p>{form}
+</section>""", csrf=csrf, active="apps")
 
 
 def message(title: str, text: str, *, csrf: str | None, back: str = "/admin") -> str:
