@@ -170,7 +170,6 @@ async def test_serve_writes_json_lines_when_configured(tmp_path):
     import sys
 
     import aiohttp
-
     from conftest import free_port
 
     port = free_port()
