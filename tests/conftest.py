@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -141,3 +142,12 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type:
 @pytest.fixture
 async def harness(make_harness):  # type: ignore[no-untyped-def]
     return await make_harness()
+
+
+@pytest.fixture
+async def browser():  # type: ignore[no-untyped-def]
+    """Headless Debian Chromium (see tests/chromium.py), for tests marked ``browser``."""
+    from chromium import launched
+
+    async for b in launched():
+        yield b

@@ -10,36 +10,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("playwright")
-from playwright.async_api import Browser, Page, async_playwright, expect
+from chromium import ARTIFACTS
+from playwright.async_api import Browser, Page, expect
 from test_grants_functional import mint_grant, redeem
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 DAY = 86400
 MODELS = ("openai/gpt-4o-mini", "anthropic/claude-sonnet-4", "fake/flat-3c", "fake/flat-2c")
 USERS = ("dora", "eli", "farah", "gus", "hana")
-
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)",
-                allow_module_level=True)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        await b.close()
-
 
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:

@@ -19,36 +19,20 @@ import pytest
 from aiohttp import web
 
 pytest.importorskip("playwright")
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from chromium import shot
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from wattgate.demo import Demo, start_demo
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 KEY = "sk-or-v1-" + "d" * 48
-
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)",
-                allow_module_level=True)
-
 
 @pytest.fixture
 async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
     d = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.05)
     yield d
     await d.close()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        await b.close()
 
 
 @pytest.fixture
@@ -60,11 +44,6 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
     ctx.seen_urls = urls  # type: ignore[attr-defined]
     yield ctx
     await ctx.close()
-
-
-def shot(page: Page, name: str) -> Any:
-    ARTIFACTS.mkdir(exist_ok=True)
-    return page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
 async def open_popup(page: Page, button: str) -> Page:
