@@ -15,7 +15,7 @@ so the two differ only by what wattgate does on top.
 from __future__ import annotations
 
 import argparse
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web

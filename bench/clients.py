@@ -97,7 +97,7 @@ def cmd_ttfb(args: argparse.Namespace) -> dict:
 def cmd_fetch(args: argparse.Namespace) -> dict:
     t = Target(*args.target[0])
     conn = http.client.HTTPConnection(t.host, t.port, timeout=120)
-    status, fb, fd, total, size = timed_stream(conn, t, args.body.encode())
+    status, _, _, total, size = timed_stream(conn, t, args.body.encode())
     return {"status": status, "bytes": size, "seconds": round(total / 1e6, 3)}
 
 

@@ -45,7 +45,7 @@ def _short(fn: str, path: str) -> str:
 
 def _thread_of(stack: str) -> tuple[str, str]:
     """Split py-spy's ``--threads`` root frame off: (thread name, rest of the stack)."""
-    head, sep, rest = stack.partition(";")
+    head, _, rest = stack.partition(";")
     if head.startswith("thread ("):
         name = head.split(":", 1)[-1].strip()
         return ("writer" if "writer" in name else name), rest

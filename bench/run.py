@@ -492,7 +492,7 @@ def profile(wg: Server, plan: Plan, out_dir: Path) -> str:
     if shutil.which("py-spy") is None:
         return "py-spy is not installed (pip install py-spy): no profile taken."
     sys.path.insert(0, str(BENCH))
-    from flame_summary import summarise  # noqa: E402
+    from flame_summary import summarise
 
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -107,7 +107,7 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("identify payer + pre-check connection", t)
         gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=time.time())
         t = lap("rate limit", t)
-        _, payload, model, stream, max_tokens = _parse(REQUEST, 4096)
+        _, payload, model, _, max_tokens = _parse(REQUEST, 4096)
         t = lap("parse body, inject max_tokens", t)
         price = prices.get(model)
         estimate = price.worst_cost_nanos(len(payload), max_tokens)
