@@ -15,8 +15,8 @@ import sqlite3
 import sys
 import time
 from typing import Any, Awaitable, Callable, Sequence
-from urllib.parse import urlsplit
 
+from . import origins
 from .config import Config, load_config
 from .credentials import mint_credentials
 from .errors import ConfigError
@@ -28,16 +28,10 @@ class CommandError(Exception):
 
 
 def normalize_origin(value: str) -> str:
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname \
-            or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise CommandError(f"not an origin (scheme://host[:port]): {value!r}")
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port
-    default = {"http": 80, "https": 443}[parts.scheme]
-    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+    try:
+        return origins.normalize_origin(value)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def _run(config: Config, fn: Callable[[Gateway], Awaitable[Any]]) -> Any:

@@ -8,6 +8,7 @@ status and the reference API's ``code``; the error middleware in
     ├── InvalidRequest       400 invalid_request
     ├── AuthError            401 auth
     ├── ConsentRequired      403 consent_required   (wattgate addition)
+    ├── MetricsForbidden     403 forbidden          (wattgate addition, /metrics only)
     ├── NotFound             404 not_found          (wattgate addition)
     ├── MethodNotAllowed     405 method_not_allowed (wattgate addition)
     ├── PayloadTooLarge      413 payload_too_large  (wattgate addition)
@@ -64,6 +65,13 @@ class ConsentRequired(WattgateError):
     default_message = (
         "This change needs the end user's consent: approve it in the consent popup."
     )
+
+
+class MetricsForbidden(WattgateError):
+    status = 403
+    code = "forbidden"
+    default_message = ("/metrics is served to loopback clients only; set [metrics] "
+                       "allow_remote or token_file to scrape it from elsewhere.")
 
 
 class NotFound(WattgateError):

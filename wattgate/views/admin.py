@@ -28,7 +28,7 @@ from aiohttp import web
 
 from .. import export
 from ..charts import day_range, series_by
-from ..cli import CommandError, normalize_origin
+from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
 from ..errors import RateLimited
 from ..gateway import Gateway
@@ -242,7 +242,7 @@ async def create_app(request: web.Request, gw: Gateway, session: AdminSession) -
     name = str(form.get("name", "")).strip()[:100]
     try:
         origins = _origins_of(str(form.get("origins", "")))
-    except CommandError as e:
+    except ValueError as e:
         return html_response(console.message("App not created", str(e), csrf=session.csrf,
                                              back="/admin/apps"), 400)
     if not name or not origins:
@@ -306,7 +306,7 @@ async def change_origin(request: web.Request, gw: Gateway, session: AdminSession
     remove = request.path.endswith("/remove")
     try:
         origin = normalize_origin(str((await request.post()).get("origin", "")))
-    except CommandError as e:
+    except ValueError as e:
         return html_response(console.message("Origin not changed", str(e), csrf=session.csrf,
                                              back=f"/admin/apps/{app.app_id}"), 400)
     await gw.store.set_origins(app.app_id, [] if remove else [origin], [origin] if remove else [])

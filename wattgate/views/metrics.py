@@ -22,15 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Config
-from ..errors import AuthError, ConfigError, NotFound, WattgateError
+from ..errors import AuthError, ConfigError, MetricsForbidden, NotFound
 from .state import gateway_key
-
-
-class MetricsForbidden(WattgateError):
-    status = 403
-    code = "forbidden"
-    default_message = ("/metrics is served to loopback clients only; set [metrics] "
-                       "allow_remote or token_file to scrape it from elsewhere.")
 
 
 @lru_cache(maxsize=4)
