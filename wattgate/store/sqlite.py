@@ -1,4 +1,6 @@
-"""The SQLite store: every SQL statement of wattgate lives in this file.
+"""The SQLite store: the SQL of the hot path (apps, connections, holds, the ledger).
+
+The console's and exports' range reads live beside it in ``reports.py``.
 
 Writes go through one writer with *group commit* (see ``_Writer``):
 operations queued in one turn of the event loop are applied together in one
