@@ -73,6 +73,7 @@ class _Writer:
         self._since_checkpoint = 0
         self.commits = 0
         db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("PRAGMA busy_timeout = 0")  # on the loop: never wait for a lock
 
     def run(self, op: Op) -> asyncio.Future[Any]:
         loop = self._loop or asyncio.get_running_loop()
@@ -132,27 +133,44 @@ class _Writer:
 
     def _apply(self, ops: list[Op], wait: bool) -> list[tuple[bool, Any]]:
         db = self._db
-        db.execute(f"PRAGMA busy_timeout = {10000 if wait else 0}")
-        db.execute("BEGIN IMMEDIATE")
-        results: list[tuple[bool, Any]] = []
+        if wait:  # on the thread: wait for the other process's lock
+            db.execute("PRAGMA busy_timeout = 10000")
         try:
-            for op in ops:
-                db.execute("SAVEPOINT op")
-                try:
-                    value = op(db)
-                except Exception as e:
-                    db.execute("ROLLBACK TO op")
-                    db.execute("RELEASE op")
-                    results.append((False, e))
-                else:
-                    db.execute("RELEASE op")
-                    results.append((True, value))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results = self._apply_ops(db, ops)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if wait:
+                db.execute("PRAGMA busy_timeout = 0")
         self.commits += 1
+        return results
+
+    @staticmethod
+    def _apply_ops(db: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+        if len(ops) == 1:  # alone in its transaction: no savepoint needed
+            try:
+                return [(True, ops[0](db))]
+            except Exception as e:
+                db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")  # so COMMIT below has a transaction
+                return [(False, e)]
+        results: list[tuple[bool, Any]] = []
+        for op in ops:
+            db.execute("SAVEPOINT op")
+            try:
+                value = op(db)
+            except Exception as e:
+                db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                results.append((False, e))
+            else:
+                db.execute("RELEASE op")
+                results.append((True, value))
         return results
 
     def _checkpoint(self) -> None:
