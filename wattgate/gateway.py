@@ -38,6 +38,9 @@ class Gateway:
     rl_sessions: RateLimiter = field(init=False)
     rl_chat: RateLimiter = field(init=False)
     observer: Observer = field(init=False)  # metrics and request-log hooks
+    # presented secret key → (app, store.apps_version() when verified)
+    _verified: dict[str, tuple[App, tuple[int, int]]] = field(
+        init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.sealer = Sealer(self.keys.master_keys, self.keys.active_key_id,
@@ -68,13 +71,23 @@ class Gateway:
     async def app_for_secret(self, secret_key: str) -> App:
         """The app a secret key belongs to, or AuthError.
 
-        A primary-key read on the loop thread (microseconds) each time, so a
-        rotation made by the CLI in another process takes effect at once.
+        Verified keys are kept in memory until apps may have changed: this
+        store's own app writes and any commit by another process (the CLI
+        rotating a secret) invalidate them, so a rotation takes effect on the
+        very next request without a database read per call.
         """
+        version = self.store.apps_version()
+        cached = self._verified.get(secret_key)
+        if cached is not None and version is not None and cached[1] == version:
+            return cached[0]
         app_id, secret = parse_secret_key(secret_key)
         app = await self.store.get_app(app_id)
         if app is None or not same_hash(app.secret_hash, self.hash(secret)):
             raise AuthError("Invalid secret key.")
+        if version is not None:
+            if len(self._verified) >= 1024:
+                self._verified.clear()
+            self._verified[secret_key] = (app, version)
         return app
 
     def secret_tag(self, app: App) -> str:

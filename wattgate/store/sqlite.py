@@ -85,6 +85,10 @@ class _Writer:
             loop.call_soon(self._flush)
         return future
 
+    @property
+    def in_thread(self) -> bool:
+        return self._in_thread is not None
+
     def submit(self, op: Op) -> None:
         """Queue an operation without waiting for its commit (ordered before later ops)."""
         self.run(op).add_done_callback(_consume)
@@ -234,6 +238,7 @@ class SQLiteStore(ReportsMixin):
             self._write_db.close()
             raise
         self._writer = _Writer(self._write_db, self.path)
+        self._apps_epoch = 0
 
     @classmethod
     def open(cls, path: Path) -> "SQLiteStore":
@@ -265,6 +270,18 @@ class SQLiteStore(ReportsMixin):
         """Whether any app is registered (the keys file then holds secrets that matter)."""
         return self._one("SELECT 1 FROM apps LIMIT 1") is not None
 
+    def apps_version(self) -> tuple[int, int] | None:
+        """Changes whenever apps may have changed: by this store or another process.
+
+        ``PRAGMA data_version`` on the writer's connection moves only when
+        another connection (a CLI command) commits; ``_apps_epoch`` counts this
+        store's own app writes. None while the writer's connection is busy on
+        its thread (then callers read the database instead).
+        """
+        if self._writer.in_thread:
+            return None
+        return (self._write_db.execute("PRAGMA data_version").fetchone()[0], self._apps_epoch)
+
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""
         return self._read.execute("PRAGMA data_version").fetchone()[0]
@@ -285,7 +302,10 @@ class SQLiteStore(ReportsMixin):
                        "VALUES (:a, :n, :h, :t)", {"a": app_id, "n": name, "h": secret_hash, "t": now})
             db.executemany("INSERT INTO app_origins (app_id, origin) VALUES (?, ?)",
                            [(app_id, o) for o in origins])
-        await self._writer.run(op)
+        try:
+            await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
         return App(app_id, name, secret_hash, origins, now)
 
     async def get_app(self, app_id: str) -> App | None:
@@ -309,12 +329,18 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> bool:
             return db.execute("UPDATE apps SET secret_hash = :h WHERE app_id = :a",
                               {"h": secret_hash, "a": app_id}).rowcount == 1
-        return await self._writer.run(op)
+        try:
+            return await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
 
     async def delete_app(self, app_id: str) -> bool:
         def op(db: sqlite3.Connection) -> bool:
             return db.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
-        return await self._writer.run(op)
+        try:
+            return await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
 
     async def set_origins(self, app_id: str, add: Iterable[str] = (),
                           remove: Iterable[str] = ()) -> bool:
@@ -326,7 +352,10 @@ class SQLiteStore(ReportsMixin):
             db.executemany("DELETE FROM app_origins WHERE app_id = ? AND origin = ?",
                            [(app_id, o) for o in remove])
             return True
-        return await self._writer.run(op)
+        try:
+            return await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any app registered this origin (answers CORS preflights)."""

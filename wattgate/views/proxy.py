@@ -154,10 +154,9 @@ class _Call:
         assert self.upstream.session is not None
         self.sent = self.gw.observer.clock()
         try:
-            upstream_resp = await asyncio.wait_for(
-                self.upstream.session.post(self.upstream.url("/chat/completions"),
-                                           data=payload, headers=headers),
-                self.upstream.first_byte_timeout)
+            async with asyncio.timeout(self.upstream.first_byte_timeout):
+                upstream_resp = await self.upstream.session.post(
+                    self.upstream.url("/chat/completions"), data=payload, headers=headers)
         except BaseException as e:
             await self.release()
             if isinstance(e, asyncio.TimeoutError):
