@@ -18,6 +18,7 @@ lookup costs microseconds, less than a hop to a thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -463,7 +464,7 @@ class SQLiteStore(ReportsMixin):
             cur = db.execute("INSERT INTO holds (connection_id, period, amount_nanos, created_at, "
                              "expires_at) VALUES (?, ?, ?, ?, ?)",
                              (connection_id, period, amount_nanos, now, expires_at))
-            return Hold(cur.lastrowid, connection_id, None, period, amount_nanos)
+            return Hold(_rowid(cur), connection_id, None, period, amount_nanos)
         return await self._writer.run(op)
 
     async def settle(self, hold: Hold | None, usage: Usage, period: str) -> bool:
@@ -611,7 +612,7 @@ class SQLiteStore(ReportsMixin):
             "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at "
             "FROM usage WHERE connection_id = ? ORDER BY created_at DESC, usage_id DESC LIMIT ?",
             (connection_id, limit))
-        return [Usage(*r[:8], bool(r[8]), *r[9:]) for r in rows]
+        return [_usage(r) for r in rows]
 
     # ---- grants -----------------------------------------------------------
     async def create_grant(self, app_id: str, token_hash: str, requests: int,
@@ -624,7 +625,7 @@ class SQLiteStore(ReportsMixin):
                 "connection_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (app_id, token_hash, requests, max_nanos, sealed_key, connection_id, now,
                  expires_at))
-            grant_id = cur.lastrowid
+            grant_id = _rowid(cur)
             key = sealed_key
             if seal is not None:
                 key = seal(grant_id)
@@ -677,9 +678,9 @@ class SQLiteStore(ReportsMixin):
                              "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                              (grant.connection_id, grant.grant_id, period, amount_nanos, now,
                               expires_at))
-            hold = Hold(cur.lastrowid, grant.connection_id, grant.grant_id, period, amount_nanos)
+            hold = Hold(_rowid(cur), grant.connection_id, grant.grant_id, period, amount_nanos)
             used = grant.used + 1
-            grant = Grant(*row[:4], used, row[5], row[6], row[7] + amount_nanos, *row[8:])
+            grant = dataclasses.replace(grant, used=used, held_nanos=grant.held_nanos + amount_nanos)
             return grant, hold
         return await self._writer.run(op)
 
@@ -731,7 +732,12 @@ def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
 
 
 def _usage(r: tuple) -> Usage:
-    return Usage(*r[:8], bool(r[8]), *r[9:12])
+    return Usage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
+
+
+def _rowid(cursor: sqlite3.Cursor) -> int:
+    assert cursor.lastrowid is not None  # right after an INSERT
+    return cursor.lastrowid
 
 
 def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: int) -> None:

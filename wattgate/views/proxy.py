@@ -53,7 +53,7 @@ MAX_ERROR_BODY = 64 * 1024
 # No model answers more; past it a worst-case hold would overflow the ledger's int64.
 MAX_TOKENS = 10_000_000
 
-drains_key = web.AppKey("drains", set)
+drains_key = web.AppKey("drains", set[asyncio.Task[None]])
 
 
 def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, str, bool, int]:
@@ -301,9 +301,10 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def drains_ctx(app: web.Application):  # type: ignore[no-untyped-def]
-    app[drains_key] = set()
+    drains: set[asyncio.Task[None]] = set()
+    app[drains_key] = drains
     yield
-    tasks = list(app[drains_key])
+    tasks = list(drains)
     if tasks:  # let running drains settle before the store closes
         await asyncio.wait(tasks, timeout=app[gateway_key].config.metering_drain_seconds + 5)
 
