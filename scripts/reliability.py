@@ -153,11 +153,21 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
             "| figure | value |", "| --- | ---: |",
             f"| RSS after warm-up (25% of the run) | {c['rss_warm'] / 1024:.1f} MiB |",
             f"| RSS at the end of the load | {c['rss_end'] / 1024:.1f} MiB |",
-            f"| RSS growth after warm-up | {c['growth'] / 1024:+.1f} MiB |",
+            f"| RSS growth after warm-up | {c['growth'] / 1024:+.1f} MiB (bound "
+            f"{faults.SOAK_RSS_BOUND_KIB / 1024:.0f} MiB: SQLite's page cache, 2 MiB per "
+            "connection, fills as the ledger grows) |",
+            f"| Python heap growth after {c['heap']['warmup']} warm-up calls (tracemalloc, "
+            f"in-process): after {c['heap']['calls']} more / after "
+            f"{3 * c['heap']['calls']} more | {c['heap']['growth'] / 1024:+.0f} KiB / "
+            f"{c['heap']['growth_3x'] / 1024:+.0f} KiB |",
             f"| open fds, idle before the load | {c['fds_idle']} |",
             f"| open fds, most seen under load | {c['max_fds']} |",
             f"| open fds, idle 35 s after the load | {c['fds_after']} |",
-            f"| ledger == upstream charged after reconcile | {c['after'].exact} |",
+            f"| ledger == upstream charged after reconcile | {c['after'].exact} "
+            f"({dollars(c['after'].ledger_nanos)} vs {dollars(c['after'].charged_nanos)}; "
+            f"{c['after'].provisional} rows provisional, {len(c['after'].unknown)} unknown, "
+            f"{len(c['after'].mismatched)} differing) |",
+            f"| `wattgate ledger reconcile` runs needed | {len(c['reconcile'])} |",
             "",
             "| t (s) | RSS (MiB) | fds | upstream calls so far |",
             "| ---: | ---: | ---: | ---: |",
@@ -195,6 +205,10 @@ async def main_async(args: argparse.Namespace) -> int:
         seconds = 30 if args.quick else args.soak_seconds
         print(f"3/4 soak: {seconds} s …", flush=True)
         c = await faults.soak(seconds)
+        c["heap"] = await faults.heap_growth(500 if args.quick else 2000,
+                                             1500 if args.quick else 6000)
+        # Per-call state kept forever would triple from the first figure to the second.
+        c["ok"] = c["ok"] and c["heap"]["growth_3x"] < max(1024 * 1024, 2 * c["heap"]["growth"])
         print(f"    ok: {c['ok']}; RSS growth {c['growth']} KiB; fds {c['fds_idle']} → "
               f"{c['fds_after']}", flush=True)
     f = None
