@@ -1,5 +1,8 @@
 """Schemathesis against a live gateway, from the document it serves: never a 500.
 
+It also checks that every answer's status, content type and body conform to
+the document, so the document cannot drift from what the gateway answers.
+
 The gateway runs in this test's event loop against the fake OpenRouter, with an
 app, a connected user and a session token, so generated requests reach past
 authentication into the proxy, the grants and the consent paths. Schemathesis
@@ -17,13 +20,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FUNDING_KEY
+
 from wattgate.fakeupstream import FakeOpenRouter
 
 pytestmark = pytest.mark.slow
 
 FUZZ_SECONDS = int(os.environ.get("WATTGATE_FUZZ_SECONDS", "90"))  # both passes together
+# Beyond "no 500": every answer's status, content type and body match the document.
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_schema_conformance")
 
 
 def st_command() -> list[str]:
@@ -142,7 +148,7 @@ async def run_schemathesis(config: Path, url: str, extra: list[str], seconds: in
         report = Path(os.environ["WATTGATE_FUZZ_REPORT"])
     proc = await asyncio.create_subprocess_exec(
         *st_command(), "--config-file", str(config), "run", url,
-        "--checks", "not_a_server_error", "--max-time", str(max(1, seconds)),
+        "--checks", CHECKS, "--max-time", str(max(1, seconds)),
         "--workers", "2", "--seed", "7", "--no-shrink",
         "--phases", "examples,coverage,fuzzing", "--max-examples", "500", *extra,
         "--report", "ndjson", "--report-ndjson-path", str(report),

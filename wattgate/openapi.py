@@ -158,6 +158,14 @@ SCHEMAS: dict[str, Schema] = {
     },
     "ChatCompletion": {"type": "object", "description": "OpenAI chat completion, as the "
                        "provider sent it (with its usage object)."},
+    "ChatCompletionEvent": {
+        "type": "object", "required": ["data"],
+        "description": "One server-sent event of a streamed answer, as the provider sent it "
+                       "(keep-alive comments are not events).",
+        "properties": {"data": {"type": "string", "description": "A chat.completion.chunk "
+                                "JSON object (the last one carries usage), or [DONE]."},
+                       "event": {"type": "string"}, "id": {"type": "string"}},
+    },
     "ModelList": {"type": "object", "properties": {"data": {"type": "array", "items": {
         "type": "object"}}}},
     "GrantRequest": {
@@ -253,7 +261,7 @@ def _paths() -> dict[str, Any]:
             {"200": {"description": "The completion, or an SSE stream when stream is true.",
                      "headers": GRANT_REMAINING,
                      "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                 "text/event-stream": {"schema": {"type": "string"}}}},
+                                 "text/event-stream": {"schema": _ref("ChatCompletionEvent")}}},
              **_errors(400, 401, 402, 413, 429, 502, 504)},
             body=_body(_ref("ChatCompletionRequest")), parameters=[USER_HEADER, GRANT_HEADER],
             op_id="createChatCompletion")},
