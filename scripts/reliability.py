@@ -181,7 +181,8 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
             f"`tests/test_openapi_fuzz.py` ({f['seconds']} s budget): {f['cases']} generated "
             f"cases over every operation of `/api/v1/openapi.json`, {f['reached']} of them "
             f"reached the (fake) model and were metered; no 5xx other than the documented "
-            f"502/504 of a failing upstream: {verdict[f['ok']]}. It found one 500 "
+            f"502/504 of a failing upstream, and every answer's status, content type and "
+            f"body conform to the document: {verdict[f['ok']]}. It found one 500 "
             "(an absurd `max_tokens` overflowed the int64 hold of an uncapped grant), fixed "
             "by refusing `max_tokens` above 10,000,000 with a 400.",
             "",

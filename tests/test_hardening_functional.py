@@ -12,8 +12,8 @@ import socket
 import time
 
 import pytest
-
 from conftest import FUNDING_KEY
+
 from wattgate.views.inputs import MAX_JSON_DEPTH
 from wattgate.views.state import upstream_key
 
