@@ -121,10 +121,11 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
         f"| `wattgate ledger check` | exit {b['check'][0]}: {b['check'][1]} |",
         "",
         "No generation is debited twice (the ledger's primary key is the generation id and "
-        "every amount matches the upstream's), no hold is left open, and every streamed "
-        "call in flight at the kill is recovered exactly: its generation id is written to "
-        "its hold as soon as the upstream's headers arrive, and the restart turns the hold "
-        "into a provisional row that reconciliation corrects.",
+        "every amount matches the upstream's), no hold is left open, and every call in "
+        "flight whose generation id had reached the disk is recovered exactly: the id is "
+        "written to the call's hold as soon as the upstream's answer names it (a stream's "
+        "headers), and the restart turns the hold into a provisional row that "
+        "reconciliation corrects.",
         "",
         f"The residual: {len(b['after'].unknown)} generations "
         f"({b['unknown_streamed']} streamed, "
