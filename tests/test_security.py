@@ -34,6 +34,16 @@ async def grant_for(h, app, user: str, requests: int = 5) -> str:
         return (await r.json())["grantToken"]
 
 
+async def approve_in_popup(h, app, user: str) -> tuple[str, str]:
+    """Connect as the consent page does; the session token and the presence cookie."""
+    token = await h.session(app, user, monthly_usd=5)
+    async with h.http.post(h.api + "/connections",
+                           json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
+                           headers={**bearer(token), "Sec-Fetch-Site": "same-origin"}) as r:
+        assert r.status == 200, await r.text()
+        return token, r.cookies["wg_presence"].value
+
+
 async def chat(h, app, payer: dict[str, str], **body) -> tuple[int, dict]:
     payload = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
     payload.update(body)
@@ -67,12 +77,7 @@ async def test_secret_key_is_compared_in_constant_time(harness, monkeypatch):
 
 async def test_no_secret_is_stored_in_clear(harness):
     app = await harness.create_app()
-    token = await harness.session(app, "ann")
-    async with harness.http.post(harness.api + "/connections",
-                                 json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
-                                 headers={**bearer(token), "Sec-Fetch-Site": "same-origin"}) as r:
-        assert r.status == 200
-        presence = r.cookies["wg_presence"].value
+    token, presence = await approve_in_popup(harness, app, "ann")
     grant = await grant_for(harness, app, "ann")
     assert (await chat(harness, app, {"x-wattfare-user": "ann"}))[0] == 200
     assert (await chat(harness, app, {"x-wattfare-grant": grant}))[0] == 200
@@ -250,12 +255,7 @@ async def test_no_secret_or_prompt_reaches_the_logs(harness, caplog):
     caplog.set_level(logging.DEBUG)
     h = harness
     app = await h.create_app()
-    token = await h.session(app, "ann", monthly_usd=5)
-    async with h.http.post(h.api + "/connections",
-                           json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
-                           headers={**bearer(token), "Sec-Fetch-Site": "same-origin"}) as r:
-        assert r.status == 200
-        presence = r.cookies["wg_presence"].value
+    token, presence = await approve_in_popup(h, app, "ann")
     grant = await grant_for(h, app, "ann")
     cookie = {"Cookie": f"wg_presence={presence}", "Sec-Fetch-Site": "same-origin"}
     calls = [
@@ -333,11 +333,7 @@ async def test_error_bodies_never_echo_the_credential(harness):
 async def test_popup_endpoints_answer_only_the_gateways_own_pages(harness):
     """Another site's page (or a server forging no browser headers) gets nothing."""
     app = await harness.create_app()
-    token = await harness.session(app, "ann")
-    async with harness.http.post(harness.api + "/connections",
-                                 json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
-                                 headers={**bearer(token), "Sec-Fetch-Site": "same-origin"}) as r:
-        presence = r.cookies["wg_presence"].value
+    token, presence = await approve_in_popup(harness, app, "ann")
     cookie = {"Cookie": f"wg_presence={presence}"}
     checks = [("GET", "/consent/session", {**bearer(token)}, None),
               ("POST", "/consent/oauth", {}, {"code": "c", "codeVerifier": "v" * 43}),
