@@ -41,10 +41,6 @@ async def test_kill_9_mid_load_loses_no_committed_row_and_double_debits_nothing(
     assert result["ok"]
 
 
-@pytest.mark.xfail(reason="reconcile.run_once reads only the oldest 500 provisional rows; "
-                          "rows it can never correct (a revoked connection's, or past "
-                          "reconcile_give_up) stay at the head and starve every newer row",
-                   strict=False)
 async def test_uncorrectable_rows_do_not_starve_reconciliation(make_harness):
     import asyncio
 

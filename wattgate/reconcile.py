@@ -57,31 +57,50 @@ class Reconciler:
             return None
         return None
 
-    async def run_once(self, *, force: bool = False) -> Report:
+    async def run_once(self, *, force: bool = False, max_checks: int = 5000) -> Report:
+        """One pass over every provisional row still worth asking about.
+
+        Pages through the rows by id, so rows that cannot be corrected (a
+        revoked connection has no key left to ask with) never hide newer
+        ones; rows older than ``reconcile_give_up`` are not read at all.
+        At most ``max_checks`` upstream look-ups per pass.
+        """
         now = self.gw.clock()
         report = Report()
-        give_up = self.gw.config.metering_reconcile_give_up
-        for usage, _period in await self.gw.store.provisional_usage(500):
-            attempts, next_at = self._next_try.get(usage.generation_id, (0, 0.0))
-            if now - usage.created_at > give_up:
-                continue
-            if not force and next_at > now:
-                report.waiting += 1
-                continue
-            report.checked += 1
-            key = await self._funding_key(usage)
-            if key is None:
-                report.unreachable += 1
-                continue
-            cost = await self.upstream.generation_cost(usage.generation_id, key)
-            if cost is None:
-                self._next_try[usage.generation_id] = (attempts + 1,
-                                                       now + min(2.0 ** attempts, 300.0))
-                report.waiting += 1
-                continue
-            if await self.gw.store.correct_usage(usage.generation_id, usd_to_nanos(cost)):
-                report.corrected += 1
-            self._next_try.pop(usage.generation_id, None)
+        since = now - self.gw.config.metering_reconcile_give_up
+        seen: set[str] = set()
+        after = 0
+        while report.checked < max_checks:
+            page = await self.gw.store.provisional_page(500, after=after, since=since)
+            if not page:
+                break
+            after = page[-1][0]
+            for _, usage, _period in page:
+                seen.add(usage.generation_id)
+                attempts, next_at = self._next_try.get(usage.generation_id, (0, 0.0))
+                if not force and next_at > now:
+                    report.waiting += 1
+                    continue
+                if report.checked >= max_checks:
+                    break
+                report.checked += 1
+                key = await self._funding_key(usage)
+                if key is None:
+                    report.unreachable += 1
+                    continue
+                cost = await self.upstream.generation_cost(usage.generation_id, key)
+                if cost is None:
+                    self._next_try[usage.generation_id] = (attempts + 1,
+                                                           now + min(2.0 ** attempts, 300.0))
+                    report.waiting += 1
+                    continue
+                if await self.gw.store.correct_usage(usage.generation_id, usd_to_nanos(cost)):
+                    report.corrected += 1
+                self._next_try.pop(usage.generation_id, None)
+        if report.checked < max_checks:  # a full pass: forget rows no longer provisional
+            for generation_id in list(self._next_try):
+                if generation_id not in seen:
+                    del self._next_try[generation_id]
         return report
 
     async def sweep(self) -> int:

@@ -516,12 +516,25 @@ class SQLiteStore(ReportsMixin):
             return _correct(db, generation_id, cost_nanos, None, None)
         return await self._writer.run(op)
 
-    async def provisional_usage(self, limit: int = 100) -> list[tuple[Usage, str]]:
-        """Provisional rows that name a real upstream generation, oldest first."""
+    async def provisional_usage(self, limit: int = 100, *, after: int = 0,
+                                since: float | None = None) -> list[tuple[Usage, str]]:
+        """Provisional rows that name a real upstream generation, oldest first.
+
+        Keyset-paged: ``after`` is the last ``usage_id`` seen (see
+        ``provisional_page``); ``since`` skips rows created before it.
+        """
+        return [(u, p) for _, u, p in await self.provisional_page(limit, after=after,
+                                                                  since=since)]
+
+    async def provisional_page(self, limit: int, *, after: int = 0,
+                               since: float | None = None) -> list[tuple[int, Usage, str]]:
         rows = self._all(
-            f"SELECT {_USAGE_COLS}, period FROM usage WHERE provisional = 1 "
-            "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id LIMIT ?", (limit,))
-        return [(_usage(r), r[-1]) for r in rows]
+            f"SELECT {_USAGE_COLS}, period, usage_id FROM usage WHERE provisional = 1 "
+            "AND generation_id NOT LIKE 'wg-%' AND usage_id > :after "
+            "AND created_at >= :since ORDER BY usage_id LIMIT :limit",
+            {"after": after, "since": since if since is not None else float("-inf"),
+             "limit": limit})
+        return [(r[-1], _usage(r), r[-2]) for r in rows]
 
     async def provisional_count(self) -> int:
         row = self._one("SELECT COUNT(*) FROM usage WHERE provisional = 1")
