@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .config import Config
 from .gateway import open_gateway
+from .logs import add_request_id, request_log_middleware
 from .middleware import error_middleware
 from .reconcile import Reconciler
 from .upstream import Upstream
@@ -32,7 +33,8 @@ log = logging.getLogger("wattgate")
 def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     # Long request lines and headers reach the handlers (which answer JSON 400s)
     # instead of aiohttp's plain-text parser error.
-    app = web.Application(middlewares=[error_middleware],
+    # The request log is outermost, so each line and count see the status really answered.
+    app = web.Application(middlewares=[request_log_middleware, error_middleware],
                           client_max_size=config.server_max_body_bytes,
                           handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
@@ -52,6 +54,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         yield
         await upstream.close()
 
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(gateway_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(proxy.drains_ctx)

@@ -33,7 +33,7 @@ from ..credentials import is_app_id, mint_credentials
 from ..errors import RateLimited
 from ..gateway import Gateway
 from ..ledger import period_of
-from ..logs import add_request_id, request_log_middleware, user_hash
+from ..logs import user_hash
 from ..ratelimit import RateLimiter
 from ..store import REVOKED, App
 from ..store.reports import DAY
@@ -369,10 +369,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def add_routes(app: web.Application) -> None:
-    """Mount the console, /metrics and the request log (one line in ``create_app``)."""
-    # Outermost, so each request's line and count see the status it really answered.
-    app.middlewares.insert(0, request_log_middleware)
-    app.on_response_prepare.append(add_request_id)
+    """Mount the console and /metrics (one line in ``create_app``)."""
     app.cleanup_ctx.append(sessions_ctx)
     r = app.router
     r.add_get("/metrics", metrics.metrics)
