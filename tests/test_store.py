@@ -196,3 +196,28 @@ async def test_money_is_stored_as_integers(store):
         assert db.execute("SELECT typeof(spent_nanos) FROM periods").fetchone() == ("integer",)
     finally:
         db.close()
+
+
+async def test_a_cap_change_never_revives_a_connection_revoked_meanwhile(tmp_path):
+    """The race: an app lowers a cap while the user revokes; the revoke must win."""
+    from wattgate.credentials import mint_credentials
+    from wattgate.store import ACTIVE, REVOKED, SQLiteStore
+
+    store = SQLiteStore(tmp_path / "race.db")
+    creds = mint_credentials()
+    await store.create_app(creds.app_id, "A", "h", ["http://localhost:3000"], now=0)
+    conn = await store.save_connection(creds.app_id, "u", state=ACTIVE, cap_nanos=10,
+                                       sealed_key="v1.k1.abc", browser_hash=None, now=0)
+    # The app's request read `conn` (active) ... then the user's revoke commits ...
+    await store.set_connection_state(conn.connection_id, REVOKED, now=1, drop_key=True)
+    # ... and the app's cap change arrives, based on its stale read.
+    assert await store.update_cap(conn.connection_id, 5, expected_key=conn.sealed_key,
+                                  now=2) is None
+    after = await store.get_connection(creds.app_id, "u")
+    assert after.state == REVOKED and after.sealed_key is None and after.cap_nanos == 10
+    # Unchanged connections take the new cap.
+    conn2 = await store.save_connection(creds.app_id, "v", state=ACTIVE, cap_nanos=10,
+                                        sealed_key="v1.k1.def", browser_hash=None, now=0)
+    updated = await store.update_cap(conn2.connection_id, 5, expected_key="v1.k1.def", now=3)
+    assert updated is not None and updated.cap_nanos == 5 and updated.connected
+    await store.close()

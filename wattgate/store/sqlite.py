@@ -412,6 +412,26 @@ class SQLiteStore(ReportsMixin):
             return Connection(*row)
         return await self._writer.run(op)
 
+    async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
+                         expected_key: str | None, now: float) -> Connection | None:
+        """Change the cap of a connection that is still active with the same funding key.
+
+        None when it changed in between (revoked, or re-funded): a cap change
+        made without the funding key never revives or re-targets a connection.
+        """
+        def op(db: sqlite3.Connection) -> Connection | None:
+            changed = db.execute(
+                "UPDATE connections SET cap_nanos = :c, updated_at = :t WHERE connection_id = :id "
+                "AND state = :active AND sealed_key IS :k",
+                {"c": cap_nanos, "t": now, "id": connection_id, "active": ACTIVE,
+                 "k": expected_key}).rowcount
+            if not changed:
+                return None
+            row = db.execute(f"SELECT {_CONNECTION_COLS} FROM connections "
+                             "WHERE connection_id = ?", (connection_id,)).fetchone()
+            return Connection(*row)
+        return await self._writer.run(op)
+
     async def set_connection_state(self, connection_id: int, state: str, *, now: float,
                                    drop_key: bool = False) -> None:
         def op(db: sqlite3.Connection) -> None:

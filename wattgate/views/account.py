@@ -173,10 +173,11 @@ async def account_connection(request: web.Request) -> web.Response:
     change = consent.decide(connection, requested_cap=cap, token_cap=consent.UNSET,
                             has_funding_key=False, user_present=True,
                             allow_unlimited=gw.config.dev_allow_unlimited)
-    saved = await gw.store.save_connection(
-        connection.app_id, connection.app_user_id, state=ACTIVE,
-        cap_nanos=change.cap_nanos, sealed_key=connection.sealed_key,
-        browser_hash=connection.browser_hash, now=gw.clock())
+    saved = await gw.store.update_cap(connection.connection_id, change.cap_nanos,
+                                      expected_key=connection.sealed_key, now=gw.clock())
+    if saved is None:  # revoked or re-funded meanwhile: show what is true now
+        saved = await gw.store.get_connection_by_id(connection.connection_id)
+        assert saved is not None
     return json_response(await _connection_body(gw, saved, {}))
 
 

@@ -171,9 +171,11 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
             seal=lambda cid: gw.sealer.seal(key, aad=connection_aad(cid)))
     else:
         assert existing is not None
-        connection = await gw.store.save_connection(
-            app.app_id, session.app_user_id, state=ACTIVE, cap_nanos=change.cap_nanos,
-            sealed_key=existing.sealed_key, browser_hash=browser_hash, now=now)
+        updated = await gw.store.update_cap(existing.connection_id, change.cap_nanos,
+                                            expected_key=existing.sealed_key, now=now)
+        if updated is None:  # revoked or re-funded meanwhile: answer what is true now
+            return json_response(await connection_status(gw, app.app_id, session.app_user_id))
+        connection = updated
     spent = await gw.store.period_spent(connection.connection_id, period_of(now))
     response = json_response(status_body(connection, spent))
     if new_cookie is not None:
