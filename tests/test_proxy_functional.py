@@ -210,3 +210,17 @@ async def test_models_list_is_proxied(harness):
     async with openai.AsyncOpenAI(base_url=harness.api, api_key=app.secret_key) as oa:
         models = await oa.models.list()
     assert "openai/gpt-4o-mini" in [m.id for m in models.data]
+
+
+async def test_worst_case_is_bounded_before_the_call_leaves(harness):
+    """No max_tokens: the default is injected; a stream always asks for its usage event."""
+    app = await harness.create_app()
+    await harness.connect(app, "kim")
+    assert (await post_chat(harness, app, {"x-wattfare-user": "kim"}))[0] == 200
+    sent = harness.fake.calls[-1].body
+    assert sent["max_tokens"] == 4096 and "stream_options" not in sent
+    assert (await post_chat(harness, app, {"x-wattfare-user": "kim"}, stream=True, max_tokens=50,
+                            stream_options={"include_usage": False}))[0] == 200
+    sent = harness.fake.calls[-1].body
+    assert sent["max_tokens"] == 50 and sent["stream_options"] == {"include_usage": True}
+    assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged)

@@ -87,9 +87,14 @@ def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, 
         limit = default_max_tokens
         body["max_tokens"] = limit
         changed = True
-    if stream and "stream_options" not in body:
-        body["stream_options"] = {"include_usage": True}
-        changed = True
+    if stream:
+        # The usage event is how the call is billed: ask for it even when the client
+        # declined it (OpenRouter sends it regardless; other upstreams need asking).
+        options = body.get("stream_options")
+        if not isinstance(options, dict) or options.get("include_usage") is not True:
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                      "include_usage": True}
+            changed = True
     return body, (json.dumps(body).encode() if changed else raw), model, stream, limit
 
 
