@@ -122,7 +122,8 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         values = {
-            "WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"),
+            # One gateway per database (it keeps the holds of its calls in memory).
+            "WATTGATE_DATABASE__PATH": str(tmp_path / f"wattgate{len(sessions) or ''}.db"),
             "WATTGATE_SERVER__PUBLIC_URL": url,
             "WATTGATE_UPSTREAM__BASE_URL": fake_upstream.base_url,
         }

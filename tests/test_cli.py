@@ -299,9 +299,18 @@ def test_a_lost_keys_file_is_not_silently_replaced(env, tmp_path):
     assert not keys_file.exists()
 
 
-def test_busy_port(env, server):
+def test_busy_port(env, server, tmp_path):
     port = server.rsplit(":", 1)[1]
-    assert_one_line_error(wattgate(env, "serve", "--port", port), "cannot listen", port)
+    other = {**env, "WATTGATE_DATABASE__PATH": str(tmp_path / "other" / "wattgate.db")}
+    assert_one_line_error(wattgate(other, "serve", "--port", port), "cannot listen", port)
+
+
+def test_a_second_server_on_one_database_is_refused(env, server):
+    # Budget holds of calls in flight live in the serving process: two servers on one
+    # ledger could together pass a cap, so the second one refuses to start.
+    assert_one_line_error(wattgate(env, "serve", "--port", str(free_port())),
+                          "another wattgate server is using", "wattgate.db")
+    assert ok(env, "apps", "list") is not None  # CLI commands still work beside it
 
 
 def test_newer_database_is_refused(env, tmp_path):

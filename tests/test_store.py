@@ -122,8 +122,64 @@ async def test_admit_holds_and_refuses_past_the_cap(store):
         await store.admit(c.connection_id, "2027-01", 5 * USD, now=T, expires_at=T + 900)
     await store.settle(hold, usage("g1", c.connection_id, 2 * USD), "2027-01")
     assert await store.held(c.connection_id) == 0
-    await store.admit(c.connection_id, "2027-01", 8 * USD, now=T, expires_at=T + 900)
+    hold = await store.admit(c.connection_id, "2027-01", 8 * USD, now=T, expires_at=T + 900)
+    # Held in this process's memory: no row until the upstream names the generation.
+    assert await store.sweep_holds() == 0 and await store.open_holds() == 1
+    await store.note_generation(hold, "gen-8", APP, "m")
+    assert await store.open_holds() == 1
     assert await store.sweep_holds() == 1 and await store.open_holds() == 0
+    # What a restart does: the named generation becomes a provisional row at its estimate.
+    assert await store.period_spent(c.connection_id, "2027-01") == 10 * USD
+    assert [u.provisional for u in await store.recent_usage(c.connection_id)] == [True, False]
+
+
+async def test_a_hold_costs_no_commit_until_its_generation_is_named(store):
+    c = await funded(store, cap=10 * USD)
+    commits = store.commits
+    hold = await store.admit(c.connection_id, "2027-01", 6 * USD, now=T, expires_at=T + 900)
+    await store.release(hold)
+    assert store.commits == commits and await store.held(c.connection_id) == 0
+    hold = await store.admit(c.connection_id, "2027-01", 10 * USD, now=T, expires_at=T + 900)
+    await store.settle(hold, usage("g1", c.connection_id, 3 * USD), "2027-01")
+    assert store.commits == commits + 1  # the settle alone
+    assert await store.held(c.connection_id) == 0
+    assert await store.period_spent(c.connection_id, "2027-01") == 3 * USD
+
+
+async def test_the_cached_spend_follows_other_processes(store, tmp_path):
+    from wattgate.store import SQLiteStore
+    c = await funded(store, cap=10 * USD)
+    await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)  # fills the cache
+    other = SQLiteStore.open(store.path)  # the CLI, say, reconciling
+    try:
+        await other.settle(None, usage("g-other", c.connection_id, 9 * USD), "2027-01")
+    finally:
+        await other.close()
+    with pytest.raises(BudgetExceeded):
+        await store.admit(c.connection_id, "2027-01", USD, now=T, expires_at=T + 900)
+    assert await store.period_spent(c.connection_id, "2027-01") == 9 * USD
+
+
+async def test_a_revocation_reaches_the_cached_connection_at_once(store):
+    c = await funded(store, cap=10 * USD)
+    await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
+    assert (await store.get_connection(APP, "u")).connected
+    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    with pytest.raises(NotConnected):
+        await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
+    assert not (await store.get_connection(APP, "u")).connected
+
+
+async def test_one_gateway_process_per_database(store):
+    from wattgate.store import SQLiteStore
+    from wattgate.store.sqlite import StoreInUse
+    store.claim()
+    other = SQLiteStore.open(store.path)
+    try:
+        with pytest.raises(StoreInUse, match="another wattgate server"):
+            other.claim()
+    finally:
+        await other.close()
 
 
 async def test_admit_refuses_a_revoked_connection(store):

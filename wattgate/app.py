@@ -17,10 +17,12 @@ from typing import AsyncIterator, Callable
 from aiohttp import web
 
 from .config import Config
+from .errors import ConfigError
 from .gateway import open_gateway
 from .logs import add_request_id, request_log_middleware
 from .middleware import error_middleware
 from .reconcile import Reconciler
+from .store.sqlite import StoreInUse
 from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
@@ -40,6 +42,11 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = open_gateway(config, clock=clock)
+        try:
+            gw.store.claim()  # one gateway per database: its holds live in its memory
+        except StoreInUse as e:
+            gw.store.close_now()
+            raise ConfigError(str(e)) from None
         app[gateway_key] = gw
         swept = await gw.store.sweep_holds()
         if swept:

@@ -140,7 +140,10 @@ class ReportsMixin:
 
         def run(db: sqlite3.Connection) -> list[ConnectionSpend]:
             rows = db.execute(sql, {"app": app_id, "period": period}).fetchall()
-            return [ConnectionSpend(Connection(*r[:9]), r[9], r[10]) for r in rows]
+            # Rows hold what calls in flight named; the meter also what they have not yet.
+            return [ConnectionSpend(Connection(*r[:9]), r[9], max(r[10], held(r[0])))
+                    for r in rows]
+        held = self._meter.held  # type: ignore[attr-defined]
         return await self._report(run)
 
     async def app_totals(self, since: float, until: float) -> dict[str, AppTotals]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
+from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, App, Connection, Grant, Hold, Usage
 from .reports import ReportsMixin  # the console's and exports' range reads
@@ -34,6 +35,8 @@ from .reports import ReportsMixin  # the console's and exports' range reads
 T = TypeVar("T")
 log = logging.getLogger("wattgate.store")
 Op = Callable[[sqlite3.Connection], Any]
+After = Callable[[Any], None]
+Queued = tuple[Op, "asyncio.Future[Any]", After | None]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -66,7 +69,7 @@ class _Writer:
         self._db = db
         self._path = path
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="wattgate-writer")
-        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._queue: list[Queued] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._in_thread: asyncio.Future[Any] | None = None  # a batch waiting on a lock
@@ -76,11 +79,17 @@ class _Writer:
         db.execute("PRAGMA wal_autocheckpoint = 0")
         db.execute("PRAGMA busy_timeout = 0")  # on the loop: never wait for a lock
 
-    def run(self, op: Op) -> asyncio.Future[Any]:
+    def run(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
+        """Queue ``op``; its future resolves after COMMIT.
+
+        ``after(result)``, when given, runs on the event loop right after the
+        commit and before any other code: how the meter's caches follow the
+        ledger with no window in which they disagree.
+        """
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((op, future))
+        self._queue.append((op, future, after))
         if not self._scheduled and self._in_thread is None:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -90,9 +99,11 @@ class _Writer:
     def in_thread(self) -> bool:
         return self._in_thread is not None
 
-    def submit(self, op: Op) -> None:
-        """Queue an operation without waiting for its commit (ordered before later ops)."""
-        self.run(op).add_done_callback(_consume)
+    def submit(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
+        """Queue an operation whose failure nobody awaits (ordered before later ops)."""
+        future = self.run(op, after)
+        future.add_done_callback(_consume)
+        return future
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -100,7 +111,7 @@ class _Writer:
             return
         batch, self._queue = self._queue, []
         try:
-            results = self._apply([op for op, _ in batch], wait=False)
+            results = self._apply([q[0] for q in batch], wait=False)
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
                 self._resolve(batch, [(False, e)] * len(batch))
@@ -108,12 +119,12 @@ class _Writer:
             # Another process holds the write lock: wait for it on the thread.
             assert self._loop is not None
             self._in_thread = self._loop.run_in_executor(
-                self._executor, self._apply, [op for op, _ in batch], True)
+                self._executor, self._apply, [q[0] for q in batch], True)
             self._in_thread.add_done_callback(lambda f: self._after_thread(batch, f))
             return
         self._resolve(batch, results)
 
-    def _after_thread(self, batch: list[tuple[Op, asyncio.Future[Any]]],
+    def _after_thread(self, batch: list[Queued],
                       done: asyncio.Future[Any]) -> None:
         self._in_thread = None
         exc = done.exception()
@@ -123,9 +134,13 @@ class _Writer:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    def _resolve(self, batch: list[tuple[Op, asyncio.Future[Any]]],
-                 results: list[tuple[bool, Any]]) -> None:
-        for (_, future), (ok, value) in zip(batch, results):
+    def _resolve(self, batch: list[Queued], results: list[tuple[bool, Any]]) -> None:
+        for (_, future, after), (ok, value) in zip(batch, results):
+            if ok and after is not None:
+                try:
+                    after(value)
+                except Exception:  # a cache hook must never lose a commit's answer
+                    log.exception("post-commit hook failed")
             if future.done():
                 continue
             if ok:
@@ -213,6 +228,10 @@ class _Writer:
         self._executor.shutdown(wait=True)
 
 
+class StoreInUse(Exception):
+    """Another gateway process already admits calls against this database."""
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("background ledger write failed: %r", future.exception())
@@ -240,6 +259,9 @@ class SQLiteStore(ReportsMixin):
             raise
         self._writer = _Writer(self._write_db, self.path)
         self._apps_epoch = 0
+        self._meter = Meter()
+        self._seen_version: int | None = None
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, path: Path) -> "SQLiteStore":
@@ -247,14 +269,54 @@ class SQLiteStore(ReportsMixin):
 
     async def close(self) -> None:
         await self._writer.close()
-        self._read.close()
-        self._write_db.close()
+        self.close_now()
 
     def close_now(self) -> None:
         """Close without awaiting: for a store opened but never used (setup failed)."""
         self._writer.shutdown()
         self._read.close()
         self._write_db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def claim(self) -> None:
+        """Become the one process that admits calls against this database.
+
+        Holds of calls in flight live in the admitting process's memory (see
+        ``meter``); a second gateway on the same ledger could not see them and
+        together they could pass a cap. So the gateway takes an exclusive lock
+        on ``<database>.lock`` for its lifetime; the kernel drops it when the
+        process dies, even by SIGKILL. CLI commands do not admit and need no lock.
+        """
+        import fcntl
+        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreInUse(f"another wattgate server is using {self.path}; one gateway "
+                             "process serves a database (its budget holds live in memory)") \
+                from None
+        self._lock_fd = fd
+
+    def _cache_ok(self) -> bool:
+        """Whether the meter's cached rows may be used now (dropping them if stale).
+
+        ``PRAGMA data_version`` on the writer's connection moves only when
+        another connection commits: another process, since this one writes
+        only through that connection. Not while a batch waits on the thread.
+        """
+        if self._writer.in_thread:
+            return False
+        version = self._write_db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._seen_version:
+            self._seen_version = version
+            self._meter.forget()
+        return True
+
+    def _forget_connections(self, _: Any = None) -> None:
+        self._meter.forget_connections()
 
     @property
     def commits(self) -> int:
@@ -339,7 +401,7 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> bool:
             return db.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
         try:
-            return await self._writer.run(op)
+            return await self._writer.run(op, self._forget_connections)
         finally:
             self._apps_epoch += 1
 
@@ -365,14 +427,38 @@ class SQLiteStore(ReportsMixin):
 
     # ---- connections ------------------------------------------------------
     async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:
+        cache = self._cache_ok()
+        if cache and (hit := self._meter.cached_connection(app_id, app_user_id)) is not None:
+            return hit
         row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections "
                         "WHERE app_id = :a AND app_user_id = :u", {"a": app_id, "u": app_user_id})
-        return Connection(*row) if row else None
+        connection = Connection(*row) if row else None
+        if cache and connection is not None:
+            self._meter.remember_connection(connection)
+        return connection
 
     async def get_connection_by_id(self, connection_id: int) -> Connection | None:
+        return self._connection_by_id(connection_id, self._cache_ok())
+
+    def _connection_by_id(self, connection_id: int, cache: bool) -> Connection | None:
+        if cache and (hit := self._meter.connections.get(connection_id)) is not None:
+            return hit
         row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections WHERE connection_id = ?",
                         (connection_id,))
-        return Connection(*row) if row else None
+        connection = Connection(*row) if row else None
+        if cache and connection is not None:
+            self._meter.remember_connection(connection)
+        return connection
+
+    def _spent(self, connection_id: int, period: str, cache: bool) -> int:
+        if cache and (hit := self._meter.spent.get((connection_id, period))) is not None:
+            return hit
+        row = self._one("SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?",
+                        (connection_id, period))
+        spent = row[0] if row else 0
+        if cache:
+            self._meter.remember_spent(connection_id, period, spent)
+        return spent
 
     async def connections_for_browser(self, browser_hash: str) -> list[Connection]:
         rows = self._all(f"SELECT {_CONNECTION_COLS} FROM connections WHERE browser_hash = ? "
@@ -410,7 +496,7 @@ class SQLiteStore(ReportsMixin):
                            (sealed, row[0]))
                 row = row[:5] + (sealed,) + row[6:]
             return Connection(*row)
-        return await self._writer.run(op)
+        return await self._writer.run(op, self._forget_connections)
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
                          expected_key: str | None, now: float) -> Connection | None:
@@ -430,7 +516,7 @@ class SQLiteStore(ReportsMixin):
             row = db.execute(f"SELECT {_CONNECTION_COLS} FROM connections "
                              "WHERE connection_id = ?", (connection_id,)).fetchone()
             return Connection(*row)
-        return await self._writer.run(op)
+        return await self._writer.run(op, self._forget_connections)
 
     async def set_connection_state(self, connection_id: int, state: str, *, now: float,
                                    drop_key: bool = False) -> None:
@@ -439,7 +525,7 @@ class SQLiteStore(ReportsMixin):
             if drop_key:
                 sql += ", sealed_key = NULL"
             db.execute(sql + " WHERE connection_id = :c", {"s": state, "t": now, "c": connection_id})
-        await self._writer.run(op)
+        await self._writer.run(op, self._forget_connections)
 
     async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
         """(table, row id, sealed key) for every stored funding key."""
@@ -459,33 +545,39 @@ class SQLiteStore(ReportsMixin):
                                 f"WHERE {id_col} = :id AND sealed_key = :old",
                                 {"new": new, "id": row_id, "old": old}).rowcount
             return n
-        return await self._writer.run(op)
+        return await self._writer.run(op, self._forget_connections)
 
     # ---- spend ------------------------------------------------------------
     async def period_spent(self, connection_id: int, period: str) -> int:
-        row = self._one("SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?",
-                        (connection_id, period))
-        return row[0] if row else 0
+        return self._spent(connection_id, period, self._cache_ok())
 
     async def held(self, connection_id: int) -> int:
+        """Budget held by this process's calls in flight (rows left by a dead one count too)."""
         row = self._one("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds "
                         "WHERE connection_id = ?", (connection_id,))
-        return row[0] if row else 0
+        return max(self._meter.held(connection_id), row[0] if row else 0)
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
-        """Atomically: refuse if spent + held + amount would pass the cap, else hold."""
-        def op(db: sqlite3.Connection) -> Hold:
-            row = db.execute("SELECT state, cap_nanos, sealed_key FROM connections "
-                             "WHERE connection_id = ?", (connection_id,)).fetchone()
-            if row is None or row[0] != ACTIVE or row[2] is None:
-                raise NotConnected()
-            _check_cap(db, connection_id, period, row[1], amount_nanos)
-            cur = db.execute("INSERT INTO holds (connection_id, period, amount_nanos, created_at, "
-                             "expires_at) VALUES (?, ?, ?, ?, ?)",
-                             (connection_id, period, amount_nanos, now, expires_at))
-            return Hold(_rowid(cur), connection_id, None, period, amount_nanos)
-        return await self._writer.run(op)
+        """Atomically: refuse if spent + held + amount would pass the cap, else hold.
+
+        One synchronous check-and-add on the event loop (see ``meter``): the
+        hold lives in memory until ``note_generation`` writes its row.
+        """
+        cache = self._cache_ok()
+        connection = self._connection_by_id(connection_id, cache)
+        if connection is None or not connection.connected:
+            raise NotConnected()
+        if connection.cap_nanos is not None:
+            spent = self._spent(connection_id, period, cache)
+            if spent + self._meter.held(connection_id) + amount_nanos > connection.cap_nanos:
+                raise BudgetExceeded()
+        hold = Hold(self._meter.new_id(), connection_id, None, period, amount_nanos)
+        self._meter.add(hold, now, expires_at)
+        return hold
+
+    def _has_row(self, hold: Hold) -> bool:
+        return hold.hold_id > 0 or hold.hold_id in self._meter.written
 
     async def settle(self, hold: Hold | None, usage: Usage, period: str) -> bool:
         """Release the hold and debit the usage, in one transaction.
@@ -493,8 +585,11 @@ class SQLiteStore(ReportsMixin):
         Idempotent on ``usage.generation_id``: a second settle of the same
         generation records nothing more and answers False.
         """
-        def op(db: sqlite3.Connection) -> bool:
-            if hold is not None:
+        has_row = hold is not None and self._has_row(hold)
+
+        def op(db: sqlite3.Connection) -> tuple[bool, tuple[int | None, str, int]]:
+            if has_row:
+                assert hold is not None
                 _drop_hold(db, hold)
             cur = db.execute(
                 "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, grant_id, "
@@ -510,31 +605,63 @@ class SQLiteStore(ReportsMixin):
                 # Already recorded. A final figure replaces a provisional one (a
                 # swept hold's estimate); a final row is never counted twice.
                 if not usage.provisional:
-                    return _correct(db, usage.generation_id, usage.cost_nanos,
-                                    usage.prompt_tokens, usage.completion_tokens)
-                return False
+                    moved = _correct(db, usage.generation_id, usage.cost_nanos,
+                                     usage.prompt_tokens, usage.completion_tokens)
+                    if moved is not None:
+                        return True, moved
+                return False, (None, period, 0)
             _debit(db, usage.connection_id, usage.grant_id, period, usage.cost_nanos)
-            return True
-        return await self._writer.run(op)
+            return True, (usage.connection_id, period, usage.cost_nanos)
 
-    def note_generation(self, hold: Hold, generation_id: str, app_id: str, model: str) -> None:
-        """Remember on the hold which generation it pays for, before any body byte.
+        def after(result: tuple[bool, tuple[int | None, str, int]]) -> None:
+            if hold is not None:
+                self._meter.remove(hold)
+            self._meter.add_spent(*result[1])
+        try:
+            recorded, _ = await self._writer.run(op, after)
+        finally:
+            if hold is not None:  # failed: the call is over all the same
+                self._meter.remove(hold)
+        return recorded
 
-        Not awaited: it is ordered before the call's settle in the writer queue.
-        After a crash, a hold with a generation id becomes a provisional ledger
-        row for reconciliation instead of vanishing.
+    def note_generation(self, hold: Hold, generation_id: str, app_id: str,
+                        model: str) -> asyncio.Future[Any] | None:
+        """Write the hold's row, naming the generation it pays for, before any body byte.
+
+        The returned future resolves at its commit; the proxy awaits it before
+        it forwards the first byte of a stream. It is ordered before the call's
+        settle in the writer queue. After a crash, a hold with a generation id
+        becomes a provisional ledger row for reconciliation instead of vanishing.
+        None when the hold is no longer held (settled or released already).
         """
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE holds SET generation_id = :g, app_id = :a, model = :m "
-                       "WHERE hold_id = :h", {"g": generation_id, "a": app_id, "m": model[:200],
-                                              "h": hold.hold_id})
-        self._writer.submit(op)
+        if hold.hold_id not in self._meter.holds:
+            return None
+        params = {"g": generation_id, "a": app_id, "m": model[:200], "h": hold.hold_id}
+        if hold.hold_id > 0:  # a grant's hold: its row exists since admission
+            def op(db: sqlite3.Connection) -> None:
+                db.execute("UPDATE holds SET generation_id = :g, app_id = :a, model = :m "
+                           "WHERE hold_id = :h", params)
+        else:
+            created, expires = self._meter.times[hold.hold_id]
+            params.update(c=hold.connection_id, gr=hold.grant_id, p=hold.period,
+                          n=hold.amount_nanos, t=created, x=expires)
+
+            def op(db: sqlite3.Connection) -> None:
+                db.execute("INSERT INTO holds (hold_id, connection_id, grant_id, period, "
+                           "amount_nanos, created_at, expires_at, generation_id, app_id, model) "
+                           "VALUES (:h, :c, :gr, :p, :n, :t, :x, :g, :a, :m)", params)
+            self._meter.written.add(hold.hold_id)
+        return self._writer.submit(op)
 
     async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
         """Replace a provisional row's cost with the upstream's final figure."""
-        def op(db: sqlite3.Connection) -> bool:
+        def op(db: sqlite3.Connection) -> tuple[int | None, str, int] | None:
             return _correct(db, generation_id, cost_nanos, None, None)
-        return await self._writer.run(op)
+
+        def after(moved: tuple[int | None, str, int] | None) -> None:
+            if moved is not None:
+                self._meter.add_spent(*moved)
+        return await self._writer.run(op, after) is not None
 
     async def provisional_usage(self, limit: int = 100, *, after: int = 0,
                                 since: float | None = None) -> list[tuple[Usage, str]]:
@@ -595,12 +722,19 @@ class SQLiteStore(ReportsMixin):
 
     async def release(self, hold: Hold, *, refund_request: bool = False) -> None:
         """Drop a hold without spend (the call never reached the model)."""
+        if not self._has_row(hold):  # held in memory only: nothing to write
+            self._meter.remove(hold)
+            return
+
         def op(db: sqlite3.Connection) -> None:
             dropped = _drop_hold(db, hold)
             if dropped and refund_request and hold.grant_id is not None:
                 db.execute("UPDATE grants SET used = used - 1 WHERE grant_id = ? AND used > 0",
                            (hold.grant_id,))
-        await self._writer.run(op)
+        try:
+            await self._writer.run(op, lambda _: self._meter.remove(hold))
+        finally:
+            self._meter.remove(hold)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
         """Drop holds created before ``older_than`` (all holds when None).
@@ -633,11 +767,14 @@ class SQLiteStore(ReportsMixin):
                 if inserted:
                     _debit(db, hold.connection_id, hold.grant_id, hold.period, hold.amount_nanos)
             return len(rows)
-        return await self._writer.run(op)
+        # A swept row of a call still in flight is debited at its estimate while the
+        # meter still holds it: counted twice until the call settles, never too little.
+        return await self._writer.run(op, lambda _: self._meter.spent.clear())
 
     async def open_holds(self) -> int:
+        """Holds of calls in flight: rows in the database and this process's others."""
         row = self._one("SELECT COUNT(*) FROM holds")
-        return row[0] if row else 0
+        return (row[0] if row else 0) + self._meter.unwritten()
 
     async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]:
         rows = self._all(
@@ -700,11 +837,10 @@ class SQLiteStore(ReportsMixin):
                     grant.spent_nanos + grant.held_nanos + amount_nanos > grant.max_nanos:
                 raise GrantInvalid("The grant's dollar cap would be passed by this request.")
             if grant.connection_id is not None:
-                conn = db.execute("SELECT state, cap_nanos, sealed_key FROM connections "
+                conn = db.execute("SELECT state, sealed_key FROM connections "
                                   "WHERE connection_id = ?", (grant.connection_id,)).fetchone()
-                if conn is None or conn[0] != ACTIVE or conn[2] is None:
+                if conn is None or conn[0] != ACTIVE or conn[1] is None:
                     raise GrantInvalid("The connection funding this grant was revoked.")
-                _check_cap(db, grant.connection_id, period, conn[1], amount_nanos)
             db.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + ? "
                        "WHERE grant_id = ?", (amount_nanos, grant.grant_id))
             cur = db.execute("INSERT INTO holds (connection_id, grant_id, period, amount_nanos, "
@@ -715,7 +851,19 @@ class SQLiteStore(ReportsMixin):
             used = grant.used + 1
             grant = dataclasses.replace(grant, used=used, held_nanos=grant.held_nanos + amount_nanos)
             return grant, hold
-        return await self._writer.run(op)
+        grant, hold = await self._writer.run(op)
+        # The funding connection's cap, against every hold of this process: checked
+        # and taken with no await in between, like ``admit``.
+        if grant.connection_id is not None:
+            cache = self._cache_ok()
+            connection = self._connection_by_id(grant.connection_id, cache)
+            cap = connection.cap_nanos if connection is not None else None
+            if cap is not None and self._spent(grant.connection_id, period, cache) + \
+                    self._meter.held(grant.connection_id) + amount_nanos > cap:
+                await self.release(hold, refund_request=True)
+                raise BudgetExceeded()
+        self._meter.add(hold, now, expires_at)
+        return grant, hold
 
     # ---- presence (the end user's browser, proven by an HttpOnly cookie) ---
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
@@ -728,18 +876,6 @@ class SQLiteStore(ReportsMixin):
         return self._one("SELECT 1 FROM presence WHERE browser_hash = ?", (browser_hash,)) is not None
 
 
-def _check_cap(db: sqlite3.Connection, connection_id: int, period: str,
-               cap_nanos: int | None, amount_nanos: int) -> None:
-    if cap_nanos is None:
-        return
-    spent = db.execute("SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?",
-                       (connection_id, period)).fetchone()
-    held = db.execute("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE connection_id = ?",
-                      (connection_id,)).fetchone()[0]
-    if (spent[0] if spent else 0) + held + amount_nanos > cap_nanos:
-        raise BudgetExceeded()
-
-
 def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
            period: str, nanos: int) -> None:
     if connection_id is not None:
@@ -750,18 +886,22 @@ def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | No
 
 
 def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
-             prompt_tokens: int | None, completion_tokens: int | None) -> bool:
-    """Make a provisional row final at ``cost_nanos``, moving the aggregates by the difference."""
+             prompt_tokens: int | None, completion_tokens: int | None
+             ) -> tuple[int | None, str, int] | None:
+    """Make a provisional row final at ``cost_nanos``, moving the aggregates by the difference.
+
+    Answers (connection, period, difference), or None when no provisional row has that id.
+    """
     row = db.execute("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
                      "WHERE generation_id = ? AND provisional = 1", (generation_id,)).fetchone()
     if row is None:
-        return False
+        return None
     db.execute("UPDATE usage SET cost_nanos = :c, provisional = 0, "
                "prompt_tokens = COALESCE(:pt, prompt_tokens), "
                "completion_tokens = COALESCE(:ct, completion_tokens) WHERE generation_id = :g",
                {"c": cost_nanos, "pt": prompt_tokens, "ct": completion_tokens, "g": generation_id})
     _debit(db, row[0], row[1], row[2], cost_nanos - row[3])
-    return True
+    return row[0], row[2], cost_nanos - row[3]
 
 
 def _usage(r: tuple) -> Usage:

@@ -174,12 +174,9 @@ class _Call:
         try:
             if upstream_resp.status != 200:
                 await self._refuse(upstream_resp)
-            generation = upstream_resp.headers.get("X-Generation-Id")
-            if generation:
-                self.gw.store.note_generation(self.admitted.hold, generation[:200],
-                                              self.admitted.app_id, self.model)
             if stream:
                 return await self._stream(request, upstream_resp)
+            # A whole answer is settled (one commit) before a byte of it is sent.
             return await self._whole(upstream_resp)
         finally:
             if not self.closed and not self.handed_off:
@@ -224,10 +221,18 @@ class _Call:
 
     async def _stream(self, request: web.Request,
                       resp: aiohttp.ClientResponse) -> web.StreamResponse:
-        reader = self.reader = StreamReader(resp.headers.get("X-Generation-Id"))
+        generation = resp.headers.get("X-Generation-Id")
+        reader = self.reader = StreamReader(generation)
+        # The hold's row names the generation before any body byte leaves: a crash
+        # from here on leaves a provisional row to reconcile, not lost spend.
+        noted = self.gw.store.note_generation(self.admitted.hold, generation[:200],
+                                              self.admitted.app_id, self.model) \
+            if generation else None
         out = web.StreamResponse(status=200, headers=self._response_headers(resp))
         out.content_type = "text/event-stream"
         await out.prepare(request)
+        if noted is not None and not noted.done():
+            await asyncio.wait([noted])  # a failed write is logged; the call goes on
         chunks = resp.content.iter_any()
         while True:
             try:
