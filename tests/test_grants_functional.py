@@ -174,3 +174,41 @@ async def test_redemption_through_openai_client(harness, stream):
                 model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "again"}])
     assert err.value.status_code == 402
     assert err.value.body["code"] == "grant_invalid"
+
+
+async def test_grant_calls_and_user_calls_racing_share_one_cap(make_harness):
+    """A grant funded by the connection and the user's own calls, all at once: the
+    cap is checked against every call in flight of both kinds, never passed."""
+    h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000"})
+    app = await h.create_app()
+    token = await h.session(app, "wes")
+    same_origin = {"Sec-Fetch-Site": "same-origin", "Origin": h.url}
+    async with h.http.post(h.api + "/connections",
+                           json={"monthlyUsd": 0.3, "fundingKey": FUNDING_KEY},
+                           headers={"Authorization": f"Bearer {token}", **same_origin}) as r:
+        assert r.status == 200
+        cookie = r.cookies["wg_presence"].value
+    status, grant = await mint_grant(h, app, user="wes", funding_key=None, requests=30,
+                                     headers={**same_origin, "Cookie": f"wg_presence={cookie}"})
+    assert status == 200, grant
+    h.fake.chunk_delay = 0.01
+    hdrs = {"Authorization": f"Bearer {app.secret_key}", "x-wattfare-user": "wes"}
+
+    async def own(i: int) -> int:
+        async with h.http.post(h.api + "/chat/completions", headers=hdrs, json={
+                "model": "fake/flat-3c", "stream": i % 2 == 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "hi"}]}) as r:
+            await r.read()
+            return r.status
+
+    async def granted(i: int) -> int:
+        return (await redeem(h, app, grant["grantToken"], model="fake/flat-3c",
+                             stream=i % 2 == 1))[0]
+    results = await asyncio.gather(*[own(i) if i % 2 else granted(i) for i in range(40)])
+    assert set(results) <= {200, 402}
+    # $0.03 a call against a $0.30 cap: ten fit, and the worst-case holds may refuse more.
+    assert 1 <= results.count(200) <= 10
+    assert h.fake.charged <= Decimal("0.30")
+    spent = (await h.status(app, "wes"))["usage"]["monthlyUsd"]
+    assert usd_to_nanos(Decimal(str(spent))) == usd_to_nanos(h.fake.charged)
+    assert await h.gw.store.open_holds() == 0 and await h.gw.store.held(1) == 0
