@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import pytest
@@ -22,6 +23,9 @@ async def test_cached_key_stops_working_when_another_process_rotates_it(harness)
                (gw.hash(new.secret), app.app_id))
     db.commit()
     db.close()
+    # The next request: the store reads data_version once per turn of the event loop,
+    # so a commit by another process counts from the next turn on.
+    await asyncio.sleep(0)
     with pytest.raises(AuthError):
         await gw.app_for_secret(app.secret_key)
     assert (await gw.app_for_secret(new.secret_key)).app_id == app.app_id

@@ -24,7 +24,7 @@ import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
 from .meter import Meter
@@ -232,6 +232,17 @@ class StoreInUse(Exception):
     """Another gateway process already admits calls against this database."""
 
 
+class _Done:
+    """An awaitable that is already done (a release with nothing to write)."""
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return
+        yield  # a generator that returns at once
+
+
+_DONE = _Done()
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("background ledger write failed: %r", future.exception())
@@ -261,6 +272,7 @@ class SQLiteStore(ReportsMixin):
         self._apps_epoch = 0
         self._meter = Meter()
         self._seen_version: int | None = None
+        self._version_fresh = False  # data_version read in this turn of the loop
         self._lock_fd: int | None = None
 
     @classmethod
@@ -309,11 +321,21 @@ class SQLiteStore(ReportsMixin):
         """
         if self._writer.in_thread:
             return False
+        if self._version_fresh:  # checked earlier in this turn of the event loop
+            return True
         version = self._write_db.execute("PRAGMA data_version").fetchone()[0]
         if version != self._seen_version:
             self._seen_version = version
             self._meter.forget()
+        try:
+            asyncio.get_running_loop().call_soon(self._expire_version)
+        except RuntimeError:  # no loop (a synchronous caller): check every time
+            return True
+        self._version_fresh = True
         return True
+
+    def _expire_version(self) -> None:
+        self._version_fresh = False
 
     def _forget_connections(self, _: Any = None) -> None:
         self._meter.forget_connections()
@@ -341,9 +363,9 @@ class SQLiteStore(ReportsMixin):
         store's own app writes. None while the writer's connection is busy on
         its thread (then callers read the database instead).
         """
-        if self._writer.in_thread:
+        if not self._cache_ok():
             return None
-        return (self._write_db.execute("PRAGMA data_version").fetchone()[0], self._apps_epoch)
+        return (self._seen_version or 0, self._apps_epoch)
 
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""
@@ -579,11 +601,13 @@ class SQLiteStore(ReportsMixin):
     def _has_row(self, hold: Hold) -> bool:
         return hold.hold_id > 0 or hold.hold_id in self._meter.written
 
-    async def settle(self, hold: Hold | None, usage: Usage, period: str) -> bool:
+    def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
         """Release the hold and debit the usage, in one transaction.
 
         Idempotent on ``usage.generation_id``: a second settle of the same
-        generation records nothing more and answers False.
+        generation records nothing more and answers False. Once called, the
+        write happens even if the caller is cancelled (what it awaits is
+        shielded), and the meter lets go of the hold at its commit.
         """
         has_row = hold is not None and self._has_row(hold)
 
@@ -617,12 +641,32 @@ class SQLiteStore(ReportsMixin):
             if hold is not None:
                 self._meter.remove(hold)
             self._meter.add_spent(*result[1])
-        try:
-            recorded, _ = await self._writer.run(op, after)
-        finally:
-            if hold is not None:  # failed: the call is over all the same
+        return self._shielded(self._writer.run(op, after), hold, lambda r: r[0])
+
+    def _shielded(self, future: asyncio.Future[Any], hold: Hold | None,
+                  answer: Callable[[Any], Any]) -> asyncio.Future[Any]:
+        """What a caller awaits for a write: cancelling it never cancels the write.
+
+        Whatever the write's fate, the meter lets go of ``hold`` when it is
+        decided (after the commit when it succeeds: see the ``after`` hooks).
+        """
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[Any] = loop.create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if hold is not None:
                 self._meter.remove(hold)
-        return recorded
+            if outer.done():
+                if not f.cancelled() and f.exception() is not None:
+                    log.error("ledger write failed after its caller left: %r", f.exception())
+            elif f.cancelled():
+                outer.cancel()
+            elif f.exception() is not None:
+                outer.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                outer.set_result(answer(f.result()))
+        future.add_done_callback(done)
+        return outer
 
     def note_generation(self, hold: Hold, generation_id: str, app_id: str,
                         model: str) -> asyncio.Future[Any] | None:
@@ -720,21 +764,22 @@ class SQLiteStore(ReportsMixin):
                             f"(bound {int(hold_ttl)} s)")
         return problems
 
-    async def release(self, hold: Hold, *, refund_request: bool = False) -> None:
-        """Drop a hold without spend (the call never reached the model)."""
+    def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
+        """Drop a hold without spend (the call never reached the model).
+
+        Like ``settle``, the write survives its caller's cancellation.
+        """
         if not self._has_row(hold):  # held in memory only: nothing to write
             self._meter.remove(hold)
-            return
+            return _DONE
 
         def op(db: sqlite3.Connection) -> None:
             dropped = _drop_hold(db, hold)
             if dropped and refund_request and hold.grant_id is not None:
                 db.execute("UPDATE grants SET used = used - 1 WHERE grant_id = ? AND used > 0",
                            (hold.grant_id,))
-        try:
-            await self._writer.run(op, lambda _: self._meter.remove(hold))
-        finally:
-            self._meter.remove(hold)
+        return self._shielded(self._writer.run(op, lambda _: self._meter.remove(hold)), hold,
+                              lambda _: None)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
         """Drop holds created before ``older_than`` (all holds when None).

@@ -6,10 +6,12 @@ The path of one call (each step's module in brackets):
    ``x-wattfare-user`` / ``x-wattfare-grant`` [admission]; RL_CHAT [ratelimit];
 2. parse the body, inject ``max_tokens`` when absent so the worst cost is
    known, price it [pricing, upstream];
-3. admit: one atomic hold against the cap or grant [admission, store];
+3. admit: one atomic hold against the cap or grant, in the gateway's memory
+   [admission, store.meter];
 4. unseal the funding key for this call only, forward with it [upstream];
 5. stream the answer back chunk by chunk as it arrives while ``StreamReader``
-   reads the usage from the same bytes [sse];
+   reads the usage from the same bytes [sse]; the hold's row, naming the
+   generation, is committed before the first body byte [store];
 6. settle: usage row + period aggregate + hold release in one transaction,
    idempotent on the generation id [metering, store].
 
@@ -132,8 +134,8 @@ class _Call:
     async def release(self) -> None:
         if not self.closed:
             self.closed = True
-            await asyncio.shield(self.gw.store.release(
-                self.admitted.hold, refund_request=self.admitted.grant_id is not None))
+            await self.gw.store.release(  # the write survives cancellation
+                self.admitted.hold, refund_request=self.admitted.grant_id is not None)
 
     async def settle(self, outcome: Outcome, status: str) -> None:
         if self.closed:
@@ -144,7 +146,7 @@ class _Call:
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
                         status=status, started=self.started, now=self.gw.clock())
         self.gw.observer.settled(row, self.sent)
-        await asyncio.shield(self.gw.store.settle(a.hold, row, a.period))
+        await self.gw.store.settle(a.hold, row, a.period)  # the write survives cancellation
 
     def _headers(self) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.admitted.funding_key}",
