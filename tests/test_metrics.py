@@ -64,14 +64,25 @@ async def test_counters_move_with_traffic(make_harness):
     assert moved("wattgate_upstream_latency_seconds_count") == 3
     assert moved("wattgate_metered_calls_total", app=app.app_id, state="final") == 2
     assert moved("wattgate_metered_calls_total", app=app.app_id, state="provisional") == 1
-    # Dollars: the two flat-priced calls plus the estimate recorded for the one with no usage.
+    # Dollars whose real cost is known: the two flat-priced calls, not the estimate
+    # recorded for the one with no usage...
     ledger = sum([u.cost_nanos async for page in h.gw.store.usage_lines(app.app_id) for u in page])
     assert ledger > usd_to_nanos(Decimal("0.05"))
-    assert moved("wattgate_metered_usd_total", app=app.app_id) == pytest.approx(ledger / 1e9)
+    assert moved("wattgate_metered_usd_total", app=app.app_id) == pytest.approx(0.05)
     assert value(after, "wattgate_reconciliation_backlog") == 1
     assert value(after, "wattgate_holds_open") == 0
     # The scrape itself is counted, under its route pattern, never a raw path.
     assert moved("wattgate_http_requests_total", route="/metrics", method="GET", status="200") == 1
+    # ...until reconciliation learns that one's real cost: then the counter equals the ledger.
+    from wattgate.reconcile import Reconciler
+    from wattgate.views.state import upstream_key
+    assert (await Reconciler(h.gw, h.app[upstream_key]).run_once(force=True)).corrected == 1
+    ledger = sum([u.cost_nanos async for page in h.gw.store.usage_lines(app.app_id) for u in page])
+    assert usd_to_nanos(h.fake.charged) == ledger
+    final = await scrape(h)
+    assert value(final, "wattgate_metered_usd_total", app=app.app_id) - \
+        value(before, "wattgate_metered_usd_total", app=app.app_id) == pytest.approx(ledger / 1e9)
+    assert value(final, "wattgate_reconciliation_backlog") == 0
 
 
 async def test_unmatched_paths_share_one_label(harness):

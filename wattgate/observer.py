@@ -84,7 +84,8 @@ class _Dollars(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("wattgate_metered_usd",
-                                     "US dollars written to the ledger.", labels=["app"])
+                                     "US dollars of metered calls whose real cost is known.",
+                                     labels=["app"])
         for app_id, nanos in sorted(self.nanos.items()):
             family.add_metric([app_id], nanos / NANOS_PER_USD)
         yield family
@@ -140,13 +141,21 @@ class Observer:
     def settled(self, row: Usage, sent: float | None) -> None:
         if sent is not None:
             self.upstream_latency.observe(time.perf_counter() - sent)
-        self._dollars.nanos[row.app_id] = self._dollars.nanos.get(row.app_id, 0) + row.cost_nanos
+        if not row.provisional:  # an estimate counts once reconciliation knows the truth
+            self._add_dollars(row.app_id, row.cost_nanos)
         self._child(self.calls, row.app_id, "provisional" if row.provisional else "final").inc()
         note = _note.get()
         if note is not None:
             note.app_id, note.grant_id, note.model = row.app_id, row.grant_id, row.model
             note.cost_nanos, note.provisional, note.outcome = \
                 row.cost_nanos, row.provisional, row.status
+
+    def reconciled(self, app_id: str, cost_nanos: int) -> None:
+        """A provisional call's real cost became known (reconciliation)."""
+        self._add_dollars(app_id, cost_nanos)
+
+    def _add_dollars(self, app_id: str, nanos: int) -> None:
+        self._dollars.nanos[app_id] = self._dollars.nanos.get(app_id, 0) + nanos
 
     # ---- the web layer ----------------------------------------------------
     def request_done(self, route: str, method: str, status: int) -> None:

@@ -96,6 +96,7 @@ class Reconciler:
                     continue
                 if await self.gw.store.correct_usage(usage.generation_id, usd_to_nanos(cost)):
                     report.corrected += 1
+                    self.gw.observer.reconciled(usage.app_id, usd_to_nanos(cost))
                 self._next_try.pop(usage.generation_id, None)
         if report.checked < max_checks:  # a full pass: forget rows no longer provisional
             for generation_id in list(self._next_try):
