@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 import pytest
 
 from wattgate.app import create_app
@@ -130,14 +131,22 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type:
         values.update(env or {})
         config = load_config(None, env=values)
         app = create_app(config, clock=clock_fn or clock)
-        await aiohttp_server(app, port=port)
+        # Served as `wattgate serve` serves it (web.run_app's defaults): a handler runs
+        # on when its client disconnects. (aiohttp's test server would cancel it.)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
         http = aiohttp.ClientSession()
         sessions.append(http)
         return Harness(url, http, fake_upstream, app, tmp_path, clock)
 
+    runners: list[web.AppRunner] = []
     yield make
     for s in sessions:
         await s.close()
+    for runner in reversed(runners):
+        await runner.cleanup()
 
 
 @pytest.fixture

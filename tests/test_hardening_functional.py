@@ -119,7 +119,7 @@ async def test_first_byte_timeout_is_504_and_releases_the_hold(make_harness):
     h = await make_harness({"WATTGATE_UPSTREAM__FIRST_BYTE_TIMEOUT": "0.3"})
     app = await h.create_app()
     await h.connect(app, "dee")
-    h.fake.chunk_delay = 0.2  # the non-streamed answer comes after 8 × 0.2 s
+    h.fake.header_delay = 1.6  # the model is queued: no response headers for 1.6 s
     t0 = time.monotonic()
     status, body, _ = await post(h, "/chat/completions", json=chat_body(),
                                  headers=auth(app, "dee"))
@@ -127,6 +127,19 @@ async def test_first_byte_timeout_is_504_and_releases_the_hold(make_harness):
     assert time.monotonic() - t0 < 1.5
     assert await h.gw.store.open_holds() == 0
     assert (await h.status(app, "dee"))["usage"]["monthlyUsd"] == 0
+
+
+async def test_a_long_whole_answer_is_not_a_first_byte_timeout(make_harness):
+    """The first-byte bound is for the upstream's headers: a non-streamed answer that
+    takes longer than it to write (streamed upstream, assembled here) still arrives."""
+    h = await make_harness({"WATTGATE_UPSTREAM__FIRST_BYTE_TIMEOUT": "0.3"})
+    app = await h.create_app()
+    await h.connect(app, "dot")
+    h.fake.chunk_delay = 0.1  # 8 pieces: 0.8 s of answer, each gap under idle_timeout
+    status, body, _ = await post(h, "/chat/completions", json=chat_body(),
+                                 headers=auth(app, "dot"))
+    assert status == 200 and body["choices"][0]["message"]["content"]
+    assert (await h.status(app, "dot"))["usage"]["monthlyUsd"] == float(h.fake.charged) > 0
 
 
 async def test_idle_timeout_mid_stream_ends_the_stream_and_records_the_call(make_harness):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from decimal import Decimal
 
@@ -205,6 +206,30 @@ async def test_client_disconnect_mid_stream_keeps_usage(harness):
     assert await harness.gw.store.open_holds() == 0
 
 
+async def test_client_gone_before_the_stream_starts_is_billed_quietly(harness, caplog):
+    """The client leaves while the model is still queued: when its answer starts, the
+    gateway cannot send headers; it reads the answer for its cost, with no traceback."""
+    app = await harness.create_app()
+    await harness.connect(app, "ida")
+    harness.fake.header_delay = 0.3
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(asyncio.TimeoutError):
+            await s.post(harness.api + "/chat/completions",
+                         json={"model": "openai/gpt-4o-mini", "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}]},
+                         headers={"Authorization": f"Bearer {app.secret_key}",
+                                  "x-wattfare-user": "ida"},
+                         timeout=aiohttp.ClientTimeout(total=0.1))
+    for _ in range(100):
+        if await ledger_total(harness) > 0 and await harness.gw.store.open_holds() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged) > 0
+    assert await harness.gw.store.open_holds() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in caplog.records]
+
+
 async def test_models_list_is_proxied(harness):
     app = await harness.create_app()
     async with openai.AsyncOpenAI(base_url=harness.api, api_key=app.secret_key) as oa:
@@ -218,9 +243,100 @@ async def test_worst_case_is_bounded_before_the_call_leaves(harness):
     await harness.connect(app, "kim")
     assert (await post_chat(harness, app, {"x-wattfare-user": "kim"}))[0] == 200
     sent = harness.fake.calls[-1].body
-    assert sent["max_tokens"] == 4096 and "stream_options" not in sent
+    # (a whole answer is streamed upstream: see test_a_whole_answer_is_assembled_…)
+    assert sent["max_tokens"] == 4096 and sent["stream_options"] == {"include_usage": True}
     assert (await post_chat(harness, app, {"x-wattfare-user": "kim"}, stream=True, max_tokens=50,
                             stream_options={"include_usage": False}))[0] == 200
     sent = harness.fake.calls[-1].body
     assert sent["max_tokens"] == 50 and sent["stream_options"] == {"include_usage": True}
     assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged)
+
+
+async def direct_answer(h, body: dict) -> dict:
+    """What the upstream itself answers a non-streamed call (the bytes a bare hop forwards)."""
+    async with h.http.post(h.fake.base_url + "/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {FUNDING_KEY}"}) as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_a_whole_answer_is_assembled_from_the_upstream_stream(harness):
+    """Non-streamed calls go upstream as streams (the generation id reaches the ledger
+    while the model works); the client gets the same chat.completion as a direct call."""
+    app = await harness.create_app()
+    await harness.connect(app, "nia", monthly_usd=5)
+    body = {"model": "openai/gpt-4o-mini", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Say hi"}]}
+    status, got, headers = await post_chat(harness, app, {"x-wattfare-user": "nia"}, **body)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    sent = harness.fake.calls[-1].body
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    want = await direct_answer(harness, body)
+    for answer in (got, want):  # one generation each: only these differ
+        answer.pop("id"), answer.pop("created")
+        answer["usage"].pop("cost"), answer["usage"]["cost_details"].pop("upstream_inference_cost")
+    assert got == want
+    assert headers["X-Generation-Id"] == harness.fake.calls[-2].generation_id
+    total = await ledger_total(harness)
+    assert total == usd_to_nanos(harness.fake.calls[-2].cost) > 0
+    assert await harness.gw.store.open_holds() == 0
+
+
+async def test_a_whole_answer_names_its_generation_in_the_ledger_while_the_model_works(
+        harness):
+    import sqlite3
+
+    app = await harness.create_app()
+    await harness.connect(app, "oz", monthly_usd=5)
+    harness.fake.chunk_delay = 0.1
+    call = asyncio.ensure_future(post_chat(harness, app, {"x-wattfare-user": "oz"}))
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if harness.fake.calls:
+            break
+    await asyncio.sleep(0.2)  # mid-answer: what a crash now would leave behind
+    db = sqlite3.connect(harness.gw.store.path)
+    rows = db.execute("SELECT generation_id FROM holds").fetchall()
+    db.close()
+    assert rows == [(harness.fake.calls[0].generation_id,)]
+    status, body, _ = await call
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+    assert await harness.gw.store.open_holds() == 0
+
+
+async def test_a_whole_answer_that_fails_midway_is_an_error_and_is_recorded(harness):
+    app = await harness.create_app()
+    await harness.connect(app, "pia", monthly_usd=5)
+    status, body, _ = await post_chat(harness, app, {"x-wattfare-user": "pia"},
+                                      model="fake/midstream-error")
+    assert status == 502 and body["error"]["code"] == "upstream"
+    assert "Provider disconnected" in body["error"]["message"]
+    rows = [u for c in await harness.gw.store.connections_for_app(app.app_id)
+            for u in await harness.gw.store.recent_usage(c.connection_id)]
+    assert [(u.status, u.generation_id) for u in rows] == \
+        [("upstream_error", harness.fake.calls[0].generation_id)]
+    assert await harness.gw.store.open_holds() == 0
+
+
+async def test_whole_answers_can_be_forwarded_as_they_are(make_harness):
+    h = await make_harness({"WATTGATE_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    app = await h.create_app()
+    await h.connect(app, "quin", monthly_usd=5)
+    status, body, _ = await post_chat(h, app, {"x-wattfare-user": "quin"}, max_tokens=32)
+    assert status == 200 and body["object"] == "chat.completion"
+    assert "stream" not in h.fake.calls[-1].body
+    assert await ledger_total(h) == usd_to_nanos(h.fake.charged) > 0
+
+
+async def test_a_whole_answer_cut_off_upstream_is_an_error_and_is_recorded(harness):
+    import gc
+
+    app = await harness.create_app()
+    await harness.connect(app, "rex", monthly_usd=5)
+    status, body, _ = await post_chat(harness, app, {"x-wattfare-user": "rex"}, model="fake/cut")
+    assert status == 502 and "broke off" in body["error"]["message"]
+    rows = [u for c in await harness.gw.store.connections_for_app(app.app_id)
+            for u in await harness.gw.store.recent_usage(c.connection_id)]
+    assert [(u.status, u.provisional) for u in rows] == [("upstream_cut", True)]
+    assert await harness.gw.store.open_holds() == 0
+    gc.collect()  # an upstream response left open would warn here (warnings are errors)

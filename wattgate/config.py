@@ -68,6 +68,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to wait for the upstream's response headers.", 0.1),
     Setting("upstream", "idle_timeout", float, 120.0,
             "Seconds of silence tolerated between two chunks of a streamed answer.", 0.1),
+    Setting("upstream", "stream_whole_answers", bool, True,
+            "Ask the upstream to stream even when the client wants one JSON answer, and "
+            "assemble that answer from the stream: the generation id then reaches the "
+            "ledger while the model works, so a gateway crash mid-call loses no spend. "
+            "false: forward non-streamed calls as they are."),
     Setting("upstream", "models_ttl", float, 600.0,
             "Seconds a fetched model price list is used before it is refreshed.", 1),
     Setting("sessions", "ttl_seconds", int, 600,

@@ -64,6 +64,7 @@ class Call:
     body: dict[str, Any]
     cost: Decimal = Decimal(0)
     finished: bool = False
+    answered_at: float | None = None  # time.monotonic() when the response headers left
 
 
 @dataclass
@@ -72,6 +73,7 @@ class FakeOpenRouter:
 
     models: dict[str, FakeModel] = field(default_factory=lambda: dict(MODELS))
     chunk_delay: float = 0.0          # seconds between content chunks
+    header_delay: float = 0.0         # seconds before a stream's response headers
     pieces: int = 8                   # content chunks per answer
     piece_bytes: int | None = None    # pad each piece to this size (benchmark, big answers)
     keepalives: int = 1               # ": OPENROUTER PROCESSING" comments before data
@@ -204,10 +206,12 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             if delay:
                 await asyncio.sleep(delay * n)
             call.finished = True
+            call.answered_at = time.monotonic()
             text = "".join(pieces)
             payload = ('{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
                        '"provider":"Fake","choices":[{"index":0,"logprobs":null,'
-                       '"finish_reason":"stop","message":{"role":"assistant","content":%s}}],'
+                       '"finish_reason":"stop","native_finish_reason":"stop",'
+                       '"message":{"role":"assistant","content":%s}}],'
                        '"usage":%s}' % (gen, created, json.dumps(model_id), json.dumps(text),
                                         _usage_json(prompt_tokens, n, cost)))
             return web.Response(text=payload, content_type="application/json",
@@ -231,7 +235,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                      delay: float, cost: Decimal, prompt_tokens: int) -> web.StreamResponse:
         gen, model_id, created = head_args
         n = len(pieces)
+        if fake.header_delay:
+            await asyncio.sleep(fake.header_delay)
         await resp.prepare(request)
+        call.answered_at = time.monotonic()
         for _ in range(fake.keepalives):
             await resp.write(b": OPENROUTER PROCESSING\n\n")
         head = '{"id":"%s","provider":"Fake","model":%s,"object":"chat.completion.chunk",' \

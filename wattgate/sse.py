@@ -36,6 +36,19 @@ class Outcome:
     done: bool = False            # saw ``data: [DONE]`` (or a complete JSON body)
 
 
+def split_complete(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """(complete lines, the unfinished rest) of what arrived so far.
+
+    An unfinished line longer than ``MAX_PARTIAL`` is dropped: it is not metadata.
+    """
+    data = partial + chunk if partial else chunk
+    end = data.rfind(b"\n")
+    if end < 0:
+        return b"", (data if len(data) <= MAX_PARTIAL else b"")
+    rest = data[end + 1:]
+    return data[:end + 1], (rest if len(rest) <= MAX_PARTIAL else b"")
+
+
 def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw, parse_float=Decimal)
@@ -55,14 +68,9 @@ class StreamReader:
         self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
-        data = self._partial + chunk if self._partial else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._partial = data if len(data) <= MAX_PARTIAL else b""
+        complete, self._partial = split_complete(self._partial, chunk)
+        if not complete:
             return
-        complete, self._partial = data[:end + 1], data[end + 1:]
-        if len(self._partial) > MAX_PARTIAL:
-            self._partial = b""
         if self.outcome.generation_id is None:
             m = _ID.search(complete)
             if m:

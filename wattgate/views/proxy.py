@@ -11,7 +11,8 @@ The path of one call (each step's module in brackets):
 4. unseal the funding key for this call only, forward with it [upstream];
 5. stream the answer back chunk by chunk as it arrives while ``StreamReader``
    reads the usage from the same bytes [sse]; the hold's row, naming the
-   generation, is committed before the first body byte [store];
+   generation, is committed before the first body byte [store]. A call that
+   wants one JSON answer is streamed upstream too and assembled [assemble];
 6. settle: usage row + period aggregate + hold release in one transaction,
    idempotent on the generation id [metering, store].
 
@@ -34,6 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import admission
+from ..assemble import Assembler
 from ..errors import (FundingInvalid, InvalidRequest, UpstreamError, UpstreamTimeout,
                       WattgateError)
 from ..gateway import Gateway
@@ -58,7 +60,13 @@ MAX_TOKENS = 10_000_000
 drains_key = web.AppKey("drains", set[asyncio.Task[None]])
 
 
-def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, str, bool, int]:
+def _parse(raw: bytes, default_max_tokens: int, stream_upstream: bool = False
+           ) -> tuple[dict[str, Any], bytes, str, bool, int]:
+    """The body, what to send upstream, model, whether the client streams, max tokens.
+
+    ``stream_upstream``: a non-streamed call is sent upstream as a stream
+    (``upstream.stream_whole_answers``), its answer assembled for the client.
+    """
     check_json_depth(raw)
     try:
         body = json.loads(raw)
@@ -89,7 +97,10 @@ def _parse(raw: bytes, default_max_tokens: int) -> tuple[dict[str, Any], bytes, 
         limit = default_max_tokens
         body["max_tokens"] = limit
         changed = True
-    if stream:
+    if not stream and stream_upstream:
+        body["stream"] = True
+        changed = True
+    if stream or stream_upstream:
         # The usage event is how the call is billed: ask for it even when the client
         # declined it (OpenRouter sends it regardless; other upstreams need asking).
         options = body.get("stream_options")
@@ -110,7 +121,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     connection = await admission.precheck(gw, app.app_id, payer)
     gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=started)
     raw = await request.read()
-    _, payload, model, stream, max_tokens = _parse(raw, gw.config.metering_default_max_tokens)
+    _, payload, model, stream, max_tokens = _parse(raw, gw.config.metering_default_max_tokens,
+                                                   gw.config.upstream_stream_whole_answers)
     price = await upstream.price_for(model)
     estimate = price.worst_cost_nanos(len(payload), max_tokens)
     admitted = await admission.admit(gw, app.app_id, payer, estimate, now=gw.clock(),
@@ -179,6 +191,8 @@ class _Call:
             if stream:
                 return await self._stream(request, upstream_resp)
             # A whole answer is settled (one commit) before a byte of it is sent.
+            if upstream_resp.content_type == "text/event-stream":
+                return await self._assembled(upstream_resp)
             return await self._whole(upstream_resp)
         finally:
             if not self.closed and not self.handed_off:
@@ -221,6 +235,35 @@ class _Call:
         await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
         return web.Response(body=body, status=200, headers=self._response_headers(resp))
 
+    async def _assembled(self, resp: aiohttp.ClientResponse) -> web.Response:
+        """A non-streamed call the upstream streamed: one JSON answer, built from it."""
+        generation = resp.headers.get("X-Generation-Id")
+        reader = self.reader = StreamReader(generation)
+        if generation:  # committed before the settle, which is queued after it
+            self.gw.store.note_generation(self.admitted.hold, generation[:200],
+                                          self.admitted.app_id, self.model)
+        assembler = Assembler()
+        try:
+            async for chunk in resp.content.iter_any():
+                reader.feed(chunk)
+                assembler.feed(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            resp.close()
+            await self.settle(reader.close(), "upstream_cut")
+            raise UpstreamError(f"The model provider's answer broke off "
+                                f"({type(e).__name__}).") from None
+        outcome = reader.close()
+        if outcome.error is not None:
+            resp.close()
+            await self.settle(outcome, "upstream_error")
+            raise UpstreamError(f"The model provider failed while answering: {outcome.error}")
+        await self.settle(outcome, "ok")
+        headers = self._response_headers(resp)
+        headers.pop("Cache-Control", None)
+        headers["Content-Type"] = "application/json"
+        return web.Response(body=json.dumps(assembler.answer()).encode(), status=200,
+                            headers=headers)
+
     async def _stream(self, request: web.Request,
                       resp: aiohttp.ClientResponse) -> web.StreamResponse:
         generation = resp.headers.get("X-Generation-Id")
@@ -232,7 +275,12 @@ class _Call:
             if generation else None
         out = web.StreamResponse(status=200, headers=self._response_headers(resp))
         out.content_type = "text/event-stream"
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            # The client left before the headers: the model answers all the same.
+            self._hand_off(request, resp, reader)
+            return out
         if noted is not None and not noted.done():
             await asyncio.wait([noted])  # a failed write is logged; the call goes on
         chunks = resp.content.iter_any()

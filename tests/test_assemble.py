@@ -1,0 +1,112 @@
+"""Assembling a whole chat.completion from the stream the upstream sent instead."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings, strategies as st
+
+from wattgate.assemble import Assembler, merge_delta
+
+
+def sse(*events: object, done: bool = True) -> bytes:
+    out = b": OPENROUTER PROCESSING\n\n"
+    for e in events:
+        out += b"data: " + json.dumps(e).encode() + b"\n\n"
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+HEAD = {"id": "gen-1", "provider": "Fake", "model": "m/x", "object": "chat.completion.chunk",
+        "created": 1700000000}
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "cost": 0.000093}
+
+
+def chunk(delta: dict, finish: str | None = None, index: int = 0, **extra: object) -> dict:
+    return {**HEAD, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                 **extra}]}
+
+
+PLAIN = sse(chunk({"role": "assistant", "content": "Hel"}),
+            chunk({"role": "assistant", "content": "lo!"}),  # OpenRouter repeats the role
+            chunk({"content": ""}, "stop", native_finish_reason="stop"),
+            {**HEAD, "choices": [], "usage": USAGE})
+
+
+def assemble(data: bytes, sizes: list[int] | None = None) -> dict:
+    a = Assembler()
+    if sizes is None:
+        a.feed(data)
+    else:
+        pos = 0
+        for n in sizes:
+            a.feed(data[pos:pos + n])
+            pos += n
+        a.feed(data[pos:])
+    return a.answer()
+
+
+def test_a_plain_answer_becomes_one_chat_completion():
+    assert assemble(PLAIN) == {
+        "id": "gen-1", "provider": "Fake", "model": "m/x", "object": "chat.completion",
+        "created": 1700000000,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
+                     "finish_reason": "stop", "native_finish_reason": "stop",
+                     "logprobs": None}],
+        "usage": USAGE}
+
+
+def test_tool_calls_merge_by_index_and_lose_it():
+    data = sse(
+        chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_a", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "get_time", "arguments": "{}"}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+        chunk({}, "tool_calls"))
+    message = assemble(data)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+    assert assemble(data)["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_reasoning_logprobs_and_several_choices():
+    lp = lambda t: {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []}  # noqa: E731
+    data = sse(
+        chunk({"role": "assistant", "reasoning": "Think"}, index=0),
+        chunk({"role": "assistant", "content": "B"}, index=1, logprobs={"content": [lp("B")]}),
+        chunk({"reasoning": "ing.", "content": "A"}, index=0, logprobs={"content": [lp("A")]}),
+        chunk({"content": "!"}, "stop", index=1, logprobs={"content": [lp("!")]}),
+        chunk({}, "length", index=0))
+    first, second = assemble(data)["choices"]
+    assert first["message"] == {"role": "assistant", "reasoning": "Thinking.", "content": "A"}
+    assert first["finish_reason"] == "length"
+    assert second["message"] == {"role": "assistant", "content": "B!"}
+    assert [t["token"] for t in second["logprobs"]["content"]] == ["B", "!"]
+
+
+def test_merge_delta_replaces_discriminators_and_concatenates_text():
+    acc = merge_delta({}, {"role": "assistant", "type": "x", "content": "a", "n": 1})
+    merge_delta(acc, {"role": "assistant", "type": "y", "content": "b", "n": 2, "extra": None})
+    assert acc == {"role": "assistant", "type": "y", "content": "ab", "n": 2, "extra": None}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=40), max_size=30))
+def test_any_split_of_the_stream_gives_the_same_answer(sizes):
+    assert assemble(PLAIN, sizes) == assemble(PLAIN)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_raises(noise):
+    a = Assembler()
+    a.feed(noise)
+    a.feed(b"\ndata: {\"choices\": [1, {\"index\": \"x\"}, {\"delta\": 5}]}\n\ndata: [1]\n")
+    a.feed(PLAIN)
+    answer = a.answer()
+    assert answer["object"] == "chat.completion"
+    assert answer["usage"] == USAGE
