@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from wattgate import faults
-from wattgate.faults import dollars
+from wattgate.faults import NAMING_GRACE, dollars
 
 
 def outcome_table(seen: Any) -> list[str]:
@@ -122,24 +122,28 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
         "",
         "No generation is debited twice (the ledger's primary key is the generation id and "
         "every amount matches the upstream's), no hold is left open, and every call in "
-        "flight whose generation id had reached the disk is recovered exactly: the id is "
-        "written to the call's hold as soon as the upstream's answer names it (a stream's "
-        "headers), and the restart turns the hold into a provisional row that "
-        "reconciliation corrects.",
+        "flight whose generation id the upstream had named is recovered exactly: the "
+        "gateway asks the upstream to stream every call (a non-streamed call's answer is "
+        "assembled from the stream, `upstream.stream_whole_answers`), so the response "
+        "headers name the generation as soon as the model starts; the call's hold row is "
+        "written with that id in the same turn of the event loop, and committed before "
+        "the first byte of a stream leaves. The restart turns such rows into provisional "
+        "rows that reconciliation corrects.",
         "",
-        f"The residual: {len(b['after'].unknown)} generations "
-        f"({b['unknown_streamed']} streamed, "
-        f"{len(b['after'].unknown) - b['unknown_streamed']} not) that the upstream had "
-        f"billed but whose id had not reached the gateway's disk when it died; the client "
-        f"was still waiting for {b['waiting']} calls at the kill. The upstream bills a "
-        "call as it starts; the gateway learns its generation id only from the upstream's "
-        "answer (the response headers of a stream, the whole body of a non-streamed "
-        "answer) and writes it to the hold a few milliseconds later. A crash inside that "
-        "window leaves a hold with no generation to reconcile, and the restart releases it "
-        "rather than charge the user a worst-case estimate for a call that may never have "
-        "run: the user's spend is then under-counted by those calls, never over-counted. "
-        "Streamed calls have the short window (headers to commit); a non-streamed call has "
-        "it for its whole duration." if b["after"].unknown else
+        f"| generations named by the upstream at least {int(NAMING_GRACE * 1000)} ms before "
+        f"the kill and missing from the ledger | {len(b['named_lost'])} |",
+        "",
+        f"The residual: {len(b['after'].unknown)} generations that the upstream had billed "
+        f"but had not named to the gateway (no response headers yet, or headers sent less "
+        f"than {int(NAMING_GRACE * 1000)} ms before the kill; the client was still waiting "
+        f"for {b['waiting']} calls at the kill). The fake upstream bills a call as it "
+        "starts, the worst case (OpenRouter bills a non-streamed call in full even when the "
+        "caller has gone, and an aborted stream for some providers). A gateway learns a "
+        "generation id only from the upstream's answer, so no gateway can recover a call "
+        "that dies between sending the request and reading the headers; the restart "
+        "releases such a hold rather than charge the user a worst-case estimate for a call "
+        "that may never have run: spend is then under-counted by those calls, never "
+        "over-counted." if b["after"].unknown else
         "No billed generation is missing from the ledger.",
         "",
     ]

@@ -35,7 +35,9 @@ async def test_kill_9_mid_load_loses_no_committed_row_and_double_debits_nothing(
     assert not after.mismatched, "a generation recorded at a different amount"
     assert not after.foreign, "a debit for a generation the upstream never billed"
     assert after.ledger_nanos == after.aggregate_nanos
-    # Only calls the gateway was still working on may be missing, and exactly their cost.
+    # Only calls the gateway was still working on may be missing, and exactly their cost:
+    # and only those the upstream had not yet named (headers sent) before the kill.
+    assert not result["named_lost"], "a generation named before the kill is missing"
     assert len(after.unknown) <= result["exposed"]
     assert after.ledger_nanos + result["unknown_nanos"] == after.charged_nanos
     assert result["ok"]

@@ -57,6 +57,9 @@ KINDS: dict[str, tuple[int, str, bool]] = {
     "slow_stream": (10, "fake/slow", True),
 }
 SLOW_DELAY = 0.05  # seconds between chunks of fake/slow
+# Headers sent this long before the kill must have reached the ledger (a turn of the
+# gateway's loop and one commit take milliseconds; the grace is for a loaded machine).
+NAMING_GRACE = 0.05
 SOAK_RSS_BOUND_KIB = 8 * 1024  # 3 SQLite connections x 2 MiB page cache, plus slack
 
 
@@ -392,6 +395,7 @@ async def kill_nine(calls: int, kill_after: float, seed: int) -> dict[str, Any]:
         # that gave up on a non-streamed answer the upstream has not sent yet.
         exposed = waiting_at_kill + sum(1 for c in fake.calls
                                         if not c.finished and not c.body.get("stream"))
+        killed_at = time.monotonic()
         gw.kill9()
         stop.set()
         first = await load
@@ -408,12 +412,21 @@ async def kill_nine(calls: int, kill_after: float, seed: int) -> dict[str, Any]:
     # A billed generation the ledger lacks must be a call the gateway was still working
     # on at the kill: an answered call was settled (and committed) before its answer.
     explained = len(after.unknown) <= exposed
+    # A generation id reaches the ledger within a turn of the gateway's event loop of
+    # the upstream's response headers (a streamed answer's hold row is committed
+    # before its first byte; a whole answer is streamed upstream and assembled). So
+    # the only generations a kill may lose are those the upstream had not named to
+    # the gateway yet: no headers sent, or sent in the last moments before the kill.
+    unnamed = [g for g in after.unknown if fake.generations[g].answered_at is None
+               or fake.generations[g].answered_at > killed_at - NAMING_GRACE]
+    named_lost = sorted(set(after.unknown) - set(unnamed))
     ok = (check[0] == 0 and held == 0 and after.open_holds == 0 and not after.mismatched
-          and not after.foreign and explained
+          and not after.foreign and explained and not named_lost
           and after.ledger_nanos + after.unknown_nanos(fake) == after.charged_nanos
           and after.ledger_nanos == after.aggregate_nanos)
     return {"calls": calls, "first": first, "rest": rest, "in_flight": in_flight,
             "waiting": waiting_at_kill, "exposed": exposed, "unknown_streamed": after.unknown_streamed(fake),
+            "unnamed": len(unnamed), "named_lost": named_lost,
             "before": before, "after": after,
             "unknown_nanos": after.unknown_nanos(fake), "explained": explained,
             "reconcile": reconciled, "check": check, "ok": ok}
