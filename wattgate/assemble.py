@@ -32,7 +32,12 @@ from .sse import split_complete
 _REPLACED = frozenset(("index", "type", "role"))
 
 
+class _Text(list):  # type: ignore[type-arg]
+    """Pieces of a string being concatenated, joined once at the end (no quadratic copy)."""
+
+
 def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """Accumulate one delta into ``acc`` (strings may stay as ``_Text`` until ``finish``)."""
     for key, value in delta.items():
         if key not in acc or acc[key] is None:
             acc[key] = _copy(value)
@@ -42,15 +47,30 @@ def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
                 acc[key] = value
             continue
         current = acc[key]
-        if isinstance(current, str) and isinstance(value, str):
-            acc[key] = current + value
+        if isinstance(value, str) and isinstance(current, (str, _Text)):
+            if isinstance(current, _Text):
+                current.append(value)
+            else:
+                acc[key] = _Text((current, value))
         elif isinstance(current, dict) and isinstance(value, dict):
             merge_delta(current, value)
-        elif isinstance(current, list) and isinstance(value, list):
+        elif isinstance(current, list) and not isinstance(current, _Text) \
+                and isinstance(value, list):
             _merge_list(current, value)
         else:
             acc[key] = _copy(value)
     return acc
+
+
+def finish(value: Any) -> Any:
+    """``value`` with every ``_Text`` joined into its string."""
+    if isinstance(value, _Text):
+        return "".join(value)
+    if isinstance(value, dict):
+        return {k: finish(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finish(v) for v in value]
+    return value
 
 
 def _merge_list(acc: list[Any], items: list[Any]) -> None:
@@ -75,39 +95,46 @@ def _copy(value: Any) -> Any:
 
 
 class Assembler:
-    """Feed it the stream's bytes in any chunks; ``answer()`` gives the JSON object."""
+    """Feed it the stream's bytes in any chunks; ``answer()`` gives the JSON object.
+
+    ``feed`` only cuts lines and keeps the events' JSON text; ``answer`` parses
+    them in one call (the answer is whole only at the end anyway) and merges.
+    """
 
     def __init__(self) -> None:
         self._partial = b""
+        self._payloads: list[bytes] = []
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
-        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
         complete, self._partial = split_complete(self._partial, chunk)
         for line in complete.split(b"\n"):
-            self._line(line)
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload and payload != b"[DONE]":
+                    self._payloads.append(payload)
 
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return
-        payload = line[5:].strip()
-        if not payload or payload == b"[DONE]":
-            return
+    def _events(self) -> list[Any]:
+        if self._partial:
+            self.feed(b"\n")
+        payloads, self._payloads = self._payloads, []
         try:
-            event = json.loads(payload)
-        except (ValueError, RecursionError):
-            return
-        if isinstance(event, dict):
-            self._event(event)
+            return json.loads(b"[" + b",".join(payloads) + b"]")
+        except (ValueError, RecursionError):  # a garbage line: parse them one by one
+            events = []
+            for payload in payloads:
+                try:
+                    events.append(json.loads(payload))
+                except (ValueError, RecursionError):
+                    continue
+            return events
 
     def _event(self, event: dict[str, Any]) -> None:
-        self.events += 1
+        top = self._top
         for key, value in event.items():
-            if key == "choices":
-                continue
-            if value is not None or key not in self._top:
-                self._top[key] = value
+            if key != "choices" and (value is not None or key not in top):
+                top[key] = value
         choices = event.get("choices")
         if not isinstance(choices, list):
             return
@@ -117,14 +144,16 @@ class Assembler:
             index = choice.get("index", 0)
             if not isinstance(index, int):
                 continue
-            acc = self._choices.setdefault(index, {"index": index, "message": {}})
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                merge_delta(acc["message"], delta)
+            acc = self._choices.get(index)
+            if acc is None:
+                acc = self._choices[index] = {"index": index, "message": {}}
             for key, value in choice.items():
-                if key in ("index", "delta"):
+                if key == "delta":
+                    if isinstance(value, dict):
+                        merge_delta(acc["message"], value)
+                elif key == "index":
                     continue
-                if key == "logprobs" and isinstance(value, dict):
+                elif key == "logprobs" and isinstance(value, dict):
                     if not isinstance(acc.get("logprobs"), dict):
                         acc["logprobs"] = {}
                     merge_delta(acc["logprobs"], value)
@@ -132,9 +161,9 @@ class Assembler:
                     acc[key] = value
 
     def answer(self) -> dict[str, Any]:
-        if self._partial:
-            self._line(self._partial.rstrip(b"\r"))
-            self._partial = b""
+        for event in self._events():
+            if isinstance(event, dict):
+                self._event(event)
         top = dict(self._top)
         top.pop("error", None)
         usage = top.pop("usage", None)
@@ -147,7 +176,7 @@ class Assembler:
         answer.update(top)
         choices = []
         for index in sorted(self._choices):
-            choice = self._choices[index]
+            choice = finish(self._choices[index])
             message = choice["message"]
             message.setdefault("role", "assistant")
             message.setdefault("content", None)
