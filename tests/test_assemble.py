@@ -121,3 +121,27 @@ def test_a_long_answer_assembles_in_linear_time():
     answer = assemble(data)
     assert answer["choices"][0]["message"]["content"] == "x" * 2_000_000
     assert time.process_time() - t0 < 5  # quadratic concatenation would copy ~20 GB
+
+
+ERRORED = sse(chunk({"role": "assistant", "content": "Hel"}),
+              {**HEAD, "error": {"code": 502, "message": "Provider disconnected"},
+               "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]},
+              done=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([PLAIN, ERRORED, PLAIN[:-20]]),
+       st.lists(st.integers(min_value=0, max_value=60), max_size=20))
+def test_the_outcome_is_what_the_stream_reader_reads(data, sizes):
+    """Metering a whole answer by the assembler bills exactly what StreamReader would."""
+    from wattgate.sse import StreamReader
+
+    a, r = Assembler(), StreamReader("gen-h")
+    pos = 0
+    for n in sizes:
+        a.feed(data[pos:pos + n])
+        r.feed(data[pos:pos + n])
+        pos += n
+    a.feed(data[pos:])
+    r.feed(data[pos:])
+    assert a.outcome("gen-h") == r.close()

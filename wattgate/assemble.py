@@ -24,9 +24,10 @@ Nothing here imports aiohttp.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
-from .sse import split_complete
+from .sse import Outcome, error_message, split_complete
 
 # Replaced, never concatenated: discriminators and the speaker.
 _REPLACED = frozenset(("index", "type", "role"))
@@ -63,9 +64,11 @@ def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish(value: Any) -> Any:
-    """``value`` with every ``_Text`` joined into its string."""
+    """``value`` in plain JSON types: every ``_Text`` joined, every ``Decimal`` a float."""
     if isinstance(value, _Text):
         return "".join(value)
+    if isinstance(value, Decimal):
+        return float(value)
     if isinstance(value, dict):
         return {k: finish(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -106,31 +109,37 @@ class Assembler:
         self._payloads: list[bytes] = []
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
+        self._done = False
+        self._error = False
 
     def feed(self, chunk: bytes) -> None:
         complete, self._partial = split_complete(self._partial, chunk)
         for line in complete.split(b"\n"):
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
-                if payload and payload != b"[DONE]":
+                if payload == b"[DONE]":
+                    self._done = True
+                elif payload:
                     self._payloads.append(payload)
 
     def _events(self) -> list[Any]:
         if self._partial:
             self.feed(b"\n")
         payloads, self._payloads = self._payloads, []
+        # Numbers as Decimal, as StreamReader reads them: the bill is exact.
         try:
-            return json.loads(b"[" + b",".join(payloads) + b"]")
+            return json.loads(b"[" + b",".join(payloads) + b"]", parse_float=Decimal)
         except (ValueError, RecursionError):  # a garbage line: parse them one by one
             events = []
             for payload in payloads:
                 try:
-                    events.append(json.loads(payload))
+                    events.append(json.loads(payload, parse_float=Decimal))
                 except (ValueError, RecursionError):
                     continue
             return events
 
     def _event(self, event: dict[str, Any]) -> None:
+        self._error = self._error or "error" in event
         top = self._top
         for key, value in event.items():
             if key != "choices" and (value is not None or key not in top):
@@ -160,10 +169,26 @@ class Assembler:
                 elif value is not None or key not in acc:
                     acc[key] = value
 
-    def answer(self) -> dict[str, Any]:
+    def outcome(self, generation_id: str | None) -> Outcome:
+        """What metering needs, by ``sse.StreamReader``'s rules: the last non-null
+        usage, whether any event carried a top-level ``error``, whether ``[DONE]`` came."""
+        self._parse()
+        top_id = self._top.get("id")
+        if generation_id is None and isinstance(top_id, str):
+            generation_id = top_id[:200]
+        usage = self._top.get("usage")
+        return Outcome(generation_id=generation_id,
+                       usage=usage if isinstance(usage, dict) else None,
+                       error=error_message(self._top.get("error")) if self._error else None,
+                       done=self._done)
+
+    def _parse(self) -> None:
         for event in self._events():
             if isinstance(event, dict):
                 self._event(event)
+
+    def answer(self) -> dict[str, Any]:
+        self._parse()
         top = dict(self._top)
         top.pop("error", None)
         usage = top.pop("usage", None)
@@ -176,7 +201,7 @@ class Assembler:
         answer.update(top)
         choices = []
         for index in sorted(self._choices):
-            choice = finish(self._choices[index])
+            choice = self._choices[index]
             message = choice["message"]
             message.setdefault("role", "assistant")
             message.setdefault("content", None)
@@ -190,4 +215,4 @@ class Assembler:
             choices.append(out)
         answer["choices"] = choices
         answer["usage"] = usage
-        return answer
+        return finish(answer)

@@ -56,7 +56,7 @@ def _loads(raw: bytes) -> Any:
         return None
 
 
-def _error_message(error: Any) -> str:
+def error_message(error: Any) -> str:
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error["message"][:500]
     return "error reported inside the stream"
@@ -92,7 +92,7 @@ class StreamReader:
         if not isinstance(event, dict):
             return
         if "error" in event:
-            self.outcome.error = _error_message(event["error"])
+            self.outcome.error = error_message(event["error"])
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.outcome.usage = usage
@@ -117,7 +117,7 @@ def parse_json_body(body: bytes, generation_id: str | None = None) -> Outcome:
     if outcome.generation_id is None and isinstance(data.get("id"), str):
         outcome.generation_id = data["id"][:200]
     if "error" in data:
-        outcome.error = _error_message(data["error"])
+        outcome.error = error_message(data["error"])
     if isinstance(data.get("usage"), dict):
         outcome.usage = data["usage"]
     return outcome

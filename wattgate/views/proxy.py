@@ -238,21 +238,19 @@ class _Call:
     async def _assembled(self, resp: aiohttp.ClientResponse) -> web.Response:
         """A non-streamed call the upstream streamed: one JSON answer, built from it."""
         generation = resp.headers.get("X-Generation-Id")
-        reader = self.reader = StreamReader(generation)
         if generation:  # committed before the settle, which is queued after it
             self.gw.store.note_generation(self.admitted.hold, generation[:200],
                                           self.admitted.app_id, self.model)
-        assembler = Assembler()
+        assembler = Assembler()  # reads the usage too (the StreamReader's rules)
         try:
             async for chunk in resp.content.iter_any():
-                reader.feed(chunk)
                 assembler.feed(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             resp.close()
-            await self.settle(reader.close(), "upstream_cut")
+            await self.settle(assembler.outcome(generation), "upstream_cut")
             raise UpstreamError(f"The model provider's answer broke off "
                                 f"({type(e).__name__}).") from None
-        outcome = reader.close()
+        outcome = assembler.outcome(generation)
         if outcome.error is not None:
             resp.close()
             await self.settle(outcome, "upstream_error")
