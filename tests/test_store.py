@@ -277,3 +277,24 @@ async def test_a_cap_change_never_revives_a_connection_revoked_meanwhile(tmp_pat
     updated = await store.update_cap(conn2.connection_id, 5, expected_key="v1.k1.def", now=3)
     assert updated is not None and updated.cap_nanos == 5 and updated.connected
     await store.close()
+
+
+async def test_the_periodic_sweep_bounds_holds_in_memory_too(store):
+    c = await funded(store, cap=10 * USD)
+    leaked = await store.admit(c.connection_id, "2027-01", 2 * USD, now=T, expires_at=T + 900)
+    named = await store.admit(c.connection_id, "2027-01", 3 * USD, now=T, expires_at=T + 900)
+    await store.note_generation(named, "gen-long", APP, "m")
+    fresh = await store.admit(c.connection_id, "2027-01", 1 * USD, now=T + 100,
+                              expires_at=T + 1000)
+    assert await store.held(c.connection_id) == 6 * USD
+    assert await store.sweep_holds(older_than=T + 50) == 2
+    # The named one is a provisional debit at its estimate now; the leak is gone; the
+    # fresh one is untouched: 3 spent + 1 held.
+    assert await store.period_spent(c.connection_id, "2027-01") == 3 * USD
+    assert await store.held(c.connection_id) == 1 * USD
+    # The call of the named hold ends after all: its real cost replaces the estimate.
+    await store.settle(named, usage("gen-long", c.connection_id, 2 * USD), "2027-01")
+    assert await store.period_spent(c.connection_id, "2027-01") == 2 * USD
+    await store.release(leaked)  # a late release of a swept hold changes nothing
+    await store.release(fresh)
+    assert await store.held(c.connection_id) == 0 and await store.open_holds() == 0

@@ -812,9 +812,20 @@ class SQLiteStore(ReportsMixin):
                 if inserted:
                     _debit(db, hold.connection_id, hold.grant_id, hold.period, hold.amount_nanos)
             return len(rows)
-        # A swept row of a call still in flight is debited at its estimate while the
-        # meter still holds it: counted twice until the call settles, never too little.
-        return await self._writer.run(op, lambda _: self._meter.spent.clear())
+        def after(_: int) -> None:
+            self._meter.spent.clear()  # rows became debits: read the aggregates again
+            if older_than is None:
+                return
+            # Holds in memory past the bound too: a swept row's amount is now a debit,
+            # and a hold whose upstream never answered in that long is a leak.
+            for hold in [h for i, h in self._meter.holds.items()
+                         if self._meter.times[i][0] < older_than]:
+                if not self._has_row(hold):
+                    leaked.append(hold)
+                self._meter.remove(hold)
+        leaked: list[Hold] = []
+        rows = await self._writer.run(op, after)
+        return rows + len(leaked)
 
     async def open_holds(self) -> int:
         """Holds of calls in flight: rows in the database and this process's others."""
