@@ -298,3 +298,59 @@ async def test_the_periodic_sweep_bounds_holds_in_memory_too(store):
     await store.release(leaked)  # a late release of a swept hold changes nothing
     await store.release(fresh)
     assert await store.held(c.connection_id) == 0 and await store.open_holds() == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_interleavings_never_pass_the_cap_nor_lose_a_debit(store, seed):
+    """Many calls admitted, settled and released in random order, interleaved with
+    writes by another process: spent + held never passes the cap, and every debit
+    lands exactly once."""
+    import asyncio
+    import random
+
+    from wattgate.store import SQLiteStore
+
+    rnd = random.Random(seed)
+    cap = 50 * USD
+    c = await funded(store, cap=cap)
+    other = SQLiteStore.open(store.path)  # the CLI, reconciling meanwhile
+    debited = 0
+    refused = 0
+    outside = 0  # debits by the other process, which bypass admission
+
+    async def call(i: int) -> None:
+        nonlocal debited, refused
+        await asyncio.sleep(rnd.random() / 1000)
+        estimate = rnd.randint(1, 5) * USD
+        try:
+            hold = await store.admit(c.connection_id, "2027-01", estimate, now=T,
+                                     expires_at=T + 900)
+        except BudgetExceeded:
+            refused += 1
+            return
+        spent = await store.period_spent(c.connection_id, "2027-01")
+        assert spent + await store.held(c.connection_id) <= cap + outside
+        if rnd.random() < 0.5:
+            await store.note_generation(hold, f"g{seed}-{i}", APP, "m")
+        await asyncio.sleep(rnd.random() / 500)
+        if rnd.random() < 0.2:
+            await store.release(hold)
+            return
+        cost = rnd.randint(0, estimate)
+        await store.settle(hold, usage(f"g{seed}-{i}", c.connection_id, cost), "2027-01")
+        debited += cost
+
+    async def cli(i: int) -> None:
+        nonlocal debited, outside
+        await asyncio.sleep(rnd.random() / 100)
+        outside += USD // 10  # counted before its commit: the bound is never too tight
+        await other.settle(None, usage(f"cli{seed}-{i}", c.connection_id, USD // 10), "2027-01")
+        debited += USD // 10
+
+    await asyncio.gather(*[call(i) for i in range(120)], *[cli(i) for i in range(5)])
+    await other.close()
+    await asyncio.sleep(0)
+    assert refused > 0, "the cap was reached"
+    assert await store.held(c.connection_id) == 0 and await store.open_holds() == 0
+    assert await store.period_spent(c.connection_id, "2027-01") == debited <= cap + outside
+    assert await store.check(now=T, hold_ttl=900) == []
