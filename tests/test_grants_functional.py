@@ -26,6 +26,22 @@ async def mint_grant(h, app, *, requests=3, max_usd=None, funding_key=FUNDING_KE
         return r.status, await r.json()
 
 
+async def grant_from_connection(h, app, user, *, monthly_usd, requests):
+    """The user connects in the popup (presence cookie), then a grant is minted from
+    their connection in the same browser: no funding key typed."""
+    token = await h.session(app, user)
+    same_origin = {"Sec-Fetch-Site": "same-origin", "Origin": h.url}
+    async with h.http.post(h.api + "/connections",
+                           json={"monthlyUsd": monthly_usd, "fundingKey": FUNDING_KEY},
+                           headers={"Authorization": f"Bearer {token}", **same_origin}) as r:
+        assert r.status == 200
+        cookie = r.cookies["wg_presence"].value
+    status, grant = await mint_grant(h, app, user=user, funding_key=None, requests=requests,
+                                     headers={**same_origin, "Cookie": f"wg_presence={cookie}"})
+    assert status == 200, grant
+    return grant
+
+
 async def redeem(h, app, grant_token, *, model="openai/gpt-4o-mini", stream=False,
                  header="x-wattfare-grant"):
     async with h.http.post(
@@ -137,16 +153,7 @@ async def test_secret_key_alone_cannot_fund_a_grant_from_a_connection(harness):
 
 async def test_grant_funded_by_connection_counts_toward_its_cap(harness):
     app = await harness.create_app()
-    token = await harness.session(app, "vic")
-    same_origin = {"Sec-Fetch-Site": "same-origin", "Origin": harness.url}
-    async with harness.http.post(harness.api + "/connections",
-                                 json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
-                                 headers={"Authorization": f"Bearer {token}", **same_origin}) as r:
-        assert r.status == 200
-        cookie = r.cookies["wg_presence"].value
-    status, grant = await mint_grant(harness, app, user="vic", funding_key=None, requests=2,
-                                     headers={**same_origin, "Cookie": f"wg_presence={cookie}"})
-    assert status == 200, grant
+    grant = await grant_from_connection(harness, app, "vic", monthly_usd=5, requests=2)
     status, _, _ = await redeem(harness, app, grant["grantToken"])
     assert status == 200
     usage = (await harness.status(app, "vic"))["usage"]["monthlyUsd"]
@@ -181,16 +188,7 @@ async def test_grant_calls_and_user_calls_racing_share_one_cap(make_harness):
     cap is checked against every call in flight of both kinds, never passed."""
     h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000"})
     app = await h.create_app()
-    token = await h.session(app, "wes")
-    same_origin = {"Sec-Fetch-Site": "same-origin", "Origin": h.url}
-    async with h.http.post(h.api + "/connections",
-                           json={"monthlyUsd": 0.3, "fundingKey": FUNDING_KEY},
-                           headers={"Authorization": f"Bearer {token}", **same_origin}) as r:
-        assert r.status == 200
-        cookie = r.cookies["wg_presence"].value
-    status, grant = await mint_grant(h, app, user="wes", funding_key=None, requests=30,
-                                     headers={**same_origin, "Cookie": f"wg_presence={cookie}"})
-    assert status == 200, grant
+    grant = await grant_from_connection(h, app, "wes", monthly_usd=0.3, requests=30)
     h.fake.chunk_delay = 0.01
     hdrs = {"Authorization": f"Bearer {app.secret_key}", "x-wattfare-user": "wes"}
 
