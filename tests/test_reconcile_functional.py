@@ -134,3 +134,79 @@ async def test_ledger_check_cli_catches_a_tampered_aggregate(harness, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1
     assert "aggregate" in bad.stdout and "Traceback" not in bad.stderr
+
+
+async def revoke(h, app, user) -> None:
+    token = await h.session(app, user)
+    async with h.http.delete(h.api + "/connections",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 204
+
+
+async def test_a_revocation_reconciles_before_it_erases_the_key(harness):
+    """Without the key nobody can ask what a provisional call really cost: the
+    revocation asks first (bounded), then erases it."""
+    app = await harness.create_app()
+    await harness.connect(app, "bea", monthly_usd=5)
+    assert (await call(harness, app, "bea", "fake/no-usage"))[0] == 200
+    assert len(await harness.gw.store.provisional_usage()) == 1
+    await revoke(harness, app, "bea")
+    connection = await harness.gw.store.get_connection(app.app_id, "bea")
+    assert connection.state == "revoked" and connection.sealed_key is None
+    assert await harness.gw.store.provisional_usage() == []
+    assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged) > 0
+    assert await harness.gw.store.check(now=harness.clock(), hold_ttl=900) == []
+
+
+async def test_a_revocation_erases_the_key_even_when_the_upstream_cannot_say_yet(harness):
+    import time
+
+    app = await harness.create_app()
+    await harness.connect(app, "cal", monthly_usd=5)
+    assert (await call(harness, app, "cal", "fake/no-usage"))[0] == 200
+    harness.fake.generation_404s = 10**6  # "not ready yet", forever
+    t0 = time.monotonic()
+    await revoke(harness, app, "cal")
+    assert time.monotonic() - t0 < 5
+    connection = await harness.gw.store.get_connection(app.app_id, "cal")
+    assert connection.state == "revoked" and connection.sealed_key is None
+    # The row keeps its worst-case estimate: never less than what was billed.
+    [(row, _)] = await harness.gw.store.provisional_usage()
+    assert row.cost_nanos > usd_to_nanos(harness.fake.charged)
+
+
+async def test_a_reconnection_during_a_revocation_keeps_its_new_key(harness):
+    from wattgate.reconcile import revoke as revoke_connection
+    from wattgate.store import ACTIVE
+
+    app = await harness.create_app()
+    await harness.connect(app, "dan", monthly_usd=5)
+    assert (await call(harness, app, "dan", "fake/no-usage"))[0] == 200
+    store = harness.gw.store
+    old = await store.get_connection(app.app_id, "dan")
+    real_cost = harness.app[upstream_key].generation_cost
+
+    async def slow_cost(generation_id, key):  # the user reconnects meanwhile
+        await store.save_connection(app.app_id, "dan", state=ACTIVE, cap_nanos=old.cap_nanos,
+                                    sealed_key="v1.k1.new", browser_hash=None,
+                                    now=harness.clock())
+        return await real_cost(generation_id, key)
+    harness.app[upstream_key].generation_cost = slow_cost
+    try:
+        await revoke_connection(harness.gw, harness.app[upstream_key], old)
+    finally:
+        harness.app[upstream_key].generation_cost = real_cost
+    now = await store.get_connection(app.app_id, "dan")
+    assert now.state == ACTIVE and now.sealed_key == "v1.k1.new"
+
+
+async def test_keys_left_on_revoked_connections_by_a_crash_are_erased(harness):
+    app = await harness.create_app()
+    await harness.connect(app, "eve", monthly_usd=5)
+    db = sqlite3.connect(harness.tmp_path / "wattgate.db")
+    db.execute("UPDATE connections SET state = 'revoked'")  # revoked, key not yet erased
+    db.commit()
+    db.close()
+    assert await harness.gw.store.erase_revoked_keys() == 1  # what a start does
+    connection = await harness.gw.store.get_connection(app.app_id, "eve")
+    assert connection.state == "revoked" and connection.sealed_key is None

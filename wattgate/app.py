@@ -51,6 +51,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         swept = await gw.store.sweep_holds()
         if swept:
             log.warning("released %d budget holds left by a previous process", swept)
+        if await gw.store.erase_revoked_keys():  # a revocation cut short by a crash
+            log.warning("erased the funding keys of revoked connections")
         yield
         await gw.store.close()
 

@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 from .gateway import Gateway
 from .money import usd_to_nanos
 from .sealing import SealError, connection_aad, grant_aad
-from .store import Usage
+from .store import REVOKED, Connection, Usage
 from .upstream import Upstream
 
 log = logging.getLogger("wattgate.reconcile")
+
+# How long a revocation may spend reconciling the connection's provisional rows
+# before it erases the key that could ask about them.
+REVOKE_RECONCILE_SECONDS = 2.0
 
 
 @dataclass
@@ -104,6 +108,37 @@ class Reconciler:
                     del self._next_try[generation_id]
         return report
 
+    async def _correct(self, usage: Usage, key: str) -> bool:
+        cost = await self.upstream.generation_cost(usage.generation_id, key)
+        if cost is None or not await self.gw.store.correct_usage(usage.generation_id,
+                                                                  usd_to_nanos(cost)):
+            return False
+        self.gw.observer.reconciled(usage.app_id, usd_to_nanos(cost))
+        return True
+
+    async def before_erasing(self, connection: Connection, *,
+                             seconds: float = REVOKE_RECONCILE_SECONDS) -> int:
+        """Last chance for a connection's provisional rows: ask about them while its
+        funding key still exists (one try each, at most ``seconds`` in all)."""
+        if connection.sealed_key is None:
+            return 0
+        rows = await self.gw.store.provisional_of_connection(connection.connection_id)
+        if not rows:
+            return 0
+        try:
+            key = self.gw.sealer.unseal(connection.sealed_key,
+                                        connection_aad(connection.connection_id))
+        except SealError:
+            return 0
+        corrected = 0
+        try:
+            async with asyncio.timeout(seconds):
+                for usage in rows:
+                    corrected += await self._correct(usage, key)
+        except TimeoutError:
+            pass
+        return corrected
+
     async def sweep(self) -> int:
         now = self.gw.clock()
         return await self.gw.store.sweep_holds(
@@ -122,3 +157,19 @@ class Reconciler:
                     log.info("reconciled %d provisional calls", report.corrected)
             except Exception:
                 log.exception("reconciliation pass failed")
+
+
+async def revoke(gw: Gateway, upstream: Upstream, connection: Connection) -> None:
+    """Revoke a connection: no call may spend from the first write on; its funding key
+    is erased after one bounded chance to reconcile its provisional rows (without
+    the key, they would stay at their worst-case estimate for good)."""
+    await gw.store.set_connection_state(connection.connection_id, REVOKED, now=gw.clock())
+    if connection.sealed_key is None:
+        return
+    try:
+        corrected = await Reconciler(gw, upstream).before_erasing(connection)
+        if corrected:
+            log.info("reconciled %d provisional calls before erasing a revoked key", corrected)
+    finally:
+        # Only this key, only if still revoked: a reconnection meanwhile stays whole.
+        await gw.store.erase_revoked_key(connection.connection_id, connection.sealed_key)

@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
 from .meter import Meter
 from .migrations import migrate
-from .records import ACTIVE, App, Connection, Grant, Hold, Usage
+from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
 from .reports import ReportsMixin  # the console's and exports' range reads
 
 T = TypeVar("T")
@@ -726,6 +726,34 @@ class SQLiteStore(ReportsMixin):
             {"after": after, "since": since if since is not None else float("-inf"),
              "limit": limit})
         return [(r[-1], _usage(r), r[-2]) for r in rows]
+
+    async def provisional_of_connection(self, connection_id: int,
+                                        limit: int = 100) -> list[Usage]:
+        """A connection's provisional rows that name a real generation, oldest first."""
+        rows = self._all(
+            f"SELECT {_USAGE_COLS} FROM usage WHERE connection_id = ? AND provisional = 1 "
+            "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id LIMIT ?",
+            (connection_id, limit))
+        return [_usage(r) for r in rows]
+
+    async def erase_revoked_key(self, connection_id: int, sealed_key: str) -> bool:
+        """Erase this key of a connection that is still revoked (not re-funded since)."""
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE connections SET sealed_key = NULL WHERE connection_id = ? "
+                              "AND state = ? AND sealed_key = ?",
+                              (connection_id, REVOKED, sealed_key)).rowcount == 1
+        return await self._writer.run(op, self._forget_connections)
+
+    async def erase_revoked_keys(self) -> int:
+        """Erase the funding key of every revoked connection still holding one.
+
+        A revocation erases the key once the connection's provisional rows had
+        their chance to be reconciled; a crash in between leaves it here.
+        """
+        def op(db: sqlite3.Connection) -> int:
+            return db.execute("UPDATE connections SET sealed_key = NULL WHERE state = ? "
+                              "AND sealed_key IS NOT NULL", (REVOKED,)).rowcount
+        return await self._writer.run(op, self._forget_connections)
 
     async def provisional_count(self) -> int:
         row = self._one("SELECT COUNT(*) FROM usage WHERE provisional = 1")

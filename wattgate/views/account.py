@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .. import consent
+from .. import consent, reconcile
 from ..credentials import parse_publishable_key
 from ..errors import AuthError, InvalidRequest, NotFound, UpstreamError
 from ..gateway import Gateway
@@ -161,8 +161,7 @@ async def account_connection(request: web.Request) -> web.Response:
     gw, connection = await _own_connection(request)
     if request.method == "DELETE":
         if connection.state != REVOKED:
-            await gw.store.set_connection_state(connection.connection_id, REVOKED,
-                                                now=gw.clock(), drop_key=True)
+            await reconcile.revoke(gw, request.app[upstream_key], connection)
         return web.Response(status=204)
     if request.content_type != "application/json":
         raise InvalidRequest("Send the new cap as JSON.")

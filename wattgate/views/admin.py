@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export
+from .. import export, reconcile
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -38,7 +38,7 @@ from ..ratelimit import RateLimiter
 from ..store import REVOKED, App
 from ..store.reports import DAY
 from . import console, metrics
-from .state import gateway_key
+from .state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate.admin")  # what operators changed: an audit trail
 
@@ -325,8 +325,7 @@ async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> we
     if connection is None or connection.app_id != app.app_id:
         raise web.HTTPNotFound()
     if connection.state != REVOKED:
-        await gw.store.set_connection_state(connection_id, REVOKED, now=gw.clock(),
-                                            drop_key=True)
+        await reconcile.revoke(gw, request.app[upstream_key], connection)
         log.info("console: revoked connection %d of app %s (user %s)", connection_id,
                  app.app_id, user_hash(gw.keys.hash_key, connection.app_user_id))
     return _see(f"/admin/apps/{app.app_id}?revoked={connection_id}#connections")

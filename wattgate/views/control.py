@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import consent
+from .. import consent, reconcile
 from ..credentials import new_presence_value
 from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
@@ -116,7 +116,7 @@ async def connections(request: web.Request) -> web.StreamResponse:
             response: web.StreamResponse = json_response(
                 await connection_status(gw, app.app_id, session.app_user_id))
         elif request.method == "DELETE":
-            response = await _revoke(gw, session, app)
+            response = await _revoke(gw, request, session, app)
         else:
             response = await _approve(gw, request, session, app)
     except WattgateError as e:
@@ -125,11 +125,11 @@ async def connections(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _revoke(gw: Gateway, session: Session, app: App) -> web.Response:
+async def _revoke(gw: Gateway, request: web.Request, session: Session,
+                  app: App) -> web.Response:
     connection = await gw.store.get_connection(app.app_id, session.app_user_id)
     if connection is not None and connection.state != REVOKED:
-        await gw.store.set_connection_state(connection.connection_id, REVOKED,
-                                            now=gw.clock(), drop_key=True)
+        await reconcile.revoke(gw, request.app[upstream_key], connection)
     return web.Response(status=204)
 
 
