@@ -20,7 +20,7 @@ from aiohttp import web
 
 pytest.importorskip("playwright")
 from chromium import shot
-from playwright.async_api import Browser, BrowserContext, Page, expect
+from playwright.async_api import Browser, BrowserContext, Error as PlaywrightError, Page, expect
 
 from wattgate.demo import Demo, start_demo
 
@@ -46,6 +46,19 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
     await ctx.close()
 
 
+async def click_closing(popup: Page, selector: str) -> None:
+    """Click a button whose click closes the popup (window.close()).
+
+    The page may close while Playwright still finishes the click: that is the
+    expected outcome here (the caller awaits the "close" event), not a failure.
+    """
+    try:
+        await popup.click(selector, no_wait_after=True)
+    except PlaywrightError:
+        if not popup.is_closed():
+            raise
+
+
 async def open_popup(page: Page, button: str) -> Page:
     async with page.expect_popup() as info:
         await page.click(button)
@@ -62,7 +75,7 @@ async def approve_connect(page: Page, cap: str, key: str = KEY, screenshot: str 
     if screenshot:
         await shot(popup, screenshot)
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
 
 
 async def bar_width(page: Page) -> float:
@@ -95,7 +108,7 @@ async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: Brows
     await popup.fill("#key", KEY)
     await shot(popup, "consent-connect.png")
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
 
     await expect(page.locator("#status")).to_contain_text("Connected")
     await expect(page.locator("#status")).to_contain_text("$0.25 / month")
@@ -169,7 +182,7 @@ async def test_returning_user_raises_cap_without_a_key(demo: Demo, context: Brow
     await popup.fill("#cap", "0.75")
     await shot(popup, "consent-returning.png")
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     await expect(page.locator("#status")).to_contain_text("$0.75 / month")
 
 
@@ -185,7 +198,7 @@ async def test_one_request_grant_is_used_up(demo: Demo, context: BrowserContext)
     await popup.fill("#key", KEY)
     await shot(popup, "consent-grant.png")
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
 
     await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
     await expect(page.locator("#convert-notice")).to_have_text("Done. 0 requests left on this grant.")
@@ -214,7 +227,7 @@ async def test_closing_the_popup_is_a_denial(demo: Demo, context: BrowserContext
     popup = await open_popup(page, "#connect")
     await expect(popup.locator("#approve")).to_be_enabled()
     async with popup.expect_event("close"):
-        await popup.click("#deny")
+        await click_closing(popup, "#deny")
     await expect(page.locator("#status")).to_contain_text("Not connected")
     user = (await page.text_content("#user") or "").strip()
     assert (await status_of(demo, user))["connected"] is False
@@ -270,7 +283,7 @@ async def test_unregistered_origin_cannot_complete_the_handshake(
                          "document.getElementById('consent-form').requestSubmit()")
     await asyncio.sleep(0.3)
     async with popup.expect_event("close"):
-        await popup.click("#deny")
+        await click_closing(popup, "#deny")
     await page.wait_for_function("() => window.result !== undefined")
     heard = await page.evaluate("window.heard")
     assert heard and all(m.get("type") == "hello" for m in heard)
@@ -293,7 +306,7 @@ async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext
     await expect(popup.locator("#key")).to_be_hidden()
     await shot(popup, "consent-oauth-done.png")
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     await expect(page.locator("#status")).to_contain_text("$0.30 / month")
     assert demo.fake.oauth_codes == {}  # the code was exchanged (and only once)
 
@@ -324,7 +337,7 @@ async def test_grant_paid_from_the_existing_connection_needs_no_key(
     await expect(popup.locator("#existing-hint")).to_contain_text("counts toward its monthly cap")
     await expect(popup.locator("#key")).to_be_hidden()
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
     # The grant's call counts toward the connection's monthly spend.
     await page.evaluate("window.dispatchEvent(new Event('focus'))")
@@ -445,14 +458,14 @@ async def test_react_hook_drives_the_same_flow(demo: Demo, context: BrowserConte
     await popup.fill("#cap", "3")
     await popup.fill("#key", KEY)
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     await expect(page_.locator("#state")).to_have_text("connected cap=3 remaining=3")
 
     # requestGrant resolves with the grant and leaves the connection state as it was.
     popup = await open_popup(page_, "#grant")
     await expect(popup.locator("#grant-requests")).to_have_text("2")
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     await expect(page_.locator("#grant-out")).to_have_text("granted 2")
     await expect(page_.locator("#state")).to_have_text("connected cap=3 remaining=3")
 
@@ -492,7 +505,7 @@ async def test_token_in_the_fragment_is_accepted_and_wiped_from_the_address_bar(
     await popup.fill("#cap", "2")
     await popup.fill("#key", KEY)
     async with popup.expect_event("close"):
-        await popup.click("#approve")
+        await click_closing(popup, "#approve")
     result = await page.evaluate("window.res")
     assert result["approved"] is True and result["status"]["limits"] == {"monthlyUsd": 2}
     assert all(token not in u for u in context.seen_urls)  # type: ignore[attr-defined]
