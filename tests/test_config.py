@@ -153,3 +153,12 @@ def test_example_file_loads_to_the_defaults(tmp_path):
     config = load_config(ROOT / "config.example.toml", env={})
     for s in SETTINGS:
         assert config.get(s.name) == s.default, s.name
+
+
+def test_a_hold_must_outlast_the_wait_for_the_upstream():
+    with pytest.raises(ConfigError, match="hold_ttl_seconds .* must be longer"):
+        load_config(None, env={"WATTGATE_METERING__HOLD_TTL_SECONDS": "120"})
+    with pytest.raises(ConfigError, match="hold_ttl_seconds"):
+        load_config(None, env={"WATTGATE_UPSTREAM__FIRST_BYTE_TIMEOUT": "1000"})
+    assert load_config(None, env={"WATTGATE_METERING__HOLD_TTL_SECONDS": "131"}) \
+        .metering_hold_ttl_seconds == 131

@@ -85,7 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
             "max_tokens injected into a request that sets none, so its worst cost "
             "is known before it leaves.", 1),
     Setting("metering", "hold_ttl_seconds", int, 900,
-            "A budget hold older than this is swept (its request is long gone).", 60),
+            "A budget hold older than this is swept (its request is long gone). Must be "
+            "longer than upstream.connect_timeout + upstream.first_byte_timeout.", 60),
     Setting("metering", "drain_seconds", float, 60.0,
             "When a client disconnects mid-stream, how long the gateway keeps "
             "reading the upstream to learn the final cost.", 0),
@@ -127,12 +128,24 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 SECTIONS = sorted({s.section for s in SETTINGS})
 
 
+def _check_together(values: Mapping[str, Any]) -> None:
+    """Settings that are only safe in relation to each other."""
+    waits = values.get("upstream.connect_timeout", 0) + values.get("upstream.first_byte_timeout", 0)
+    ttl = values.get("metering.hold_ttl_seconds")
+    if ttl is not None and ttl <= waits:
+        # A hold the upstream has not answered yet lives only in memory; the sweep
+        # drops such holds past the TTL, which must outlast the wait for an answer.
+        raise ConfigError(f"metering.hold_ttl_seconds ({ttl}) must be longer than "
+                          f"upstream.connect_timeout + upstream.first_byte_timeout ({waits:g})")
+
+
 class Config:
     """Parsed settings, read as ``config.get("server.port")`` or ``config.server_port``."""
 
     def __init__(self, values: Mapping[str, Any], *, source: str | None = None) -> None:
         self._values = dict(values)
         self.source = source
+        _check_together(self._values)
 
     def get(self, name: str) -> Any:
         return self._values[name]
