@@ -573,11 +573,13 @@ class SQLiteStore(ReportsMixin):
     async def period_spent(self, connection_id: int, period: str) -> int:
         return self._spent(connection_id, period, self._cache_ok())
 
-    async def held(self, connection_id: int) -> int:
-        """Budget held by this process's calls in flight (rows left by a dead one count too)."""
+    async def held(self, connection_id: int, period: str | None = None) -> int:
+        """Budget held by this process's calls in flight (rows left by a dead one count too),
+        admitted in ``period`` (None: in any period)."""
         row = self._one("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds "
-                        "WHERE connection_id = ?", (connection_id,))
-        return max(self._meter.held(connection_id), row[0] if row else 0)
+                        "WHERE connection_id = :c AND (:p IS NULL OR period = :p)",
+                        {"c": connection_id, "p": period})
+        return max(self._meter.held(connection_id, period), row[0] if row else 0)
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
@@ -592,7 +594,9 @@ class SQLiteStore(ReportsMixin):
             raise NotConnected()
         if connection.cap_nanos is not None:
             spent = self._spent(connection_id, period, cache)
-            if spent + self._meter.held(connection_id) + amount_nanos > connection.cap_nanos:
+            # Only this period's holds: a call admitted last month is last month's.
+            held = self._meter.held(connection_id, period)
+            if spent + held + amount_nanos > connection.cap_nanos:
                 raise BudgetExceeded()
         hold = Hold(self._meter.new_id(), connection_id, None, period, amount_nanos)
         self._meter.add(hold, now, expires_at)
@@ -943,7 +947,7 @@ class SQLiteStore(ReportsMixin):
             connection = self._connection_by_id(grant.connection_id, cache)
             cap = connection.cap_nanos if connection is not None else None
             if cap is not None and self._spent(grant.connection_id, period, cache) + \
-                    self._meter.held(grant.connection_id) + amount_nanos > cap:
+                    self._meter.held(grant.connection_id, period) + amount_nanos > cap:
                 await self.release(hold, refund_request=True)
                 raise BudgetExceeded()
         self._meter.add(hold, now, expires_at)
