@@ -97,7 +97,7 @@ async def admit(gw: Gateway, app_id: str, payer: PayerRef, estimate_nanos: int, 
         else:
             connection = (await gw.store.get_connection_by_id(grant.connection_id)
                           if grant.connection_id is not None else None)
-            if connection is None or connection.sealed_key is None:
+            if connection is None or not connection.connected:  # revoked meanwhile
                 await gw.store.release(hold, refund_request=True)
                 raise GrantInvalid("The connection funding this grant was revoked.")
             sealed, aad = connection.sealed_key, connection_aad(connection.connection_id)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from ..errors import BudgetExceeded, GrantInvalid, NotConnected
+from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
 from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -542,11 +542,23 @@ class SQLiteStore(ReportsMixin):
 
     async def set_connection_state(self, connection_id: int, state: str, *, now: float,
                                    drop_key: bool = False) -> None:
+        """Move a connection to ``state``; a revoked one stays revoked (only a re-funding,
+        ``save_connection``, ends a revocation).
+
+        Revoking also ends, in the same transaction, every grant the connection
+        funds: they were authorised by the consent being withdrawn, and must not
+        come back, paid by a new key, when the user connects again.
+        """
         def op(db: sqlite3.Connection) -> None:
             sql = "UPDATE connections SET state = :s, updated_at = :t"
             if drop_key:
                 sql += ", sealed_key = NULL"
-            db.execute(sql + " WHERE connection_id = :c", {"s": state, "t": now, "c": connection_id})
+            params = {"s": state, "t": now, "c": connection_id, "revoked": REVOKED}
+            db.execute(sql + " WHERE connection_id = :c AND (state != :revoked OR :s = :revoked)",
+                       params)
+            if state == REVOKED:
+                db.execute("UPDATE grants SET expires_at = MIN(expires_at, :t) "
+                           "WHERE connection_id = :c", params)
         await self._writer.run(op, self._forget_connections)
 
     async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
@@ -876,8 +888,23 @@ class SQLiteStore(ReportsMixin):
     async def create_grant(self, app_id: str, token_hash: str, requests: int,
                            max_nanos: int | None, *, sealed_key: str | None,
                            connection_id: int | None, now: float, expires_at: float,
-                           seal: Callable[[int], str] | None = None) -> Grant:
+                           seal: Callable[[int], str] | None = None,
+                           approved_by: str | None = None) -> Grant:
+        """A grant funded by a typed key (``seal``) or by ``connection_id``.
+
+        A connection funds it only if, in the same transaction, it is still
+        active with a key and bound to the browser ``approved_by`` that the
+        caller checked: a revocation (or a re-approval elsewhere) in between
+        refuses it (ConsentRequired) instead of minting a grant it never allowed.
+        """
         def op(db: sqlite3.Connection) -> Grant:
+            if connection_id is not None:
+                conn = db.execute("SELECT state, sealed_key, browser_hash FROM connections "
+                                  "WHERE connection_id = ?", (connection_id,)).fetchone()
+                if conn is None or conn[0] != ACTIVE or conn[1] is None or \
+                        approved_by is None or conn[2] != approved_by:
+                    raise ConsentRequired("The connection changed meanwhile (revoked or "
+                                          "approved again); approve the grant again.")
             cur = db.execute(
                 "INSERT INTO grants (app_id, token_hash, requests, max_nanos, sealed_key, "
                 "connection_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
