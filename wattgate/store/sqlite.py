@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import sqlite3
@@ -752,23 +753,31 @@ class SQLiteStore(ReportsMixin):
             (connection_id, limit))
         return [_usage(r) for r in rows]
 
-    async def erase_revoked_key(self, connection_id: int, sealed_key: str) -> bool:
-        """Erase this key of a connection that is still revoked (not re-funded since)."""
-        def op(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE connections SET sealed_key = NULL WHERE connection_id = ? "
-                              "AND state = ? AND sealed_key = ?",
-                              (connection_id, REVOKED, sealed_key)).rowcount == 1
-        return await self._writer.run(op, self._forget_connections)
+    async def erase_revoked_keys(self, *, since: float,
+                                 connection_id: int | None = None) -> int:
+        """Erase the funding key of revoked connections (all, or one) that no longer need it.
 
-    async def erase_revoked_keys(self) -> int:
-        """Erase the funding key of every revoked connection still holding one.
-
-        A revocation erases the key once the connection's provisional rows had
-        their chance to be reconciled; a crash in between leaves it here.
+        A revoked connection keeps its sealed key, unusable for any new call, as
+        long as the upstream may still correct one of its calls: while a call it
+        pays for is in flight (a hold here or in the ledger), and while one of
+        its rows is provisional and created at or after ``since`` (the
+        reconciliation give-up). Then the key is erased. A connection re-funded
+        meanwhile is not revoked any more and keeps its new key.
         """
+        busy = list(self._meter.held_by_connection)  # holds of calls in flight, this process
+
         def op(db: sqlite3.Connection) -> int:
-            return db.execute("UPDATE connections SET sealed_key = NULL WHERE state = ? "
-                              "AND sealed_key IS NOT NULL", (REVOKED,)).rowcount
+            return db.execute(
+                "UPDATE connections SET sealed_key = NULL WHERE state = :revoked "
+                "AND sealed_key IS NOT NULL AND (:one IS NULL OR connection_id = :one) "
+                "AND connection_id NOT IN (SELECT value FROM json_each(:busy)) "
+                "AND NOT EXISTS (SELECT 1 FROM holds h "
+                "                WHERE h.connection_id = connections.connection_id) "
+                "AND NOT EXISTS (SELECT 1 FROM usage u "
+                "  WHERE u.connection_id = connections.connection_id AND u.provisional = 1 "
+                "  AND u.generation_id NOT LIKE 'wg-%' AND u.created_at >= :since)",
+                {"revoked": REVOKED, "one": connection_id, "busy": json.dumps(busy),
+                 "since": since}).rowcount
         return await self._writer.run(op, self._forget_connections)
 
     async def provisional_count(self) -> int:
