@@ -107,15 +107,16 @@ async def test_final_settle_after_a_sweep_is_not_counted_twice(harness):
     await harness.connect(app, "dot", monthly_usd=5)
     store = harness.gw.store
     conn = await store.get_connection(app.app_id, "dot")
-    hold = await store.admit(conn.connection_id, "2026-11", 1000, now=0, expires_at=900)
+    t = 1_793_577_600.0  # 2026-11-02 00:00 UTC: a call of period 2026-11 is dated in it
+    hold = await store.admit(conn.connection_id, "2026-11", 1000, now=t, expires_at=t + 900)
     store.note_generation(hold, "gen-slow", app.app_id, "m")
-    await store.sweep_holds(older_than=1)
+    await store.sweep_holds(older_than=t + 1)
     final = Usage("gen-slow", app.app_id, conn.connection_id, None, "m", 3, 4, 700, False,
-                  "ok", 10, 5.0)
+                  "ok", 10, t)
     assert await store.settle(hold, final, "2026-11") is True
     assert await store.settle(hold, final, "2026-11") is False
     assert await store.period_spent(conn.connection_id, "2026-11") == 700
-    assert await store.check(now=10, hold_ttl=900) == []
+    assert await store.check(now=t + 10, hold_ttl=900) == []
 
 
 async def test_ledger_check_cli_catches_a_tampered_aggregate(harness, tmp_path):

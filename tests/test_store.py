@@ -29,9 +29,9 @@ async def funded(store: SQLiteStore, user: str = "u", cap: int | None = 10 * USD
                                        sealed_key="v1.k1.sealed", browser_hash=None, now=T)
 
 
-def usage(gen: str, connection_id: int | None, cost: int) -> Usage:
+def usage(gen: str, connection_id: int | None, cost: int, *, at: float = T) -> Usage:
     return Usage(gen, APP, connection_id, None, "openai/gpt-4o-mini", 10, 20, cost, False, "ok",
-                 5, T)
+                 5, at)
 
 
 async def test_apps_round_trip(store):
@@ -386,3 +386,16 @@ async def test_a_revocation_ends_the_grants_it_funds_and_refuses_new_ones(store)
     assert (await store.get_grant_by_id(before.grant_id)).expires_at == T + 1
     with pytest.raises(ConsentRequired):
         await grant(2)
+
+
+async def test_ledger_check_names_a_call_dated_outside_its_period(store):
+    """The rule every reader relies on: a row's date falls in its period."""
+    import calendar
+
+    c = await funded(store)
+    oct_31 = calendar.timegm((2026, 10, 31, 23, 59, 59))
+    await store.settle(None, usage("gen-oct", c.connection_id, 5, at=oct_31), "2026-10")
+    assert await store.check(now=oct_31, hold_ttl=900) == []
+    await store.settle(None, usage("gen-bad", c.connection_id, 5, at=oct_31 + 2), "2026-10")
+    [problem] = await store.check(now=oct_31, hold_ttl=900)
+    assert "gen-bad" in problem and "2026-10" in problem

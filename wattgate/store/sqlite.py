@@ -815,6 +815,12 @@ class SQLiteStore(ReportsMixin):
                                           "WHERE created_at < ?", (now - hold_ttl,)):
             problems.append(f"hold {hold_id} is {int(now - created)} s old "
                             f"(bound {int(hold_ttl)} s)")
+        # A call is the period's it was admitted in, and its row is dated at its admission.
+        for generation_id, period, created in self._all(
+                "SELECT generation_id, period, created_at FROM usage "
+                "WHERE strftime('%Y-%m', created_at, 'unixepoch') != period"):
+            problems.append(f"call {generation_id} of period {period} is dated outside it "
+                            f"({created})")
         return problems
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
