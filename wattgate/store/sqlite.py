@@ -764,6 +764,9 @@ class SQLiteStore(ReportsMixin):
         reconciliation give-up). Then the key is erased. A connection re-funded
         meanwhile is not revoked any more and keeps its new key.
         """
+        if self._one("SELECT 1 FROM connections WHERE state = ? AND sealed_key IS NOT NULL "
+                     "LIMIT 1", (REVOKED,)) is None:
+            return 0  # the usual case on each reconciler pass: no write, caches kept
         busy = list(self._meter.held_by_connection)  # holds of calls in flight, this process
 
         def op(db: sqlite3.Connection) -> int:
