@@ -97,6 +97,7 @@ def test_a_row_settled_after_its_month_is_dated_in_its_own_period(tmp_path):
     """Before the rule "a call is its admission period's, everywhere", a row was dated
     at its settlement: an October call settled on Nov 1 showed in November's export."""
     import calendar
+
     from wattgate.ledger import period_of
 
     path = tmp_path / "old.db"

@@ -62,7 +62,7 @@ async def test_a_call_admitted_on_oct_31_and_settled_on_nov_1_is_octobers_everyw
     _, page = await console.page(f"/admin/apps/{app.app_id}")
     assert re.search(r"Spend in November 2026</span><b>\$0.03</b>"
                      r"<span class=\"muted\">1 calls</span>", page), page
-    assert re.search(r'data-user="ann".*?<span>\$0.03</span>', page, re.S)
+    assert re.search(r'data-user="ann".*?<span>\$0.03</span>', page, re.DOTALL)
 
     # October holds the call admitted in it, dated in it.
     rows = list(csv.DictReader(io.StringIO(await export_cli(
