@@ -252,7 +252,8 @@ def _paths() -> dict[str, Any]:
                         op_id="approveConnection"),
             "delete": _op("Revoke the connection: no new call (nor grant it funds) from now "
                           "on; calls already running finish and are billed exactly; its "
-                          "funding key is erased once none of them can still be corrected.", SESSION,
+                          "funding key is erased once none of them can still be corrected.",
+                          SESSION,
                           {"204": {"description": "Revoked."}, **_errors(401)},
                           op_id="revokeConnection"),
             "options": _preflight("preflightConnections"),
