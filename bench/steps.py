@@ -140,7 +140,8 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("(read usage of a JSON answer, stream_whole_answers = false)", t)
         row = usage_row(outcome, bill(outcome, price, estimate), app_id=app.app_id,
                         connection_id=admitted.connection_id, grant_id=None, model=model,
-                        status="ok", started=now, now=time.time())
+                        status="ok", started=now, now=time.time(),
+                        admitted_at=admitted.admitted_at)
         t = lap("bill + ledger row", t)
         await gw.store.settle(admitted.hold, row, admitted.period)
         t = lap("settle: debit commit", t)

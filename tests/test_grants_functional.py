@@ -210,3 +210,65 @@ async def test_grant_calls_and_user_calls_racing_share_one_cap(make_harness):
     spent = (await h.status(app, "wes"))["usage"]["monthlyUsd"]
     assert usd_to_nanos(Decimal(str(spent))) == usd_to_nanos(h.fake.charged)
     assert await h.gw.store.open_holds() == 0 and await h.gw.store.held(1) == 0
+
+
+NEW_KEY = "sk-or-v1-" + "n" * 48
+
+
+async def test_a_revoked_connections_grant_stays_dead_after_a_reconnection(harness):
+    h = harness
+    app = await h.create_app()
+    grant = await grant_from_connection(h, app, "wes", monthly_usd=5, requests=3)
+    assert (await redeem(h, app, grant["grantToken"]))[0] == 200
+    token = await h.session(app, "wes")
+    async with h.http.delete(h.api + "/connections",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 204
+    status, body, _ = await redeem(h, app, grant["grantToken"])
+    assert status == 402 and '"grant_invalid"' in body
+    calls = len(h.fake.calls)
+
+    await h.connect(app, "wes", funding_key=NEW_KEY)  # the user comes back, with a new key
+    status, body, _ = await redeem(h, app, grant["grantToken"])
+    assert status == 402 and '"grant_invalid"' in body
+    assert len(h.fake.calls) == calls  # the new key never paid for the old grant
+    assert all(NEW_KEY not in c.authorization for c in h.fake.calls)
+    async with h.http.get(h.api + "/grants/current",
+                          headers={"Authorization": f"Bearer {app.secret_key}",
+                                   "x-wattfare-grant": grant["grantToken"]}) as r:
+        info = await r.json()
+    assert info["valid"] is False and info["used"] == 1
+    # The user's own calls work with the new key, as the new connection allows.
+    async with h.http.post(h.api + "/chat/completions",
+                           json={"model": "openai/gpt-4o-mini",
+                                 "messages": [{"role": "user", "content": "hi"}]},
+                           headers={"Authorization": f"Bearer {app.secret_key}",
+                                    "x-wattfare-user": "wes"}) as r:
+        assert r.status == 200
+    assert h.fake.calls[-1].authorization == f"Bearer {NEW_KEY}"
+
+
+async def test_a_browser_bound_to_a_revoked_connection_is_not_bound_to_its_refunding(harness):
+    """The browser that approved a connection may raise its cap and fund grants from it;
+    after a revocation, a re-funding made elsewhere (the key sent by the app's backend)
+    does not hand that trust back to it."""
+    h = harness
+    app = await h.create_app()
+    token = await h.session(app, "wes")
+    same_origin = {"Sec-Fetch-Site": "same-origin", "Origin": h.url}
+    async with h.http.post(h.api + "/connections",
+                           json={"monthlyUsd": 5, "fundingKey": FUNDING_KEY},
+                           headers={"Authorization": f"Bearer {token}", **same_origin}) as r:
+        cookie = r.cookies["wg_presence"].value
+    browser = {**same_origin, "Cookie": f"wg_presence={cookie}", "Authorization": f"Bearer {token}"}
+    async with h.http.delete(h.api + "/connections", headers=browser) as r:
+        assert r.status == 204
+    await h.connect(app, "wes", monthly_usd=5, funding_key=NEW_KEY)
+
+    async with h.http.post(h.api + "/connections", json={"monthlyUsd": 50},
+                           headers=browser) as r:
+        assert r.status == 403 and (await r.json())["error"]["code"] == "consent_required"
+    status, body = await mint_grant(h, app, user="wes", funding_key=None, requests=1,
+                                    headers={**same_origin, "Cookie": f"wg_presence={cookie}"})
+    assert status == 403 and body["error"]["code"] == "consent_required"
+    assert (await h.status(app, "wes"))["limits"] == {"monthlyUsd": 5}

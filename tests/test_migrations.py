@@ -91,3 +91,28 @@ def test_a_failing_migration_leaves_the_old_version(tmp_path, monkeypatch):
             is None
     finally:
         db.close()
+
+
+def test_a_row_settled_after_its_month_is_dated_in_its_own_period(tmp_path):
+    """Before the rule "a call is its admission period's, everywhere", a row was dated
+    at its settlement: an October call settled on Nov 1 showed in November's export."""
+    import calendar
+
+    from wattgate.ledger import period_of
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        migrate(db, upto=3)
+        nov_1 = calendar.timegm((2026, 11, 1, 0, 0, 5))
+        for gen, period, at in (("gen-late", "2026-10", nov_1), ("gen-in", "2026-11", nov_1)):
+            db.execute("INSERT INTO usage (generation_id, app_id, connection_id, period, model, "
+                       "prompt_tokens, completion_tokens, cost_nanos, created_at) "
+                       "VALUES (?, ?, 1, ?, 'm', 1, 1, 7, ?)", (gen, APP, period, at))
+        migrate(db)
+        dated = dict(db.execute("SELECT generation_id, created_at FROM usage"))
+    finally:
+        db.close()
+    assert dated["gen-late"] == calendar.timegm((2026, 11, 1, 0, 0, 0)) - 0.001
+    assert period_of(dated["gen-late"]) == "2026-10"
+    assert dated["gen-in"] == nov_1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -106,15 +107,16 @@ async def test_final_settle_after_a_sweep_is_not_counted_twice(harness):
     await harness.connect(app, "dot", monthly_usd=5)
     store = harness.gw.store
     conn = await store.get_connection(app.app_id, "dot")
-    hold = await store.admit(conn.connection_id, "2026-11", 1000, now=0, expires_at=900)
+    t = 1_793_577_600.0  # 2026-11-02 00:00 UTC: a call of period 2026-11 is dated in it
+    hold = await store.admit(conn.connection_id, "2026-11", 1000, now=t, expires_at=t + 900)
     store.note_generation(hold, "gen-slow", app.app_id, "m")
-    await store.sweep_holds(older_than=1)
+    await store.sweep_holds(older_than=t + 1)
     final = Usage("gen-slow", app.app_id, conn.connection_id, None, "m", 3, 4, 700, False,
-                  "ok", 10, 5.0)
+                  "ok", 10, t)
     assert await store.settle(hold, final, "2026-11") is True
     assert await store.settle(hold, final, "2026-11") is False
     assert await store.period_spent(conn.connection_id, "2026-11") == 700
-    assert await store.check(now=10, hold_ttl=900) == []
+    assert await store.check(now=t + 10, hold_ttl=900) == []
 
 
 async def test_ledger_check_cli_catches_a_tampered_aggregate(harness, tmp_path):
@@ -158,7 +160,9 @@ async def test_a_revocation_reconciles_before_it_erases_the_key(harness):
     assert await harness.gw.store.check(now=harness.clock(), hold_ttl=900) == []
 
 
-async def test_a_revocation_erases_the_key_even_when_the_upstream_cannot_say_yet(harness):
+async def test_a_revocation_keeps_the_key_while_the_upstream_cannot_say_yet(harness):
+    """The key that can ask about a provisional call stays (unusable for any call)
+    until the upstream answered or reconciliation gave up on the call."""
     import time
 
     app = await harness.create_app()
@@ -167,11 +171,19 @@ async def test_a_revocation_erases_the_key_even_when_the_upstream_cannot_say_yet
     harness.fake.generation_404s = 10**6  # "not ready yet", forever
     t0 = time.monotonic()
     await revoke(harness, app, "cal")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 5  # the revocation answers at once all the same
+    assert (await call(harness, app, "cal", "openai/gpt-4o-mini"))[0] == 402
+    connection = await harness.gw.store.get_connection(app.app_id, "cal")
+    assert connection.state == "revoked" and connection.sealed_key is not None
+    reconciler = Reconciler(harness.gw, harness.app[upstream_key])
+    await reconciler.run_once(force=True)
+    assert await reconciler.erase_revoked_keys() == 0  # still worth asking about
+    harness.clock.advance(harness.gw.config.metering_reconcile_give_up + 1)
+    assert await reconciler.erase_revoked_keys() == 1
     connection = await harness.gw.store.get_connection(app.app_id, "cal")
     assert connection.state == "revoked" and connection.sealed_key is None
     # The row keeps its worst-case estimate: never less than what was billed.
-    [(row, _)] = await harness.gw.store.provisional_usage()
+    [(row, _)] = await harness.gw.store.provisional_usage(since=0)
     assert row.cost_nanos > usd_to_nanos(harness.fake.charged)
 
 
@@ -207,6 +219,99 @@ async def test_keys_left_on_revoked_connections_by_a_crash_are_erased(harness):
     db.execute("UPDATE connections SET state = 'revoked'")  # revoked, key not yet erased
     db.commit()
     db.close()
-    assert await harness.gw.store.erase_revoked_keys() == 1  # what a start does
+    # What a start does: nothing of this connection awaits a final cost.
+    assert await harness.gw.store.erase_revoked_keys(since=harness.clock() - 86400) == 1
     connection = await harness.gw.store.get_connection(app.app_id, "eve")
     assert connection.state == "revoked" and connection.sealed_key is None
+
+
+async def test_keys_left_by_a_crash_wait_for_the_calls_they_can_still_correct(harness):
+    """A crash mid-revocation leaves a key and a provisional call: a start erases the
+    key only once that call had its final cost, not before."""
+    app = await harness.create_app()
+    await harness.connect(app, "fay", monthly_usd=5)
+    assert (await call(harness, app, "fay", "fake/no-usage"))[0] == 200
+    db = sqlite3.connect(harness.tmp_path / "wattgate.db")
+    db.execute("UPDATE connections SET state = 'revoked'")  # revoked, key not yet erased
+    db.commit()
+    db.close()
+    store = harness.gw.store
+    assert await store.erase_revoked_keys(since=harness.clock() - 86400) == 0
+    assert (await Reconciler(harness.gw, harness.app[upstream_key]).run_once()).corrected == 1
+    assert await store.erase_revoked_keys(since=harness.clock() - 86400) == 1
+    assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged)
+
+
+# ---- revocation with calls in flight ------------------------------------------
+
+async def revoke_mid_stream(h, model: str):
+    """A slow stream through the openai client; the user revokes after its first chunk.
+    Returns (the app, the text the client got, the connection right after the revocation)."""
+    import openai
+
+    h.fake.chunk_delay = 0.15
+    app = await h.create_app()
+    await h.connect(app, "gus", monthly_usd=5)
+    async with openai.AsyncOpenAI(base_url=h.api, api_key=app.secret_key, max_retries=0,
+                                  default_headers={"x-wattfare-user": "gus"}) as oa:
+        chunks = await oa.chat.completions.create(
+            model=model, stream=True, messages=[{"role": "user", "content": "hi"}])
+        received = []
+        async for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+                if len(received) == 1:
+                    await revoke(h, app, "gus")
+                    during = await h.gw.store.get_connection(app.app_id, "gus")
+                    # No new call from the moment of the revocation.
+                    with pytest.raises(openai.APIStatusError) as refused:
+                        await oa.chat.completions.create(
+                            model="openai/gpt-4o-mini",
+                            messages=[{"role": "user", "content": "more"}])
+                    assert refused.value.status_code == 402
+                    assert refused.value.body["code"] == "not_connected"
+    return app, "".join(received), during
+
+
+async def wait_for_erasure(h, app, user):
+    for _ in range(200):
+        connection = await h.gw.store.get_connection(app.app_id, user)
+        if connection.sealed_key is None:
+            return connection
+        await asyncio.sleep(0.05)
+    raise AssertionError("the revoked connection's key was never erased")
+
+
+async def test_a_call_running_when_the_user_revokes_finishes_and_is_billed_exactly(
+        make_harness):
+    h = await make_harness({"WATTGATE_METERING__RECONCILE_INTERVAL": "0.1"})
+    app, text, during = await revoke_mid_stream(h, "openai/gpt-4o-mini")
+    # The client got the whole answer: the call was admitted within the cap before.
+    assert text.startswith("Metering is") and len(text.split()) == h.fake.pieces
+    # The key outlived the revocation while the call ran (it could still be corrected).
+    assert during.state == "revoked" and during.sealed_key is not None
+    connection = await wait_for_erasure(h, app, "gus")
+    assert connection.state == "revoked"
+    assert await h.gw.store.provisional_usage(since=0) == []
+    assert await ledger_total(h) == usd_to_nanos(h.fake.charged) > 0
+    assert await h.gw.store.open_holds() == 0
+
+
+async def test_a_running_call_that_ends_without_usage_is_reconciled_before_the_key_goes(
+        make_harness):
+    """The stream ends with no usage after the revocation: the key stays until
+    GET /generation gave the exact cost, then goes; no row is left at its estimate."""
+    h = await make_harness({"WATTGATE_METERING__RECONCILE_INTERVAL": "0.1"})
+    h.fake.generation_404s = 1  # "not ready yet" once
+    app, text, during = await revoke_mid_stream(h, "fake/no-usage")
+    assert len(text.split()) == h.fake.pieces
+    assert during.sealed_key is not None
+    for _ in range(100):  # past the reconciler's back-off
+        if not await h.gw.store.provisional_usage(since=0):
+            break
+        h.clock.advance(5)
+        await asyncio.sleep(0.05)
+    connection = await wait_for_erasure(h, app, "gus")
+    assert connection.state == "revoked"
+    assert await h.gw.store.provisional_usage(since=0) == []
+    assert await ledger_total(h) == usd_to_nanos(h.fake.charged) > 0

@@ -29,9 +29,9 @@ async def funded(store: SQLiteStore, user: str = "u", cap: int | None = 10 * USD
                                        sealed_key="v1.k1.sealed", browser_hash=None, now=T)
 
 
-def usage(gen: str, connection_id: int | None, cost: int) -> Usage:
+def usage(gen: str, connection_id: int | None, cost: int, *, at: float = T) -> Usage:
     return Usage(gen, APP, connection_id, None, "openai/gpt-4o-mini", 10, 20, cost, False, "ok",
-                 5, T)
+                 5, at)
 
 
 async def test_apps_round_trip(store):
@@ -354,3 +354,48 @@ async def test_random_interleavings_never_pass_the_cap_nor_lose_a_debit(store, s
     assert await store.held(c.connection_id) == 0 and await store.open_holds() == 0
     assert await store.period_spent(c.connection_id, "2027-01") == debited <= cap + outside
     assert await store.check(now=T, hold_ttl=900) == []
+
+
+async def test_a_revoked_connection_stays_revoked(store):
+    """A call that fails upstream after the user revoked (its key may be gone) would mark
+    the connection "needs reconnect": that must not undo the revocation (the key would
+    then never be erased, and the user would see "needs reconnect")."""
+    from wattgate.store import NEEDS_RECONNECT
+
+    c = await funded(store)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
+    await store.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 1)
+    assert (await store.get_connection(APP, "u")).state == REVOKED
+
+
+async def test_a_revocation_ends_the_grants_it_funds_and_refuses_new_ones(store):
+    """A grant whose approval was checked before a revocation is refused when it is
+    written after it; one written before ends with the revocation."""
+    from wattgate.errors import ConsentRequired
+
+    await funded(store)
+    c = await store.save_connection(APP, "u", state=ACTIVE, cap_nanos=USD, sealed_key="k",
+                                    browser_hash="browser-1", now=T)
+
+    def grant(n: int):  # type: ignore[no-untyped-def]
+        return store.create_grant(APP, f"h{n}", 1, None, sealed_key=None,
+                                  connection_id=c.connection_id, now=T, expires_at=T + 600,
+                                  approved_by="browser-1")
+    before = await grant(1)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T + 1)
+    assert (await store.get_grant_by_id(before.grant_id)).expires_at == T + 1
+    with pytest.raises(ConsentRequired):
+        await grant(2)
+
+
+async def test_ledger_check_names_a_call_dated_outside_its_period(store):
+    """The rule every reader relies on: a row's date falls in its period."""
+    import calendar
+
+    c = await funded(store)
+    oct_31 = calendar.timegm((2026, 10, 31, 23, 59, 59))
+    await store.settle(None, usage("gen-oct", c.connection_id, 5, at=oct_31), "2026-10")
+    assert await store.check(now=oct_31, hold_ttl=900) == []
+    await store.settle(None, usage("gen-bad", c.connection_id, 5, at=oct_31 + 2), "2026-10")
+    [problem] = await store.check(now=oct_31, hold_ttl=900)
+    assert "gen-bad" in problem and "2026-10" in problem

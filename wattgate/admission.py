@@ -36,7 +36,8 @@ class Admitted:
     connection_id: int | None
     grant_id: int | None
     hold: Hold
-    period: str
+    period: str  # period_of(admitted_at): the call is this period's wherever it settles
+    admitted_at: float
     funding_key: str = field(repr=False)  # unsealed for this call only; never logged
     grant_remaining: int | None = None
 
@@ -84,7 +85,8 @@ async def admit(gw: Gateway, app_id: str, payer: PayerRef, estimate_nanos: int, 
         hold = await gw.store.admit(connection.connection_id, period, estimate_nanos,
                                     now=now, expires_at=expires)
         sealed, aad = connection.sealed_key, connection_aad(connection.connection_id)
-        admitted = Admitted(app_id, connection.connection_id, None, hold, period, "", None)
+        admitted = Admitted(app_id, connection.connection_id, None, hold, period, now, "",
+                            None)
     else:
         assert payer.grant_token is not None
         token_hash = keyed_hash(gw.keys.hash_key, payer.grant_token)
@@ -95,11 +97,11 @@ async def admit(gw: Gateway, app_id: str, payer: PayerRef, estimate_nanos: int, 
         else:
             connection = (await gw.store.get_connection_by_id(grant.connection_id)
                           if grant.connection_id is not None else None)
-            if connection is None or connection.sealed_key is None:
+            if connection is None or not connection.connected:  # revoked meanwhile
                 await gw.store.release(hold, refund_request=True)
                 raise GrantInvalid("The connection funding this grant was revoked.")
             sealed, aad = connection.sealed_key, connection_aad(connection.connection_id)
-        admitted = Admitted(app_id, grant.connection_id, grant.grant_id, hold, period, "",
+        admitted = Admitted(app_id, grant.connection_id, grant.grant_id, hold, period, now, "",
                             grant.requests - grant.used)
     try:
         key = gw.sealer.unseal(sealed or "", aad)
@@ -108,4 +110,4 @@ async def admit(gw: Gateway, app_id: str, payer: PayerRef, estimate_nanos: int, 
         raise NotConnected("The stored funding key cannot be opened; the user must reconnect.") \
             from None
     return Admitted(admitted.app_id, admitted.connection_id, admitted.grant_id, hold, period,
-                    key, admitted.grant_remaining)
+                    now, key, admitted.grant_remaining)

@@ -51,7 +51,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         swept = await gw.store.sweep_holds()
         if swept:
             log.warning("released %d budget holds left by a previous process", swept)
-        if await gw.store.erase_revoked_keys():  # a revocation cut short by a crash
+        # A revocation cut short by a crash: erase what nothing can correct any more
+        # (the holds swept just now are provisional rows: their keys wait for them).
+        if await gw.store.erase_revoked_keys(
+                since=gw.clock() - config.metering_reconcile_give_up):
             log.warning("erased the funding keys of revoked connections")
         yield
         await gw.store.close()

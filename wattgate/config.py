@@ -95,7 +95,8 @@ SETTINGS: tuple[Setting, ...] = (
             "at its estimate, marked provisional.", 0),
     Setting("metering", "reconcile_interval", float, 30.0,
             "Seconds between background passes that sweep expired holds and ask the "
-            "upstream for the final cost of provisional calls.", 0.1),
+            "upstream for the final cost of provisional calls (and erase the funding keys "
+            "of revoked connections once none of their calls can be corrected).", 0.1),
     Setting("metering", "reconcile_give_up", float, 86400.0,
             "Seconds after a call past which its provisional cost is no longer "
             "reconciled and stays at its estimate.", 60),

@@ -1,6 +1,7 @@
 """Usage export: metered calls as CSV or JSON Lines, for billing and reconciliation.
 
-One line per metered call: time (ISO-8601, UTC), app, the user id (or the
+One line per metered call: the time it was admitted (ISO-8601, UTC; a call
+belongs to the period of its admission, see ``ledger``), app, the user id (or the
 grant id for a grant funded by a typed key), model, tokens, cost in USD as an
 exact decimal string (nano-dollar precision, so the column sums to the ledger
 to the last digit), provisional or final, status and the upstream generation

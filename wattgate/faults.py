@@ -308,11 +308,14 @@ async def compare(fake: FakeOpenRouter, database: Path, tenant: Tenant) -> Compa
         rows: dict[str, int] = {}
         provisional = aggregate = 0
         for c in await store.connections_for_app(tenant.app_id):
+            periods = {period_of(time.time())}
             for u in await store.recent_usage(c.connection_id, 10**9):
                 assert u.generation_id not in rows, "a generation recorded twice"
                 rows[u.generation_id] = u.cost_nanos
                 provisional += u.provisional
-            aggregate += await store.period_spent(c.connection_id, period_of(time.time()))
+                periods.add(period_of(u.created_at))  # a call is dated in its period
+            for period in periods:  # a drill that crossed a month boundary counts both
+                aggregate += await store.period_spent(c.connection_id, period)
         holds = await store.open_holds()
     finally:
         await store.close()

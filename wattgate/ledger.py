@@ -3,10 +3,18 @@
 The budget period is the calendar month in UTC (``"2026-11"``). Usage lives in
 per-period aggregates, so spend "resets" at the month boundary simply because
 a new period key starts at zero: no reset job exists.
+
+**A call belongs to the period in which it was admitted**, everywhere: its
+hold counts only against that period's cap, its ledger row carries that period
+and is dated at its admission (``created_at``), so a call admitted on Oct 31 at
+23:59:59 and settled on Nov 1 is October's in the user's status, the usage
+export and the console alike. Every reader derives a month from a time with
+``period_of`` and a time range from a month with ``period_bounds``.
 """
 
 from __future__ import annotations
 
+import calendar
 import time
 from typing import Any
 
@@ -15,8 +23,17 @@ from .store.records import Connection
 
 
 def period_of(now: float) -> str:
+    """The period of a moment: of a call, the moment it was admitted."""
     t = time.gmtime(now)
     return f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+
+def period_bounds(period: str) -> tuple[float, float]:
+    """[start, end) of a period as timestamps: ``"2026-10"`` → Oct 1 00:00 UTC, Nov 1 00:00 UTC."""
+    year, month = int(period[:4]), int(period[5:7])
+    nyear, nmonth = (year + 1, 1) if month == 12 else (year, month + 1)
+    return (float(calendar.timegm((year, month, 1, 0, 0, 0))),
+            float(calendar.timegm((nyear, nmonth, 1, 0, 0, 0))))
 
 
 def status_body(connection: Connection | None, spent_nanos: int) -> dict[str, Any]:

@@ -250,7 +250,10 @@ def _paths() -> dict[str, Any]:
                          **_errors(400, 401, 402, 403, 413, 502)},
                         body=_body(_ref("ConnectionRequest"), required=False),
                         op_id="approveConnection"),
-            "delete": _op("Revoke the connection; its funding key is erased.", SESSION,
+            "delete": _op("Revoke the connection: no new call (nor grant it funds) from now "
+                          "on; calls already running finish and are billed exactly; its "
+                          "funding key is erased once none of them can still be corrected.",
+                          SESSION,
                           {"204": {"description": "Revoked."}, **_errors(401)},
                           op_id="revokeConnection"),
             "options": _preflight("preflightConnections"),

@@ -10,7 +10,9 @@ and corrects the row and its aggregates in one transaction, idempotently.
 provisional at its estimate (``wattgate ledger check`` still passes; the
 admin console and export show it as provisional).
 
-It also sweeps budget holds older than ``metering.hold_ttl_seconds``.
+It also sweeps budget holds older than ``metering.hold_ttl_seconds``, and erases
+the funding keys of revoked connections once nothing of theirs can be corrected
+any more (``revoke``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .upstream import Upstream
 log = logging.getLogger("wattgate.reconcile")
 
 # How long a revocation may spend reconciling the connection's provisional rows
-# before it erases the key that could ask about them.
+# before it answers (rows still not final keep the key for the reconciler's passes).
 REVOKE_RECONCILE_SECONDS = 2.0
 
 
@@ -139,6 +141,25 @@ class Reconciler:
             pass
         return corrected
 
+    async def erase_revoked_keys(self, connection: Connection | None = None) -> int:
+        """Erase the keys revoked connections no longer need (one, or all of them).
+
+        For one connection with no call in flight, its provisional calls get one
+        bounded chance to be reconciled first (the passes of ``loop`` give the
+        others theirs, with backoff).
+        """
+        since = self.gw.clock() - self.gw.config.metering_reconcile_give_up
+        if connection is None:
+            return await self.gw.store.erase_revoked_keys(since=since)
+        if await self.gw.store.held(connection.connection_id):
+            return 0  # calls still running: a later pass erases it once they settled
+        corrected = await self.before_erasing(connection)
+        if corrected:
+            log.info("reconciled %d provisional calls before erasing a revoked key", corrected)
+        # Only if still revoked: a reconnection meanwhile keeps its new key.
+        return await self.gw.store.erase_revoked_keys(since=since,
+                                                      connection_id=connection.connection_id)
+
     async def sweep(self) -> int:
         now = self.gw.clock()
         return await self.gw.store.sweep_holds(
@@ -155,21 +176,25 @@ class Reconciler:
                 report = await self.run_once()
                 if report.corrected:
                     log.info("reconciled %d provisional calls", report.corrected)
+                if await self.erase_revoked_keys():
+                    log.info("erased the funding keys of revoked connections")
             except Exception:
                 log.exception("reconciliation pass failed")
 
 
 async def revoke(gw: Gateway, upstream: Upstream, connection: Connection) -> None:
-    """Revoke a connection: no call may spend from the first write on; its funding key
-    is erased after one bounded chance to reconcile its provisional rows (without
-    the key, they would stay at their worst-case estimate for good)."""
+    """Revoke a connection: from the first write on, no new call may spend from it (the
+    user's own calls, and those of the grants it funds, which end with it).
+
+    Calls already running when the user revoked finish and are billed exactly (each
+    within the worst case the cap allowed at its admission). The funding key, which
+    no new call can use, is erased once no call of the connection is in flight and
+    none of its calls still awaits a final cost the upstream could give (see
+    ``SQLiteStore.erase_revoked_keys``): here at once when nothing is pending, after
+    one bounded chance to reconcile its provisional calls; otherwise by the
+    reconciler's next passes (``Reconciler.erase_revoked_keys``).
+    """
     await gw.store.set_connection_state(connection.connection_id, REVOKED, now=gw.clock())
     if connection.sealed_key is None:
         return
-    try:
-        corrected = await Reconciler(gw, upstream).before_erasing(connection)
-        if corrected:
-            log.info("reconciled %d provisional calls before erasing a revoked key", corrected)
-    finally:
-        # Only this key, only if still revoked: a reconnection meanwhile stays whole.
-        await gw.store.erase_revoked_key(connection.connection_id, connection.sealed_key)
+    await Reconciler(gw, upstream).erase_revoked_keys(connection)

@@ -33,6 +33,8 @@ class Meter:
     def __init__(self) -> None:
         self.holds: dict[int, Hold] = {}
         self.held_by_connection: dict[int, int] = {}
+        # A hold counts against the cap of the period it was admitted in, only.
+        self.held_by_period: dict[tuple[int, str], int] = {}
         self.written: set[int] = set()  # holds whose row was queued for writing
         self.times: dict[int, tuple[float, float]] = {}  # hold → (created, expires)
         self._next_id = -1  # in-memory holds count down; rows written by SQL count up
@@ -51,6 +53,8 @@ class Meter:
         if hold.connection_id is not None:
             cid = hold.connection_id
             self.held_by_connection[cid] = self.held_by_connection.get(cid, 0) + hold.amount_nanos
+            key = (cid, hold.period)
+            self.held_by_period[key] = self.held_by_period.get(key, 0) + hold.amount_nanos
 
     def remove(self, hold: Hold) -> bool:
         """Forget a hold (settled or released); False if it was not held here."""
@@ -60,15 +64,15 @@ class Meter:
         self.times.pop(hold.hold_id, None)
         if hold.connection_id is not None:
             cid = hold.connection_id
-            left = self.held_by_connection.get(cid, 0) - hold.amount_nanos
-            if left > 0:
-                self.held_by_connection[cid] = left
-            else:
-                self.held_by_connection.pop(cid, None)
+            _take(self.held_by_connection, cid, hold.amount_nanos)
+            _take(self.held_by_period, (cid, hold.period), hold.amount_nanos)
         return True
 
-    def held(self, connection_id: int) -> int:
-        return self.held_by_connection.get(connection_id, 0)
+    def held(self, connection_id: int, period: str | None = None) -> int:
+        """Held by this connection's calls in flight: admitted in ``period``, or in any."""
+        if period is None:
+            return self.held_by_connection.get(connection_id, 0)
+        return self.held_by_period.get((connection_id, period), 0)
 
     def unwritten(self) -> int:
         """Holds with no row in the database (yet)."""
@@ -107,3 +111,11 @@ class Meter:
         """Another process wrote: every cached row may be stale."""
         self.forget_connections()
         self.spent.clear()
+
+
+def _take(totals: dict, key: object, amount: int) -> None:
+    left = totals.get(key, 0) - amount
+    if left > 0:
+        totals[key] = left
+    else:
+        totals.pop(key, None)

@@ -110,6 +110,19 @@ def m003_hold_generation(db: sqlite3.Connection) -> None:
     """)
 
 
+def m_periods_usage_dated_in_its_period(db: sqlite3.Connection) -> None:
+    # A call belongs to the period it was admitted in, and its row is now dated at
+    # its admission. Rows written before were dated at their settlement: one
+    # admitted before a month's end and settled after it carried the next month's
+    # date. Date those at the last millisecond of their own period, so every
+    # reader that picks a month by date sees the same calls as the aggregates.
+    _script(db, """
+    UPDATE usage SET created_at =
+        CAST(strftime('%s', period || '-01', '+1 month') AS REAL) - 0.001
+    WHERE strftime('%Y-%m', created_at, 'unixepoch') > period
+    """)
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -121,6 +134,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m001_initial,
     m002_grants_presence_and_call_details,
     m003_hold_generation,
+    m_periods_usage_dated_in_its_period,
 )
 
 

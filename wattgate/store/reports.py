@@ -50,7 +50,7 @@ class PayerSpend:
 class ConnectionSpend:
     connection: Connection
     spent_nanos: int  # in the period asked for
-    held_nanos: int   # budget held by calls in flight
+    held_nanos: int   # budget held by calls in flight admitted in that period
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class ReportsMixin:
         """Every connection of an app with its spend in ``period``, biggest spender first."""
         sql = (f"SELECT {_CONNECTION_COLS}, COALESCE(p.spent_nanos, 0), "
                "(SELECT COALESCE(SUM(h.amount_nanos), 0) FROM holds h "
-               " WHERE h.connection_id = c.connection_id) "
+               " WHERE h.connection_id = c.connection_id AND h.period = :period) "
                "FROM connections c LEFT JOIN periods p "
                "ON p.connection_id = c.connection_id AND p.period = :period "
                "WHERE c.app_id = :app ORDER BY 10 DESC, c.updated_at DESC")
@@ -141,7 +141,7 @@ class ReportsMixin:
         def run(db: sqlite3.Connection) -> list[ConnectionSpend]:
             rows = db.execute(sql, {"app": app_id, "period": period}).fetchall()
             # Rows hold what calls in flight named; the meter also what they have not yet.
-            return [ConnectionSpend(Connection(*r[:9]), r[9], max(r[10], held(r[0])))
+            return [ConnectionSpend(Connection(*r[:9]), r[9], max(r[10], held(r[0], period)))
                     for r in rows]
         held = self._meter.held  # type: ignore[attr-defined]
         return await self._report(run)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import sqlite3
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from ..errors import BudgetExceeded, GrantInvalid, NotConnected
+from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
 from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -542,11 +543,23 @@ class SQLiteStore(ReportsMixin):
 
     async def set_connection_state(self, connection_id: int, state: str, *, now: float,
                                    drop_key: bool = False) -> None:
+        """Move a connection to ``state``; a revoked one stays revoked (only a re-funding,
+        ``save_connection``, ends a revocation).
+
+        Revoking also ends, in the same transaction, every grant the connection
+        funds: they were authorised by the consent being withdrawn, and must not
+        come back, paid by a new key, when the user connects again.
+        """
         def op(db: sqlite3.Connection) -> None:
             sql = "UPDATE connections SET state = :s, updated_at = :t"
             if drop_key:
                 sql += ", sealed_key = NULL"
-            db.execute(sql + " WHERE connection_id = :c", {"s": state, "t": now, "c": connection_id})
+            params = {"s": state, "t": now, "c": connection_id, "revoked": REVOKED}
+            db.execute(sql + " WHERE connection_id = :c AND (state != :revoked OR :s = :revoked)",
+                       params)
+            if state == REVOKED:
+                db.execute("UPDATE grants SET expires_at = MIN(expires_at, :t) "
+                           "WHERE connection_id = :c", params)
         await self._writer.run(op, self._forget_connections)
 
     async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
@@ -573,11 +586,13 @@ class SQLiteStore(ReportsMixin):
     async def period_spent(self, connection_id: int, period: str) -> int:
         return self._spent(connection_id, period, self._cache_ok())
 
-    async def held(self, connection_id: int) -> int:
-        """Budget held by this process's calls in flight (rows left by a dead one count too)."""
+    async def held(self, connection_id: int, period: str | None = None) -> int:
+        """Budget held by this process's calls in flight (rows left by a dead one count too),
+        admitted in ``period`` (None: in any period)."""
         row = self._one("SELECT COALESCE(SUM(amount_nanos), 0) FROM holds "
-                        "WHERE connection_id = ?", (connection_id,))
-        return max(self._meter.held(connection_id), row[0] if row else 0)
+                        "WHERE connection_id = :c AND (:p IS NULL OR period = :p)",
+                        {"c": connection_id, "p": period})
+        return max(self._meter.held(connection_id, period), row[0] if row else 0)
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
@@ -592,7 +607,9 @@ class SQLiteStore(ReportsMixin):
             raise NotConnected()
         if connection.cap_nanos is not None:
             spent = self._spent(connection_id, period, cache)
-            if spent + self._meter.held(connection_id) + amount_nanos > connection.cap_nanos:
+            # Only this period's holds: a call admitted last month is last month's.
+            held = self._meter.held(connection_id, period)
+            if spent + held + amount_nanos > connection.cap_nanos:
                 raise BudgetExceeded()
         hold = Hold(self._meter.new_id(), connection_id, None, period, amount_nanos)
         self._meter.add(hold, now, expires_at)
@@ -736,23 +753,34 @@ class SQLiteStore(ReportsMixin):
             (connection_id, limit))
         return [_usage(r) for r in rows]
 
-    async def erase_revoked_key(self, connection_id: int, sealed_key: str) -> bool:
-        """Erase this key of a connection that is still revoked (not re-funded since)."""
-        def op(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE connections SET sealed_key = NULL WHERE connection_id = ? "
-                              "AND state = ? AND sealed_key = ?",
-                              (connection_id, REVOKED, sealed_key)).rowcount == 1
-        return await self._writer.run(op, self._forget_connections)
+    async def erase_revoked_keys(self, *, since: float,
+                                 connection_id: int | None = None) -> int:
+        """Erase the funding key of revoked connections (all, or one) that no longer need it.
 
-    async def erase_revoked_keys(self) -> int:
-        """Erase the funding key of every revoked connection still holding one.
-
-        A revocation erases the key once the connection's provisional rows had
-        their chance to be reconciled; a crash in between leaves it here.
+        A revoked connection keeps its sealed key, unusable for any new call, as
+        long as the upstream may still correct one of its calls: while a call it
+        pays for is in flight (a hold here or in the ledger), and while one of
+        its rows is provisional and created at or after ``since`` (the
+        reconciliation give-up). Then the key is erased. A connection re-funded
+        meanwhile is not revoked any more and keeps its new key.
         """
+        if self._one("SELECT 1 FROM connections WHERE state = ? AND sealed_key IS NOT NULL "
+                     "LIMIT 1", (REVOKED,)) is None:
+            return 0  # the usual case on each reconciler pass: no write, caches kept
+        busy = list(self._meter.held_by_connection)  # holds of calls in flight, this process
+
         def op(db: sqlite3.Connection) -> int:
-            return db.execute("UPDATE connections SET sealed_key = NULL WHERE state = ? "
-                              "AND sealed_key IS NOT NULL", (REVOKED,)).rowcount
+            return db.execute(
+                "UPDATE connections SET sealed_key = NULL WHERE state = :revoked "
+                "AND sealed_key IS NOT NULL AND (:one IS NULL OR connection_id = :one) "
+                "AND connection_id NOT IN (SELECT value FROM json_each(:busy)) "
+                "AND NOT EXISTS (SELECT 1 FROM holds h "
+                "                WHERE h.connection_id = connections.connection_id) "
+                "AND NOT EXISTS (SELECT 1 FROM usage u "
+                "  WHERE u.connection_id = connections.connection_id AND u.provisional = 1 "
+                "  AND u.generation_id NOT LIKE 'wg-%' AND u.created_at >= :since)",
+                {"revoked": REVOKED, "one": connection_id, "busy": json.dumps(busy),
+                 "since": since}).rowcount
         return await self._writer.run(op, self._forget_connections)
 
     async def provisional_count(self) -> int:
@@ -790,6 +818,12 @@ class SQLiteStore(ReportsMixin):
                                           "WHERE created_at < ?", (now - hold_ttl,)):
             problems.append(f"hold {hold_id} is {int(now - created)} s old "
                             f"(bound {int(hold_ttl)} s)")
+        # A call is the period's it was admitted in, and its row is dated at its admission.
+        for generation_id, period, created in self._all(
+                "SELECT generation_id, period, created_at FROM usage "
+                "WHERE strftime('%Y-%m', created_at, 'unixepoch') != period"):
+            problems.append(f"call {generation_id} of period {period} is dated outside it "
+                            f"({created})")
         return problems
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
@@ -872,8 +906,23 @@ class SQLiteStore(ReportsMixin):
     async def create_grant(self, app_id: str, token_hash: str, requests: int,
                            max_nanos: int | None, *, sealed_key: str | None,
                            connection_id: int | None, now: float, expires_at: float,
-                           seal: Callable[[int], str] | None = None) -> Grant:
+                           seal: Callable[[int], str] | None = None,
+                           approved_by: str | None = None) -> Grant:
+        """A grant funded by a typed key (``seal``) or by ``connection_id``.
+
+        A connection funds it only if, in the same transaction, it is still
+        active with a key and bound to the browser ``approved_by`` that the
+        caller checked: a revocation (or a re-approval elsewhere) in between
+        refuses it (ConsentRequired) instead of minting a grant it never allowed.
+        """
         def op(db: sqlite3.Connection) -> Grant:
+            if connection_id is not None:
+                conn = db.execute("SELECT state, sealed_key, browser_hash FROM connections "
+                                  "WHERE connection_id = ?", (connection_id,)).fetchone()
+                if conn is None or conn[0] != ACTIVE or conn[1] is None or \
+                        approved_by is None or conn[2] != approved_by:
+                    raise ConsentRequired("The connection changed meanwhile (revoked or "
+                                          "approved again); approve the grant again.")
             cur = db.execute(
                 "INSERT INTO grants (app_id, token_hash, requests, max_nanos, sealed_key, "
                 "connection_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -943,7 +992,7 @@ class SQLiteStore(ReportsMixin):
             connection = self._connection_by_id(grant.connection_id, cache)
             cap = connection.cap_nanos if connection is not None else None
             if cap is not None and self._spent(grant.connection_id, period, cache) + \
-                    self._meter.held(grant.connection_id) + amount_nanos > cap:
+                    self._meter.held(grant.connection_id, period) + amount_nanos > cap:
                 await self.release(hold, refund_request=True)
                 raise BudgetExceeded()
         self._meter.add(hold, now, expires_at)

@@ -32,7 +32,7 @@ from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
 from ..errors import RateLimited
 from ..gateway import Gateway
-from ..ledger import period_of
+from ..ledger import period_bounds, period_of
 from ..logs import user_hash
 from ..ratelimit import RateLimiter
 from ..store import REVOKED, App
@@ -199,11 +199,8 @@ def _window(now: float, days: int) -> tuple[list[str], float, float]:
 
 
 def _month(now: float) -> tuple[float, float]:
-    period = period_of(now)
-    since = export.parse_bound(period + "-01")
-    year, month = int(period[:4]), int(period[5:])
-    nxt = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01"
-    return since, export.parse_bound(nxt)
+    # A call's row is dated at its admission, so this month's rows are this period's.
+    return period_bounds(period_of(now))
 
 
 async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:

@@ -160,8 +160,10 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     # Only an approval carrying the funding key binds a browser to the connection;
     # otherwise any browser holding some presence cookie (the app operator's own,
     # from approving their own connection) could bind itself by lowering a cap, then raise.
+    # Nor does a browser bound to a revoked connection come back with its re-funding:
+    # what it was trusted for ended with the revocation.
     browser_hash = browser if key is not None and browser is not None \
-        else (existing.browser_hash if existing else None)
+        else (existing.browser_hash if existing and existing.state != REVOKED else None)
     now = gw.clock()
     if change.needs_key_check:
         assert key is not None

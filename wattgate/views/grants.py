@@ -68,7 +68,7 @@ async def _create(request: web.Request, app_user_id: str, app: App) -> web.Respo
                                   "approval in the consent popup.")
         await gw.store.create_grant(app.app_id, token_hash, requests, max_nanos,
                                     sealed_key=None, connection_id=connection.connection_id,
-                                    now=now, expires_at=expires_at)
+                                    now=now, expires_at=expires_at, approved_by=browser)
     return json_response({"grantToken": token, "expiresAt": expires_at, "requests": requests})
 
 

@@ -156,7 +156,8 @@ class _Call:
         a = self.admitted
         row = usage_row(outcome, bill(outcome, self.price, self.estimate), app_id=a.app_id,
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
-                        status=status, started=self.started, now=self.gw.clock())
+                        status=status, started=self.started, now=self.gw.clock(),
+                        admitted_at=a.admitted_at)
         self.gw.observer.settled(row, self.sent)
         await self.gw.store.settle(a.hold, row, a.period)  # the write survives cancellation
 
