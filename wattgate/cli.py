@@ -117,9 +117,10 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
                    f"  {creds.secret_key}")
         return 0
     if args.apps_command == "delete":
-        if not _run(config, lambda gw: gw.store.delete_app(app_id)):
+        if not _run(config, lambda gw: gw.store.delete_app(app_id, now=time.time())):
             raise CommandError(f"unknown app {app_id}")
-        print(f"deleted app {app_id} with its connections and grants")
+        print(f"deleted app {app_id}: its keys, connections and grants stop now; its spend "
+              f"history stays (wattgate usage export --app {app_id})")
         return 0
     origin = normalize_origin(args.origin)
     add = [origin] if args.apps_command == "add-origin" else []
@@ -310,7 +311,7 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
             from None
 
     async def write(gw: Gateway) -> None:
-        if await gw.store.get_app(args.app) is None:
+        if await gw.store.get_app(args.app, deleted=True) is None:  # a deleted app's history too
             raise CommandError(f"unknown app {args.app}")
         out = open(args.output, "w", newline="") if args.output else sys.stdout
         try:
