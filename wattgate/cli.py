@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="verify and reconcile the spend ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     ledger_sub.add_parser("check", parents=[common], help=(
-        "verify every aggregate equals the sum of its rows and no hold outlived its bound; "
-        "exit 1 if not"))
+        "audit the ledger: spend within caps, aggregates equal to their rows, no row or "
+        "hold pointing at what does not exist, no hold without a call; print each problem "
+        "naming its row and exit 1"))
     ledger_sub.add_parser("reconcile", parents=[common], help=(
         "ask the upstream for the final cost of provisional calls, correct them, and sweep "
         "expired holds"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, GrantInvalid, NotConnected
+from .audit import audit
 from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -787,37 +788,8 @@ class SQLiteStore(ReportsMixin):
         return row[0] if row else 0
 
     async def check(self, *, now: float, hold_ttl: float) -> list[str]:
-        """Every way the ledger disagrees with itself, as sentences (empty: consistent)."""
-        problems = []
-        for cid, period, spent, rows in self._all(
-                "SELECT p.connection_id, p.period, p.spent_nanos, "
-                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u "
-                " WHERE u.connection_id = p.connection_id AND u.period = p.period) "
-                "FROM periods p"):
-            if spent != rows:
-                problems.append(f"connection {cid} period {period}: aggregate {spent} "
-                                f"nano-USD but its rows sum to {rows}")
-        for cid, period, rows in self._all(
-                "SELECT connection_id, period, SUM(cost_nanos) FROM usage u "
-                "WHERE connection_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM periods p "
-                "WHERE p.connection_id = u.connection_id AND p.period = u.period) "
-                "GROUP BY connection_id, period"):
-            if rows:
-                problems.append(f"connection {cid} period {period}: rows sum to {rows} "
-                                "nano-USD but no aggregate exists")
-        for gid, spent, held, rows, holds in self._all(
-                "SELECT g.grant_id, g.spent_nanos, g.held_nanos, "
-                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
-                "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id) "
-                "FROM grants g"):
-            if spent != rows or held != holds:
-                problems.append(f"grant {gid}: spent {spent}/held {held} but rows sum to "
-                                f"{rows} and holds to {holds}")
-        for hold_id, created in self._all("SELECT hold_id, created_at FROM holds "
-                                          "WHERE created_at < ?", (now - hold_ttl,)):
-            problems.append(f"hold {hold_id} is {int(now - created)} s old "
-                            f"(bound {int(hold_ttl)} s)")
-        return problems
+        """Every way the ledger disagrees with itself, as sentences naming the row (see audit)."""
+        return audit(self._read, now=now, hold_ttl=hold_ttl)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
         """Drop a hold without spend (the call never reached the model).
