@@ -7,6 +7,7 @@ same SQLite file, as an attacker or a bug would leave it.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -242,3 +243,34 @@ async def test_the_command_exits_1_and_prints_the_rows(harness, tmp_path):
     for expected in wanted:
         assert any(line.startswith("ledger: " + expected) for line in lines), (expected, lines)
     assert "ledger check failed" in bad.stderr
+
+
+async def test_check_upstream_compares_recent_calls_with_what_the_provider_billed(harness,
+                                                                                  tmp_path):
+    app = await harness.create_app()
+    await harness.connect(app, "dee")
+    for _ in range(3):
+        await chat(harness, app, "dee")
+    env = {"WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"), "PATH": "/usr/bin:/bin",
+           "WATTGATE_UPSTREAM__BASE_URL": harness.fake.base_url}
+
+    async def check() -> subprocess.CompletedProcess:
+        # In a thread: the fake upstream it asks is served by this test's event loop.
+        return await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "wattgate", "ledger", "check", "--upstream"],
+            env=env, capture_output=True, text=True, timeout=60)
+    ok = await check()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "compared 3 calls with the upstream (0 it could not" in ok.stdout
+    # A row (and its month, so the sums agree) that says less than the provider billed.
+    db = sqlite3.connect(tmp_path / "wattgate.db", isolation_level=None)
+    try:
+        usage_id, gen = db.execute("SELECT usage_id, generation_id FROM usage LIMIT 1").fetchone()
+        db.execute("UPDATE usage SET cost_nanos = cost_nanos - 1 WHERE usage_id = ?", (usage_id,))
+        db.execute("UPDATE periods SET spent_nanos = spent_nanos - 1")
+    finally:
+        db.close()
+    bad = await check()
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert f"ledger: usage row {usage_id} ({gen}): ledger " in bad.stdout
+    assert "but the upstream billed" in bad.stdout

@@ -755,6 +755,13 @@ class SQLiteStore(ReportsMixin):
              "limit": limit})
         return [(r[-1], _usage(r), r[-2]) for r in rows]
 
+    async def recent_final_usage(self, limit: int) -> list[tuple[int, Usage]]:
+        """(usage id, row) of the latest final rows that name a real generation, newest first."""
+        rows = self._all(
+            f"SELECT {_USAGE_COLS}, usage_id FROM usage WHERE provisional = 0 "
+            "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id DESC LIMIT ?", (limit,))
+        return [(r[-1], _usage(r)) for r in rows]
+
     async def provisional_of_connection(self, connection_id: int,
                                         limit: int = 100) -> list[Usage]:
         """A connection's provisional rows that name a real generation, oldest first."""
