@@ -274,3 +274,32 @@ async def test_check_upstream_compares_recent_calls_with_what_the_provider_bille
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert f"ledger: usage row {usage_id} ({gen}): ledger " in bad.stdout
     assert "but the upstream billed" in bad.stdout
+
+
+async def test_a_cap_lowered_below_the_spend_is_no_false_alarm_but_spend_after_it_is(tmp_path):
+    from wattgate.store import ACTIVE, SQLiteStore, Usage
+
+    t, period = 1_800_000_000.0, "2027-01"
+    store = SQLiteStore.open(tmp_path / "w.db")
+
+    def row(gen: str, cid: int, cost: int, at: float) -> Usage:
+        return Usage(gen, "app0123456789abcdef", cid, None, "m", 1, 1, cost, False, "ok", 1, at)
+    try:
+        await store.create_app("app0123456789abcdef", "A", "h", ["http://localhost:3000"], now=t)
+        c = await store.save_connection("app0123456789abcdef", "u", state=ACTIVE,
+                                        cap_nanos=10 * USD, sealed_key="k", browser_hash=None,
+                                        now=t)
+        done = await store.admit(c.connection_id, period, 3 * USD, now=t, expires_at=t + 900)
+        await store.settle(done, row("g1", c.connection_id, 3 * USD, t + 1), period)
+        flying = await store.admit(c.connection_id, period, 2 * USD, now=t + 2,
+                                   expires_at=t + 902)
+        assert await store.update_cap(c.connection_id, USD, expected_key="k", now=t + 3)
+        await store.settle(flying, row("g2", c.connection_id, 2 * USD, t + 4), period)
+        assert await store.check(now=t + 5, hold_ttl=900) == []  # $5 on a cap lowered to $1
+        # A debit that bypassed admission long after the change is reported.
+        await store.settle(None, row("g3", c.connection_id, USD, t + 1000), period)
+        assert await store.check(now=t + 1001, hold_ttl=900) == [
+            f"connection {c.connection_id} period {period}: spent {6 * USD} nano-USD on a cap "
+            f"of {USD}"]
+    finally:
+        await store.close()

@@ -58,14 +58,16 @@ def _periods(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
 def _caps(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
     # Admission holds each call's worst case, so a month's spend stays within the cap
     # in force. The only cap history kept is the connection's last change: spend
-    # already recorded by then may stand above a cap lowered afterwards.
+    # recorded by then may stand above a cap lowered then, and so may the calls
+    # admitted before it, which settle (or are swept) within the hold TTL.
     out = []
     for cid, period, spent, cap, before in db.execute(
             "SELECT p.connection_id, p.period, p.spent_nanos, c.cap_nanos, "
             "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.connection_id = "
-            " p.connection_id AND u.period = p.period AND u.created_at <= c.updated_at) "
+            " p.connection_id AND u.period = p.period AND u.created_at <= c.updated_at + "
+            " CASE WHEN c.updated_at > c.created_at THEN :ttl ELSE 0 END) "
             "FROM periods p JOIN connections c ON c.connection_id = p.connection_id "
-            "WHERE c.cap_nanos IS NOT NULL AND p.spent_nanos > c.cap_nanos"):
+            "WHERE c.cap_nanos IS NOT NULL AND p.spent_nanos > c.cap_nanos", {"ttl": ttl}):
         if spent > max(cap, before):
             out.append(f"connection {cid} period {period}: spent {spent} nano-USD on a cap of "
                        f"{cap}")
