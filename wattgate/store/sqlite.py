@@ -820,7 +820,7 @@ class SQLiteStore(ReportsMixin):
         A hold whose upstream generation was already named may have been
         billed: it becomes a provisional row at its estimate, for
         reconciliation, never a silent $0. A hold with no generation never
-        reached the model and is simply released.
+        reached the model and is released, a grant's request given back.
         """
         def op(db: sqlite3.Connection) -> int:
             sql = ("SELECT hold_id, connection_id, grant_id, period, amount_nanos, "
