@@ -89,12 +89,13 @@ async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness, tmp
     connection = await harness.gw.store.get_connection(app.app_id, "carol")
     assert connection is not None and not connection.connected and connection.sealed_key is None
     env = {"WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "wattgate", "usage", "export", "--app",
-                          app.app_id, "--format", "jsonl"], env=env, capture_output=True,
-                         text=True)
+    def wattgate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "wattgate", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    out = await asyncio.to_thread(wattgate, "usage", "export", "--app", app.app_id,
+                                  "--format", "jsonl")
     assert out.returncode == 0, out.stderr
     [line] = [json.loads(t) for t in out.stdout.splitlines()]
     assert (line["app_id"], line["user_id"], line["state"]) == (app.app_id, "carol", "final")
-    check = subprocess.run([sys.executable, "-m", "wattgate", "ledger", "check"], env=env,
-                           capture_output=True, text=True)
+    check = await asyncio.to_thread(wattgate, "ledger", "check")
     assert check.returncode == 0, check.stdout + check.stderr
