@@ -230,7 +230,7 @@ async def test_rotating_the_secret_ends_the_session_tokens_it_minted(harness):
 async def test_deleted_app_tokens_stop_working(harness):
     app = await harness.create_app()
     token = await harness.session(app, "u")
-    await harness.gw.store.delete_app(app.app_id)
+    await harness.gw.store.delete_app(app.app_id, now=harness.clock())
     assert_error(await call(harness, "GET", "/api/v1/connections", token), 401, "auth")
 
 

@@ -35,6 +35,6 @@ async def test_cached_key_stops_working_when_this_process_deletes_the_app(harnes
     app = await harness.create_app()
     gw = harness.gw
     await gw.app_for_secret(app.secret_key)
-    await gw.store.delete_app(app.app_id)
+    await gw.store.delete_app(app.app_id, now=harness.clock())
     with pytest.raises(AuthError):
         await gw.app_for_secret(app.secret_key)

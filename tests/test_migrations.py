@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import sqlite3
 
 import pytest
@@ -116,3 +117,69 @@ def test_a_row_settled_after_its_month_is_dated_in_its_own_period(tmp_path):
     assert dated["gen-late"] == calendar.timegm((2026, 11, 1, 0, 0, 0)) - 0.001
     assert period_of(dated["gen-late"]) == "2026-10"
     assert dated["gen-in"] == nov_1
+
+
+NOV_5 = calendar.timegm((2026, 11, 5, 0, 0, 0))  # the rows' month is 2026-11
+
+
+def version_3_database(path) -> None:  # type: ignore[no-untyped-def]
+    """A ledger of version 3 where SQLite already recycled ids: connection 2 and grant 1
+    were deleted with their app (rows left behind), and holds in memory wrote negative ids."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys = ON")
+    assert migrate(db, upto=3) == 3
+    db.execute("INSERT INTO apps VALUES (?, 'Live', 'hash', 1.0)", (APP,))
+    db.execute("INSERT INTO connections (connection_id, app_id, app_user_id, state, cap_nanos, "
+               "sealed_key, created_at, updated_at, browser_hash) VALUES "
+               "(1, ?, 'u1', 'active', ?, 'v1.k1.sealed', 1.0, 2.0, 'b1')", (APP, 10 * USD))
+    db.execute("INSERT INTO grants (grant_id, app_id, token_hash, requests, used, spent_nanos, "
+               "connection_id, created_at, expires_at) VALUES (2, ?, 'th', 3, 1, 7, 1, 1.0, 9.0)",
+               (APP,))
+    rows = [("gen-live", APP, 1, None, 5), ("gen-grant", APP, 1, 2, 7),
+            ("gen-gone", "appdeleted000000000", 2, None, 11),
+            ("gen-gone-grant", "appdeleted000000000", None, 1, 13)]
+    for gen, app, cid, gid, cost in rows:
+        db.execute("INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, "
+                   "model, prompt_tokens, completion_tokens, cost_nanos, created_at) "
+                   "VALUES (?, ?, ?, ?, '2026-11', 'm', 1, 2, ?, ?)",
+                   (gen, app, cid, gid, cost, NOV_5 + 5))
+    db.execute("INSERT INTO periods VALUES (1, '2026-11', 12)")
+    db.execute("INSERT INTO periods VALUES (2, '2026-11', 11)")
+    db.execute("INSERT INTO holds (hold_id, connection_id, period, amount_nanos, created_at, "
+               "expires_at, generation_id, app_id, model) "
+               "VALUES (-4, 1, '2026-11', 3, ?, ?, 'gen-flying', ?, 'm')",
+               (NOV_5 + 5, NOV_5 + 905, APP))
+    db.close()
+
+
+async def test_version_3_upgrades_with_rows_intact_and_ids_never_come_back(tmp_path):
+    path = tmp_path / "v3.db"
+    version_3_database(path)
+    store = SQLiteStore.open(path)
+    try:
+        conn = await store.get_connection(APP, "u1")
+        assert conn is not None and conn.connected and conn.browser_hash == "b1"
+        assert await store.period_spent(1, "2026-11") == 12
+        assert [u.generation_id for u in await store.recent_usage(1)] == ["gen-grant", "gen-live"]
+        assert (await store.get_grant_by_id(2)).spent_nanos == 7
+        # Rows of the app deleted before the upgrade stay, attached to tombstones.
+        assert await store.get_app("appdeleted000000000") is None
+        assert (await store.get_app("appdeleted000000000", deleted=True)).deleted_at is not None
+        assert await store.sweep_holds() == 1  # the restart's sweep: a provisional row
+        assert await store.check(now=NOV_5 + 10, hold_ttl=900) == []
+        # New ids start above every id a row ever named, deleted ones included.
+        fresh = await store.save_connection(APP, "u2", state="active", cap_nanos=USD,
+                                            sealed_key="s", browser_hash=None, now=6.0)
+        assert fresh.connection_id == 3 and await store.period_spent(3, "2026-11") == 0
+        grant = await store.create_grant(APP, "th2", 1, None, sealed_key="s", connection_id=None,
+                                         now=6.0, expires_at=99.0)
+        assert grant.grant_id == 3 and grant.spent_nanos == 0
+        hold = await store.admit(3, "2026-11", 1, now=6.0, expires_at=906.0)
+        assert hold.hold_id > 0
+        await store.release(hold)
+        indexes = {r[0] for r in store._read.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+        assert {"usage_by_connection", "usage_by_app", "usage_provisional",
+                "holds_by_connection"} <= indexes
+    finally:
+        await store.close()

@@ -59,10 +59,17 @@ async def test_secret_rotation_and_origins(store):
 
 async def test_delete_app_takes_its_connections(store):
     c = await funded(store)
-    assert await store.delete_app(APP)
-    assert await store.get_connection(APP, "u") is None
-    assert await store.get_connection_by_id(c.connection_id) is None
-    assert not await store.delete_app(APP)
+    assert await store.delete_app(APP, now=T)
+    assert await store.get_app(APP) is None and await store.list_apps() == []
+    # Kept, keyless and revoked, so the history names its user; never connected again.
+    gone = await store.get_connection_by_id(c.connection_id)
+    assert gone is not None and not gone.connected and gone.sealed_key is None
+    assert gone.browser_hash is None
+    with pytest.raises(NotConnected):
+        await store.admit(c.connection_id, "2026-11", 1, now=T, expires_at=T + 900)
+    assert (await store.get_app(APP, deleted=True)).deleted_at == T
+    assert not await store.delete_app(APP, now=T)
+    assert not await store.set_app_secret(APP, "h")
 
 
 async def test_connection_is_keyed_by_app_and_user(store):
@@ -399,3 +406,78 @@ async def test_ledger_check_names_a_call_dated_outside_its_period(store):
     await store.settle(None, usage("gen-bad", c.connection_id, 5, at=oct_31 + 2), "2026-10")
     [problem] = await store.check(now=oct_31, hold_ttl=900)
     assert "gen-bad" in problem and "2026-10" in problem
+
+
+# ---- hold identity (issue 14, item 3) -----------------------------------------
+
+async def funding_grant(store: SQLiteStore, connection_id: int | None, requests: int = 3):  # type: ignore[no-untyped-def]
+    return await store.create_grant(APP, f"token-{requests}-{connection_id}", requests, None,
+                                    sealed_key=None if connection_id else "v1.k1.sealed",
+                                    connection_id=connection_id, now=T, expires_at=T + 600,
+                                    approved_by="browser-1" if connection_id else None)
+
+
+async def test_hold_ids_come_from_one_sequence_and_never_collide(store):
+    """A grant's hold row used to take max(rowid)+1 while the holds in memory counted
+    down from -1: with the only row a connection's hold -3, the grant's hold got -2,
+    the id of a hold in memory. Its release then skipped the ledger (no refund, the
+    row leaked) and the memory kept a phantom amount that refused calls that fit."""
+    await funded(store, cap=10 * USD)
+    c = await store.save_connection(APP, "u", state=ACTIVE, cap_nanos=10 * USD,
+                                    sealed_key="v1.k1.sealed", browser_hash="browser-1", now=T)
+    held = [await store.admit(c.connection_id, "2027-01", USD, now=T, expires_at=T + 900)
+            for _ in range(3)]
+    await store.note_generation(held[2], "g-named", APP, "m")  # its row is written
+    grant = await funding_grant(store, c.connection_id)
+    _, grant_hold = await store.admit_grant(grant.token_hash, APP, "2027-01", 2 * USD, now=T,
+                                            expires_at=T + 900)
+    ids = [h.hold_id for h in held] + [grant_hold.hold_id]
+    assert len(set(ids)) == 4 and min(ids) > 0
+    assert await store.held(c.connection_id) == 5 * USD
+
+    await store.release(grant_hold, refund_request=True)  # refused upstream before any byte
+    after = await store.get_grant_by_id(grant.grant_id)
+    assert (after.used, after.held_nanos) == (0, 0)  # the request and the money come back
+    for hold in held:
+        await store.release(hold)
+    assert await store.held(c.connection_id) == 0 and await store.open_holds() == 0
+    # All the room is there again: a call of the whole cap fits.
+    hold = await store.admit(c.connection_id, "2027-01", 10 * USD, now=T, expires_at=T + 900)
+    await store.release(hold)
+    assert await store.check(now=T, hold_ttl=900) == []
+
+
+async def test_hold_ids_continue_above_every_id_the_ledger_saw(tmp_path):
+    path = tmp_path / "w.db"
+    first = SQLiteStore.open(path)
+    c = await funded(first)
+    hold = await first.admit(c.connection_id, "2027-01", USD, now=T, expires_at=T + 900)
+    await first.note_generation(hold, "g-crash", APP, "m")
+    await first.close()  # as a crash would leave it: the hold's row, nothing settled
+    second = SQLiteStore.open(path)
+    try:
+        assert await second.sweep_holds() == 1  # what a restart does
+        grant = await funding_grant(second, None)
+        _, grant_hold = await second.admit_grant(grant.token_hash, APP, "2027-01", USD, now=T,
+                                                 expires_at=T + 900)
+        again = await second.admit(c.connection_id, "2027-01", USD, now=T, expires_at=T + 900)
+        assert hold.hold_id < grant_hold.hold_id < again.hold_id
+    finally:
+        await second.close()
+
+
+async def test_a_restart_gives_a_grant_back_the_request_its_unnamed_call_took(tmp_path):
+    path = tmp_path / "w.db"
+    first = SQLiteStore.open(path)
+    await funded(first)
+    grant = await funding_grant(first, None, requests=1)
+    await first.admit_grant(grant.token_hash, APP, "2027-01", USD, now=T, expires_at=T + 900)
+    await first.close()  # killed before the upstream named the call's generation
+    second = SQLiteStore.open(path)
+    try:
+        assert await second.sweep_holds() == 1
+        after = await second.get_grant_by_id(grant.grant_id)
+        assert (after.used, after.held_nanos, after.spent_nanos) == (0, 0, 0)
+        assert await second.check(now=T, hold_ttl=900) == []
+    finally:
+        await second.close()

@@ -117,9 +117,10 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
                    f"  {creds.secret_key}")
         return 0
     if args.apps_command == "delete":
-        if not _run(config, lambda gw: gw.store.delete_app(app_id)):
+        if not _run(config, lambda gw: gw.store.delete_app(app_id, now=time.time())):
             raise CommandError(f"unknown app {app_id}")
-        print(f"deleted app {app_id} with its connections and grants")
+        print(f"deleted app {app_id}: its keys, connections and grants stop now; its spend "
+              f"history stays (wattgate usage export --app {app_id})")
         return 0
     origin = normalize_origin(args.origin)
     add = [origin] if args.apps_command == "add-origin" else []
@@ -190,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add a new master key and re-seal every funding key")
     ledger = sub.add_parser("ledger", help="verify and reconcile the spend ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
-    ledger_sub.add_parser("check", parents=[common], help=(
-        "verify every aggregate equals the sum of its rows and no hold outlived its bound; "
-        "exit 1 if not"))
+    check = ledger_sub.add_parser("check", parents=[common], help=(
+        "audit the ledger: spend within caps, aggregates equal to their rows, no row or "
+        "hold pointing at what does not exist, no hold without a call; print each problem "
+        "naming its row and exit 1"))
+    check.add_argument("--upstream", nargs="?", type=int, const=100, metavar="N", help=(
+        "also compare the latest N final calls (default 100) with what the upstream billed "
+        "(GET /generation, with each payer's own key)"))
     ledger_sub.add_parser("reconcile", parents=[common], help=(
         "ask the upstream for the final cost of provisional calls, correct them, and sweep "
         "expired holds"))
@@ -221,10 +226,28 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_ledger(args: argparse.Namespace, config: Config) -> int:
     if args.ledger_command == "check":
+        if args.upstream is not None and args.upstream < 1:
+            raise CommandError("--upstream: expected a number of calls, 1 or more")
+
         async def check(gw: Gateway) -> tuple[list[str], int]:
             problems = await gw.store.check(now=time.time(),
                                             hold_ttl=config.metering_hold_ttl_seconds)
+            if args.upstream is not None:
+                problems += await check_upstream(gw, args.upstream)
             return problems, await gw.store.provisional_count()
+
+        async def check_upstream(gw: Gateway, limit: int) -> list[str]:
+            from .reconcile import Reconciler
+            from .upstream import Upstream
+            upstream = Upstream.from_config(config, clock=time.time)
+            await upstream.start()
+            try:
+                found, compared, unknown = await Reconciler(gw, upstream).verify(limit)
+            finally:
+                await upstream.close()
+            print(f"compared {compared} calls with the upstream ({unknown} it could not be "
+                  "asked about: no funding key left, or not known upstream yet)")
+            return found
         problems, provisional = _run(config, check)
         for line in problems:
             print(f"ledger: {line}")
@@ -310,7 +333,7 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
             from None
 
     async def write(gw: Gateway) -> None:
-        if await gw.store.get_app(args.app) is None:
+        if await gw.store.get_app(args.app, deleted=True) is None:  # a deleted app's history too
             raise CommandError(f"unknown app {args.app}")
         out = open(args.output, "w", newline="") if args.output else sys.stdout
         try:

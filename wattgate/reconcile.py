@@ -110,6 +110,29 @@ class Reconciler:
                     del self._next_try[generation_id]
         return report
 
+    async def verify(self, limit: int) -> tuple[list[str], int, int]:
+        """Compare the latest ``limit`` final rows with what the upstream says it billed.
+
+        Answers (problems naming each row that disagrees, rows compared, rows
+        that could not be asked about: no funding key left, or the upstream
+        does not know the generation yet).
+        """
+        problems: list[str] = []
+        compared = unknown = 0
+        for usage_id, usage in await self.gw.store.recent_final_usage(limit):
+            key = await self._funding_key(usage)
+            cost = None if key is None else \
+                await self.upstream.generation_cost(usage.generation_id, key)
+            if cost is None:
+                unknown += 1
+                continue
+            compared += 1
+            billed = usd_to_nanos(cost)
+            if billed != usage.cost_nanos:
+                problems.append(f"usage row {usage_id} ({usage.generation_id}): ledger "
+                                f"{usage.cost_nanos} nano-USD but the upstream billed {billed}")
+        return problems, compared, unknown
+
     async def _correct(self, usage: Usage, key: str) -> bool:
         cost = await self.upstream.generation_cost(usage.generation_id, key)
         if cost is None or not await self.gw.store.correct_usage(usage.generation_id,

@@ -14,6 +14,12 @@ call's worst case ≤ the cap. No await separates the check from the add, so two
 calls can never both pass on the same room. This holds for one gateway process
 per database, which ``SQLiteStore.claim`` enforces with a lock file.
 
+Every hold has an id from one sequence for the ledger's whole life, whether
+its row is written at admission (a grant's) or later (a connection's): the
+meter hands ids out above the highest the ledger ever saw (``holds``'
+``sqlite_sequence``), and each written row moves that mark up with it. No sign
+convention tells the two kinds apart; ``written`` does.
+
 The meter also caches what admission reads on every call: connection rows and
 the period aggregates. The store drops or updates these right after the commit
 that changes them (``_Writer`` runs an operation's ``after`` hook before any
@@ -35,17 +41,21 @@ class Meter:
         self.held_by_connection: dict[int, int] = {}
         # A hold counts against the cap of the period it was admitted in, only.
         self.held_by_period: dict[tuple[int, str], int] = {}
-        self.written: set[int] = set()  # holds whose row was queued for writing
+        self.written: set[int] = set()  # holds whose row exists or was queued for writing
         self.times: dict[int, tuple[float, float]] = {}  # hold → (created, expires)
-        self._next_id = -1  # in-memory holds count down; rows written by SQL count up
+        self._next_id = 1
         self.connections: dict[int, Connection] = {}
         self.connection_ids: dict[tuple[str, str], int] = {}
         self.spent: dict[tuple[int, str], int] = {}
 
     # ---- holds -------------------------------------------------------------
     def new_id(self) -> int:
-        self._next_id -= 1
-        return self._next_id + 1
+        self._next_id += 1
+        return self._next_id - 1
+
+    def ids_above(self, highest: int) -> None:
+        """Never hand out an id at or below ``highest`` (the ledger's mark for holds)."""
+        self._next_id = max(self._next_id, highest + 1)
 
     def add(self, hold: Hold, created: float, expires: float) -> None:
         self.holds[hold.hold_id] = hold
@@ -58,10 +68,10 @@ class Meter:
 
     def remove(self, hold: Hold) -> bool:
         """Forget a hold (settled or released); False if it was not held here."""
-        if self.holds.pop(hold.hold_id, None) is None:
-            return False
         self.written.discard(hold.hold_id)
         self.times.pop(hold.hold_id, None)
+        if self.holds.pop(hold.hold_id, None) is None:
+            return False
         if hold.connection_id is not None:
             cid = hold.connection_id
             _take(self.held_by_connection, cid, hold.amount_nanos)
@@ -76,7 +86,7 @@ class Meter:
 
     def unwritten(self) -> int:
         """Holds with no row in the database (yet)."""
-        return sum(1 for h in self.holds if h not in self.written and h < 0)
+        return sum(1 for h in self.holds if h not in self.written)
 
     # ---- caches ------------------------------------------------------------
     def remember_connection(self, connection: Connection) -> None:

@@ -6,6 +6,7 @@ writer's transaction. Append new ones; never edit one that has shipped.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from typing import Callable
 
@@ -110,7 +111,78 @@ def m003_hold_generation(db: sqlite3.Connection) -> None:
     """)
 
 
-def m_periods_usage_dated_in_its_period(db: sqlite3.Connection) -> None:
+def m004_ids_never_reused(db: sqlite3.Connection) -> None:
+    # SQLite gives an INTEGER PRIMARY KEY without AUTOINCREMENT max(rowid)+1: after
+    # the last row is deleted its id comes back, and the money rows that named it
+    # (usage, periods, holds) are inherited by a stranger. Rebuilt with
+    # AUTOINCREMENT, each table's sqlite_sequence only ever grows; it starts above
+    # every id a money row names. A deleted app becomes a tombstone (its rows stay
+    # auditable); rows left by apps deleted before this version get tombstones too.
+    db.execute("ALTER TABLE apps ADD COLUMN deleted_at REAL")
+    for table, key in _SEQUENCED:
+        _rebuild_autoincrement(db, table, key)
+    db.execute(
+        "INSERT INTO apps (app_id, name, secret_hash, created_at, deleted_at) "
+        "SELECT app_id, '(deleted)', '', 0, 0 FROM (SELECT app_id FROM usage UNION "
+        "SELECT app_id FROM holds WHERE app_id IS NOT NULL) "
+        "WHERE app_id NOT IN (SELECT app_id FROM apps)")
+    db.execute(
+        "INSERT INTO connections (connection_id, app_id, app_user_id, state, created_at, "
+        "updated_at) SELECT connection_id, MIN(app_id), '(deleted #' || connection_id || ')', "
+        "'revoked', 0, 0 FROM (SELECT connection_id, app_id FROM usage UNION ALL "
+        "SELECT connection_id, app_id FROM holds WHERE app_id IS NOT NULL) "
+        "WHERE connection_id IS NOT NULL "
+        "AND connection_id NOT IN (SELECT connection_id FROM connections) GROUP BY connection_id")
+    db.execute(
+        "INSERT INTO grants (grant_id, app_id, token_hash, requests, used, spent_nanos, "
+        "created_at, expires_at) SELECT grant_id, MIN(app_id), 'deleted:' || grant_id, "
+        "COUNT(*), COUNT(*), SUM(cost_nanos), 0, 0 FROM usage WHERE grant_id IS NOT NULL "
+        "AND grant_id NOT IN (SELECT grant_id FROM grants) GROUP BY grant_id")
+    referenced = {
+        "connections": "SELECT MAX(connection_id) FROM (SELECT connection_id FROM usage UNION ALL "
+                       "SELECT connection_id FROM periods UNION ALL SELECT connection_id FROM "
+                       "holds UNION ALL SELECT connection_id FROM grants)",
+        "grants": "SELECT MAX(grant_id) FROM (SELECT grant_id FROM usage UNION ALL "
+                  "SELECT grant_id FROM holds)",
+    }
+    for table, sql in referenced.items():
+        raise_sequence(db, table, db.execute(sql).fetchone()[0] or 0)
+
+
+# Tables whose ids money rows (or reconciliation's paging) point at.
+_SEQUENCED = (("connections", "connection_id"), ("grants", "grant_id"), ("holds", "hold_id"),
+              ("usage", "usage_id"))
+
+
+def _rebuild_autoincrement(db: sqlite3.Connection, table: str, key: str) -> None:
+    """Recreate ``table`` with ``key`` AUTOINCREMENT, keeping its rows, constraints, indexes."""
+    create = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (table,)).fetchone()[0]
+    indexes = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                        "AND tbl_name = ? AND sql IS NOT NULL", (table,))]
+    new = f"{table}_rebuilt"
+    body, found = re.subn(rf"\b({key}\s+INTEGER\s+PRIMARY\s+KEY)\b", r"\1 AUTOINCREMENT",
+                          create.replace(table, new, 1), count=1)
+    assert found == 1, create
+    db.execute(body)
+    db.execute(f"INSERT INTO {new} SELECT * FROM {table}")
+    db.execute(f"DROP TABLE {table}")
+    db.execute(f"ALTER TABLE {new} RENAME TO {table}")
+    for sql in indexes:
+        db.execute(sql)
+    top = db.execute(f"SELECT MAX({key}) FROM {table}").fetchone()[0]
+    raise_sequence(db, table, top or 0)
+
+
+def raise_sequence(db: sqlite3.Connection, table: str, at_least: int) -> None:
+    """Make ``table``'s next AUTOINCREMENT id greater than ``at_least`` (and than 0)."""
+    at_least = max(0, at_least)
+    if db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?",
+                  (at_least, table)).rowcount == 0:
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, at_least))
+
+
+def m005_usage_dated_in_its_period(db: sqlite3.Connection) -> None:
     # A call belongs to the period it was admitted in, and its row is now dated at
     # its admission. Rows written before were dated at their settlement: one
     # admitted before a month's end and settled after it carried the next month's
@@ -134,7 +206,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m001_initial,
     m002_grants_presence_and_call_details,
     m003_hold_generation,
-    m_periods_usage_dated_in_its_period,
+    m004_ids_never_reused,
+    m005_usage_dated_in_its_period,
 )
 
 

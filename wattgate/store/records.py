@@ -16,6 +16,7 @@ class App:
     secret_hash: str
     origins: tuple[str, ...]
     created_at: float
+    deleted_at: float | None = None  # a deleted app's tombstone keeps its history
 
 
 @dataclass(frozen=True)

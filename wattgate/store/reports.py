@@ -111,7 +111,7 @@ class ReportsMixin:
         params: dict[str, Any] = {"since": since, "until": until, "app": app_id}
         # Both forms probe the usage_by_app index (app_id, created_at).
         sql += " AND app_id = :app" if app_id is not None else \
-            " AND app_id IN (SELECT app_id FROM apps)"
+            " AND app_id IN (SELECT app_id FROM apps WHERE deleted_at IS NULL)"
         sql += " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
         return await self._report(
             lambda db: [DaySpend(*r) for r in db.execute(sql, params).fetchall()])
@@ -124,7 +124,7 @@ class ReportsMixin:
                "WHERE u.created_at >= :since AND u.created_at < :until")
         params: dict[str, Any] = {"since": since, "until": until, "app": app_id, "n": limit}
         sql += " AND u.app_id = :app" if app_id is not None else \
-            " AND u.app_id IN (SELECT app_id FROM apps)"
+            " AND u.app_id IN (SELECT app_id FROM apps WHERE deleted_at IS NULL)"
         sql += " GROUP BY 1, 2, 3 ORDER BY 5 DESC, 4 DESC LIMIT :n"
         return await self._report(
             lambda db: [PayerSpend(*r) for r in db.execute(sql, params).fetchall()])
@@ -156,7 +156,8 @@ class ReportsMixin:
                "(SELECT COUNT(*) FROM usage u WHERE u.app_id = a.app_id AND u.provisional = 1 "
                " AND u.created_at >= :since AND u.created_at < :until), "
                "(SELECT COUNT(*) FROM connections c WHERE c.app_id = a.app_id "
-               " AND c.state = 'active' AND c.sealed_key IS NOT NULL) FROM apps a")
+               " AND c.state = 'active' AND c.sealed_key IS NOT NULL) FROM apps a "
+               "WHERE a.deleted_at IS NULL")
         return await self._report(lambda db: {
             r[0]: AppTotals(*r) for r in db.execute(sql, {"since": since, "until": until})})
 

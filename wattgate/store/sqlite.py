@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
+from .audit import audit
 from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -272,6 +273,7 @@ class SQLiteStore(ReportsMixin):
         self._writer = _Writer(self._write_db, self.path)
         self._apps_epoch = 0
         self._meter = Meter()
+        self._note_hold_ids()
         self._seen_version: int | None = None
         self._version_fresh = False  # data_version read in this turn of the loop
         self._lock_fd: int | None = None
@@ -328,12 +330,17 @@ class SQLiteStore(ReportsMixin):
         if version != self._seen_version:
             self._seen_version = version
             self._meter.forget()
+            self._note_hold_ids()
         try:
             asyncio.get_running_loop().call_soon(self._expire_version)
         except RuntimeError:  # no loop (a synchronous caller): check every time
             return True
         self._version_fresh = True
         return True
+
+    def _note_hold_ids(self) -> None:
+        row = self._one("SELECT seq FROM sqlite_sequence WHERE name = 'holds'")
+        self._meter.ids_above(row[0] if row else 0)
 
     def _expire_version(self) -> None:
         self._version_fresh = False
@@ -394,18 +401,20 @@ class SQLiteStore(ReportsMixin):
             self._apps_epoch += 1
         return App(app_id, name, secret_hash, origins, now)
 
-    async def get_app(self, app_id: str) -> App | None:
-        row = self._one("SELECT app_id, name, secret_hash, created_at FROM apps WHERE app_id = ?",
-                        (app_id,))
-        if row is None:
+    async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
+        """The app, or None; a deleted app's tombstone only when ``deleted`` (for its history)."""
+        row = self._one("SELECT app_id, name, secret_hash, created_at, deleted_at FROM apps "
+                        "WHERE app_id = ?", (app_id,))
+        if row is None or (row[4] is not None and not deleted):
             return None
         origins = tuple(r[0] for r in self._all(
             "SELECT origin FROM app_origins WHERE app_id = ? ORDER BY origin", (app_id,)))
-        return App(row[0], row[1], row[2], origins, row[3])
+        return App(row[0], row[1], row[2], origins, row[3], row[4])
 
     async def list_apps(self) -> list[App]:
         apps = []
-        for (app_id,) in self._all("SELECT app_id FROM apps ORDER BY created_at, app_id"):
+        for (app_id,) in self._all("SELECT app_id FROM apps WHERE deleted_at IS NULL "
+                                   "ORDER BY created_at, app_id"):
             app = await self.get_app(app_id)
             if app is not None:
                 apps.append(app)
@@ -413,16 +422,34 @@ class SQLiteStore(ReportsMixin):
 
     async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
         def op(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE apps SET secret_hash = :h WHERE app_id = :a",
+            return db.execute("UPDATE apps SET secret_hash = :h WHERE app_id = :a "
+                              "AND deleted_at IS NULL",
                               {"h": secret_hash, "a": app_id}).rowcount == 1
         try:
             return await self._writer.run(op)
         finally:
             self._apps_epoch += 1
 
-    async def delete_app(self, app_id: str) -> bool:
+    async def delete_app(self, app_id: str, *, now: float) -> bool:
+        """Delete an app: its credentials, origins, funding keys and grants stop at once.
+
+        The app's row stays as a tombstone and its connections and grants as
+        revoked rows without keys, so its spend history stays exportable and
+        auditable, and no id it used is ever handed to anyone else (ids come
+        from AUTOINCREMENT sequences). A call of the app still in flight
+        settles to its own (dead) connection or grant, never to another's.
+        """
         def op(db: sqlite3.Connection) -> bool:
-            return db.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
+            params = {"a": app_id, "t": now, "revoked": REVOKED}
+            if db.execute("UPDATE apps SET deleted_at = :t, secret_hash = '' WHERE app_id = :a "
+                          "AND deleted_at IS NULL", params).rowcount != 1:
+                return False
+            db.execute("DELETE FROM app_origins WHERE app_id = :a", params)
+            db.execute("UPDATE connections SET state = :revoked, sealed_key = NULL, "
+                       "browser_hash = NULL, updated_at = :t WHERE app_id = :a", params)
+            db.execute("UPDATE grants SET sealed_key = NULL, expires_at = MIN(expires_at, :t) "
+                       "WHERE app_id = :a", params)
+            return True
         try:
             return await self._writer.run(op, self._forget_connections)
         finally:
@@ -431,7 +458,8 @@ class SQLiteStore(ReportsMixin):
     async def set_origins(self, app_id: str, add: Iterable[str] = (),
                           remove: Iterable[str] = ()) -> bool:
         def op(db: sqlite3.Connection) -> bool:
-            if db.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone() is None:
+            if db.execute("SELECT 1 FROM apps WHERE app_id = ? AND deleted_at IS NULL",
+                          (app_id,)).fetchone() is None:
                 return False
             db.executemany("INSERT OR IGNORE INTO app_origins (app_id, origin) VALUES (?, ?)",
                            [(app_id, o) for o in add])
@@ -616,7 +644,7 @@ class SQLiteStore(ReportsMixin):
         return hold
 
     def _has_row(self, hold: Hold) -> bool:
-        return hold.hold_id > 0 or hold.hold_id in self._meter.written
+        return hold.hold_id in self._meter.written
 
     def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
         """Release the hold and debit the usage, in one transaction.
@@ -698,7 +726,7 @@ class SQLiteStore(ReportsMixin):
         if hold.hold_id not in self._meter.holds:
             return None
         params = {"g": generation_id, "a": app_id, "m": model[:200], "h": hold.hold_id}
-        if hold.hold_id > 0:  # a grant's hold: its row exists since admission
+        if self._has_row(hold):  # a grant's hold: its row exists since admission
             def op(db: sqlite3.Connection) -> None:
                 db.execute("UPDATE holds SET generation_id = :g, app_id = :a, model = :m "
                            "WHERE hold_id = :h", params)
@@ -744,6 +772,13 @@ class SQLiteStore(ReportsMixin):
              "limit": limit})
         return [(r[-1], _usage(r), r[-2]) for r in rows]
 
+    async def recent_final_usage(self, limit: int) -> list[tuple[int, Usage]]:
+        """(usage id, row) of the latest final rows that name a real generation, newest first."""
+        rows = self._all(
+            f"SELECT {_USAGE_COLS}, usage_id FROM usage WHERE provisional = 0 "
+            "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id DESC LIMIT ?", (limit,))
+        return [(r[-1], _usage(r)) for r in rows]
+
     async def provisional_of_connection(self, connection_id: int,
                                         limit: int = 100) -> list[Usage]:
         """A connection's provisional rows that name a real generation, oldest first."""
@@ -788,43 +823,8 @@ class SQLiteStore(ReportsMixin):
         return row[0] if row else 0
 
     async def check(self, *, now: float, hold_ttl: float) -> list[str]:
-        """Every way the ledger disagrees with itself, as sentences (empty: consistent)."""
-        problems = []
-        for cid, period, spent, rows in self._all(
-                "SELECT p.connection_id, p.period, p.spent_nanos, "
-                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u "
-                " WHERE u.connection_id = p.connection_id AND u.period = p.period) "
-                "FROM periods p"):
-            if spent != rows:
-                problems.append(f"connection {cid} period {period}: aggregate {spent} "
-                                f"nano-USD but its rows sum to {rows}")
-        for cid, period, rows in self._all(
-                "SELECT connection_id, period, SUM(cost_nanos) FROM usage u "
-                "WHERE connection_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM periods p "
-                "WHERE p.connection_id = u.connection_id AND p.period = u.period) "
-                "GROUP BY connection_id, period"):
-            if rows:
-                problems.append(f"connection {cid} period {period}: rows sum to {rows} "
-                                "nano-USD but no aggregate exists")
-        for gid, spent, held, rows, holds in self._all(
-                "SELECT g.grant_id, g.spent_nanos, g.held_nanos, "
-                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
-                "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id) "
-                "FROM grants g"):
-            if spent != rows or held != holds:
-                problems.append(f"grant {gid}: spent {spent}/held {held} but rows sum to "
-                                f"{rows} and holds to {holds}")
-        for hold_id, created in self._all("SELECT hold_id, created_at FROM holds "
-                                          "WHERE created_at < ?", (now - hold_ttl,)):
-            problems.append(f"hold {hold_id} is {int(now - created)} s old "
-                            f"(bound {int(hold_ttl)} s)")
-        # A call is the period's it was admitted in, and its row is dated at its admission.
-        for generation_id, period, created in self._all(
-                "SELECT generation_id, period, created_at FROM usage "
-                "WHERE strftime('%Y-%m', created_at, 'unixepoch') != period"):
-            problems.append(f"call {generation_id} of period {period} is dated outside it "
-                            f"({created})")
-        return problems
+        """Every way the ledger disagrees with itself, as sentences naming the row (see audit)."""
+        return audit(self._read, now=now, hold_ttl=hold_ttl)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
         """Drop a hold without spend (the call never reached the model).
@@ -838,8 +838,7 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> None:
             dropped = _drop_hold(db, hold)
             if dropped and refund_request and hold.grant_id is not None:
-                db.execute("UPDATE grants SET used = used - 1 WHERE grant_id = ? AND used > 0",
-                           (hold.grant_id,))
+                _refund_request(db, hold.grant_id)
         return self._shielded(self._writer.run(op, lambda _: self._meter.remove(hold)), hold,
                               lambda _: None)
 
@@ -849,7 +848,7 @@ class SQLiteStore(ReportsMixin):
         A hold whose upstream generation was already named may have been
         billed: it becomes a provisional row at its estimate, for
         reconciliation, never a silent $0. A hold with no generation never
-        reached the model and is simply released.
+        reached the model and is released, a grant's request given back.
         """
         def op(db: sqlite3.Connection) -> int:
             sql = ("SELECT hold_id, connection_id, grant_id, period, amount_nanos, "
@@ -862,7 +861,9 @@ class SQLiteStore(ReportsMixin):
             for r in rows:
                 hold = Hold(*r[:5])
                 _drop_hold(db, hold)
-                if r[5] is None:
+                if r[5] is None:  # never reached the model: a grant gets its request back
+                    if hold.grant_id is not None:
+                        _refund_request(db, hold.grant_id)
                     continue
                 inserted = db.execute(
                     "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, "
@@ -976,15 +977,16 @@ class SQLiteStore(ReportsMixin):
                     raise GrantInvalid("The connection funding this grant was revoked.")
             db.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + ? "
                        "WHERE grant_id = ?", (amount_nanos, grant.grant_id))
-            cur = db.execute("INSERT INTO holds (connection_id, grant_id, period, amount_nanos, "
-                             "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                             (grant.connection_id, grant.grant_id, period, amount_nanos, now,
-                              expires_at))
-            hold = Hold(_rowid(cur), grant.connection_id, grant.grant_id, period, amount_nanos)
+            db.execute("INSERT INTO holds (hold_id, connection_id, grant_id, period, "
+                       "amount_nanos, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (hold_id, grant.connection_id, grant.grant_id, period, amount_nanos, now,
+                        expires_at))
+            hold = Hold(hold_id, grant.connection_id, grant.grant_id, period, amount_nanos)
             used = grant.used + 1
             grant = dataclasses.replace(grant, used=used, held_nanos=grant.held_nanos + amount_nanos)
             return grant, hold
-        grant, hold = await self._writer.run(op)
+        hold_id = self._meter.new_id()  # the ledger's sequence, shared with admit's holds
+        grant, hold = await self._writer.run(op, lambda r: self._meter.written.add(r[1].hold_id))
         # The funding connection's cap, against every hold of this process: checked
         # and taken with no await in between, like ``admit``.
         if grant.connection_id is not None:
@@ -1050,6 +1052,10 @@ def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: i
     db.execute("INSERT INTO periods (connection_id, period, spent_nanos) VALUES (?, ?, ?) "
                "ON CONFLICT (connection_id, period) DO UPDATE SET spent_nanos = spent_nanos + ?",
                (connection_id, period, nanos, nanos))
+
+
+def _refund_request(db: sqlite3.Connection, grant_id: int) -> None:
+    db.execute("UPDATE grants SET used = used - 1 WHERE grant_id = ? AND used > 0", (grant_id,))
 
 
 def _drop_hold(db: sqlite3.Connection, hold: Hold) -> bool:
