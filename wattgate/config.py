@@ -114,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve /metrics to any client. false: loopback clients only (a request that "
             "came through a reverse proxy is not loopback), unless token_file is set."),
     Setting("metrics", "token_file", str, "",
-            "File holding a bearer token (16+ characters) that lets a remote scraper read "
+            "File holding a bearer token (32+ random characters) that lets a remote scraper read "
             "/metrics. Empty: no token."),
     Setting("oauth", "auth_base", str, "https://openrouter.ai",
             "Where \"Connect with OpenRouter\" sends the user: {auth_base}/auth with a "
