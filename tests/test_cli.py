@@ -343,7 +343,7 @@ def test_serve_log_level(env, tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert f"listening on http://127.0.0.1:{port}" in out
-    assert "DEBUG" in err
+    assert "level=debug" in err  # logfmt text lines
     assert wattgate(env, "serve", "--log-level", "loud").returncode == 2  # argparse usage
 
 
