@@ -132,3 +132,25 @@ async def test_keep_alive_requests_each_get_their_own_header_window(make_harness
             async with http.get(h.url + "/healthz") as r:
                 assert r.status == 200
             await asyncio.sleep(0.8)
+
+
+async def test_a_head_stalled_behind_a_streaming_answer_does_not_cut_that_answer(make_harness):
+    # A pipelining client that sends half of its next request while an answer streams: the
+    # header timeout ends the connection only after that answer has been sent in full.
+    h = await make_harness(LIMITS)
+    app = await h.create_app()
+    await h.connect(app, "lena", monthly_usd=5)
+    h.fake.chunk_delay, h.fake.pieces = 0.5, 8
+    body = json.dumps({"model": "openai/gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = chat_head(app, "lena", len(body)).replace(b"Connection: close", b"X-A: b")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(h))
+    started = time.monotonic()
+    writer.write(head + body)
+    await asyncio.sleep(0.5)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more
+    answer = await asyncio.wait_for(reader.read(-1), 20)  # until the server closes
+    writer.close()
+    assert time.monotonic() - started > 3.0
+    assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer
+    assert b"/healthz" not in answer and answer.count(b"HTTP/1.1 ") == 1

@@ -27,12 +27,12 @@ import json
 import logging
 import math
 import os
-import string
 import secrets
 import stat
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from .errors import ConfigError
 

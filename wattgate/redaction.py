@@ -24,7 +24,8 @@ _VALUE = r"[^\r\n\"'\\]*"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b((?:proxy-)?authorization|(?:set-)?cookie|x-wattfare-grant)"
                 r"(\s*[:=]\s*)" + _VALUE), r"\1\2" + REDACTED),
-    (re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s\"'\\,;]+"), r"\1\2" + REDACTED),
+    (re.compile(r"(?i)\b(bearer)(\s+)[^\s\"'\\,;]+"), r"\1\2" + REDACTED),
+    (re.compile(r"(?i)\b(basic)(\s+)[A-Za-z0-9+/]{8,}=*"), r"\1\2" + REDACTED),
     (re.compile(r"\bsk_(live|test)_[A-Za-z0-9_\-]*"), r"sk_\1_" + REDACTED),
     (re.compile(r"\bsk-or-[A-Za-z0-9_\-]*"), "sk-or-" + REDACTED),
     (re.compile(r"\bwfg_[A-Za-z0-9_\-]*"), "wfg_" + REDACTED),

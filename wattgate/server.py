@@ -7,12 +7,16 @@ for ever. ``GuardedRequestHandler`` adds the two missing bounds:
 
 - ``server.header_timeout``: from the first byte of a request's line and
   headers until the last; past it the client gets a 408 with the error body
-  (when no answer is under way on that connection) and is disconnected.
+  and is disconnected (after the answer under way, if a pipelining client
+  stalled behind one).
 - ``server.body_timeout``: from the end of the headers until the body's last
   byte; past it the handler's read fails with ``RequestTimeout`` (408, the
   error body) and the connection closes after that answer. Handlers read the
   body before they admit a call, so a slow body never holds a budget hold.
 
+(A head's clock starts with the first packet that carries part of it without
+completing it; a partial head that came in one packet with the request before
+it, and nothing after, is an idle connection: ``keepalive_timeout`` ends it.)
 Both bound what the client sends, never what we send: a streamed answer runs
 as long as the upstream does. The hot path stays cheap: a head or body that
 arrives whole with its first packet arms no timer at all.
@@ -116,12 +120,15 @@ class GuardedRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None or self._force_close:
             return
-        log.info("closed a connection from %s: request headers took longer than %gs",
+        log.info("closing a connection from %s: request headers took longer than %gs",
                  _peer(transport), self._limits.header_timeout)
-        if self._current_request is None and self._waiter is not None:  # no answer under way
-            transport.write(_raw_response(
-                RequestTimeout("The request headers did not arrive in time."),
-                "Request Timeout"))
+        if self._current_request is not None:
+            # A pipelined head stalled behind an answer still streaming: let that answer
+            # finish (what we send is not bounded here), read nothing more, then close.
+            self.close()
+            return
+        transport.write(_raw_response(
+            RequestTimeout("The request headers did not arrive in time."), "Request Timeout"))
         self.force_close()
 
     def _body_timed_out(self) -> None:
