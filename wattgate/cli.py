@@ -275,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # never a traceback; the log has it at debug level
+        from .redaction import redact
+
         logging.getLogger("wattgate").debug("command failed", exc_info=True)
-        print(f"wattgate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        # An exception's text may quote what it failed on: never a secret on stderr.
+        print(redact(f"wattgate: error: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
 
 

@@ -226,3 +226,4 @@ def configure(level: str, fmt: str) -> None:
         if not any(isinstance(f, Redactor) for f in handler.filters):
             handler.addFilter(Redactor())
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # library warnings reach the handlers, so the redactor too
