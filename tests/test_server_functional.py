@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import aiohttp
@@ -15,14 +16,15 @@ CHAT = json.dumps({"model": "openai/gpt-4o-mini",
                    "messages": [{"role": "user", "content": "hello " * 50}]}).encode()
 
 
-async def trickle(port: int, head: bytes, body: bytes, *, every: float,
-                  piece: int = 1) -> tuple[bytes, int, float]:
-    """Send ``head`` then ``body`` ``piece`` bytes every ``every`` seconds after the first
-    line; read the answer until the server closes. (answer, bytes sent, seconds taken)."""
+async def trickle(port: int, head: bytes, body: bytes, *, every: float, piece: int = 1,
+                  whole_head: bool = False) -> tuple[bytes, int, float]:
+    """Send the first line (or with ``whole_head`` the whole head) at once, the rest
+    ``piece`` bytes every ``every`` seconds; read the answer until the server closes.
+    (answer, bytes sent, seconds taken)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
     data = head + body
-    first = data.index(b"\r\n") + 2
+    first = len(head) if whole_head else data.index(b"\r\n") + 2
     sent = 0
     try:
         writer.write(data[:first])
@@ -78,14 +80,15 @@ async def test_a_body_slower_than_the_body_timeout_gets_408_and_holds_nothing(ma
     app = await h.create_app()
     await h.connect(app, "lena", monthly_usd=5)
     task = asyncio.create_task(trickle(port_of(h), chat_head(app, "lena", len(CHAT)),
-                                       CHAT, every=0.25, piece=4))
+                                       CHAT, every=0.25, piece=4, whole_head=True))
     await asyncio.sleep(1.0)
     assert await h.gw.store.open_holds() == 0  # reading the body holds no budget
     answer, sent, took = await task
     assert sent < len(chat_head(app, "lena", len(CHAT))) + len(CHAT)
     assert 1.5 <= took < 4.5
     status, body = status_and_body(answer)
-    assert status == 408 and body["error"]["code"] == "request_timeout"
+    assert status == 408 and body["error"] == {
+        "code": "request_timeout", "message": "The request body did not arrive in time."}
     assert await h.gw.store.open_holds() == 0 and h.fake.calls == []
     assert (await h.status(app, "lena"))["remainingUsd"] == 5
     # The gateway still serves the next client at once.
@@ -154,3 +157,18 @@ async def test_a_head_stalled_behind_a_streaming_answer_does_not_cut_that_answer
     assert time.monotonic() - started > 3.0
     assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer
     assert b"/healthz" not in answer and answer.count(b"HTTP/1.1 ") == 1
+
+
+async def test_a_slow_body_nobody_reads_ends_quietly(make_harness, caplog):
+    # Refused before its body is read (a wrong key): the answer leaves at once, and the
+    # body deadline passing later is no error of the gateway's.
+    caplog.set_level(logging.DEBUG)
+    h = await make_harness(LIMITS)
+    app = await h.create_app()
+    app.secret_key = app.secret_key[:-4] + "XXXX"
+    answer, _, took = await trickle(port_of(h), chat_head(app, "lena", len(CHAT)), CHAT,
+                                    every=0.25, piece=4, whole_head=True)
+    assert status_and_body(answer)[0] == 401, (answer, took)
+    await asyncio.sleep(2.0)  # past the body timeout
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -63,6 +63,12 @@ class ClientLimits:
                    config.server_keepalive_timeout)
 
 
+class _BodyTimeout(RequestTimeout, TimeoutError):
+    """The body deadline, as the payload's error: a handler reading the body gets the 408
+    body (``RequestTimeout``); aiohttp's own read of a body nobody wanted (its lingering
+    close) takes it for the timeout it already expects, not an unhandled error."""
+
+
 def _raw_response(error: WattgateError, reason: str) -> bytes:
     body = json.dumps(error.body()).encode()
     head = (f"HTTP/1.1 {error.status} {reason}\r\nContent-Type: application/json\r\n"
@@ -138,7 +144,7 @@ class GuardedRequestHandler(RequestHandler):
         if self.transport is not None:
             log.info("gave up on a request body from %s: slower than %gs",
                      _peer(self.transport), self._limits.body_timeout)
-        payload.set_exception(RequestTimeout())
+        payload.set_exception(_BodyTimeout())
         payload.feed_eof()  # nothing more is read: no lingering wait for the rest
         self.close()  # answer this request, then close: the unread rest is not a request
 
