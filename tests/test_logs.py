@@ -378,5 +378,6 @@ def test_every_record_through_the_root_handler_is_redacted(capsys):
             logging.getLogger("aiohttp.server").exception("Error handling %s", PRESENCE)
     finally:
         root.handlers, root.level = saved
+        logging.captureWarnings(False)
     err = capsys.readouterr().err
     assert LEAKED not in err and "ValueError" in err and len(err.strip().splitlines()) == 1
