@@ -16,6 +16,7 @@ from wattgate.app import create_app
 from wattgate.config import load_config
 from wattgate.credentials import mint_credentials
 from wattgate.fakeupstream import FakeOpenRouter, create_fake_openrouter
+from wattgate.server import ClientLimits, ServerRunner
 from wattgate.views.state import gateway_key
 
 FUNDING_KEY = "sk-or-v1-" + "f" * 48
@@ -131,9 +132,9 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type:
         values.update(env or {})
         config = load_config(None, env=values)
         app = create_app(config, clock=clock_fn or clock)
-        # Served as `wattgate serve` serves it (web.run_app's defaults): a handler runs
-        # on when its client disconnects. (aiohttp's test server would cancel it.)
-        runner = web.AppRunner(app, access_log=None)
+        # Served as `wattgate serve` serves it (its runner and client limits): a handler
+        # runs on when its client disconnects. (aiohttp's test server would cancel it.)
+        runner = ServerRunner(app, limits=ClientLimits.from_config(config), access_log=None)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", port).start()

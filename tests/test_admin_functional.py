@@ -80,6 +80,23 @@ async def test_wrong_token_is_refused_then_rate_limited(harness):
     assert (await c.page("/admin/apps"))[0] == 303  # still signed out
 
 
+async def test_past_the_limit_even_the_right_token_is_refused_until_the_window_passes(
+        make_harness, clock):
+    # Judged before the limiter, a right guess would still sign in while wrong ones got
+    # 429: an attacker would just keep guessing and wait for the one 303.
+    h = await make_harness()
+    c = Console(h)
+    _open.append(c)
+    for _ in range(10):
+        assert (await c.post("/admin/login", {"token": "guess"})).status == 401
+    r = await c.post("/admin/login", {"token": h.gw.keys.admin_token})
+    assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+    assert (await c.page("/admin/apps"))[0] == 303  # still signed out
+    clock.advance(int(r.headers["Retry-After"]))
+    assert (await c.post("/admin/login", {"token": h.gw.keys.admin_token})).status == 303
+    assert (await c.page("/admin/apps"))[0] == 200
+
+
 async def test_posts_need_the_session_csrf_token(harness):
     c = await sign_in(harness)
     form = {"name": "X", "origins": "https://x.example"}

@@ -257,6 +257,14 @@ def test_bad_config_file(env, tmp_path):
                           "not found")
 
 
+@pytest.mark.parametrize("token", ["4821", "Password1!", "a" * 40, "0123456789abcdef" * 2])
+def test_a_guessable_admin_token_refuses_to_serve(env, token):
+    # A 4-digit token was guessed in 0.6 s: the server must not start with one.
+    result = wattgate(env | {"WATTGATE_ADMIN_TOKEN": token}, "serve", "--port", str(free_port()))
+    assert_one_line_error(result, "WATTGATE_ADMIN_TOKEN", "too weak")
+    assert token not in result.stderr + result.stdout
+
+
 def test_unknown_key_in_toml(env, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nprot = 8080\n")
@@ -335,7 +343,7 @@ def test_serve_log_level(env, tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert f"listening on http://127.0.0.1:{port}" in out
-    assert "DEBUG" in err
+    assert "level=debug" in err  # logfmt text lines
     assert wattgate(env, "serve", "--log-level", "loud").returncode == 2  # argparse usage
 
 

@@ -6,8 +6,12 @@ from decimal import Decimal
 
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattgate.app import create_app
+from wattgate.config import load_config
+from wattgate.errors import ConfigError
 from wattgate.money import usd_to_nanos
 
 
@@ -107,9 +111,27 @@ async def test_proxied_request_is_not_loopback(harness):
         assert (await r.json())["error"]["code"] == "forbidden"
 
 
-async def test_token_lets_a_remote_scraper_in(make_harness, tmp_path):
+SCRAPE_TOKEN = "scrape-token-Q7vX2mK9pL4wR8tZ3nB6cY1d"
+
+
+async def test_a_guessable_metrics_token_refuses_to_start(tmp_path):
+    # No limiter stands before this comparison: the token's strength is the defence.
     token_file = tmp_path / "metrics.token"
     token_file.write_text("scrape-token-0123456789\n")
+    config = load_config(None, env={"WATTGATE_DATABASE__PATH": str(tmp_path / "w.db"),
+                                    "WATTGATE_METRICS__TOKEN_FILE": str(token_file)})
+    runner = web.AppRunner(create_app(config))
+    try:
+        with pytest.raises(ConfigError, match="metrics.token_file .* too weak") as e:
+            await runner.setup()
+        assert "0123456789" not in str(e.value)
+    finally:
+        await runner.cleanup()
+
+
+async def test_token_lets_a_remote_scraper_in(make_harness, tmp_path):
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(SCRAPE_TOKEN + "\n")
     h = await make_harness({"WATTGATE_METRICS__TOKEN_FILE": str(token_file)})
     remote = {"Forwarded": "for=203.0.113.9"}
     async with h.http.get(h.url + "/metrics", headers=remote) as r:
@@ -117,7 +139,7 @@ async def test_token_lets_a_remote_scraper_in(make_harness, tmp_path):
     async with h.http.get(h.url + "/metrics", headers={
             **remote, "Authorization": "Bearer wrong-token-0123456789"}) as r:
         assert r.status == 401
-    await scrape(h, headers={**remote, "Authorization": "Bearer scrape-token-0123456789"})
+    await scrape(h, headers={**remote, "Authorization": f"Bearer {SCRAPE_TOKEN}"})
 
 
 async def test_allow_remote_and_disabled(make_harness):

@@ -45,9 +45,8 @@ def _run(config: Config, fn: Callable[[Gateway], Awaitable[Any]]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from aiohttp import web
-
     from .app import create_app
+    from .server import run
 
     changes = {}
     if args.host:
@@ -57,13 +56,11 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     config = config.replace(**changes) if changes else config
     app = create_app(config)
 
-    def ready(_: str) -> None:  # run_app calls this once the socket listens
+    def ready() -> None:  # once the socket listens
         print(f"wattgate listening on http://{config.server_host}:{config.server_port} "
               f"(database {config.database_file}, keys {config.keys_path})", flush=True)
     try:
-        web.run_app(app, host=config.server_host, port=config.server_port, print=ready,
-                    access_log=None,
-                    shutdown_timeout=config.server_shutdown_timeout)
+        run(app, config, ready)
     except OSError as e:
         raise CommandError(f"cannot listen on {config.server_host}:{config.server_port}: "
                            f"{e.strerror or e}") from None
@@ -301,8 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # never a traceback; the log has it at debug level
+        from .redaction import redact
+
         logging.getLogger("wattgate").debug("command failed", exc_info=True)
-        print(f"wattgate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        # An exception's text may quote what it failed on: never a secret on stderr.
+        print(redact(f"wattgate: error: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
 
 

@@ -52,6 +52,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "shutdown_timeout", float, 30.0,
             "On SIGTERM: seconds running calls may take to finish (and settle) after the "
             "gateway stops accepting new ones.", 0),
+    Setting("server", "header_timeout", float, 10.0,
+            "Seconds a client may take to send a request's line and headers, from their "
+            "first byte; a slower client is disconnected. Idle keep-alive connections are "
+            "closed after keepalive_timeout.", 0.1),
+    Setting("server", "body_timeout", float, 60.0,
+            "Seconds a client may take to send a request's body, from the end of its "
+            "headers; a slower one gets 408 and the connection is closed. Bounds what "
+            "clients send, never how long an answer streams to them.", 0.1),
+    Setting("server", "keepalive_timeout", float, 75.0,
+            "Seconds an idle connection (or one that has sent nothing yet) stays open.",
+            0.1),
     Setting("database", "path", str, "wattgate.db",
             "SQLite ledger file. Relative paths are relative to the working folder."),
     Setting("keys", "file", str, "",
@@ -107,7 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Allow connections with monthlyUsd: null (no cap). Development only."),
     Setting("log", "level", str, "info", "debug, info, warning or error."),
     Setting("log", "format", str, "text",
-            "text (time level logger message key=value) or json (one object per line). "
+            "text (logfmt: time= level= logger= msg= then the fields, values quoted as "
+            "needed) or json (one object per line). "
             "Either way there is one line per request: request id, route, status, "
             "latency, app, user id hash, model, cost; never keys, tokens or prompts."),
     Setting("metrics", "enabled", bool, True, "Serve Prometheus metrics at GET /metrics."),
@@ -115,7 +127,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve /metrics to any client. false: loopback clients only (a request that "
             "came through a reverse proxy is not loopback), unless token_file is set."),
     Setting("metrics", "token_file", str, "",
-            "File holding a bearer token (16+ characters) that lets a remote scraper read "
+            "File holding a bearer token (32+ random characters) that lets a remote scraper read "
             "/metrics. Empty: no token."),
     Setting("oauth", "auth_base", str, "https://openrouter.ai",
             "Where \"Connect with OpenRouter\" sends the user: {auth_base}/auth with a "

@@ -36,6 +36,7 @@ from .app import create_app
 from .config import load_config
 from .credentials import mint_credentials
 from .fakeupstream import MODELS, FakeModel, FakeOpenRouter, create_fake_openrouter
+from .server import ClientLimits, ServerRunner
 from .views.pages import STATIC, page_data, render
 from .views.state import gateway_key
 
@@ -81,8 +82,11 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def _serve(app: web.Application, sock: socket.socket,
+                 limits: ClientLimits | None = None) -> web.AppRunner:
+    # The gateway is served as `wattgate serve` serves it, client limits included.
+    runner = (ServerRunner(app, limits=limits, access_log=None) if limits is not None
+              else web.AppRunner(app, access_log=None))
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner
@@ -116,7 +120,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
         "WATTGATE_OAUTH__API_BASE": fake_url + "/api/v1",
     })
     gateway = create_app(config, clock=clock)
-    runners.append(await _serve(gateway, gw_sock))
+    runners.append(await _serve(gateway, gw_sock, ClientLimits.from_config(config)))
     gw = gateway[gateway_key]
     creds = mint_credentials()
     await gw.store.create_app(creds.app_id, APP_NAME, gw.hash(creds.secret), [app_url],

@@ -11,6 +11,7 @@ status and the reference API's ``code``; the error middleware in
     ├── MetricsForbidden     403 forbidden          (wattgate addition, /metrics only)
     ├── NotFound             404 not_found          (wattgate addition)
     ├── MethodNotAllowed     405 method_not_allowed (wattgate addition)
+    ├── RequestTimeout       408 request_timeout    (wattgate addition)
     ├── PayloadTooLarge      413 payload_too_large  (wattgate addition)
     ├── PaymentError         402 (abstract)
     │   ├── NotConnected     402 not_connected
@@ -91,6 +92,12 @@ class MethodNotAllowed(WattgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": self.allow} if self.allow else {}
+
+
+class RequestTimeout(WattgateError):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
 
 
 class PayloadTooLarge(WattgateError):

@@ -12,6 +12,12 @@ first use (next to the database unless ``[keys] file`` says otherwise):
   ``wattgate keys rotate`` adds a key, makes it active and re-seals every
   stored funding key; old keys stay so that nothing becomes unreadable.
 - ``admin_token`` (``WATTGATE_ADMIN_TOKEN``): the admin console's login.
+
+Secrets an operator may choose (the admin token, the JWT secret, the metrics
+token) must be strong enough that guessing is hopeless whatever a limiter
+allows: ``check_strong`` refuses, at start, one shorter than 32 characters or
+with less than about 128 bits by a character-class estimate. Every generated
+default passes. The hash key must be at least 16 bytes.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import secrets
 import stat
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from .errors import ConfigError
 
@@ -55,6 +63,42 @@ def _unb64(text: str, what: str) -> bytes:
     except (ValueError, TypeError):
         raise ConfigError(f"{what} is not valid base64") from None
     return data
+
+
+MIN_SECRET_CHARS = 32
+MIN_SECRET_BITS = 128
+MIN_DISTINCT_CHARS = 8
+MIN_HASH_KEY_BYTES = 16
+_CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits)
+
+
+def secret_bits(value: str) -> float:
+    """A generous estimate of a secret's entropy: length × log2(its alphabet).
+
+    The alphabet is the union of the character classes used (hex digits alone
+    count as 16). It overrates a chosen phrase; the length and distinct-character
+    floors in ``check_strong`` catch the rest of the usual weak choices.
+    """
+    if value and all(c in string.hexdigits for c in value):
+        pool = 16
+    else:
+        pool = sum(len(cls) for cls in _CLASSES if any(c in cls for c in value))
+        if any(not c.isalnum() for c in value):
+            pool += 32
+    return len(value) * math.log2(pool) if pool > 1 else 0.0
+
+
+def check_strong(value: str, name: str) -> None:
+    """ConfigError naming ``name`` (never the value) when the secret is guessable."""
+    fix = ("use a random one, e.g. python -c \"import secrets; "
+           "print(secrets.token_urlsafe(32))\"")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{name} is too weak: {len(value)} characters, at least "
+                          f"{MIN_SECRET_CHARS} needed; {fix}")
+    repeats = value in (value + value)[1:-1]  # "abcabc…", "0123456789" * 4
+    if repeats or len(set(value)) < MIN_DISTINCT_CHARS or secret_bits(value) < MIN_SECRET_BITS:
+        raise ConfigError(f"{name} is too weak: not random enough (about "
+                          f"{MIN_SECRET_BITS} bits needed); {fix}")
 
 
 def _new_key_id(existing: Mapping[str, bytes]) -> str:
@@ -140,6 +184,15 @@ def load_keys(path: Path, env: Mapping[str, str] | None = None, *, create: bool 
     if env.get("WATTGATE_MASTER_KEY"):
         keys.master_keys["env"] = _unb64(env["WATTGATE_MASTER_KEY"], "WATTGATE_MASTER_KEY")
         keys.active_key_id = "env"
+    where = f"keys file {path}: "
+    check_strong(keys.admin_token, "WATTGATE_ADMIN_TOKEN" if env.get("WATTGATE_ADMIN_TOKEN")
+                 else where + "admin_token")
+    check_strong(keys.jwt_secret, "WATTGATE_JWT_SECRET" if env.get("WATTGATE_JWT_SECRET")
+                 else where + "jwt_secret")
+    if len(keys.hash_key) < MIN_HASH_KEY_BYTES:
+        raise ConfigError(("WATTGATE_HASH_KEY" if env.get("WATTGATE_HASH_KEY") else
+                           where + "hash_key") + f" must be at least {MIN_HASH_KEY_BYTES} "
+                          f"bytes, got {len(keys.hash_key)}")
     for kid, key in keys.master_keys.items():
         if len(key) != 32:
             raise ConfigError(f"master key {kid} must be 32 bytes, got {len(key)}")

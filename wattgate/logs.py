@@ -13,13 +13,16 @@ in the admin console, so an operator can follow one user without the log
 naming them, and nobody without the keys file can test a guessed id against it.
 
 ``[log] format = "json"`` turns every log line of the process into one JSON
-object (``JSONFormatter``); ``"text"`` keeps ``key=value`` lines.
+object (``JSONFormatter``); ``"text"`` writes logfmt lines (``TextFormatter``), every
+value quoted and escaped as needed so a request cannot forge a field or a line.
+``configure`` also puts the redactor (``wattgate.redaction``) on every handler.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -27,11 +30,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .credentials import keyed_hash
+from .credentials import is_app_id, keyed_hash
 from .errors import WattgateError
 from .gateway import Gateway
 from .money import NANOS_PER_USD
 from .observer import RequestNote, open_note
+from .redaction import Redactor
 from .sessions import SessionCodec
 from .views.state import gateway_key
 
@@ -69,8 +73,9 @@ def _caller(request: web.Request, sessions: SessionCodec, now: float) -> tuple[s
     if scheme.lower() != "bearer" or not value or value.startswith("pk_"):
         return None, None
     if value.startswith("sk_"):
+        # Named by an unverified header: only a well-formed app id, never free text.
         parts = value.split("_")
-        return (parts[2][:40] if len(parts) >= 4 else None), None
+        return (parts[2] if len(parts) >= 4 and is_app_id(parts[2]) else None), None
     try:
         session = sessions.verify(value, now=now)
     except WattgateError:
@@ -154,26 +159,53 @@ class JSONFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key != "request":
                 out[key] = value if isinstance(value, (str, int, float, bool)) else repr(value)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info
+                                  else None)
+        if exc:
+            out["exc"] = exc
         return json.dumps(out, default=str)
 
 
 JSONFormatter.converter = time.gmtime  # type: ignore[assignment]
 
+# Printable ASCII but space, '=', '"' and '\\' stands bare; anything else is quoted.
+_BARE = re.compile(r'[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+')
+
+
+def logfmt_value(value: object) -> str:
+    """One logfmt value: bare when safe, else a double-quoted string with JSON escapes.
+
+    Spaces, '=', quotes, backslashes, control characters and line breaks can
+    then never end a value early or start a forged field or line.
+    """
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
 
 class TextFormatter(logging.Formatter):
-    """The usual ``time level logger message`` line, with structured fields as key=value."""
+    """One logfmt line per record: ``time= level= logger= msg=`` then the request's fields.
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+    Every value is quoted and escaped as needed (``logfmt_value``), so whatever a
+    request carries (a path, a user id, a model name, a header) one record is
+    exactly one line, and a parser reads back the fields we wrote, no others.
+    """
+
+    converter = time.gmtime  # type: ignore[assignment]
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+        parts = [("time", stamp), ("level", record.levelname.lower()),
+                 ("logger", record.name), ("msg", record.getMessage())]
         fields = getattr(record, "request", None)
         if fields:
-            line += " " + " ".join(f"{k}={fields[k]}" for k in FIELDS if k in fields)
-        return line
+            parts += [(k, fields[k]) for k in FIELDS if k in fields]
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info
+                                  else None)
+        if exc:
+            parts.append(("exc", exc))
+        if record.stack_info:
+            parts.append(("stack", record.stack_info))
+        return " ".join(f"{k}={logfmt_value(v)}" for k, v in parts)
 
 
 def formatter_for(fmt: str) -> logging.Formatter:
@@ -181,10 +213,17 @@ def formatter_for(fmt: str) -> logging.Formatter:
 
 
 def configure(level: str, fmt: str) -> None:
-    """Point the root logger's handlers at the configured format and level (the CLI)."""
+    """Point the root logger's handlers at the format, the level and the redactor (the CLI).
+
+    Every record of the process reaches a root handler, so ``Redactor`` there is
+    the one point no secret gets past, whoever logged it.
+    """
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:
         handler.setFormatter(formatter_for(fmt))
+        if not any(isinstance(f, Redactor) for f in handler.filters):
+            handler.addFilter(Redactor())
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # library warnings reach the handlers, so the redactor too

@@ -21,7 +21,22 @@ class RateLimiter:
         self._max_keys = max_keys
         self.rejections = 0
 
+    def check(self, key: str, *, now: float) -> None:
+        """Refuse (RateLimited) when ``key`` has no token left, without taking one.
+
+        For limits on failures (a wrong password): check before the attempt is
+        judged, so that once the limit is hit even a right guess learns nothing,
+        and ``take`` only when the attempt failed.
+        """
+        self._available(key, now)
+
     def take(self, key: str, *, now: float) -> None:
+        tokens = self._available(key, now)
+        if len(self._buckets) >= self._max_keys and key not in self._buckets:
+            self._forget_full(now)
+        self._buckets[key] = (tokens - 1.0, now)
+
+    def _available(self, key: str, now: float) -> float:
         tokens, last = self._buckets.get(key, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - last) * self.rate)
         if tokens < 1.0:
@@ -29,9 +44,7 @@ class RateLimiter:
             self.rejections += 1
             raise RateLimited(f"Rate limit {self.name} reached; retry later.",
                               retry_after=math.ceil((1.0 - tokens) / self.rate))
-        if len(self._buckets) >= self._max_keys and key not in self._buckets:
-            self._forget_full(now)
-        self._buckets[key] = (tokens - 1.0, now)
+        return tokens
 
     def _forget_full(self, now: float) -> None:
         # A bucket that has refilled is indistinguishable from a new one.

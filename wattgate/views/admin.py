@@ -160,14 +160,18 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = form.get("token")
     given = token.encode() if isinstance(token, str) else b""
+    peer, now = request.remote or "?", gw.clock()
+    try:
+        # Before the comparison: past the limit a right guess is refused like a wrong one,
+        # so the 429s tell a guesser nothing.
+        sessions.failed_logins.check(peer, now=now)
+    except RateLimited as e:
+        response = html_response(console.login(
+            f"Too many failed attempts; wait {e.retry_after} seconds."), 429)
+        response.headers["Retry-After"] = str(e.retry_after)
+        return response
     if not hmac.compare_digest(given, gw.keys.admin_token.encode()):
-        try:
-            sessions.failed_logins.take(request.remote or "?", now=gw.clock())
-        except RateLimited as e:
-            response = html_response(console.login(
-                f"Too many failed attempts; wait {e.retry_after} seconds."), 429)
-            response.headers["Retry-After"] = str(e.retry_after)
-            return response
+        sessions.failed_logins.take(peer, now=now)
         return html_response(console.login("That is not the admin token."), 401)
     cookie, _ = sessions.open(gw.clock())
     response = _see("/admin")

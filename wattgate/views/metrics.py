@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Config
 from ..errors import AuthError, ConfigError, MetricsForbidden, NotFound
+from ..keyfile import check_strong
 from .state import gateway_key
 
 
@@ -32,8 +33,8 @@ def _token(path: str) -> str:
         token = Path(path).read_text().strip()
     except OSError as e:
         raise ConfigError(f"metrics.token_file {path}: {e.strerror}") from None
-    if len(token) < 16:
-        raise ConfigError(f"metrics.token_file {path}: the token must be 16 characters or more")
+    # No limiter guards this comparison: the token's strength is what stops guessing.
+    check_strong(token, f"metrics.token_file {path}: the token")
     return token
 
 
