@@ -62,7 +62,8 @@ class Call:
     authorization: str
     headers: dict[str, str]
     body: dict[str, Any]
-    cost: Decimal = Decimal(0)
+    cost: Decimal = Decimal(0)        # all the user paid: for BYOK, the fee + the provider's
+    byok_fee: Decimal | None = None   # BYOK: OpenRouter's fee (``usage.cost``); else None
     finished: bool = False
     answered_at: float | None = None  # time.monotonic() when the response headers left
 
@@ -80,11 +81,24 @@ class FakeOpenRouter:
     broke_keys: set[str] = field(default_factory=set)    # answer 402 (out of credits)
     revoked_keys: set[str] = field(default_factory=set)  # answer 401
     generation_404s: int = 0          # GET /generation answers 404 this many times first
+    # Bring-your-own-provider-key: calls with these funding keys are billed by the provider
+    # on the user's own account (``upstream_inference_cost``) plus OpenRouter's fee
+    # (``cost``, ``byok_fee_rate`` of it), ``is_byok: true``, in the stream and /generation.
+    byok_keys: set[str] = field(default_factory=set)
+    byok_fee_rate: Decimal = Decimal("0.05")
+    # Hostile or broken upstreams: the raw JSON text sent as the final event's ``usage``
+    # (e.g. '{"cost":1e999999}', '{}', 'null'), and as /generation's ``data``.
+    usage_text: str | None = None
+    generation_text: str | None = None
     charged: Decimal = Decimal(0)
     calls: list[Call] = field(default_factory=list)
     generations: dict[str, Call] = field(default_factory=dict)
     oauth_codes: dict[str, tuple[str, str]] = field(default_factory=dict)
     record_calls: bool = True
+
+    def usage(self, prompt: int, completion: int, call: Call) -> str:
+        return self.usage_text if self.usage_text is not None else \
+            _usage_json(prompt, completion, call)
 
     def key_status(self, authorization: str) -> int:
         key = authorization.removeprefix("Bearer ").strip()
@@ -104,12 +118,29 @@ def _num(d: Decimal) -> str:
     return format(d.normalize(), "f") if d else "0"
 
 
-def _usage_json(prompt: int, completion: int, cost: Decimal) -> str:
+def _usage_json(prompt: int, completion: int, call: Call) -> str:
+    """The usage object as OpenRouter sends it; for BYOK ``cost`` is only its fee."""
+    fee = call.byok_fee
+    inference = call.cost - fee if fee is not None else call.cost
     return ('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cost":%s,'
-            '"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},'
+            '"is_byok":%s,"prompt_tokens_details":{"cached_tokens":0},'
             '"cost_details":{"upstream_inference_cost":%s},'
             '"completion_tokens_details":{"reasoning_tokens":0}}'
-            % (prompt, completion, prompt + completion, _num(cost), _num(cost)))
+            % (prompt, completion, prompt + completion, _num(call.cost if fee is None else fee),
+               "false" if fee is None else "true", _num(inference)))
+
+
+def _generation_json(call: Call) -> str:
+    """GET /generation's ``data`` (snake_case on the wire): ``total_cost`` is what the
+    key's credits paid (for BYOK only the fee), ``upstream_inference_cost`` the provider's."""
+    fee = call.byok_fee
+    inference = call.cost - fee if fee is not None else call.cost
+    return ('{"id":%s,"model":%s,"total_cost":%s,"upstream_inference_cost":%s,'
+            '"is_byok":%s,"usage":%s,"streamed":true,"cancelled":false,'
+            '"provider_name":"Fake"}'
+            % (json.dumps(call.generation_id), json.dumps(call.model),
+               _num(call.cost if fee is None else fee), _num(inference),
+               "false" if fee is None else "true", _num(call.cost if fee is None else fee)))
 
 
 fake_key = web.AppKey("fake", FakeOpenRouter)
@@ -142,9 +173,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if fake.generation_404s > 0 or call is None or not call.finished:
             fake.generation_404s = max(0, fake.generation_404s - 1)
             return _error(404, "Generation not found")
-        return web.json_response({"data": {"id": call.generation_id, "model": call.model,
-                                           "total_cost": float(call.cost), "streamed": True,
-                                           "cancelled": False}})
+        data = fake.generation_text if fake.generation_text is not None \
+            else _generation_json(call)
+        return web.Response(text='{"data":%s}' % data, content_type="application/json")
 
     async def oauth_page(request: web.Request) -> web.Response:
         callback = request.query.get("callback_url", "")
@@ -197,6 +228,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
         cost = model.prompt * prompt_tokens + model.completion * n + model.request
+        if request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
+                in fake.byok_keys:
+            fee = (cost * fake.byok_fee_rate).quantize(Decimal("1e-12"))
+            call.byok_fee, cost = fee, cost + fee
         # Billed once the model starts answering, whatever the client does next.
         call.cost = cost
         fake.charged += cost
@@ -213,7 +248,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                        '"finish_reason":"stop","native_finish_reason":"stop",'
                        '"message":{"role":"assistant","content":%s}}],'
                        '"usage":%s}' % (gen, created, json.dumps(model_id), json.dumps(text),
-                                        _usage_json(prompt_tokens, n, cost)))
+                                        fake.usage(prompt_tokens, n, call)))
             return web.Response(text=payload, content_type="application/json",
                                 headers={"X-Generation-Id": gen})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -266,7 +301,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         call.finished = True
         if model.behaviour != "no_usage":
             await resp.write(("data: " + head + '"choices":[],"usage":%s}\n\n'
-                              % _usage_json(prompt_tokens, n, cost)).encode())
+                              % fake.usage(prompt_tokens, n, call)).encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
 

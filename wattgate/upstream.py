@@ -17,6 +17,7 @@ from typing import Any, Callable
 import aiohttp
 
 from .errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
+from .metering import generation_charge
 from .pricing import PriceList
 
 log = logging.getLogger("wattgate.upstream")
@@ -110,8 +111,14 @@ class Upstream:
             raise UpstreamError(f"Could not reach the model provider ({type(e).__name__}).") \
                 from None
 
-    async def generation_cost(self, generation_id: str, funding_key: str) -> Decimal | None:
-        """The final cost of a generation, or None while the upstream does not know it yet."""
+    async def generation_cost(self, generation_id: str,
+                              funding_key: str) -> tuple[int | None, str | None]:
+        """The final cost of a generation in nano-dollars, by the same rule as the stream's
+        usage (``metering.generation_charge``: BYOK calls count the provider's cost too).
+
+        (None, None) while the upstream does not know it yet; (None, why) when its
+        answer cannot be believed (no cost, not a number, out of range).
+        """
         assert self.session is not None
         try:
             async with self.session.get(
@@ -119,17 +126,15 @@ class Upstream:
                     headers={"Authorization": f"Bearer {funding_key}"},
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
                 if resp.status != 200:
-                    return None
+                    return None, None
                 body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            return None
+            return None, None
         try:
-            cost = json.loads(body, parse_float=Decimal)["data"]["total_cost"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        if isinstance(cost, bool) or not isinstance(cost, (int, Decimal)) or cost < 0:
-            return None
-        return Decimal(cost)
+            data = json.loads(body, parse_float=Decimal)
+        except (ValueError, RecursionError):
+            return None, "the answer is not JSON"
+        return generation_charge(data.get("data") if isinstance(data, dict) else None)
 
     async def refresh_prices(self) -> None:
         status, body, _ = await self.fetch_models()

@@ -154,9 +154,13 @@ class _Call:
             return
         self.closed = True
         a = self.admitted
-        row = usage_row(outcome, bill(outcome, self.price, self.estimate), app_id=a.app_id,
+        charge = bill(outcome, self.price, self.estimate)
+        row = usage_row(outcome, charge, app_id=a.app_id,
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
                         status=status, started=self.started, now=self.gw.clock())
+        if charge.problem is not None:  # never the key, the prompt or the usage's text
+            log.warning("usage of generation %s (%s) not taken as sent: %s",
+                        row.generation_id, self.model[:100], charge.problem)
         self.gw.observer.settled(row, self.sent)
         await self.gw.store.settle(a.hold, row, a.period)  # the write survives cancellation
 
