@@ -120,7 +120,7 @@ class Assembler:
 
     def feed(self, chunk: bytes) -> None:
         complete, self._partial = split_complete(self._partial, chunk)
-        for line in complete.split(b"\n"):
+        for line in complete.splitlines():  # \n, \r\n or a lone \r, as in sse
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
