@@ -8,8 +8,8 @@ import logging
 
 import openai
 import pytest
-
 from conftest import FUNDING_KEY
+
 from wattgate.money import usd_to_nanos
 from wattgate.reconcile import Reconciler
 from wattgate.views.state import upstream_key
@@ -20,14 +20,6 @@ PROMPT = [{"role": "user", "content": "the same question, twice"}]
 def client(h, app, user: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=h.api, api_key=app.secret_key,
                               default_headers={"x-wattfare-user": user}, max_retries=0)
-
-
-async def rows(h) -> dict[str, tuple[int, bool]]:
-    out = {}
-    for c in await h.gw.store.connections_for_app(h.apps[0].app_id):
-        for r in await h.gw.store.recent_usage(c.connection_id, 10_000):
-            out[r.generation_id] = (r.cost_nanos, r.provisional)
-    return out
 
 
 async def streamed(h, app, user) -> str:
@@ -48,12 +40,12 @@ async def test_a_reconciled_byok_call_costs_what_the_stream_billed(harness):
     await streamed(harness, app, "bo")
     second = harness.fake.calls[-1]
     assert second.cost == first.cost
-    before = await rows(harness)
+    before = await harness.billed()
     assert before[first.generation_id] == (usd_to_nanos(first.cost), False)
     assert before[second.generation_id][1] is True
     report = await Reconciler(harness.gw, harness.app[upstream_key]).run_once()
     assert report.corrected == 1
-    after = await rows(harness)
+    after = await harness.billed()
     assert after[second.generation_id] == (usd_to_nanos(first.cost), False)
     spent = (await harness.status(app, "bo"))["usage"]["monthlyUsd"]
     assert usd_to_nanos(str(spent)) == 2 * usd_to_nanos(first.cost) == \
@@ -85,7 +77,7 @@ async def test_hostile_usage_is_provisional_then_reconciled(harness, caplog, usa
     assert text.startswith("Metering is")  # the client got its whole answer
     call = harness.fake.calls[-1]
     assert await harness.gw.store.open_holds() == 0
-    cost, provisional = (await rows(harness))[call.generation_id]
+    cost, provisional = (await harness.billed())[call.generation_id]
     assert provisional and cost > 0
     lines = [r for r in caplog.records if r.name == "wattgate.proxy"
              and r.levelno == logging.WARNING]
@@ -97,7 +89,7 @@ async def test_hostile_usage_is_provisional_then_reconciled(harness, caplog, usa
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     report = await Reconciler(harness.gw, harness.app[upstream_key]).run_once()
     assert report.corrected == 1
-    assert (await rows(harness))[call.generation_id] == (usd_to_nanos(call.cost), False)
+    assert (await harness.billed())[call.generation_id] == (usd_to_nanos(call.cost), False)
     assert await harness.gw.store.check(now=harness.clock(), hold_ttl=900) == []
 
 
@@ -110,15 +102,15 @@ async def test_a_hostile_generation_answer_leaves_the_row_provisional(harness, c
     harness.fake.usage_text = "{}"
     await streamed(harness, app, "hg")
     call = harness.fake.calls[-1]
-    estimate = (await rows(harness))[call.generation_id]
+    estimate = (await harness.billed())[call.generation_id]
     harness.fake.generation_text = data
     caplog.clear()
     reconciler = Reconciler(harness.gw, harness.app[upstream_key])
     report = await reconciler.run_once()
     assert (report.corrected, report.waiting) == (0, 1)
-    assert (await rows(harness))[call.generation_id] == estimate
+    assert (await harness.billed())[call.generation_id] == estimate
     lines = [r.getMessage() for r in caplog.records if r.name == "wattgate.reconcile"]
     assert len(lines) == 1 and call.generation_id in lines[0]
     harness.fake.generation_text = None  # the upstream comes to its senses: corrected
     assert (await reconciler.run_once(force=True)).corrected == 1
-    assert (await rows(harness))[call.generation_id] == (usd_to_nanos(call.cost), False)
+    assert (await harness.billed())[call.generation_id] == (usd_to_nanos(call.cost), False)

@@ -215,7 +215,7 @@ class _Call:
             body = b""
         resp.close()
         await self.release()
-        error = map_failure(resp.status, body)
+        error = map_failure(resp.status, body, resp.headers, now=self.gw.clock())
         if isinstance(error, FundingInvalid) and self.admitted.grant_id is None \
                 and self.admitted.connection_id is not None:
             await self.gw.store.set_connection_state(self.admitted.connection_id,
@@ -355,9 +355,10 @@ class _Call:
 async def models(request: web.Request) -> web.Response:
     gw = request.app[gateway_key]
     await gw.app_for_secret(secret_key_of(request))
-    status, body, content_type = await request.app[upstream_key].fetch_models()
+    status, body, headers = await request.app[upstream_key].fetch_models()
     if status != 200:
-        raise map_failure(status, body)
+        raise map_failure(status, body, headers, now=gw.clock())
+    content_type = headers.get("Content-Type", "application/json")
     return web.Response(body=body, content_type=content_type.split(";")[0].strip() or
                         "application/json")
 
