@@ -114,3 +114,21 @@ async def test_a_hostile_generation_answer_leaves_the_row_provisional(harness, c
     harness.fake.generation_text = None  # the upstream comes to its senses: corrected
     assert (await reconciler.run_once(force=True)).corrected == 1
     assert (await harness.billed())[call.generation_id] == (usd_to_nanos(call.cost), False)
+
+
+@pytest.mark.parametrize("usage_text", ['{"cost":1e999999}', '{}', '{"cost":NaN}'])
+async def test_hostile_usage_in_a_forwarded_whole_answer(make_harness, caplog, usage_text):
+    h = await make_harness({"WATTGATE_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    app = await h.create_app()
+    await h.connect(app, "fw", monthly_usd=5)
+    h.fake.usage_text = usage_text
+    async with h.http.post(h.api + "/chat/completions",
+                           json={"model": "openai/gpt-4o-mini", "messages": PROMPT},
+                           headers={"Authorization": f"Bearer {app.secret_key}",
+                                    "x-wattfare-user": "fw"}) as r:
+        assert r.status == 200
+        assert "Metering is" in await r.text()  # forwarded as the upstream sent it
+    call = h.fake.calls[-1]
+    assert await h.gw.store.open_holds() == 0
+    assert (await h.billed())[call.generation_id][1] is True
+    assert len([r for r in caplog.records if r.name == "wattgate.proxy"]) == 1

@@ -207,3 +207,20 @@ async def test_a_connection_closed_before_the_request_is_written_is_not_used(thr
     finally:
         await upstream.close()
     assert len(threaded_fake.calls) == 3
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+async def test_a_compressed_whole_answer_forwarded_as_is_is_decoded(make_harness, coding):
+    """With upstream.stream_whole_answers off, the upstream's JSON is forwarded: decoded."""
+    h = await make_harness({"WATTGATE_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    h.fake.compress = coding
+    app = await h.create_app()
+    await h.connect(app, "fw", monthly_usd=5)
+    async with client(h, app, "fw") as oa:
+        reply = await oa.chat.completions.create(model="openai/gpt-4o-mini", messages=PROMPT)
+    assert reply.choices[0].message.content == expected_text(h)
+    assert h.fake.calls[-1].body.get("stream") is not True  # really the forwarded path
+    status, headers, body = await raw_chat(h, app, "fw")
+    assert status == 200 and body.startswith(b'{"id":"gen-')
+    assert_plain(headers, body)
+    await assert_exact(h)
