@@ -224,3 +224,23 @@ async def test_a_compressed_whole_answer_forwarded_as_is_is_decoded(make_harness
     assert status == 200 and body.startswith(b'{"id":"gen-')
     assert_plain(headers, body)
     await assert_exact(h)
+
+
+async def test_a_compressed_answer_that_decodes_too_large_is_refused(harness, caplog):
+    """Compression amplifies: a small gzip answer may decode to gigabytes. GET /generation
+    answers are read up to 1 MB decoded; past it the row stays provisional, logged once."""
+    harness.fake.compress = "gzip"
+    app = await harness.create_app()
+    await harness.connect(app, "zb", monthly_usd=5)
+    status, _, _ = await raw_chat(harness, app, "zb", stream=True, model="fake/no-usage")
+    assert status == 200
+    call = harness.fake.calls[-1]
+    harness.fake.generation_text = '{"total_cost":0.001,"pad":"%s"}' % ("0" * 3_000_000)
+    reconciler = Reconciler(harness.gw, harness.app[upstream_key])
+    assert (await reconciler.run_once()).corrected == 0
+    assert (await harness.billed())[call.generation_id][1] is True
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "wattgate.reconcile" and "too large" in r.getMessage()]
+    harness.fake.generation_text = None
+    assert (await reconciler.run_once(force=True)).corrected == 1
+    await assert_exact(harness)

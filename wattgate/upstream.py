@@ -38,6 +38,28 @@ def upstream_message(status: int, body: bytes) -> str:
     return f"The model provider answered HTTP {status}."
 
 
+# Decoded sizes past which an answer is refused: a compressed answer can decode to
+# a thousand times its bytes. The model list is ~2 MB; a key or generation ~1 kB.
+MAX_MODELS_BODY = 64 * 1024 * 1024
+MAX_SMALL_BODY = 1024 * 1024
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The (decoded) body, or ``TooLarge`` as soon as it passes ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 # A Retry-After beyond a day is not a rate limit we pass on as such.
 MAX_RETRY_AFTER = 86_400
 
@@ -163,7 +185,9 @@ class Upstream:
             async with self.session.get(
                     self.url(path), headers={"Authorization": f"Bearer {funding_key}"},
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
-                body = await resp.read()
+                body = await read_bounded(resp, MAX_SMALL_BODY)
+        except TooLarge:
+            body = b""  # its status still says whether the key is good
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"Could not reach the model provider to check the key "
                                 f"({type(e).__name__}).") from None
@@ -178,8 +202,10 @@ class Upstream:
             async with self.session.get(
                     self.url("/models"),
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
-                body = await resp.read()
+                body = await read_bounded(resp, MAX_MODELS_BODY)
                 return resp.status, body, resp.headers
+        except TooLarge:
+            raise UpstreamError("The model provider's model list is too large.") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"Could not reach the model provider ({type(e).__name__}).") \
                 from None
@@ -200,7 +226,9 @@ class Upstream:
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
                 if resp.status != 200:
                     return None, None
-                body = await resp.read()
+                body = await read_bounded(resp, MAX_SMALL_BODY)
+        except TooLarge:
+            return None, "the answer is too large"
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return None, None
         try:
