@@ -93,6 +93,14 @@ class Harness:
             assert r.status == 200, await r.text()
             return await r.json()
 
+    async def billed(self) -> dict[str, tuple[int, bool]]:
+        """The first app's ledger rows: generation id → (cost in nano-dollars, provisional)."""
+        out = {}
+        for c in await self.gw.store.connections_for_app(self.apps[0].app_id):
+            for r in await self.gw.store.recent_usage(c.connection_id, 10_000):
+                out[r.generation_id] = (r.cost_nanos, r.provisional)
+        return out
+
     async def status(self, app: AppCreds, user: str) -> dict[str, Any]:
         async with self.http.get(self.api + "/status", params={"appUserId": user},
                                  headers={"Authorization": f"Bearer {app.secret_key}"}) as r:

@@ -145,3 +145,24 @@ def test_the_outcome_is_what_the_stream_reader_reads(data, sizes):
     a.feed(data[pos:])
     r.feed(data[pos:])
     assert a.outcome("gen-h") == r.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([b"\r\n", b"\r"]), st.lists(st.integers(min_value=0, max_value=40),
+                                                   max_size=30))
+def test_crlf_and_lone_cr_line_endings_give_the_same_answer(newline, sizes):
+    assert assemble(PLAIN.replace(b"\n", newline), sizes) == assemble(PLAIN)
+
+
+def test_numbers_json_cannot_carry_become_null_in_the_answer():
+    """A hostile usage (1e999999, NaN, Infinity) must not make the answer invalid JSON."""
+    import json
+
+    a = Assembler()
+    a.feed(PLAIN.replace(b"data: [DONE]", b'data: {"choices":[],"usage":{"cost":1e999999,'
+                         b'"prompt_tokens":NaN,"completion_tokens":Infinity,"x":0.5}}\n\n'
+                         b"data: [DONE]"))
+    answer = a.answer()
+    assert answer["usage"] == {"cost": None, "prompt_tokens": None, "completion_tokens": None,
+                               "x": 0.5}
+    json.loads(json.dumps(answer, allow_nan=False))

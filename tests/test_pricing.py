@@ -45,3 +45,23 @@ def test_stale_after_ttl():
     prices = price_list(prompt="0", completion="0")
     assert not prices.stale(59) and prices.stale(60)
     assert prices.get("m").request == Decimal(0)
+
+
+def test_a_price_out_of_all_range_is_a_clear_upstream_error_not_an_overflow():
+    """A model list pricing a token at 1e999999 USD (or 1e12) cannot be metered: the
+    call is refused with 502 upstream, never a traceback or an int64 overflow."""
+    import pytest
+
+    from wattgate.errors import UpstreamError
+    from wattgate.money import usd_to_nanos
+
+    for absurd in ("1e999999", "1e12"):
+        prices = PriceList(ttl=60)
+        prices.load({"data": [{"id": "m/x", "pricing": {"prompt": absurd,
+                                                        "completion": "0"}}]}, now=0)
+        with pytest.raises(UpstreamError):
+            prices.get("m/x").worst_cost_nanos(1000, 10)
+    for amount in ("1e999999", "-1e999999", "1e20", "1000000000.000000001"):
+        with pytest.raises(ValueError):
+            usd_to_nanos(amount)
+    assert usd_to_nanos("1000000000") == 10**18 < 2**63

@@ -28,7 +28,7 @@ costs = st.decimals(min_value=0, max_value=5, places=10, allow_nan=False)
 def openrouter_streams(draw):  # type: ignore[no-untyped-def]
     """An OpenRouter stream as documented in upstream-notes.md, and what it says."""
     gen = "gen-" + draw(st.text(alphabet="0123456789abcdef", min_size=4, max_size=24))
-    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    newline = draw(st.sampled_from(["\n", "\r\n", "\r"]))  # the SSE spec allows all three
     head = {"id": gen, "provider": "Fake", "model": "openai/gpt-4o-mini",
             "object": "chat.completion.chunk", "created": 1}
     events = [": OPENROUTER PROCESSING"] * draw(st.integers(0, 3))

@@ -24,6 +24,7 @@ Nothing here imports aiohttp.
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from typing import Any
 
@@ -64,11 +65,16 @@ def merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish(value: Any) -> Any:
-    """``value`` in plain JSON types: every ``_Text`` joined, every ``Decimal`` a float."""
+    """``value`` in plain JSON types: every ``_Text`` joined, every ``Decimal`` a float.
+
+    A number JSON cannot carry (``NaN``, ``Infinity``, or ``1e999999``, which no float
+    holds) becomes null: the client's answer stays valid JSON whatever the upstream sent.
+    """
     if isinstance(value, _Text):
         return "".join(value)
-    if isinstance(value, Decimal):
-        return float(value)
+    if isinstance(value, (Decimal, float)):
+        number = float(value)
+        return number if math.isfinite(number) else None
     if isinstance(value, dict):
         return {k: finish(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -114,7 +120,7 @@ class Assembler:
 
     def feed(self, chunk: bytes) -> None:
         complete, self._partial = split_complete(self._partial, chunk)
-        for line in complete.split(b"\n"):
+        for line in complete.splitlines():  # \n, \r\n or a lone \r, as in sse
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
                 if payload == b"[DONE]":

@@ -9,8 +9,14 @@ started inside the 200 stream; ``GET /models``, ``GET /key``,
 ``GET /generation`` and the OAuth PKCE endpoints.
 
 Behaviour is chosen by the model id (``fake/…`` models below) so one fake
-serves mixed traffic. Every charge is added to ``charged`` (exact Decimal):
-tests compare it with wattgate's ledger. Like many real providers, a stream
+serves mixed traffic. Knobs on ``FakeOpenRouter`` reproduce the rest of the real
+wire (all off by default): bring-your-own-key billing, hostile usage and
+``/generation`` answers, compression as a CDN does it, SSE cut at any byte,
+CRLF or lone CR line endings, comments between events, keep-alive
+connections dropped after each answer, and ``Retry-After`` on a 429.
+
+Every charge is added to ``charged`` (exact Decimal): tests compare it with
+wattgate's ledger. Like many real providers, a stream
 the client abandons is billed in full.
 """
 
@@ -22,6 +28,7 @@ import hashlib
 import json
 import secrets
 import time
+import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -62,7 +69,8 @@ class Call:
     authorization: str
     headers: dict[str, str]
     body: dict[str, Any]
-    cost: Decimal = Decimal(0)
+    cost: Decimal = Decimal(0)        # all the user paid: for BYOK, the fee + the provider's
+    byok_fee: Decimal | None = None   # BYOK: OpenRouter's fee (``usage.cost``); else None
     finished: bool = False
     answered_at: float | None = None  # time.monotonic() when the response headers left
 
@@ -80,11 +88,38 @@ class FakeOpenRouter:
     broke_keys: set[str] = field(default_factory=set)    # answer 402 (out of credits)
     revoked_keys: set[str] = field(default_factory=set)  # answer 401
     generation_404s: int = 0          # GET /generation answers 404 this many times first
+    # Bring-your-own-provider-key: calls with these funding keys are billed by the provider
+    # on the user's own account (``upstream_inference_cost``) plus OpenRouter's fee
+    # (``cost``, ``byok_fee_rate`` of it), ``is_byok: true``, in the stream and /generation.
+    byok_keys: set[str] = field(default_factory=set)
+    byok_fee_rate: Decimal = Decimal("0.05")
+    # Hostile or broken upstreams: the raw JSON text sent as the final event's ``usage``
+    # (e.g. '{"cost":1e999999}', '{}', 'null'), and as /generation's ``data``.
+    usage_text: str | None = None
+    generation_text: str | None = None
+    # The wire around the API (a CDN in front, TCP in between):
+    compress: str | None = None       # gzip | deflate | br: every answer compressed, when
+                                      # the request's Accept-Encoding allows it
+    newline: str = "\n"               # SSE line ending: "\n", "\r\n" or a lone "\r"
+    split_bytes: int | None = None    # a stream's bytes sent in pieces of this many bytes
+    comments_between: bool = False    # ": OPENROUTER PROCESSING" between every two events
+    close_after_response: bool = False  # drop the keep-alive connection after each answer
+    retry_after: str | None = None    # Retry-After of a 429 (None: no header)
+    words: tuple[str, ...] = tuple(WORDS)  # the answer's text, a word per piece
     charged: Decimal = Decimal(0)
     calls: list[Call] = field(default_factory=list)
     generations: dict[str, Call] = field(default_factory=dict)
     oauth_codes: dict[str, tuple[str, str]] = field(default_factory=dict)
     record_calls: bool = True
+
+    def usage(self, prompt: int, completion: int, call: Call) -> str:
+        return self.usage_text if self.usage_text is not None else \
+            _usage_json(prompt, completion, call)
+
+    def coding_for(self, request: web.Request) -> str | None:
+        accepted = [c.split(";")[0].strip().lower()
+                    for c in request.headers.get("Accept-Encoding", "").split(",")]
+        return self.compress if self.compress and self.compress in accepted else None
 
     def key_status(self, authorization: str) -> int:
         key = authorization.removeprefix("Bearer ").strip()
@@ -93,6 +128,52 @@ class FakeOpenRouter:
         if key in self.broke_keys:
             return 402
         return 200
+
+
+def _compressor(coding: str) -> Any:
+    if coding == "br":
+        import brotli  # optional: only when a test asks the fake for br
+
+        return brotli.Compressor()
+    if coding not in ("gzip", "deflate"):
+        raise ValueError(f"the fake cannot compress with {coding!r}")
+    # HTTP's "deflate" is the zlib format (RFC 9110), "gzip" the gzip one.
+    return zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+
+
+def _compress(compressor: Any, data: bytes, *, final: bool = False) -> bytes:
+    """Compressed bytes for ``data``, flushed so the reader can decode them now."""
+    if hasattr(compressor, "process"):  # brotli
+        return compressor.process(data) + (compressor.finish() if final
+                                           else compressor.flush())
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if final
+                                                         else zlib.Z_SYNC_FLUSH)
+
+
+class _Wire:
+    """How one stream's bytes leave the fake: line endings, pieces, compression."""
+
+    def __init__(self, fake: FakeOpenRouter, request: web.Request) -> None:
+        self.fake = fake
+        coding = fake.coding_for(request)
+        self.compressor = _compressor(coding) if coding else None
+        self.headers = {"Content-Encoding": coding} if coding else {}
+
+    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
+        if self.fake.newline != "\n":
+            data = data.replace(b"\n", self.fake.newline.encode())
+        size = self.fake.split_bytes or len(data)
+        for i in range(0, len(data), size):
+            piece = data[i:i + size]
+            if self.compressor is not None:
+                piece = _compress(self.compressor, piece)
+            await resp.write(piece)
+            if self.fake.split_bytes:
+                await asyncio.sleep(0.001)  # its own TCP segment, most of the time
+
+    async def end(self, resp: web.StreamResponse) -> None:
+        if self.compressor is not None:
+            await resp.write(_compress(self.compressor, b"", final=True))
 
 
 def _error(status: int, message: str, code: Any = None) -> web.Response:
@@ -104,12 +185,29 @@ def _num(d: Decimal) -> str:
     return format(d.normalize(), "f") if d else "0"
 
 
-def _usage_json(prompt: int, completion: int, cost: Decimal) -> str:
+def _usage_json(prompt: int, completion: int, call: Call) -> str:
+    """The usage object as OpenRouter sends it; for BYOK ``cost`` is only its fee."""
+    fee = call.byok_fee
+    inference = call.cost - fee if fee is not None else call.cost
     return ('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cost":%s,'
-            '"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},'
+            '"is_byok":%s,"prompt_tokens_details":{"cached_tokens":0},'
             '"cost_details":{"upstream_inference_cost":%s},'
             '"completion_tokens_details":{"reasoning_tokens":0}}'
-            % (prompt, completion, prompt + completion, _num(cost), _num(cost)))
+            % (prompt, completion, prompt + completion, _num(call.cost if fee is None else fee),
+               "false" if fee is None else "true", _num(inference)))
+
+
+def _generation_json(call: Call) -> str:
+    """GET /generation's ``data`` (snake_case on the wire): ``total_cost`` is what the
+    key's credits paid (for BYOK only the fee), ``upstream_inference_cost`` the provider's."""
+    fee = call.byok_fee
+    inference = call.cost - fee if fee is not None else call.cost
+    return ('{"id":%s,"model":%s,"total_cost":%s,"upstream_inference_cost":%s,'
+            '"is_byok":%s,"usage":%s,"streamed":true,"cancelled":false,'
+            '"provider_name":"Fake"}'
+            % (json.dumps(call.generation_id), json.dumps(call.model),
+               _num(call.cost if fee is None else fee), _num(inference),
+               "false" if fee is None else "true", _num(call.cost if fee is None else fee)))
 
 
 fake_key = web.AppKey("fake", FakeOpenRouter)
@@ -117,7 +215,24 @@ fake_key = web.AppKey("fake", FakeOpenRouter)
 
 def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Application:
     fake = fake or FakeOpenRouter()
-    app = web.Application()
+
+    @web.middleware
+    async def wire(request: web.Request, handler: Any) -> web.StreamResponse:
+        """Whole answers (JSON, errors) compressed as a CDN would; the keep-alive
+        connection dropped after the answer when asked (as an idle timeout would)."""
+        resp = await handler(request)
+        coding = fake.coding_for(request)
+        if coding and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+            resp.body = _compress(_compressor(coding), resp.body, final=True)
+            resp.headers["Content-Encoding"] = coding
+        if fake.close_after_response and request.transport is not None:
+            transport = request.transport
+            # After the answer has left, without "Connection: close": the client learns
+            # it only when it next uses the connection, or when the FIN arrives.
+            asyncio.get_running_loop().call_later(0.05, transport.close)
+        return resp
+
+    app = web.Application(middlewares=[wire])
     app[fake_key] = fake
 
     async def models(request: web.Request) -> web.Response:
@@ -142,9 +257,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if fake.generation_404s > 0 or call is None or not call.finished:
             fake.generation_404s = max(0, fake.generation_404s - 1)
             return _error(404, "Generation not found")
-        return web.json_response({"data": {"id": call.generation_id, "model": call.model,
-                                           "total_cost": float(call.cost), "streamed": True,
-                                           "cancelled": False}})
+        data = fake.generation_text if fake.generation_text is not None \
+            else _generation_json(call)
+        return web.Response(text='{"data":%s}' % data, content_type="application/json")
 
     async def oauth_page(request: web.Request) -> web.Response:
         callback = request.query.get("callback_url", "")
@@ -182,7 +297,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if model.behaviour == "fail_500":
             return _error(500, "Internal Server Error")
         if model.behaviour == "fail_429":
-            return _error(429, "Rate limit exceeded", code=429)
+            limited = _error(429, "Rate limit exceeded", code=429)
+            if fake.retry_after is not None:
+                limited.headers["Retry-After"] = fake.retry_after
+            return limited
         gen = "gen-" + secrets.token_hex(12)
         call = Call(gen, model_id, request.headers.get("Authorization", ""),
                     dict(request.headers), body)
@@ -193,10 +311,14 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 10**9
         n = max(1, min(fake.pieces, int(max_tokens)))
-        pieces = [WORDS[i % len(WORDS)] + " " for i in range(n)]
+        pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
         cost = model.prompt * prompt_tokens + model.completion * n + model.request
+        if request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
+                in fake.byok_keys:
+            fee = (cost * fake.byok_fee_rate).quantize(Decimal("1e-12"))
+            call.byok_fee, cost = fee, cost + fee
         # Billed once the model starts answering, whatever the client does next.
         call.cost = cost
         fake.charged += cost
@@ -213,14 +335,16 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                        '"finish_reason":"stop","native_finish_reason":"stop",'
                        '"message":{"role":"assistant","content":%s}}],'
                        '"usage":%s}' % (gen, created, json.dumps(model_id), json.dumps(text),
-                                        _usage_json(prompt_tokens, n, cost)))
+                                        fake.usage(prompt_tokens, n, call)))
             return web.Response(text=payload, content_type="application/json",
                                 headers={"X-Generation-Id": gen})
+        wire = _Wire(fake, request)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
-                                           "X-Generation-Id": gen})
+                                           "X-Generation-Id": gen, **wire.headers})
         try:
-            return await stream(request, resp, call, model, head_args=(gen, model_id, created),
+            return await stream(request, resp, wire, call, model,
+                                head_args=(gen, model_id, created),
                                 pieces=pieces, delay=delay, cost=cost,
                                 prompt_tokens=prompt_tokens)
         except ConnectionError:  # the client (a gateway killed mid-stream) is gone
@@ -230,7 +354,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             # client stayed to the end (a gateway killed mid-stream included).
             call.finished = True
 
-    async def stream(request: web.Request, resp: web.StreamResponse, call: Call,
+    async def stream(request: web.Request, resp: web.StreamResponse, wire: _Wire, call: Call,
                      model: FakeModel, *, head_args: tuple[str, str, int], pieces: list[str],
                      delay: float, cost: Decimal, prompt_tokens: int) -> web.StreamResponse:
         gen, model_id, created = head_args
@@ -240,34 +364,38 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         await resp.prepare(request)
         call.answered_at = time.monotonic()
         for _ in range(fake.keepalives):
-            await resp.write(b": OPENROUTER PROCESSING\n\n")
+            await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
         head = '{"id":"%s","provider":"Fake","model":%s,"object":"chat.completion.chunk",' \
                '"created":%d,' % (gen, json.dumps(model_id), created)
         for i, piece in enumerate(pieces):
             if delay:
                 await asyncio.sleep(delay)
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-            await resp.write(("data: " + head + '"choices":[{"index":0,"delta":%s,'
-                              '"finish_reason":null,"logprobs":null}]}\n\n'
-                              % json.dumps(delta)).encode())
+            await wire.write(resp, ("data: " + head + '"choices":[{"index":0,"delta":%s,'
+                                    '"finish_reason":null,"logprobs":null}]}\n\n'
+                                    % json.dumps(delta)).encode())
+            if fake.comments_between:
+                await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
             if model.behaviour == "cut" and i == n // 2:
                 call.finished = True
                 request.transport.close() if request.transport else None
                 return resp
             if model.behaviour == "midstream_error" and i == n // 2:
                 call.finished = True
-                await resp.write(("data: " + head + '"error":{"code":502,"message":'
-                                  '"Provider disconnected"},"choices":[{"index":0,"delta":'
-                                  '{"content":""},"finish_reason":"error"}]}\n\n').encode())
+                await wire.write(resp, ("data: " + head + '"error":{"code":502,"message":'
+                                        '"Provider disconnected"},"choices":[{"index":0,"delta":'
+                                        '{"content":""},"finish_reason":"error"}]}\n\n').encode())
+                await wire.end(resp)
                 return resp
-        await resp.write(("data: " + head + '"choices":[{"index":0,"delta":{"content":""},'
-                          '"finish_reason":"stop","native_finish_reason":"stop",'
-                          '"logprobs":null}]}\n\n').encode())
+        await wire.write(resp, ("data: " + head + '"choices":[{"index":0,"delta":{"content":""},'
+                                '"finish_reason":"stop","native_finish_reason":"stop",'
+                                '"logprobs":null}]}\n\n').encode())
         call.finished = True
         if model.behaviour != "no_usage":
-            await resp.write(("data: " + head + '"choices":[],"usage":%s}\n\n'
-                              % _usage_json(prompt_tokens, n, cost)).encode())
-        await resp.write(b"data: [DONE]\n\n")
+            await wire.write(resp, ("data: " + head + '"choices":[],"usage":%s}\n\n'
+                                    % fake.usage(prompt_tokens, n, call)).encode())
+        await wire.write(resp, b"data: [DONE]\n\n")
+        await wire.end(resp)
         return resp
 
     app.router.add_get("/api/v1/models", models)

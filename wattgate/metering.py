@@ -1,14 +1,26 @@
 """Turning what an answer said about itself into one ledger row; pure.
 
-The bill is the provider's ``usage.cost`` (it includes tool and web-search
-fees, so it is never recomputed from prices). For bring-your-own-provider-key
-calls (``is_byok``), ``cost`` is only OpenRouter's fee and the provider charged
-``cost_details.upstream_inference_cost`` on the user's own account: both are
-the user's AI spend, so both count against the cap. An upstream that reports
-tokens but no cost is billed tokens × the model's price. An answer that ended
-with no usage at all (client gone before the drain could finish, upstream cut,
-error event) is recorded at the hold's worst-case estimate, marked
-provisional, for reconciliation to correct: never a silent $0.
+What a call cost is decided in ONE place, ``charged``, whichever source tells
+it: the stream's final ``usage`` (``usage_charge``) or, during reconciliation,
+OpenRouter's ``GET /generation`` (``generation_charge``). The bill is the
+provider's ``cost`` (``total_cost`` on ``/generation``; it includes tool and
+web-search fees, so it is never recomputed from prices). For
+bring-your-own-provider-key calls (``is_byok``) that figure is only
+OpenRouter's fee and the provider charged ``upstream_inference_cost`` on the
+user's own account: both are the user's AI spend, so both count against the
+cap, from either source.
+
+Hostile or broken usage never crashes a stream nor leaks a hold: a cost that
+is missing, not a JSON number (a string, ``NaN``, ``Infinity``, ``true``),
+negative, or above ``MAX_CALL_USD`` for one call (``1e20``, ``1e999999``) is
+not believed. The call is then recorded *provisional*, at the model's price
+for the token counts it reported when they make sense (never above the hold's
+worst-case estimate), else at that estimate, for reconciliation to correct;
+``Bill.problem`` says why, for one log line. Token counts that are not whole
+numbers in ``0..MAX_TOKENS_REPORTED`` are recorded as 0 (they are informative;
+the bill is the cost). An answer that ended with no usage at all (client gone
+before the drain could finish, upstream cut, error event, ``usage: null``) is
+recorded at the estimate, provisional: never a silent $0.
 """
 
 from __future__ import annotations
@@ -23,6 +35,15 @@ from .pricing import Price
 from .sse import Outcome
 from .store.records import Usage
 
+# One call billed more than this is not believed (a buggy or hostile upstream):
+# the call stays provisional at its estimate and a warning names the generation.
+# The dearest real calls (a million-token context on the dearest model) cost
+# hundreds of dollars; $10,000 leaves a wide margin and 900,000 such calls fit a
+# period's int64 aggregate.
+MAX_CALL_USD = 10_000
+MAX_CALL_NANOS = MAX_CALL_USD * 1_000_000_000
+MAX_TOKENS_REPORTED = 10**12
+
 
 @dataclass(frozen=True)
 class Bill:
@@ -30,21 +51,71 @@ class Bill:
     prompt_tokens: int
     completion_tokens: int
     provisional: bool
+    problem: str | None = None  # why the upstream's usage was not taken as it came
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value < 0:
+def _count(value: Any) -> int | None:
+    """A token count (0 when absent), or None when it is not a whole number in range."""
+    if value is None:
         return 0
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        return None
+    if isinstance(value, Decimal) and (not value.is_finite() or value != value.to_integral_value()):
+        return None
+    if not 0 <= value <= MAX_TOKENS_REPORTED:
+        return None
     return int(value)
 
 
-def _usd(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value < 0:
-        return None
+def _usd(value: Any, name: str) -> tuple[int | None, str | None]:
+    if value is None:
+        return None, f"no {name}"
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        return None, f"{name} is not a number ({type(value).__name__})"
     try:
-        return usd_to_nanos(value)
+        nanos = usd_to_nanos(value)
     except ValueError:
-        return None
+        return None, f"{name} is out of range"
+    if nanos < 0:
+        return None, f"{name} is negative"
+    if nanos > MAX_CALL_NANOS:
+        return None, f"{name} is above ${MAX_CALL_USD} for one call"
+    return nanos, None
+
+
+def charged(cost: Any, is_byok: Any, upstream_inference_cost: Any, *,
+            cost_name: str = "cost") -> tuple[int | None, str | None]:
+    """What one call cost the user, in nano-dollars, or (None, why not).
+
+    ``cost``: what OpenRouter charged the key's credits; for a BYOK call
+    (``is_byok`` true) the provider's ``upstream_inference_cost`` is added.
+    """
+    nanos, problem = _usd(cost, cost_name)
+    if nanos is None:
+        return None, problem
+    if is_byok is True:
+        extra, problem = _usd(upstream_inference_cost, "upstream_inference_cost")
+        if extra is None:
+            return None, f"a bring-your-own-key call with {problem}"
+        nanos += extra
+        if nanos > MAX_CALL_NANOS:
+            return None, f"cost is above ${MAX_CALL_USD} for one call"
+    return nanos, None
+
+
+def usage_charge(usage: dict[str, Any]) -> tuple[int | None, str | None]:
+    """``charged`` from a chat answer's ``usage`` object."""
+    details = usage.get("cost_details")
+    return charged(usage.get("cost"), usage.get("is_byok"),
+                   details.get("upstream_inference_cost") if isinstance(details, dict) else None)
+
+
+def generation_charge(data: Any) -> tuple[int | None, str | None]:
+    """``charged`` from ``GET /generation``'s ``data`` object (the same rule as the stream)."""
+    if not isinstance(data, dict):
+        return None, "no data object"
+    return charged(data.get("total_cost"), data.get("is_byok"),
+                   data.get("upstream_inference_cost"), cost_name="total_cost")
 
 
 def bill(outcome: Outcome, price: Price, estimate_nanos: int) -> Bill:
@@ -53,14 +124,21 @@ def bill(outcome: Outcome, price: Price, estimate_nanos: int) -> Bill:
         return Bill(estimate_nanos, 0, 0, provisional=True)
     prompt = _count(usage.get("prompt_tokens"))
     completion = _count(usage.get("completion_tokens"))
-    cost = _usd(usage.get("cost"))
-    if cost is None:
-        return Bill(price.cost_nanos(prompt, completion), prompt, completion, provisional=False)
-    if usage.get("is_byok") is True:
-        details = usage.get("cost_details")
-        extra = _usd(details.get("upstream_inference_cost")) if isinstance(details, dict) else None
-        cost += extra or 0
-    return Bill(cost, prompt, completion, provisional=False)
+    tokens_ok = prompt is not None and completion is not None
+    prompt, completion = prompt or 0, completion or 0
+    cost, problem = usage_charge(usage)
+    if cost is not None:
+        return Bill(cost, prompt, completion, provisional=False,
+                    problem=None if tokens_ok else "token counts out of range, recorded as 0")
+    if tokens_ok and prompt + completion > 0:
+        try:  # the price of what it says it used, bounded by what the hold covered
+            at_price = min(price.cost_nanos(prompt, completion), estimate_nanos)
+        except ValueError:
+            at_price = estimate_nanos
+        return Bill(at_price, prompt, completion, provisional=True,
+                    problem=f"{problem}: recorded provisional at the model's price")
+    return Bill(estimate_nanos, prompt, completion, provisional=True,
+                problem=f"{problem}: recorded provisional at the estimate")
 
 
 def new_generation_id() -> str:

@@ -13,13 +13,18 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 1_000_000_000
 _NANO = Decimal(NANOS_PER_USD)
+# The largest amount the ledger takes: 10⁹ USD = 10¹⁸ nano-dollars, within SQLite's int64
+# (9.2 × 10¹⁸) with room for a period's sum. Anything larger is not money but a bug or
+# an attack (``1e20``, ``1e999999``), refused here rather than overflowing the row.
+MAX_USD = Decimal(10) ** 9
 
 
 def usd_to_nanos(value: object, *, round_up: bool = False) -> int:
     """Convert a USD amount (Decimal, int, str, float) to nano-dollars.
 
     Floats are converted through ``repr`` so ``0.03`` means 3 cents, not the
-    nearest binary fraction. Raises ``ValueError`` on anything not a finite number.
+    nearest binary fraction. Raises ``ValueError`` on anything not a finite number
+    and on any amount beyond ``MAX_USD`` either way, never another exception.
     """
     if isinstance(value, bool):
         raise ValueError("not a number")
@@ -31,6 +36,8 @@ def usd_to_nanos(value: object, *, round_up: bool = False) -> int:
         raise ValueError("not a number") from None
     if not amount.is_finite():
         raise ValueError("not a finite number")
+    if abs(amount) > MAX_USD:  # compared before any arithmetic: 1e999999 cannot overflow
+        raise ValueError("out of range")
     rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
     return int((amount * _NANO).to_integral_value(rounding=rounding))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, UpstreamError
 from .money import usd_to_nanos
 
 
@@ -30,11 +30,19 @@ class Price:
     request: Decimal     # USD per call
 
     def worst_cost_nanos(self, body_bytes: int, max_tokens: int) -> int:
-        usd = self.prompt * body_bytes + self.completion * max_tokens + self.request
-        return usd_to_nanos(usd, round_up=True)
+        try:
+            return self.cost_nanos(body_bytes, max_tokens)
+        except ValueError:  # a price list out of all range (1e999999 per token)
+            raise UpstreamError("The model's price from the provider is out of range, "
+                                "so the call cannot be metered.") from None
 
     def cost_nanos(self, prompt_tokens: int, completion_tokens: int) -> int:
-        usd = self.prompt * prompt_tokens + self.completion * completion_tokens + self.request
+        """Rounded up to the nano-dollar; ValueError when out of the ledger's range."""
+        try:
+            usd = (self.prompt * prompt_tokens + self.completion * completion_tokens
+                   + self.request)
+        except ArithmeticError:  # decimal.Overflow: prices from the wire are not bounded
+            raise ValueError("out of range") from None
         return usd_to_nanos(usd, round_up=True)
 
 

@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass, field
 
 from .gateway import Gateway
-from .money import usd_to_nanos
 from .sealing import SealError, connection_aad, grant_aad
 from .store import REVOKED, Connection, Usage
 from .upstream import Upstream
@@ -94,15 +93,15 @@ class Reconciler:
                 if key is None:
                     report.unreachable += 1
                     continue
-                cost = await self.upstream.generation_cost(usage.generation_id, key)
+                cost = await self._ask(usage, key, first=attempts == 0)
                 if cost is None:
                     self._next_try[usage.generation_id] = (attempts + 1,
                                                            now + min(2.0 ** attempts, 300.0))
                     report.waiting += 1
                     continue
-                if await self.gw.store.correct_usage(usage.generation_id, usd_to_nanos(cost)):
+                if await self.gw.store.correct_usage(usage.generation_id, cost):
                     report.corrected += 1
-                    self.gw.observer.reconciled(usage.app_id, usd_to_nanos(cost))
+                    self.gw.observer.reconciled(usage.app_id, cost)
                 self._next_try.pop(usage.generation_id, None)
         if report.checked < max_checks:  # a full pass: forget rows no longer provisional
             for generation_id in list(self._next_try):
@@ -121,24 +120,30 @@ class Reconciler:
         compared = unknown = 0
         for usage_id, usage in await self.gw.store.recent_final_usage(limit):
             key = await self._funding_key(usage)
-            cost = None if key is None else \
-                await self.upstream.generation_cost(usage.generation_id, key)
-            if cost is None:
+            billed = None if key is None else \
+                await self._ask(usage, key, first=True)
+            if billed is None:
                 unknown += 1
                 continue
             compared += 1
-            billed = usd_to_nanos(cost)
             if billed != usage.cost_nanos:
                 problems.append(f"usage row {usage_id} ({usage.generation_id}): ledger "
                                 f"{usage.cost_nanos} nano-USD but the upstream billed {billed}")
         return problems, compared, unknown
 
+    async def _ask(self, usage: Usage, key: str, *, first: bool) -> int | None:
+        """The generation's final cost, or None; an unbelievable answer is logged once."""
+        cost, problem = await self.upstream.generation_cost(usage.generation_id, key)
+        if problem is not None and first:
+            log.warning("GET /generation for %s: %s; the call stays provisional",
+                        usage.generation_id, problem)
+        return cost
+
     async def _correct(self, usage: Usage, key: str) -> bool:
-        cost = await self.upstream.generation_cost(usage.generation_id, key)
-        if cost is None or not await self.gw.store.correct_usage(usage.generation_id,
-                                                                  usd_to_nanos(cost)):
+        cost = await self._ask(usage, key, first=True)
+        if cost is None or not await self.gw.store.correct_usage(usage.generation_id, cost):
             return False
-        self.gw.observer.reconciled(usage.app_id, usd_to_nanos(cost))
+        self.gw.observer.reconciled(usage.app_id, cost)
         return True
 
     async def before_erasing(self, connection: Connection, *,

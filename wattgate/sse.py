@@ -4,7 +4,8 @@
 keeps only what metering needs: the generation id, the usage object of the
 last event whose ``usage`` is not null (whatever ``choices`` holds), and
 whether an event carried a top-level ``error``. Comment lines (``:`` such as
-``: OPENROUTER PROCESSING``) are skipped. It never raises on garbage.
+``: OPENROUTER PROCESSING``) are skipped; lines may end in ``\n``, ``\r\n`` or
+``\r`` and events may be cut at any byte. It never raises on garbage.
 
 Speed: a chunk is scanned with two C-level substring searches; only a chunk
 containing ``"usage"`` or ``"error"`` is split into lines and JSON-parsed, so
@@ -39,10 +40,13 @@ class Outcome:
 def split_complete(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
     """(complete lines, the unfinished rest) of what arrived so far.
 
-    An unfinished line longer than ``MAX_PARTIAL`` is dropped: it is not metadata.
+    A line ends at ``\r\n``, ``\n`` or a lone ``\r``, as the SSE spec allows (split
+    the complete part with ``bytes.splitlines``, which knows exactly those three; a
+    ``\r\n`` cut between two chunks only adds an empty line). An unfinished line
+    longer than ``MAX_PARTIAL`` is dropped: it is not metadata.
     """
     data = partial + chunk if partial else chunk
-    end = data.rfind(b"\n")
+    end = max(data.rfind(b"\n"), data.rfind(b"\r"))
     if end < 0:
         return b"", (data if len(data) <= MAX_PARTIAL else b"")
     rest = data[end + 1:]
@@ -76,7 +80,7 @@ class StreamReader:
             if m:
                 self.outcome.generation_id = m.group(1).decode("ascii", "replace")
         if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
-            for line in complete.split(b"\n"):
+            for line in complete.splitlines():
                 self._line(line)
 
     def _line(self, line: bytes) -> None:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import select
+from collections.abc import Mapping
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from typing import Any, Callable
 
 import aiohttp
 
-from .errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
+from .errors import FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout, WattgateError
+from .metering import generation_charge
 from .pricing import PriceList
 
 log = logging.getLogger("wattgate.upstream")
@@ -33,14 +38,102 @@ def upstream_message(status: int, body: bytes) -> str:
     return f"The model provider answered HTTP {status}."
 
 
-def map_failure(status: int, body: bytes) -> WattgateError:
-    """The one mapping from an upstream HTTP error to the error our client sees."""
+# Decoded sizes past which an answer is refused: a compressed answer can decode to
+# a thousand times its bytes. The model list is ~2 MB; a key or generation ~1 kB.
+MAX_MODELS_BODY = 64 * 1024 * 1024
+MAX_SMALL_BODY = 1024 * 1024
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The (decoded) body, or ``TooLarge`` as soon as it passes ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+# A Retry-After beyond a day is not a rate limit we pass on as such.
+MAX_RETRY_AFTER = 86_400
+
+
+def retry_after_seconds(value: str | None, now: float) -> int:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP-date), at least 1."""
+    if not value:
+        return 1
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 1
+    if not math.isfinite(seconds):
+        return 1
+    return int(min(max(1.0, math.ceil(seconds)), MAX_RETRY_AFTER))
+
+
+def map_failure(status: int, body: bytes, headers: Mapping[str, str] | None = None, *,
+                now: float = 0.0) -> WattgateError:
+    """The one mapping from an upstream HTTP error to the error our client sees.
+
+    A 429 stays a 429 (``rate_limited``) with the upstream's ``Retry-After`` (1 s when
+    it sent none), so clients back off as the provider asks instead of seeing a 502.
+    """
     message = upstream_message(status, body)
     if status in (401, 402):
         return FundingInvalid(f"The user's funding key was refused upstream: {message}")
     if status == 408:
         return UpstreamTimeout(message)
+    if status == 429:
+        return RateLimited(f"The model provider is rate limiting: {message}",
+                           retry_after=retry_after_seconds(
+                               (headers or {}).get("Retry-After"), now))
     return UpstreamError(message)
+
+
+def _closed_by_peer(connection: Any) -> bool:
+    """Whether an idle pooled connection is readable: the upstream closed it (EOF) or
+    sent something unasked, which an idle HTTP/1.1 connection never gets. One poll(0)."""
+    transport = connection.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+class FreshConnector(aiohttp.TCPConnector):
+    """Never hands out a pooled connection the upstream has already closed.
+
+    An upstream (or the CDN before it) closes idle keep-alive connections. When its
+    close reaches our socket while the loop is busy, aiohttp still believes the
+    connection is open, writes the next request on it and fails with
+    ``ServerDisconnectedError``; it retries only GETs, and a POST must not be retried
+    blindly (it may have reached the provider and be billed). So the check happens
+    before anything is written: a pooled connection with its close (or any byte)
+    already waiting is dropped and another one taken. Nothing was sent on it, so
+    nothing can have been billed. A close racing with our write (still on the wire)
+    remains possible and ends as ``502 upstream`` with the hold released; it is not
+    retried. Costs one ``poll`` per reused connection; relies on aiohttp's
+    ``TCPConnector._get`` (tested in tests/test_wire_functional.py).
+    """
+
+    async def _get(self, *args: Any, **kwargs: Any) -> Any:
+        while True:
+            connection = await super()._get(*args, **kwargs)  # type: ignore[misc]
+            if connection is None or not _closed_by_peer(connection):
+                return connection
+            connection.close()  # dropped, never returned to the pool
 
 
 class Upstream:
@@ -59,7 +152,7 @@ class Upstream:
         self._refreshing: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_config(cls, config: Any, *, clock: Callable[[], float]) -> "Upstream":
+    def from_config(cls, config: Any, *, clock: Callable[[], float]) -> Upstream:
         return cls(config.upstream_base_url, key_check_path=config.upstream_key_check_path,
                    connect_timeout=config.upstream_connect_timeout,
                    first_byte_timeout=config.upstream_first_byte_timeout,
@@ -67,10 +160,13 @@ class Upstream:
                    models_ttl=config.upstream_models_ttl, clock=clock)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = FreshConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=self.timeout,
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            # aiohttp asks for gzip and deflate (br with Brotli installed); an upstream
+            # behind a CDN honours it. Decoded only when a Content-Encoding came: a plain
+            # answer costs nothing more, and the client always gets plain bytes.
+            auto_decompress=True, skip_auto_headers=("User-Agent",))
 
     async def close(self) -> None:
         if self._refreshing is not None:
@@ -89,29 +185,39 @@ class Upstream:
             async with self.session.get(
                     self.url(path), headers={"Authorization": f"Bearer {funding_key}"},
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
-                body = await resp.read()
+                body = await read_bounded(resp, MAX_SMALL_BODY)
+        except TooLarge:
+            body = b""  # its status still says whether the key is good
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"Could not reach the model provider to check the key "
                                 f"({type(e).__name__}).") from None
         if resp.status in (401, 402, 403):
             raise FundingInvalid("The model provider refused this funding key.")
         if resp.status >= 400:
-            raise map_failure(resp.status, body)
+            raise map_failure(resp.status, body, resp.headers, now=self._clock())
 
-    async def fetch_models(self) -> tuple[int, bytes, str]:
+    async def fetch_models(self) -> tuple[int, bytes, Mapping[str, str]]:
         assert self.session is not None
         try:
             async with self.session.get(
                     self.url("/models"),
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
-                body = await resp.read()
-                return resp.status, body, resp.headers.get("Content-Type", "application/json")
+                body = await read_bounded(resp, MAX_MODELS_BODY)
+                return resp.status, body, resp.headers
+        except TooLarge:
+            raise UpstreamError("The model provider's model list is too large.") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"Could not reach the model provider ({type(e).__name__}).") \
                 from None
 
-    async def generation_cost(self, generation_id: str, funding_key: str) -> Decimal | None:
-        """The final cost of a generation, or None while the upstream does not know it yet."""
+    async def generation_cost(self, generation_id: str,
+                              funding_key: str) -> tuple[int | None, str | None]:
+        """The final cost of a generation in nano-dollars, by the same rule as the stream's
+        usage (``metering.generation_charge``: BYOK calls count the provider's cost too).
+
+        (None, None) while the upstream does not know it yet; (None, why) when its
+        answer cannot be believed (no cost, not a number, out of range).
+        """
         assert self.session is not None
         try:
             async with self.session.get(
@@ -119,22 +225,22 @@ class Upstream:
                     headers={"Authorization": f"Bearer {funding_key}"},
                     timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
                 if resp.status != 200:
-                    return None
-                body = await resp.read()
+                    return None, None
+                body = await read_bounded(resp, MAX_SMALL_BODY)
+        except TooLarge:
+            return None, "the answer is too large"
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            return None
+            return None, None
         try:
-            cost = json.loads(body, parse_float=Decimal)["data"]["total_cost"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        if isinstance(cost, bool) or not isinstance(cost, (int, Decimal)) or cost < 0:
-            return None
-        return Decimal(cost)
+            data = json.loads(body, parse_float=Decimal)
+        except (ValueError, RecursionError):
+            return None, "the answer is not JSON"
+        return generation_charge(data.get("data") if isinstance(data, dict) else None)
 
     async def refresh_prices(self) -> None:
-        status, body, _ = await self.fetch_models()
+        status, body, headers = await self.fetch_models()
         if status != 200:
-            raise map_failure(status, body)
+            raise map_failure(status, body, headers, now=self._clock())
         try:
             data = json.loads(body, parse_float=Decimal)
         except ValueError:

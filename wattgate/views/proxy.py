@@ -154,10 +154,14 @@ class _Call:
             return
         self.closed = True
         a = self.admitted
-        row = usage_row(outcome, bill(outcome, self.price, self.estimate), app_id=a.app_id,
+        charge = bill(outcome, self.price, self.estimate)
+        row = usage_row(outcome, charge, app_id=a.app_id,
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
                         status=status, started=self.started, now=self.gw.clock(),
                         admitted_at=a.admitted_at)
+        if charge.problem is not None:  # never the key, the prompt or the usage's text
+            log.warning("usage of generation %s (%s) not taken as sent: %s",
+                        row.generation_id, self.model[:100], charge.problem)
         self.gw.observer.settled(row, self.sent)
         await self.gw.store.settle(a.hold, row, a.period)  # the write survives cancellation
 
@@ -212,7 +216,7 @@ class _Call:
             body = b""
         resp.close()
         await self.release()
-        error = map_failure(resp.status, body)
+        error = map_failure(resp.status, body, resp.headers, now=self.gw.clock())
         if isinstance(error, FundingInvalid) and self.admitted.grant_id is None \
                 and self.admitted.connection_id is not None:
             await self.gw.store.set_connection_state(self.admitted.connection_id,
@@ -352,9 +356,10 @@ class _Call:
 async def models(request: web.Request) -> web.Response:
     gw = request.app[gateway_key]
     await gw.app_for_secret(secret_key_of(request))
-    status, body, content_type = await request.app[upstream_key].fetch_models()
+    status, body, headers = await request.app[upstream_key].fetch_models()
     if status != 200:
-        raise map_failure(status, body)
+        raise map_failure(status, body, headers, now=gw.clock())
+    content_type = headers.get("Content-Type", "application/json")
     return web.Response(body=body, content_type=content_type.split(";")[0].strip() or
                         "application/json")
 
