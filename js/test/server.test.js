@@ -9,7 +9,8 @@ import os from "node:os";
 import path from "node:path";
 
 import OpenAI from "openai";
-import { generateText, streamText } from "ai";
+import { generateObject, generateText, streamText } from "ai";
+import { z } from "zod";
 
 import {
   Wattfare, toWattfareError, WattfareError, WattfareAuthError, WattfareInvalidRequestError,
@@ -137,6 +138,18 @@ test("sessionHandler: 401 for nobody, the token, the gateway's errors, a generic
   assert.equal(logged.length, 1);
 });
 
+test("model() takes the provider's settings, but never where calls go or who pays", () => {
+  const wf = new Wattfare({ secretKey: SECRET, baseURL: "https://gw.test" });
+  const ai = wf.user("user_123");
+  assert.equal(ai.model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }).supportsStructuredOutputs, true);
+  assert.equal(ai.model("openai/gpt-4o-mini").supportsStructuredOutputs, false);
+  for (const key of ["baseURL", "apiKey", "fetch", "name"]) {
+    assert.throws(() => ai.model("openai/gpt-4o-mini", { [key]: "x" }), new RegExp(`${key} cannot be set`));
+  }
+  assert.throws(() => ai.model("openai/gpt-4o-mini", "strict"), TypeError);
+  assert.throws(() => ai.model(""), WattfareInvalidRequestError);
+});
+
 test("toWattfareError sees through AI SDK and openai wrappers and leaves other errors alone", () => {
   const body = (code) => JSON.stringify({ error: { code, message: "m" } });
   const apiCallError = Object.assign(new Error("x"), { name: "AI_APICallError", statusCode: 402, responseBody: body("budget_exceeded") });
@@ -149,6 +162,11 @@ test("toWattfareError sees through AI SDK and openai wrappers and leaves other e
   const midStream = Object.assign(new Error("x"), { name: "AI_StreamProviderError", data: { code: 502, message: "Provider disconnected" } });
   assert.equal(toWattfareError(midStream).message, "Provider disconnected");
   assert.ok(toWattfareError(midStream) instanceof WattfareUpstreamError);
+  // AI SDK 5 and 6 hand onError the stream's error object itself.
+  const midStreamObject = { code: 502, message: "Provider disconnected" };
+  assert.equal(toWattfareError(midStreamObject)?.message, "Provider disconnected");
+  assert.ok(toWattfareError(midStreamObject) instanceof WattfareUpstreamError);
+  assert.equal(toWattfareError({ message: "not from a stream" }), null);
   assert.equal(toWattfareError(new Error("boom")), null);
   assert.equal(toWattfareError(Object.assign(new Error("x"), { statusCode: 404, responseBody: "Not Found" })), null);
   assert.equal(toWattfareError(null), null);
@@ -296,6 +314,35 @@ test("provider failures are upstream errors, before the stream and inside it", a
   for await (const piece of result.textStream) text += piece;
   assert.ok(text.length > 0, "the answer had started");
   assert.ok(toWattfareError(streamError) instanceof WattfareUpstreamError);
+});
+
+test("generateObject with supportsStructuredOutputs sends the schema, with no warning", async () => {
+  const counted = countingFetch();
+  const wf = new Wattfare({ secretKey: gw.secretKey, baseURL: gw.url, fetch: async (url, init) => {
+    counted.sent = JSON.parse(init.body);
+    counted.sentUser = new Headers(init.headers).get("x-wattfare-user");
+    return counted.fetch(url, init);
+  } });
+  const schema = z.object({ title: z.string(), tags: z.array(z.string()), stars: z.number().int() });
+  const user = wf.user("user_123");
+  const structured = await generateObject({
+    model: user.model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }), schema, prompt: "A film.",
+  });
+  assert.deepEqual(structured.warnings, []);
+  assert.equal(counted.sent.response_format.type, "json_schema");
+  assert.deepEqual(Object.keys(counted.sent.response_format.json_schema.schema.properties), ["title", "tags", "stars"]);
+  assert.equal(typeof structured.object.title, "string");
+  assert.ok(Array.isArray(structured.object.tags));
+  // Without the setting the provider can only ask for JSON mode, and warns that it did.
+  const plain = await generateObject({ model: user.model("openai/gpt-4o-mini"), schema: z.object({ text: z.string() }), prompt: "x" });
+  assert.equal(counted.sent.response_format.type, "json_object");
+  assert.ok(plain.warnings.length > 0);
+  // A setting's headers cannot bill another user.
+  const other = await generateText({
+    model: user.model("fake/flat-2c", { headers: { "x-wattfare-user": "billing_user" } }), prompt: "x",
+  });
+  assert.ok(other.text.length > 0);
+  assert.equal(counted.sentUser, "user_123");
 });
 
 test("a grant's model spends its requests, then grant_invalid, not retried", async () => {
