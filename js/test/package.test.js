@@ -101,6 +101,18 @@ test("the packed tarball installs into an app, type-checks strictly and works", 
   assertWorked(await runServer(app));
 });
 
+test("engines promises no older Node than the dev dependencies need", async () => {
+  const pkg = JSON.parse(await readFile(path.join(JS, "package.json"), "utf8"));
+  const major = (range) => Math.max(0, ...[...range.matchAll(/>=\s*v?(\d+)/g)].map((m) => Number(m[1])));
+  const promised = major(pkg.engines.node);
+  assert.ok(promised > 0, "engines.node is a lower bound like >=20");
+  for (const name of Object.keys(pkg.devDependencies)) {
+    const dep = JSON.parse(await readFile(path.join(JS, "node_modules", name, "package.json"), "utf8"));
+    const needed = dep.engines?.node ? major(dep.engines.node) : 0;
+    assert.ok(needed <= promised, `${name}@${dep.version} needs Node ${dep.engines?.node}, engines says ${pkg.engines.node}`);
+  }
+});
+
 test("the declarations name exactly what each module exports", async () => {
   for (const surface of ["server", "client", "react"]) {
     const runtime = Object.keys(await import(`../${surface}.js`)).sort();
