@@ -1,6 +1,6 @@
 // The package as a team installs it: `npm pack`, then a small TypeScript app in a temp dir
 // installs the tarball beside its own ai, provider, zod and React, type-checks strictly
-// (moduleResolution "bundler" and "node16"), and runs generateText, streamText and
+// (moduleResolution "bundler" and "node16", JSX included), and runs generateText, streamText and
 // generateObject through a real gateway. Then the same app with a path install.
 // npm reuses its cache (--prefer-offline), so only a first run downloads.
 import { test, before, after } from "node:test";
@@ -46,10 +46,12 @@ async function consumerDependencies() {
 
 // As a Next.js app's tsconfig: strict, and skipLibCheck (the AI SDK's own declarations need
 // more than an app installs). Our declarations are checked in full by the test below.
-const STRICT = { strict: true, target: "es2022", lib: ["es2022", "dom"], skipLibCheck: true, types: ["node"] };
+const STRICT = {
+  strict: true, target: "es2022", lib: ["es2022", "dom"], jsx: "react-jsx", skipLibCheck: true, types: ["node"],
+};
 
 async function typecheck(app, name, compilerOptions) {
-  await writeFile(path.join(app, name), JSON.stringify({ compilerOptions: { ...STRICT, ...compilerOptions }, files: ["server.ts", "browser.ts"] }));
+  await writeFile(path.join(app, name), JSON.stringify({ compilerOptions: { ...STRICT, ...compilerOptions }, files: ["server.ts", "browser.ts", "page.tsx"] }));
   const tsc = path.join(app, "node_modules", "typescript", "bin", "tsc");
   await run(process.execPath, [tsc, "-p", name], { cwd: app }).catch((err) => {
     assert.fail(`tsc -p ${name} failed:\n${err.stdout}${err.stderr}`);
