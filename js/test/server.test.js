@@ -143,6 +143,7 @@ test("model() takes the provider's settings, but never where calls go or who pay
   const ai = wf.user("user_123");
   assert.equal(ai.model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }).supportsStructuredOutputs, true);
   assert.equal(ai.model("openai/gpt-4o-mini").supportsStructuredOutputs, false);
+  assert.equal(wf.grant("wfg_token").model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }).supportsStructuredOutputs, true);
   for (const key of ["baseURL", "apiKey", "fetch", "name"]) {
     assert.throws(() => ai.model("openai/gpt-4o-mini", { [key]: "x" }), new RegExp(`${key} cannot be set`));
   }
