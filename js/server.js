@@ -13,7 +13,8 @@
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 
 import {
-  NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareUpstreamError, errorFromResponse,
+  NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareInvalidRequestError, WattfareUpstreamError,
+  errorFromResponse,
   toWattfareError as clientToWattfareError,
 } from "./client.js";
 
@@ -32,6 +33,8 @@ export {
  * @typedef {{ token: string, expiresAt: number }} CreatedSession
  * @typedef {{ grantToken: string, expiresAt: number, requests: number }} GrantResult
  * @typedef {import("@ai-sdk/openai-compatible").OpenAICompatibleChatLanguageModel} LanguageModel
+ * @typedef {Omit<import("@ai-sdk/openai-compatible").OpenAICompatibleProviderSettings,
+ *   "name" | "baseURL" | "apiKey" | "fetch">} ModelSettings
  * @typedef {object} WattfareOptions
  * @property {string} secretKey The app's secret key (`sk_…`); never send it to a browser.
  * @property {string} [baseURL] The gateway's URL (its site root; `…/api/v1` is accepted too).
@@ -44,6 +47,9 @@ export const USER_HEADER = "x-wattfare-user";
 export const GRANT_HEADER = "x-wattfare-grant";
 export const GRANT_REMAINING_HEADER = "x-wattfare-grant-remaining";
 
+/** Provider settings the client owns: where calls go, with which key. */
+const OWNED_SETTINGS = ["name", "baseURL", "apiKey", "fetch"];
+
 const NOT_SIGNED_IN = { error: { code: "auth", message: "Not signed in." } };
 const INTERNAL = { error: { code: "internal", message: "Internal error." } };
 
@@ -51,7 +57,8 @@ const INTERNAL = { error: { code: "internal", message: "Internal error." } };
  * The WattfareError behind `err`, or null. Sees through the AI SDK's `APICallError`
  * (status and body of the gateway's answer), its `RetryError` (the last attempt) and
  * `StreamProviderError` (a provider failure after the answer started: code `upstream`,
- * status 502), the openai package's `APIError`, and `cause` chains.
+ * status 502; AI SDK 5 and 6 pass the stream's `{ code, message }` object itself), the
+ * openai package's `APIError`, and `cause` chains.
  * @param {unknown} err @returns {WattfareError | null}
  */
 export function toWattfareError(err) {
@@ -66,6 +73,10 @@ export function toWattfareError(err) {
       // The provider failed after the answer had started: the gateway passed its error on.
       const message = typeof e.data?.message === "string" ? e.data.message : e.message;
       return new WattfareUpstreamError(message, { status: 502, cause: e });
+    }
+    if (!(e instanceof Error) && typeof e.message === "string" && ("code" in e || "type" in e)) {
+      // The same failure as AI SDK 5 and 6 report it: the stream's error object itself.
+      return new WattfareUpstreamError(e.message, { status: 502, cause: e });
     }
   }
   return null;
@@ -95,16 +106,30 @@ class ModelAccess {
   /**
    * An AI SDK language model whose calls go through the gateway, billed here.
    * @param {string} modelId Any OpenRouter model id, e.g. "openai/gpt-4o-mini".
+   * @param {ModelSettings} [settings] The provider's settings, e.g.
+   *   `{ supportsStructuredOutputs: true }` for generateObject with a JSON schema.
    * @returns {LanguageModel}
    */
-  model(modelId) {
+  model(modelId, settings) {
+    if (typeof modelId !== "string" || !modelId) {
+      throw new WattfareInvalidRequestError("modelId must be a model id such as \"openai/gpt-4o-mini\".");
+    }
+    if (settings != null && (typeof settings !== "object" || Array.isArray(settings))) {
+      throw new TypeError("settings must be an object like { supportsStructuredOutputs: true }");
+    }
+    const owned = Object.keys(settings ?? {}).filter((k) => OWNED_SETTINGS.includes(k));
+    if (owned.length) {
+      throw new TypeError(`${owned.join(", ")} cannot be set per model: the Wattfare client sets it`);
+    }
     const provider = createOpenAICompatible({
+      includeUsage: true,
+      ...settings,
       name: "wattfare",
       baseURL: this.wf.apiURL,
       apiKey: this.wf.secretKey,
-      headers: { [this.header]: this.value },
+      // Ours last: a setting never bills a call to another user or grant.
+      headers: { ...settings?.headers, [this.header]: this.value },
       fetch: this.wf.fetch,
-      includeUsage: true,
     });
     return provider.chatModel(modelId);
   }

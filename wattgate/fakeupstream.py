@@ -6,7 +6,9 @@ per piece of text, a finish chunk, a final usage event with ``choices: []``
 and ``usage.cost``, then ``data: [DONE]``; ``X-Generation-Id`` before any body
 byte; errors before streaming as JSON with 4xx/5xx, errors after streaming
 started inside the 200 stream; ``GET /models``, ``GET /key``,
-``GET /generation`` and the OAuth PKCE endpoints.
+``GET /generation`` and the OAuth PKCE endpoints. A ``response_format`` (JSON
+mode, structured outputs) is answered with a JSON document, a JSON schema with
+an instance of it.
 
 Behaviour is chosen by the model id (``fake/…`` models below) so one fake
 serves mixed traffic. Knobs on ``FakeOpenRouter`` reproduce the rest of the real
@@ -210,6 +212,48 @@ def _generation_json(call: Call) -> str:
                "false" if fee is None else "true", _num(call.cost if fee is None else fee)))
 
 
+def _json_answer(body: dict[str, Any]) -> str | None:
+    """The answer to a request for JSON (`response_format`), else None: an instance of the
+    JSON schema for `json_schema` (structured outputs), an object for `json_object`."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return json.dumps(_instance(schema if isinstance(schema, dict) else {}))
+    if fmt.get("type") == "json_object":
+        return json.dumps({"text": " ".join(WORDS[:8])})
+    return None
+
+
+def _instance(schema: dict[str, Any]) -> Any:
+    """A small value that satisfies `schema` (the subset structured outputs use)."""
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return _instance(schema[key][0])
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {name: _instance(sub) for name, sub in props.items()}
+    if kind == "array":
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [_instance(items) for _ in range(max(1, schema.get("minItems", 1)))]
+    if kind == "string":
+        return " ".join(WORDS[:3])
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return True
+    return None
+
+
 fake_key = web.AppKey("fake", FakeOpenRouter)
 
 
@@ -311,7 +355,13 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 10**9
         n = max(1, min(fake.pieces, int(max_tokens)))
-        pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
+        json_answer = _json_answer(body)
+        if json_answer is not None:  # the whole document, in n pieces, like a real model
+            step = -(-len(json_answer) // n)
+            pieces = [json_answer[i:i + step] for i in range(0, len(json_answer), step)]
+            n = len(pieces)
+        else:
+            pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
         cost = model.prompt * prompt_tokens + model.completion * n + model.request

@@ -4,16 +4,13 @@
 // docs' server-side examples as written (only the import path and baseURL differ).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFile } from "node:child_process";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
 
 import OpenAI from "openai";
-import { generateText, streamText } from "ai";
+import { generateObject, generateText, streamText } from "ai";
+import { z } from "zod";
 
 import {
   Wattfare, toWattfareError, WattfareError, WattfareAuthError, WattfareInvalidRequestError,
@@ -21,11 +18,9 @@ import {
   WattfareUpstreamError,
 } from "../server.js";
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const PYTHON = process.env.PYTHON ?? "python3";
-const FUNDING_KEY = "sk-or-v1-" + "f".repeat(48);
+import { FUNDING_KEY, ROOT, run, startGateway } from "./gateway.js";
+
 const SECRET = "sk_live_app0000000000000001_secret";
-const run = promisify(execFile);
 
 function json(status, body, headers = {}) {
   return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
@@ -143,6 +138,19 @@ test("sessionHandler: 401 for nobody, the token, the gateway's errors, a generic
   assert.equal(logged.length, 1);
 });
 
+test("model() takes the provider's settings, but never where calls go or who pays", () => {
+  const wf = new Wattfare({ secretKey: SECRET, baseURL: "https://gw.test" });
+  const ai = wf.user("user_123");
+  assert.equal(ai.model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }).supportsStructuredOutputs, true);
+  assert.equal(ai.model("openai/gpt-4o-mini").supportsStructuredOutputs, false);
+  assert.equal(wf.grant("wfg_token").model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }).supportsStructuredOutputs, true);
+  for (const key of ["baseURL", "apiKey", "fetch", "name"]) {
+    assert.throws(() => ai.model("openai/gpt-4o-mini", { [key]: "x" }), new RegExp(`${key} cannot be set`));
+  }
+  assert.throws(() => ai.model("openai/gpt-4o-mini", "strict"), TypeError);
+  assert.throws(() => ai.model(""), WattfareInvalidRequestError);
+});
+
 test("toWattfareError sees through AI SDK and openai wrappers and leaves other errors alone", () => {
   const body = (code) => JSON.stringify({ error: { code, message: "m" } });
   const apiCallError = Object.assign(new Error("x"), { name: "AI_APICallError", statusCode: 402, responseBody: body("budget_exceeded") });
@@ -155,6 +163,11 @@ test("toWattfareError sees through AI SDK and openai wrappers and leaves other e
   const midStream = Object.assign(new Error("x"), { name: "AI_StreamProviderError", data: { code: 502, message: "Provider disconnected" } });
   assert.equal(toWattfareError(midStream).message, "Provider disconnected");
   assert.ok(toWattfareError(midStream) instanceof WattfareUpstreamError);
+  // AI SDK 5 and 6 hand onError the stream's error object itself.
+  const midStreamObject = { code: 502, message: "Provider disconnected" };
+  assert.equal(toWattfareError(midStreamObject)?.message, "Provider disconnected");
+  assert.ok(toWattfareError(midStreamObject) instanceof WattfareUpstreamError);
+  assert.equal(toWattfareError({ message: "not from a stream" }), null);
   assert.equal(toWattfareError(new Error("boom")), null);
   assert.equal(toWattfareError(Object.assign(new Error("x"), { statusCode: 404, responseBody: "Not Found" })), null);
   assert.equal(toWattfareError(null), null);
@@ -178,57 +191,18 @@ test("every JavaScript example in docs/sdk.md parses", async () => {
 
 // ---- against a running gateway --------------------------------------------------------------
 
-let gw; // { url, api, secretKey, children, dir }
-
-async function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.on("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-function startPython(args, env) {
-  const child = spawn(PYTHON, args, { cwd: ROOT, env, stdio: ["ignore", "ignore", "pipe"] });
-  child.log = "";
-  child.stderr.on("data", (d) => { child.log += d; });
-  return child;
-}
-
-async function waitUntilUp(url, child) {
-  for (let i = 0; i < 200; i++) {
-    if (child.exitCode !== null) throw new Error(`exited early: ${child.log}`);
-    try {
-      if ((await fetch(url)).ok) return;
-    } catch { /* not listening yet */ }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`${url} did not come up: ${child.log}`);
-}
-
-async function gatewayJSON(method, urlPath, token, body) {
-  const res = await fetch(gw.api + urlPath, {
-    method, headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  assert.ok(res.ok, `${method} ${urlPath}: ${res.status} ${text}`);
-  return text ? JSON.parse(text) : null;
-}
+let gw; // startGateway()'s gateway
 
 /** What the consent popup does when the user approves: a funded connection. */
 async function connect(wf, user, monthlyUsd) {
   const { token } = await wf.createSession(user);
-  return gatewayJSON("POST", "/connections", token, { monthlyUsd, fundingKey: FUNDING_KEY });
+  return gw.json("POST", "/connections", token, { monthlyUsd, fundingKey: FUNDING_KEY });
 }
 
 /** What the grant popup does on approval: a grant token for the browser to forward. */
 async function approveGrant(wf, requests) {
   const { token } = await wf.createSession("grant_user");
-  return (await gatewayJSON("POST", "/grants", token, { requests, fundingKey: FUNDING_KEY })).grantToken;
+  return (await gw.json("POST", "/grants", token, { requests, fundingKey: FUNDING_KEY })).grantToken;
 }
 
 /** The user's usage once it reaches `atLeast`: a stream is settled just after its last byte. */
@@ -243,37 +217,13 @@ async function settledUsage(user, atLeast) {
 }
 
 before(async () => {
-  const dir = await mkdtemp(path.join(os.tmpdir(), "wattgate-js-"));
-  const [port, fakePort] = [await freePort(), await freePort()];
-  const url = `http://127.0.0.1:${port}`;
-  const env = {
-    ...process.env, PYTHONPATH: ROOT, PYTHONUNBUFFERED: "1",
-    WATTGATE_DATABASE__PATH: path.join(dir, "wattgate.db"),
-    WATTGATE_SERVER__PORT: String(port),
-    WATTGATE_SERVER__PUBLIC_URL: url,
-    WATTGATE_UPSTREAM__BASE_URL: `http://127.0.0.1:${fakePort}/api/v1`,
-  };
-  const { stdout } = await run(PYTHON, ["-m", "wattgate", "apps", "create", "--name", "JS tests",
-    "--origin", "http://localhost:3000", "--json"], { cwd: ROOT, env });
-  const { secretKey } = JSON.parse(stdout);
-  const fake = startPython(["-m", "wattgate.fakeupstream", "--port", String(fakePort)], env);
-  const server = startPython(["-m", "wattgate", "serve"], env);
-  gw = { url, api: `${url}/api/v1`, secretKey, dir, children: [fake, server] };
-  await waitUntilUp(`http://127.0.0.1:${fakePort}/api/v1/models`, fake);
-  await waitUntilUp(`${url}/healthz`, server);
-  process.env.WATTFARE_SECRET_KEY = secretKey; // the reference examples read it from here
-  await connect(new Wattfare({ secretKey, baseURL: url }), "user_123", 10);
+  gw = await startGateway();
+  process.env.WATTFARE_SECRET_KEY = gw.secretKey; // the reference examples read it from here
+  await connect(new Wattfare({ secretKey: gw.secretKey, baseURL: gw.url }), "user_123", 10);
 });
 
 after(async () => {
-  for (const child of gw?.children ?? []) {
-    if (child.exitCode === null) {
-      const exited = new Promise((r) => child.once("exit", r));
-      child.kill("SIGTERM");
-      await exited;
-    }
-  }
-  if (gw) await rm(gw.dir, { recursive: true, force: true });
+  await gw?.stop();
 });
 
 test("generateText and streamText through user().model() are billed to the user", async () => {
@@ -367,6 +317,35 @@ test("provider failures are upstream errors, before the stream and inside it", a
   assert.ok(toWattfareError(streamError) instanceof WattfareUpstreamError);
 });
 
+test("generateObject with supportsStructuredOutputs sends the schema, with no warning", async () => {
+  const counted = countingFetch();
+  const wf = new Wattfare({ secretKey: gw.secretKey, baseURL: gw.url, fetch: async (url, init) => {
+    counted.sent = JSON.parse(init.body);
+    counted.sentUser = new Headers(init.headers).get("x-wattfare-user");
+    return counted.fetch(url, init);
+  } });
+  const schema = z.object({ title: z.string(), tags: z.array(z.string()), stars: z.number().int() });
+  const user = wf.user("user_123");
+  const structured = await generateObject({
+    model: user.model("openai/gpt-4o-mini", { supportsStructuredOutputs: true }), schema, prompt: "A film.",
+  });
+  assert.deepEqual(structured.warnings, []);
+  assert.equal(counted.sent.response_format.type, "json_schema");
+  assert.deepEqual(Object.keys(counted.sent.response_format.json_schema.schema.properties), ["title", "tags", "stars"]);
+  assert.equal(typeof structured.object.title, "string");
+  assert.ok(Array.isArray(structured.object.tags));
+  // Without the setting the provider can only ask for JSON mode, and warns that it did.
+  const plain = await generateObject({ model: user.model("openai/gpt-4o-mini"), schema: z.object({ text: z.string() }), prompt: "x" });
+  assert.equal(counted.sent.response_format.type, "json_object");
+  assert.ok(plain.warnings.length > 0);
+  // A setting's headers cannot bill another user.
+  const other = await generateText({
+    model: user.model("fake/flat-2c", { headers: { "x-wattfare-user": "billing_user" } }), prompt: "x",
+  });
+  assert.ok(other.text.length > 0);
+  assert.equal(counted.sentUser, "user_123");
+});
+
 test("a grant's model spends its requests, then grant_invalid, not retried", async () => {
   const counted = countingFetch();
   const wf = new Wattfare({ secretKey: gw.secretKey, baseURL: gw.url, fetch: counted.fetch });
@@ -442,7 +421,7 @@ test("server-sdk.md: sessionHandler, a fixed cap and a per-plan cap", async () =
     const { token, expiresAt } = await res.json();
     assert.ok(expiresAt > Date.now() / 1000);
     // The consent popup approves with this token: the cap offered is the app's request.
-    caps.push((await gatewayJSON("POST", "/connections", token, { fundingKey: FUNDING_KEY })).limits.monthlyUsd);
+    caps.push((await gw.json("POST", "/connections", token, { fundingKey: FUNDING_KEY })).limits.monthlyUsd);
     await fetch(`${gw.api}/connections`, { method: "DELETE", headers: { Authorization: `Bearer ${token}` } });
   }
   assert.deepEqual(caps, [20, 50]);

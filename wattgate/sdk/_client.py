@@ -144,11 +144,13 @@ class _ModelAccess:
     def openai(self, **options: Any) -> AsyncOpenAI:
         """An ``openai.AsyncOpenAI`` whose calls are billed here; ``options`` go to its
         constructor (``max_retries``, ``timeout``, a shared ``http_client``...)."""
-        return _import_openai().AsyncOpenAI(**{**self.openai_options(), **options})
+        client: AsyncOpenAI = _import_openai().AsyncOpenAI(**{**self.openai_options(), **options})
+        return client
 
     def openai_sync(self, **options: Any) -> OpenAI:
         """The blocking ``openai.OpenAI`` twin of ``openai()``."""
-        return _import_openai().OpenAI(**{**self.openai_options(), **options})
+        client: OpenAI = _import_openai().OpenAI(**{**self.openai_options(), **options})
+        return client
 
 
 class WattfareUser(_ModelAccess):
