@@ -959,6 +959,22 @@ class SQLiteStore(ReportsMixin):
     async def has_presence(self, browser_hash: str) -> bool:
         return self._one("SELECT 1 FROM presence WHERE browser_hash = ?", (browser_hash,)) is not None
 
+    async def rotate_presence(self, old_hash: str | None, new_hash: str, *, now: float) -> None:
+        """Make ``new_hash`` this browser's proof, in one transaction.
+
+        The connections ``old_hash`` proved move to ``new_hash``, and ``old_hash``
+        stops proving anything: whoever else holds the old value (it may have
+        been planted) is left with nothing.
+        """
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO presence (browser_hash, created_at) VALUES (?, ?)",
+                       (new_hash, now))
+            if old_hash is not None and old_hash != new_hash:
+                db.execute("UPDATE connections SET browser_hash = ? WHERE browser_hash = ?",
+                           (new_hash, old_hash))
+                db.execute("DELETE FROM presence WHERE browser_hash = ?", (old_hash,))
+        await self._writer.run(op, self._forget_connections)
+
 
 def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
            period: str, nanos: int) -> None:

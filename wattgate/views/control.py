@@ -84,9 +84,23 @@ def is_same_origin(gw: Gateway, request: web.Request) -> bool:
     return request.headers.get("Origin") == gw.config.public_origin
 
 
+def presence_value(gw: Gateway, request: web.Request) -> str | None:
+    """The presence cookie the browser sent, under its name for this gateway's scheme.
+
+    On https a value set before the ``__Host-`` name was used (plain
+    ``wg_presence``) is still read when no ``__Host-`` one exists; the next
+    approval replaces it with a ``__Host-`` cookie.
+    """
+    name = consent.presence_cookie_name(gw.config.public_origin)
+    value = request.cookies.get(name)
+    if value is None and name != consent.PRESENCE_COOKIE:
+        value = request.cookies.get(consent.PRESENCE_COOKIE)
+    return value or None
+
+
 async def presence_of(gw: Gateway, request: web.Request) -> str | None:
     """The browser hash proven by the presence cookie on a same-origin request, else None."""
-    value = request.cookies.get(consent.PRESENCE_COOKIE)
+    value = presence_value(gw, request)
     if not value or not is_same_origin(gw, request):
         return None
     browser_hash = gw.hash(value)
@@ -94,9 +108,12 @@ async def presence_of(gw: Gateway, request: web.Request) -> str | None:
 
 
 def set_presence_cookie(gw: Gateway, response: web.StreamResponse, value: str) -> None:
-    response.set_cookie(consent.PRESENCE_COOKIE, value, max_age=400 * 24 * 3600, path="/",
-                        httponly=True, samesite="Strict",
-                        secure=gw.config.public_origin.startswith("https://"))
+    name = consent.presence_cookie_name(gw.config.public_origin)
+    secure = name != consent.PRESENCE_COOKIE
+    response.set_cookie(name, value, max_age=400 * 24 * 3600, path="/", httponly=True,
+                        samesite="Strict", secure=secure)
+    if secure:  # the unprefixed cookie of an older version: replaced, never read again
+        response.del_cookie(consent.PRESENCE_COOKIE, path="/")
 
 
 async def _session(request: web.Request) -> tuple[Gateway, Session, App]:
@@ -151,17 +168,17 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     if change.needs_key_check:
         assert key is not None
         await request.app[upstream_key].check_key(key)
-    new_cookie = None
-    if browser is None and key is not None and is_same_origin(gw, request):
-        # The user approved in the consent page: give this browser its presence proof.
+    # Only an approval carrying the funding key, made on the gateway's own page, binds a
+    # browser to the connection; otherwise any browser holding some presence cookie (the
+    # app operator's own, from approving their own connection) could bind itself by
+    # lowering a cap, then raise. The binding is to a value minted now, never to the one
+    # the browser brought.
+    binds = key is not None and is_same_origin(gw, request)
+    new_cookie = new_hash = None
+    if binds:
         new_cookie = new_presence_value()
-        browser = gw.hash(new_cookie)
-        await gw.store.add_presence(browser, now=gw.clock())
-    # Only an approval carrying the funding key binds a browser to the connection;
-    # otherwise any browser holding some presence cookie (the app operator's own,
-    # from approving their own connection) could bind itself by lowering a cap, then raise.
-    browser_hash = browser if key is not None and browser is not None \
-        else (existing.browser_hash if existing else None)
+        new_hash = gw.hash(new_cookie)
+    browser_hash = new_hash if binds else (existing.browser_hash if existing else None)
     now = gw.clock()
     if change.needs_key_check:
         assert key is not None
@@ -176,6 +193,10 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         if updated is None:  # revoked or re-funded meanwhile: answer what is true now
             return json_response(await connection_status(gw, app.app_id, session.app_user_id))
         connection = updated
+    if new_cookie is not None:
+        assert new_hash is not None
+        # Earlier connections of this browser follow it; the brought value proves nothing now.
+        await gw.store.rotate_presence(browser, new_hash, now=now)
     spent = await gw.store.period_spent(connection.connection_id, period_of(now))
     response = json_response(status_body(connection, spent))
     if new_cookie is not None:
