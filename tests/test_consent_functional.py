@@ -331,3 +331,27 @@ async def test_on_https_the_cookie_is_host_prefixed(make_harness):
             **same_origin,
             "Cookie": f"{PRESENCE_COOKIE}={value}; __Host-{PRESENCE_COOKIE}=planted"}) as r:
         assert r.status == 403
+
+
+async def test_the_pages_header_proves_same_origin_only_where_no_sec_fetch_site_is_sent(h):
+    """Plain http at a LAN hostname: the browser sends no Sec-Fetch-Site, and no Origin on
+    a GET; the gateway's pages send X-Wattgate-Page, which no other origin may send."""
+    app = await h.create_app()
+    _, cookie = await approve_in_browser(h, app, "u", cap=10)
+    token = await h.session(app, "u")
+    page = {"X-Wattgate-Page": "1"}
+    status, body, _ = await post(h, token, {"monthlyUsd": 20}, page, cookie=cookie)
+    assert status == 200 and body["limits"] == {"monthlyUsd": 20}
+    async with h.http.get(h.api + "/consent/session", headers={
+            "Authorization": f"Bearer {token}", "Cookie": f"{PRESENCE_COOKIE}={cookie}",
+            **page}) as r:
+        assert r.status == 200 and (await r.json())["returning"] is True
+    # Where the browser does say where a request comes from, that is what counts.
+    refused(await post(h, token, {"monthlyUsd": 30}, {**page, "Sec-Fetch-Site": "same-site"},
+                       cookie=cookie))
+    # No other origin is ever allowed to send it.
+    async with h.http.options(h.api + "/connections", headers={
+            "Origin": app.origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-wattgate-page"}) as r:
+        allowed = r.headers.get("Access-Control-Allow-Headers", "").lower()
+        assert "authorization" in allowed and "x-wattgate-page" not in allowed

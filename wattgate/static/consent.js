@@ -161,7 +161,10 @@ function ready() {
   }
   syncSource();
   $("key").disabled = false;
-  if (data.oauth.authBase) {
+  if (data.oauth.authBase && !crypto.subtle) {
+    // Plain http at a hostname other than localhost: no Web Crypto, so no PKCE challenge.
+    $("oauth-insecure").hidden = false;
+  } else if (data.oauth.authBase) {
     $("oauth").hidden = false;
     $("oauth").disabled = false;
     $("or-divider").hidden = false;

@@ -36,7 +36,9 @@ export class ApiError extends Error {
 
 /** Call the gateway's JSON API from its own pages (the presence cookie rides along). */
 export async function api(method, path, { token, body } = {}) {
-  const headers = {};
+  // Proves a same-origin call where the browser sends no Sec-Fetch-Site (plain http at a
+  // hostname other than localhost): no other origin may send this header (CORS preflight).
+  const headers = { "X-Wattgate-Page": "1" };
   if (token) headers.Authorization = "Bearer " + token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let res;

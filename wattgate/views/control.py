@@ -76,11 +76,24 @@ async def connection_status(gw: Gateway, app_id: str, user: str) -> dict[str, An
     return status_body(connection, spent)
 
 
+PAGE_HEADER = "X-Wattgate-Page"
+
+
 def is_same_origin(gw: Gateway, request: web.Request) -> bool:
-    """A request made by the gateway's own pages, as the browser itself attests."""
+    """A request made by the gateway's own pages, as the browser itself attests.
+
+    ``Sec-Fetch-Site`` when the browser sends it (https, or localhost). Browsers
+    send no ``Sec-Fetch-*`` to a plain-http origin at another hostname (a LAN
+    or staging host), and no ``Origin`` on a same-origin GET: there the pages'
+    ``X-Wattgate-Page`` header is the proof, since a page on another origin
+    can only send a custom header after a CORS preflight, and the gateway's
+    preflight never allows it (``views.cors``).
+    """
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
         return site == "same-origin"
+    if request.headers.get(PAGE_HEADER) == "1":
+        return True
     return request.headers.get("Origin") == gw.config.public_origin
 
 
