@@ -83,8 +83,9 @@ async def bar_width(page: Page) -> float:
 
 
 async def status_of(demo: Demo, user: str) -> dict[str, Any]:
+    """What the app's server reads, over loopback (the browser may know the gateway by a name)."""
     async with aiohttp.ClientSession() as http, http.get(
-            demo.gateway_url + "/api/v1/status", params={"appUserId": user},
+            (demo.local_gateway_url or demo.gateway_url) + "/api/v1/status", params={"appUserId": user},
             headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
         return await r.json()
 

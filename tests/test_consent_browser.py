@@ -12,31 +12,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 import pytest
 
 pytest.importorskip("playwright")
 from chromium import CHROMIUM, CHROMIUM_ARGS, shot
 from playwright.async_api import Browser, BrowserContext, async_playwright, expect
-from test_browser_functional import KEY, click_closing, open_popup
+from test_browser_functional import KEY, click_closing, open_popup, status_of
 
 from wattgate.demo import Demo, start_demo
 
 pytestmark = pytest.mark.browser
 
 LAN_HOST = "wattgate.test"
-
-
-async def status_of(demo: Demo, user: str) -> dict[str, Any]:
-    """What the app's server reads (over loopback: only the browser resolves wattgate.test)."""
-    base = demo.local_gateway_url or demo.gateway_url
-    async with aiohttp.ClientSession() as http, http.get(
-            base + "/api/v1/status", params={"appUserId": user},
-            headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
-        return await r.json()
 
 
 @pytest.fixture
