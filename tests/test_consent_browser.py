@@ -10,6 +10,8 @@ Each test runs ``wattgate demo``'s three servers, as ``test_browser_functional``
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import pytest
 
 pytest.importorskip("playwright")
 from chromium import CHROMIUM, CHROMIUM_ARGS, shot
-from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Error as PlaywrightError
 from test_browser_functional import KEY, click_closing, open_popup, status_of
 
 from wattgate.demo import Demo, start_demo
@@ -75,3 +78,104 @@ async def test_the_popup_works_on_plain_http_at_a_lan_hostname(
     await expect(dash.locator("article.conn")).to_have_count(1)
     await expect(dash.locator("article.conn")).to_contain_text("Demo Notes")
     await context.close()
+
+
+# ---- double-click-jacking ---------------------------------------------------------------------
+def approvals_posted(context: BrowserContext) -> list[str]:
+    """Every approval the popup sends (POST /connections or /grants), as it happens."""
+    posted: list[str] = []
+    context.on("request", lambda r: posted.append(r.url) if r.method == "POST" and (
+        r.url.endswith("/api/v1/connections") or r.url.endswith("/api/v1/grants")) else None)
+    return posted
+
+
+async def connected_user(demo: Demo, page: Page, cap: str) -> None:
+    """A returning user: connected once in this browser, with a cap."""
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#connect")
+    await popup.fill("#cap", cap)
+    await popup.fill("#key", KEY)
+    async with popup.expect_event("close"):
+        await click_closing(popup, "#approve")
+    await expect(page.locator("#status")).to_contain_text(f"${cap} / month")
+
+
+async def clickjack(page: Page, button: str, until: float = 0.6) -> Page:
+    """What a hostile opener does: open the popup from the user's click, then keep
+    double-clicking where Approve will be (the user's next clicks) from 150 ms on."""
+    opened = time.monotonic()
+    async with page.expect_popup() as info:
+        await page.click(button)
+    popup = await info.value
+    x, y = 0.0, 0.0
+    while time.monotonic() - opened < until and not popup.is_closed():
+        try:
+            box = await popup.locator("#approve").bounding_box(timeout=100)
+            if box:
+                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            if time.monotonic() - opened >= 0.15 and x:
+                await popup.mouse.dblclick(x, y)
+        except PlaywrightError:
+            pass  # not laid out yet, or closed by an approval (the caller sees that)
+        await asyncio.sleep(0.03)
+    return popup
+
+
+async def test_a_click_placed_by_the_opener_approves_no_grant(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await connected_user(demo, page, "0.50")
+    posted = approvals_posted(context)
+    popup = await clickjack(page, "#convert")
+    assert not popup.is_closed() and posted == []
+    # The existing budget is offered, never preselected: Approve alone approves nothing.
+    await expect(popup.locator("#use-existing-choice")).to_be_visible()
+    await expect(popup.locator("#use-existing")).not_to_be_checked()
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.mouse.click(*await center(popup, "#approve"))
+    await expect(popup.locator("#error")).to_contain_text("Choose how to pay")
+    assert posted == [] and not popup.is_closed()
+    await shot(popup, "consent-grant-choose.png")
+    # The user chooses deliberately, waits to read, and approves.
+    await popup.check("#use-existing")
+    await expect(popup.locator("#approve")).to_be_disabled()  # re-armed by the choice
+    async with popup.expect_event("close"):
+        await click_closing(popup, "#approve")
+    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    assert len(posted) == 1
+
+
+async def test_a_click_placed_by_the_opener_approves_no_cap(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await connected_user(demo, page, "0.20")
+    posted = approvals_posted(context)
+    popup = await clickjack(page, "#connect")
+    assert not popup.is_closed() and posted == []
+    # Losing focus or visibility disarms Approve; it re-arms only after a fresh delay.
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.evaluate("window.dispatchEvent(new Event('blur'))")
+    assert await popup.locator("#approve").is_disabled()
+    await expect(popup.locator("#approve")).to_be_enabled()
+    await popup.fill("#cap", "0.90")
+    await popup.check("#use-existing")
+    async with popup.expect_event("close"):
+        await click_closing(popup, "#approve")
+    await expect(page.locator("#status")).to_contain_text("$0.90 / month")
+    assert len(posted) == 1
+
+
+async def test_a_new_users_popup_ignores_early_clicks_too(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    posted = approvals_posted(context)
+    popup = await clickjack(page, "#connect")
+    assert posted == [] and not popup.is_closed()
+    await expect(popup.locator("#error")).to_be_hidden()  # not even a "paste your key" error
+
+
+async def center(page: Page, selector: str) -> tuple[float, float]:
+    box = await page.locator(selector).bounding_box()
+    assert box
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2

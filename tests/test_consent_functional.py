@@ -12,7 +12,6 @@ from __future__ import annotations
 from http.cookies import SimpleCookie
 from typing import Any
 
-import aiohttp
 import pytest
 from conftest import FUNDING_KEY
 

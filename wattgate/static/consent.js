@@ -41,6 +41,41 @@ function setOrigin(state, text) {
   $("origin-text").textContent = text;
 }
 
+// ---- Approve accepts no click the user had no time to mean ----------------------------------
+// A page that opens this window can place a click (or the second half of a double-click)
+// where Approve will be. As browsers do for permission prompts, Approve is armed only once
+// this window has been visible and focused for ARM_MS, and disarmed again whenever it is
+// hidden or loses focus, or the choice on it changes.
+const ARM_MS = 800;
+let approvable = false;  // Approve would be enabled (ready, not blocked, not in flight)
+let armed = false;       // ...and the user has had time to see what it approves
+let armTimer = null;
+
+function shown() {
+  return document.visibilityState === "visible" && document.hasFocus();
+}
+
+function rearm() {
+  clearTimeout(armTimer);
+  armed = false;
+  $("approve").disabled = true;
+  if (!approvable || !shown()) return;
+  armTimer = setTimeout(() => {
+    if (!approvable || !shown()) return;
+    armed = true;
+    $("approve").disabled = false;
+  }, ARM_MS);
+}
+
+function setApprovable(on) {
+  approvable = on;
+  rearm();
+}
+
+document.addEventListener("visibilitychange", rearm);
+window.addEventListener("focus", rearm);
+window.addEventListener("blur", rearm);
+
 function block(message) {
   setOrigin("bad", $("origin-text").textContent.startsWith("Checking")
     ? "Could not verify who is asking" : $("origin-text").textContent);
@@ -48,7 +83,7 @@ function block(message) {
   $("blocked").hidden = false;
   document.body.classList.add("blocked");
   $("deny").textContent = "Close";
-  $("approve").disabled = true;
+  setApprovable(false);
   for (const input of document.querySelectorAll("#consent-form input")) input.disabled = true;
   $("oauth").disabled = true;
 }
@@ -149,14 +184,14 @@ function ready() {
     }
   }
   if (returning) {
+    // Spending from the existing budget is a choice the user makes, never a default.
     $("use-existing-choice").hidden = false;
     $("use-new-choice").hidden = false;
-    $("use-existing").checked = true;
     $("existing-hint").textContent = flow === "grant"
       ? `Paid from your ${app.name} budget; counts toward its monthly cap.`
       : "Keeps the key you connected before.";
     for (const r of document.querySelectorAll("input[name=source]")) {
-      r.addEventListener("change", syncSource);
+      r.addEventListener("change", () => { syncSource(); rearm(); });
     }
   }
   syncSource();
@@ -170,13 +205,13 @@ function ready() {
     $("or-divider").hidden = false;
     preparePkce();
   }
-  $("approve").disabled = false;
-  (flow === "connect" ? $("cap") : $("key")).focus();
+  setApprovable(true);
+  (flow === "connect" ? $("cap") : returning ? $("use-existing") : $("key")).focus();
 }
 
 function syncSource() {
-  const existing = context && context.returning && $("use-existing").checked;
-  $("new-source").hidden = Boolean(existing);
+  // A returning user sees the key field only once they chose "Another OpenRouter key".
+  $("new-source").hidden = Boolean(context && context.returning && !$("use-new").checked);
 }
 
 // ---- Connect with OpenRouter (OAuth PKCE) -------------------------------------------
@@ -246,8 +281,13 @@ async function post(path, body) {
 // ---- approve / deny ----------------------------------------------------------------------
 $("consent-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (!context || $("approve").disabled) return;
+  if (!context || !armed) return;
   showError("");
+  if (context.returning && !$("use-existing").checked && !$("use-new").checked) {
+    showError("Choose how to pay: your existing budget, or another OpenRouter key.");
+    $("use-existing").focus();
+    return;
+  }
   const useExisting = context.returning && $("use-existing").checked;
   const key = oauthKey || $("key").value.trim();
   if (!useExisting && !key) {
@@ -273,7 +313,7 @@ $("consent-form").addEventListener("submit", async (event) => {
     if (data.grant.maxUsd != null) body.maxUsd = data.grant.maxUsd;
     path = "/api/v1/grants";
   }
-  $("approve").disabled = true;
+  setApprovable(false);
   $("approve").textContent = "Approving…";
   try {
     const result = await post(path, body);
@@ -284,7 +324,7 @@ $("consent-form").addEventListener("submit", async (event) => {
     setTimeout(() => window.close(), 150);
   } catch (e) {
     showError(e.message);
-    $("approve").disabled = false;
+    setApprovable(true);
     $("approve").textContent = flow === "connect" && context.returning ? "Update cap" : "Approve";
   }
 });
