@@ -14,15 +14,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 pytest.importorskip("playwright")
 from chromium import CHROMIUM, CHROMIUM_ARGS, shot
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
-from test_browser_functional import KEY, click_closing, open_popup, status_of
+from test_browser_functional import KEY, approve_connect, click_closing, open_popup, status_of
 
+from wattgate.consent import PRESENCE_COOKIE
 from wattgate.demo import Demo, start_demo
 
 pytestmark = pytest.mark.browser
@@ -179,3 +182,52 @@ async def center(page: Page, selector: str) -> tuple[float, float]:
     box = await page.locator(selector).bounding_box()
     assert box
     return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+# ---- presence-cookie fixation -----------------------------------------------------------------
+async def own_presence_value(demo: Demo) -> str:
+    """The planter approves a connection of their own and keeps the cookie it gave them."""
+    base = demo.local_gateway_url or demo.gateway_url
+    auth = {"Authorization": f"Bearer {demo.secret_key}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/api/v1/sessions", headers=auth,
+                             json={"appUserId": "planter"}) as r:
+            token = (await r.json())["token"]
+        async with http.post(base + "/api/v1/connections",
+                             json={"monthlyUsd": 1, "fundingKey": "sk-or-v1-" + "f" * 48},
+                             headers={"Authorization": f"Bearer {token}",
+                                      "Sec-Fetch-Site": "same-origin"}) as r:
+            assert r.status == 200
+            return r.cookies[PRESENCE_COOKIE].value
+
+
+async def dashboard_as(demo: Demo, value: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(
+            (demo.local_gateway_url or demo.gateway_url) + "/api/v1/account",
+            headers={"Sec-Fetch-Site": "same-origin",
+                     "Cookie": f"{PRESENCE_COOKIE}={value}"}) as r:
+        return await r.json()
+
+
+async def test_a_cookie_planted_before_the_approval_gets_its_planter_nothing(
+        demo: Demo, context: BrowserContext) -> None:
+    planted = await own_presence_value(demo)
+    # Set as a service on another port of the same host would: same host, Path=/.
+    host = demo.gateway_url.split("://", 1)[1].split(":")[0]
+    await context.add_cookies([{"name": PRESENCE_COOKIE, "value": planted, "domain": host,
+                                "path": "/", "httpOnly": True, "sameSite": "Strict"}])
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    await approve_connect(page, "0.30")
+    await expect(page.locator("#status")).to_contain_text("$0.30 / month")
+
+    [now] = [c["value"] for c in await context.cookies(demo.gateway_url)
+             if c["name"] == PRESENCE_COOKIE]
+    assert now != planted
+    seen = await dashboard_as(demo, planted)
+    assert not any(c["app"]["name"] == "Demo Notes" and c["status"]["limits"] ==
+                   {"monthlyUsd": 0.3} for c in seen["connections"])
+    # The user's own browser lists it (and the planter's connection it was handed).
+    dash = await context.new_page()
+    await dash.goto(demo.gateway_url + "/account")
+    await expect(dash.locator("article.conn").filter(has_text="$0.30")).to_have_count(1)
