@@ -103,9 +103,10 @@ async def connected_user(demo: Demo, page: Page, cap: str) -> None:
     await expect(page.locator("#status")).to_contain_text(f"${cap} / month")
 
 
-async def clickjack(page: Page, button: str, until: float = 0.6) -> Page:
+async def clickjack(page: Page, button: str, target: str = "#approve",
+                    until: float = 0.6) -> Page:
     """What a hostile opener does: open the popup from the user's click, then keep
-    double-clicking where Approve will be (the user's next clicks) from 150 ms on."""
+    double-clicking where ``target`` will be (the user's next clicks) from 150 ms on."""
     opened = time.monotonic()
     async with page.expect_popup() as info:
         await page.click(button)
@@ -113,7 +114,7 @@ async def clickjack(page: Page, button: str, until: float = 0.6) -> Page:
     x, y = 0.0, 0.0
     while time.monotonic() - opened < until and not popup.is_closed():
         try:
-            box = await popup.locator("#approve").bounding_box(timeout=100)
+            box = await popup.locator(target).first.bounding_box(timeout=100)
             if box:
                 x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             if time.monotonic() - opened >= 0.15 and x:
@@ -176,6 +177,22 @@ async def test_a_new_users_popup_ignores_early_clicks_too(
     popup = await clickjack(page, "#connect")
     assert posted == [] and not popup.is_closed()
     await expect(popup.locator("#error")).to_be_hidden()  # not even a "paste your key" error
+
+
+async def test_a_page_that_opens_the_dashboard_cannot_revoke_with_a_double_click(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await connected_user(demo, page, "0.20")
+    dash = await clickjack(page, "#manage", "article.conn button.danger")
+    card = dash.locator("article.conn").first
+    await expect(card.locator(".badge")).to_have_text("Connected")
+    await expect(card.locator("button.danger")).to_have_text("Revoke")  # not even half-way
+    # The user revokes deliberately: the confirmation takes its own click, after a pause.
+    await card.locator("button.danger").click()
+    await expect(card.locator("button.danger")).to_be_disabled()
+    await expect(card.locator("button.danger")).to_have_text("Revoke Demo Notes's access")
+    await card.locator("button.danger").click()
+    await expect(card.locator(".badge")).to_have_text("Revoked")
 
 
 async def center(page: Page, selector: str) -> tuple[float, float]:

@@ -4,7 +4,7 @@
 // is; the app's SDK answers with the session token. The browser stamps that answer with
 // the opener's real origin (event.origin), which must be one of the app's registered
 // origins before Approve is enabled; the result is posted back only to that origin.
-import { api, fmtUsd } from "/static/ui.js";
+import { activationGuard, api, fmtUsd } from "/static/ui.js";
 
 const data = JSON.parse(document.getElementById("wg-data").textContent);
 const $ = (id) => document.getElementById(id);
@@ -41,40 +41,17 @@ function setOrigin(state, text) {
   $("origin-text").textContent = text;
 }
 
-// ---- Approve accepts no click the user had no time to mean ----------------------------------
-// A page that opens this window can place a click (or the second half of a double-click)
-// where Approve will be. As browsers do for permission prompts, Approve is armed only once
-// this window has been visible and focused for ARM_MS, and disarmed again whenever it is
-// hidden or loses focus, or the choice on it changes.
+// Approve accepts no click the user had no time to mean (ui.activationGuard): armed once
+// this window has been visible and focused for ARM_MS after Approve became possible, and
+// again after every change of the funding choice.
 const ARM_MS = 800;
 let approvable = false;  // Approve would be enabled (ready, not blocked, not in flight)
-let armed = false;       // ...and the user has had time to see what it approves
-let armTimer = null;
-
-function shown() {
-  return document.visibilityState === "visible" && document.hasFocus();
-}
-
-function rearm() {
-  clearTimeout(armTimer);
-  armed = false;
-  $("approve").disabled = true;
-  if (!approvable || !shown()) return;
-  armTimer = setTimeout(() => {
-    if (!approvable || !shown()) return;
-    armed = true;
-    $("approve").disabled = false;
-  }, ARM_MS);
-}
+const guard = activationGuard(ARM_MS, () => { $("approve").disabled = !(approvable && guard.active); });
 
 function setApprovable(on) {
   approvable = on;
-  rearm();
+  guard.rearm();
 }
-
-document.addEventListener("visibilitychange", rearm);
-window.addEventListener("focus", rearm);
-window.addEventListener("blur", rearm);
 
 function block(message) {
   setOrigin("bad", $("origin-text").textContent.startsWith("Checking")
@@ -191,7 +168,7 @@ function ready() {
       ? `Paid from your ${app.name} budget; counts toward its monthly cap.`
       : "Keeps the key you connected before.";
     for (const r of document.querySelectorAll("input[name=source]")) {
-      r.addEventListener("change", () => { syncSource(); rearm(); });
+      r.addEventListener("change", () => { syncSource(); guard.rearm(); });
     }
   }
   syncSource();
@@ -281,7 +258,7 @@ async function post(path, body) {
 // ---- approve / deny ----------------------------------------------------------------------
 $("consent-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (!context || !armed) return;
+  if (!context || !approvable || !guard.active) return;
   showError("");
   if (context.returning && !$("use-existing").checked && !$("use-new").checked) {
     showError("Choose how to pay: your existing budget, or another OpenRouter key.");

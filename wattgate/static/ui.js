@@ -81,3 +81,27 @@ export function fmtTime(unixSeconds) {
     ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
     : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
 }
+
+/**
+ * The permission-prompt rule: a page that opened this one (or any page that can open it)
+ * can place a click, or the second half of a double-click, where a button is about to
+ * appear. So a guarded button takes clicks only once this page has been visible and
+ * focused for `ms`; hiding it, leaving it, or calling `rearm()` (the button's meaning
+ * changed) starts the wait again. `onChange(active)` follows every change.
+ * @param {number} ms @param {(active: boolean) => void} onChange
+ */
+export function activationGuard(ms, onChange) {
+  let timer = null;
+  let active = false;
+  const set = (value) => { active = value; onChange(value); };
+  const shown = () => document.visibilityState === "visible" && document.hasFocus();
+  const rearm = () => {
+    clearTimeout(timer);
+    set(false);
+    if (shown()) timer = setTimeout(() => { if (shown()) set(true); }, ms);
+  };
+  document.addEventListener("visibilitychange", rearm);
+  window.addEventListener("focus", rearm);
+  window.addEventListener("blur", rearm);
+  return { rearm, get active() { return active; } };
+}
