@@ -354,3 +354,25 @@ async def test_the_pages_header_proves_same_origin_only_where_no_sec_fetch_site_
             "Access-Control-Request-Headers": "x-wattgate-page"}) as r:
         allowed = r.headers.get("Access-Control-Allow-Headers", "").lower()
         assert "authorization" in allowed and "x-wattgate-page" not in allowed
+
+
+async def test_a_cookie_planted_next_to_the_users_own_hides_nothing_and_gets_nothing(h):
+    """A sibling subdomain's Domain= cookie planted after the approval rides along with the
+    gateway's own (the browser sends both, the planted one last)."""
+    app, other_app = await h.create_app(), await h.create_app()
+    _, planted = await approve_in_browser(h, app, "planter", cap=1, key="sk-or-v1-" + "e" * 48)
+    _, users = await approve_in_browser(h, app, "victim", cap=10)
+    assert planted and users
+    both = f"{users}; {PRESENCE_COOKIE}={planted}"
+    victim = await stored(h, app, "victim")
+    assert victim.connection_id in await account_ids(h, both)
+    token = await h.session(app, "victim")
+    status, _, _ = await post(h, token, {"monthlyUsd": 12}, {"Sec-Fetch-Site": "same-origin"},
+                              cookie=both)
+    assert status == 200
+    # The user's next approval keeps every connection this browser showed, and the
+    # planted value is spent.
+    _, renewed = await approve_in_browser(h, other_app, "victim", cap=3, cookie=both)
+    assert renewed
+    assert victim.connection_id in await account_ids(h, renewed)
+    assert await account_ids(h, planted) == [] and await account_ids(h, users) == []

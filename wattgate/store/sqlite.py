@@ -959,17 +959,20 @@ class SQLiteStore(ReportsMixin):
     async def has_presence(self, browser_hash: str) -> bool:
         return self._one("SELECT 1 FROM presence WHERE browser_hash = ?", (browser_hash,)) is not None
 
-    async def rotate_presence(self, old_hash: str | None, new_hash: str, *, now: float) -> None:
+    async def rotate_presence(self, old_hashes: Iterable[str], new_hash: str, *,
+                              now: float) -> None:
         """Make ``new_hash`` this browser's proof, in one transaction.
 
-        The connections ``old_hash`` proved move to ``new_hash``, and ``old_hash``
-        stops proving anything: whoever else holds the old value (it may have
-        been planted) is left with nothing.
+        The connections the ``old_hashes`` proved move to ``new_hash``, and the
+        old hashes stop proving anything: whoever else holds an old value (it
+        may have been planted) is left with nothing.
         """
+        old = [h for h in old_hashes if h != new_hash]
+
         def op(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR IGNORE INTO presence (browser_hash, created_at) VALUES (?, ?)",
                        (new_hash, now))
-            if old_hash is not None and old_hash != new_hash:
+            for old_hash in old:
                 db.execute("UPDATE connections SET browser_hash = ? WHERE browser_hash = ?",
                            (new_hash, old_hash))
                 db.execute("DELETE FROM presence WHERE browser_hash = ?", (old_hash,))

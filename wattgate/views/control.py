@@ -20,7 +20,7 @@ from ..middleware import error_response
 from ..money import nanos_to_usd
 from ..sealing import connection_aad
 from ..sessions import Session
-from ..store import ACTIVE, REVOKED, App
+from ..store import ACTIVE, REVOKED, App, Connection
 from . import cors
 from .inputs import app_user_id, funding_key, json_body, secret_key_of, session_token_of, usd_amount
 from .state import gateway_key, upstream_key
@@ -97,27 +97,48 @@ def is_same_origin(gw: Gateway, request: web.Request) -> bool:
     return request.headers.get("Origin") == gw.config.public_origin
 
 
-def presence_value(gw: Gateway, request: web.Request) -> str | None:
-    """The presence cookie the browser sent, under its name for this gateway's scheme.
+def _cookie_values(request: web.Request, name: str) -> list[str]:
+    """Every value sent under ``name``: a browser sends two cookies of one name when
+    another host planted a ``Domain=`` one next to the gateway's own."""
+    values = []
+    for header in request.headers.getall("Cookie", []):
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name and value:
+                values.append(value.strip('"'))
+    return values
+
+
+def presence_values(gw: Gateway, request: web.Request) -> list[str]:
+    """The presence cookies the browser sent, under their name for this gateway's scheme.
 
     On https a value set before the ``__Host-`` name was used (plain
     ``wg_presence``) is still read when no ``__Host-`` one exists; the next
     approval replaces it with a ``__Host-`` cookie.
     """
     name = consent.presence_cookie_name(gw.config.public_origin)
-    value = request.cookies.get(name)
-    if value is None and name != consent.PRESENCE_COOKIE:
-        value = request.cookies.get(consent.PRESENCE_COOKIE)
-    return value or None
+    values = _cookie_values(request, name)
+    if not values and name != consent.PRESENCE_COOKIE:
+        values = _cookie_values(request, consent.PRESENCE_COOKIE)
+    return values
 
 
-async def presence_of(gw: Gateway, request: web.Request) -> str | None:
-    """The browser hash proven by the presence cookie on a same-origin request, else None."""
-    value = presence_value(gw, request)
-    if not value or not is_same_origin(gw, request):
-        return None
-    browser_hash = gw.hash(value)
-    return browser_hash if await gw.store.has_presence(browser_hash) else None
+async def presence_of(gw: Gateway, request: web.Request) -> frozenset[str]:
+    """The browser hashes proven by presence cookies on a same-origin request (often one).
+
+    Every value the browser sent counts for what it proves, so a cookie planted
+    next to the gateway's own hides none of the user's connections; it can only
+    ever prove what its planter already had.
+    """
+    if not is_same_origin(gw, request):
+        return frozenset()
+    hashes = {gw.hash(v) for v in presence_values(gw, request)}
+    return frozenset([h for h in hashes if await gw.store.has_presence(h)])
+
+
+def approved_here(browsers: frozenset[str], connection: Connection | None) -> bool:
+    """The connection was approved in this browser (one of its presence cookies)."""
+    return connection is not None and connection.browser_hash in browsers
 
 
 def set_presence_cookie(gw: Gateway, response: web.StreamResponse, value: str) -> None:
@@ -171,9 +192,8 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         requested = usd_amount(body["monthlyUsd"], "monthlyUsd", allow_null=True)
     key = funding_key(body.get("fundingKey"))
     existing = await gw.store.get_connection(app.app_id, session.app_user_id)
-    browser = await presence_of(gw, request)
-    user_present = browser is not None and existing is not None \
-        and existing.browser_hash == browser
+    browsers = await presence_of(gw, request)
+    user_present = approved_here(browsers, existing)
     token_cap: object = session.limit_nanos if session.has_limit else consent.UNSET
     change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
                             has_funding_key=key is not None, user_present=user_present,
@@ -209,7 +229,7 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     if new_cookie is not None:
         assert new_hash is not None
         # Earlier connections of this browser follow it; the brought value proves nothing now.
-        await gw.store.rotate_presence(browser, new_hash, now=now)
+        await gw.store.rotate_presence(browsers, new_hash, now=now)
     spent = await gw.store.period_spent(connection.connection_id, period_of(now))
     response = json_response(status_body(connection, spent))
     if new_cookie is not None:
