@@ -170,3 +170,25 @@ async def browser():  # type: ignore[no-untyped-def]
 
     async for b in launched():
         yield b
+
+
+@pytest.fixture
+async def demo(tmp_path):  # type: ignore[no-untyped-def]
+    """``wattgate demo``'s three servers (gateway, fake OpenRouter, the example app)."""
+    from wattgate.demo import start_demo
+
+    d = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.05)
+    yield d
+    await d.close()
+
+
+@pytest.fixture
+async def context(browser):  # type: ignore[no-untyped-def]
+    """A fresh browser profile; ``context.seen_urls`` lists every URL it requested."""
+    ctx = await browser.new_context(viewport={"width": 1100, "height": 760})
+    ctx.set_default_timeout(10_000)
+    urls: list[str] = []
+    ctx.on("request", lambda request: urls.append(request.url))
+    ctx.seen_urls = urls
+    yield ctx
+    await ctx.close()

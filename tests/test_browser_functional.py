@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,13 @@ from aiohttp import web
 
 pytest.importorskip("playwright")
 from chromium import shot
-from playwright.async_api import Browser, BrowserContext, Error as PlaywrightError, Page, expect
+from playwright.async_api import BrowserContext, Error as PlaywrightError, Page, expect
 
 from wattgate.demo import Demo, start_demo
 
 pytestmark = pytest.mark.browser
 
 KEY = "sk-or-v1-" + "d" * 48
-
-@pytest.fixture
-async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
-    d = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.05)
-    yield d
-    await d.close()
-
-
-@pytest.fixture
-async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
-    ctx = await browser.new_context(viewport={"width": 1100, "height": 760})
-    ctx.set_default_timeout(10_000)
-    urls: list[str] = []
-    ctx.on("request", lambda request: urls.append(request.url))
-    ctx.seen_urls = urls  # type: ignore[attr-defined]
-    yield ctx
-    await ctx.close()
-
 
 async def click_closing(popup: Page, selector: str) -> None:
     """Click a button whose click closes the popup (window.close()).
@@ -83,8 +64,9 @@ async def bar_width(page: Page) -> float:
 
 
 async def status_of(demo: Demo, user: str) -> dict[str, Any]:
+    """What the app's server reads, over loopback (the browser may know the gateway by a name)."""
     async with aiohttp.ClientSession() as http, http.get(
-            demo.gateway_url + "/api/v1/status", params={"appUserId": user},
+            (demo.local_gateway_url or demo.gateway_url) + "/api/v1/status", params={"appUserId": user},
             headers={"Authorization": f"Bearer {demo.secret_key}"}) as r:
         return await r.json()
 
@@ -176,7 +158,9 @@ async def test_returning_user_raises_cap_without_a_key(demo: Demo, context: Brow
     popup = await open_popup(page, "#connect")
     await expect(popup.locator("#returning")).to_be_visible()
     await expect(popup.locator("#cap")).to_have_value("0.2")
-    await expect(popup.locator("#use-existing")).to_be_checked()
+    # Paying from the existing budget is the user's choice, never preselected.
+    await expect(popup.locator("#use-existing")).not_to_be_checked()
+    await popup.check("#use-existing")
     await expect(popup.locator("#key")).to_be_hidden()
     await expect(popup.locator("#approve")).to_have_text("Update cap")
     await popup.fill("#cap", "0.75")
@@ -333,7 +317,8 @@ async def test_grant_paid_from_the_existing_connection_needs_no_key(
     await expect(page.locator("#status")).to_contain_text("$0.50 / month")
 
     popup = await open_popup(page, "#convert")
-    await expect(popup.locator("#use-existing")).to_be_checked()
+    await expect(popup.locator("#use-existing")).not_to_be_checked()
+    await popup.check("#use-existing")
     await expect(popup.locator("#existing-hint")).to_contain_text("counts toward its monthly cap")
     await expect(popup.locator("#key")).to_be_hidden()
     async with popup.expect_event("close"):
@@ -464,6 +449,7 @@ async def test_react_hook_drives_the_same_flow(demo: Demo, context: BrowserConte
     # requestGrant resolves with the grant and leaves the connection state as it was.
     popup = await open_popup(page_, "#grant")
     await expect(popup.locator("#grant-requests")).to_have_text("2")
+    await popup.check("#use-existing")  # paying from the budget is chosen, never preselected
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
     await expect(page_.locator("#grant-out")).to_have_text("granted 2")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from http.cookies import SimpleCookie
 from typing import Any
 
-import aiohttp
 import pytest
 from conftest import FUNDING_KEY
 
@@ -197,11 +196,13 @@ async def test_the_browser_that_approved_can_raise_the_cap(h):
     status, body, _ = await post(h, token, {"monthlyUsd": None}, {"Sec-Fetch-Site": "same-origin"},
                                  cookie=cookie)
     assert status == 200 and body["limits"] == {"monthlyUsd": None}
-    # Reconnecting with a key from the same browser keeps its proof (no second cookie).
+    # Reconnecting with a key from the same browser gives it a fresh proof; the old one is spent.
     _, again = await approve_in_browser(h, app, "u", cap=5, cookie=cookie)
-    assert again is None
+    assert again and again != cookie
+    refused(await post(h, token, {"monthlyUsd": 6}, {"Sec-Fetch-Site": "same-origin"},
+                       cookie=cookie))
     status, _, _ = await post(h, token, {"monthlyUsd": 6}, {"Sec-Fetch-Site": "same-origin"},
-                              cookie=cookie)
+                              cookie=again)
     assert status == 200
 
 
@@ -230,22 +231,6 @@ async def test_the_cookie_of_another_browser_cannot_raise(h):
     assert (await stored(h, app, "victim")).cap_nanos == 10 * USD
 
 
-async def test_cookie_is_secure_behind_https(make_harness):
-    h = await make_harness({"WATTGATE_SERVER__PUBLIC_URL": "https://gw.example.com"})
-    app = await h.create_app()
-    token = await h.session(app, "u")
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as browser:
-        async with browser.post(h.api + "/connections",
-                                json={"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
-                                headers={"Authorization": f"Bearer {token}",
-                                         "Sec-Fetch-Site": "same-origin"}) as r:
-            assert r.status == 200
-            raw = [v for v in r.headers.getall("Set-Cookie") if v.startswith(PRESENCE_COOKIE)]
-    jar = SimpleCookie()
-    jar.load(raw[0])
-    assert jar[PRESENCE_COOKIE]["secure"]
-
-
 async def test_another_browser_cannot_take_over_a_connection_by_lowering_it(h):
     """The app's operator approves their own connection to get a cookie, then tries to bind
     it to the victim's connection with an allowed change (a lower cap) before raising."""
@@ -261,3 +246,133 @@ async def test_another_browser_cannot_take_over_a_connection_by_lowering_it(h):
     conn = await stored(h, app, "victim")
     assert conn.cap_nanos == 9 * USD  # ...but it bound nothing: the raise is refused
     assert h.gw.sealer.unseal(conn.sealed_key, connection_aad(conn.connection_id)) == FUNDING_KEY
+
+
+async def account_ids(h, cookie: str) -> list[int]:  # type: ignore[no-untyped-def]
+    async with h.http.get(h.api + "/account", headers={
+            "Sec-Fetch-Site": "same-origin", "Cookie": f"{PRESENCE_COOKIE}={cookie}"}) as r:
+        assert r.status == 200
+        return sorted(c["id"] for c in (await r.json())["connections"])
+
+
+async def test_a_presence_cookie_planted_before_the_approval_proves_nothing_after_it(h):
+    """Issue 14, item 9: someone who can set a cookie on the gateway's host (another port,
+    a sibling subdomain's Domain= cookie) plants a presence value they hold, a real one
+    from approving their own connection, then waits for the user to approve."""
+    app = await h.create_app()
+    _, planted = await approve_in_browser(h, app, "planter", cap=1, key="sk-or-v1-" + "e" * 48)
+    assert planted
+    _, users = await approve_in_browser(h, app, "victim", cap=10, cookie=planted)
+    assert users and users != planted  # minted for this approval, never the value brought
+    victim = await stored(h, app, "victim")
+
+    # The planter's value can neither raise the cap, nor see, re-cap or revoke the
+    # connection on the dashboard, nor fund a grant from it.
+    token = await h.session(app, "victim")
+    same_origin = {"Sec-Fetch-Site": "same-origin"}
+    refused(await post(h, token, {"monthlyUsd": 999_999}, same_origin, cookie=planted))
+    assert victim.connection_id not in await account_ids(h, planted)
+    cookie = {"Sec-Fetch-Site": "same-origin", "Cookie": f"{PRESENCE_COOKIE}={planted}"}
+    url = f"{h.api}/account/connections/{victim.connection_id}"
+    async with h.http.post(url, json={"monthlyUsd": 999_999}, headers=cookie) as r:
+        assert r.status in (401, 404)
+    async with h.http.delete(url, headers=cookie) as r:
+        assert r.status in (401, 404)
+    async with h.http.post(h.api + "/grants", json={"requests": 3},
+                           headers={"Authorization": f"Bearer {token}", **cookie}) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (403, "consent_required")
+    assert (await stored(h, app, "victim")) == victim
+
+    # The user's own browser keeps working.
+    assert victim.connection_id in await account_ids(h, users)
+    status, body, _ = await post(h, token, {"monthlyUsd": 20}, same_origin, cookie=users)
+    assert status == 200 and body["limits"] == {"monthlyUsd": 20}
+
+
+async def test_each_approval_renews_the_cookie_and_keeps_the_browsers_connections(h):
+    first_app, second_app = await h.create_app(), await h.create_app()
+    _, first = await approve_in_browser(h, first_app, "u", cap=5)
+    [first_id] = await account_ids(h, first)
+    _, second = await approve_in_browser(h, second_app, "u", cap=7, cookie=first)
+    assert second and second != first
+    second_id = (await stored(h, second_app, "u")).connection_id
+    assert await account_ids(h, second) == sorted([first_id, second_id])
+    assert await account_ids(h, first) == []  # the replaced value is spent
+    token = await h.session(first_app, "u")
+    status, body, _ = await post(h, token, {"monthlyUsd": 9}, {"Sec-Fetch-Site": "same-origin"},
+                                 cookie=second)
+    assert status == 200 and body["limits"] == {"monthlyUsd": 9}
+
+
+async def test_on_https_the_cookie_is_host_prefixed(make_harness):
+    h = await make_harness({"WATTGATE_SERVER__PUBLIC_URL": "https://gw.example.com"})
+    app = await h.create_app()
+    token = await h.session(app, "u")
+    async with h.http.post(h.api + "/connections",
+                           json={"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
+                           headers={"Authorization": f"Bearer {token}",
+                                    "Sec-Fetch-Site": "same-origin"}) as r:
+        assert r.status == 200
+        raw = [v for v in r.headers.getall("Set-Cookie") if v.startswith("__Host-")]
+    [line] = raw
+    assert line.startswith(f"__Host-{PRESENCE_COOKIE}=")
+    attrs = {a.strip().split("=")[0].lower(): a.strip() for a in line.split(";")[1:]}
+    assert "secure" in attrs and attrs["path"] == "Path=/" and "domain" not in attrs
+    assert "httponly" in attrs and attrs["samesite"] == "SameSite=Strict"
+    value = line.split(";")[0].split("=", 1)[1]
+
+    same_origin = {"Authorization": f"Bearer {token}", "Sec-Fetch-Site": "same-origin"}
+    async with h.http.post(h.api + "/connections", json={"monthlyUsd": 20}, headers={
+            **same_origin, "Cookie": f"__Host-{PRESENCE_COOKIE}={value}"}) as r:
+        assert r.status == 200, await r.text()
+    # Next to a __Host- cookie, the unprefixed name (which another host can plant) is not read.
+    async with h.http.post(h.api + "/connections", json={"monthlyUsd": 30}, headers={
+            **same_origin,
+            "Cookie": f"{PRESENCE_COOKIE}={value}; __Host-{PRESENCE_COOKIE}=planted"}) as r:
+        assert r.status == 403
+
+
+async def test_the_pages_header_proves_same_origin_only_where_no_sec_fetch_site_is_sent(h):
+    """Plain http at a LAN hostname: the browser sends no Sec-Fetch-Site, and no Origin on
+    a GET; the gateway's pages send X-Wattgate-Page, which no other origin may send."""
+    app = await h.create_app()
+    _, cookie = await approve_in_browser(h, app, "u", cap=10)
+    token = await h.session(app, "u")
+    page = {"X-Wattgate-Page": "1"}
+    status, body, _ = await post(h, token, {"monthlyUsd": 20}, page, cookie=cookie)
+    assert status == 200 and body["limits"] == {"monthlyUsd": 20}
+    async with h.http.get(h.api + "/consent/session", headers={
+            "Authorization": f"Bearer {token}", "Cookie": f"{PRESENCE_COOKIE}={cookie}",
+            **page}) as r:
+        assert r.status == 200 and (await r.json())["returning"] is True
+    # Where the browser does say where a request comes from, that is what counts.
+    refused(await post(h, token, {"monthlyUsd": 30}, {**page, "Sec-Fetch-Site": "same-site"},
+                       cookie=cookie))
+    # No other origin is ever allowed to send it.
+    async with h.http.options(h.api + "/connections", headers={
+            "Origin": app.origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-wattgate-page"}) as r:
+        allowed = r.headers.get("Access-Control-Allow-Headers", "").lower()
+        assert "authorization" in allowed and "x-wattgate-page" not in allowed
+
+
+async def test_a_cookie_planted_next_to_the_users_own_hides_nothing_and_gets_nothing(h):
+    """A sibling subdomain's Domain= cookie planted after the approval rides along with the
+    gateway's own (the browser sends both, the planted one last)."""
+    app, other_app = await h.create_app(), await h.create_app()
+    _, planted = await approve_in_browser(h, app, "planter", cap=1, key="sk-or-v1-" + "e" * 48)
+    _, users = await approve_in_browser(h, app, "victim", cap=10)
+    assert planted and users
+    both = f"{users}; {PRESENCE_COOKIE}={planted}"
+    victim = await stored(h, app, "victim")
+    assert victim.connection_id in await account_ids(h, both)
+    token = await h.session(app, "victim")
+    status, _, _ = await post(h, token, {"monthlyUsd": 12}, {"Sec-Fetch-Site": "same-origin"},
+                              cookie=both)
+    assert status == 200
+    # The user's next approval keeps every connection this browser showed, and the
+    # planted value is spent.
+    _, renewed = await approve_in_browser(h, other_app, "victim", cap=3, cookie=both)
+    assert renewed
+    assert victim.connection_id in await account_ids(h, renewed)
+    assert await account_ids(h, planted) == [] and await account_ids(h, users) == []

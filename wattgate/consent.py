@@ -7,11 +7,20 @@ key, or raising a cap (including to unlimited) needs proof that the end user
 acted, one of:
 
 - the funding key itself, sent in the same request (only the user has it), or
-- the presence cookie ``wg_presence``: HttpOnly, SameSite=Strict, set on the
-  gateway's origin when the user approved a connection in the consent popup,
-  and accepted only on same-origin requests from the gateway's own pages
-  (checked through the browser-set ``Origin``/``Sec-Fetch-Site`` headers), and
-  only for a connection that this same browser approved.
+- the presence cookie ``wg_presence`` (``__Host-wg_presence`` on https):
+  HttpOnly, SameSite=Strict, set on the gateway's origin when the user
+  approved a connection in the consent popup, and accepted only on
+  same-origin requests from the gateway's own pages (see
+  ``views.control.is_same_origin``), and only for a connection that this same
+  browser approved.
+
+The gateway never adopts a presence value the browser brought: every approval
+that binds a connection to a browser mints a fresh value, and moves the
+connections of the value it replaces to it. A value planted in the user's
+browser before the approval (by another port of the same host, or a sibling
+subdomain's ``Domain=`` cookie) therefore proves nothing afterwards, to its
+planter or anyone. The ``__Host-`` prefix (Secure, ``Path=/``, no ``Domain``)
+stops a sibling subdomain from planting one at all on https.
 
 This module decides; it never touches HTTP or SQL.
 """
@@ -24,6 +33,17 @@ from .errors import ConsentRequired, InvalidRequest, NotConnected
 from .store.records import Connection
 
 PRESENCE_COOKIE = "wg_presence"
+HOST_PREFIX = "__Host-"
+
+
+def presence_cookie_name(public_origin: str) -> str:
+    """The presence cookie's name: ``__Host-``-prefixed when the gateway is served on https.
+
+    Browsers accept a ``__Host-`` cookie only from a secure origin, for ``Path=/``
+    and without ``Domain``, so no other host or subdomain can set or shadow it.
+    """
+    return HOST_PREFIX + PRESENCE_COOKIE if public_origin.startswith("https://") \
+        else PRESENCE_COOKIE
 UNSET = object()
 
 

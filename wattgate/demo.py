@@ -63,6 +63,7 @@ class Demo:
     _runners: list[web.AppRunner] = field(default_factory=list)
     _http: aiohttp.ClientSession | None = None
     _tmp: bool = False
+    local_gateway_url: str = ""  # where the app's server reaches the gateway, when not gateway_url
 
     async def close(self) -> None:
         for runner in reversed(self._runners):
@@ -94,10 +95,13 @@ async def _serve(app: web.Application, sock: socket.socket,
 
 async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app_port: int = 0,
                      fake_port: int = 0, chunk_delay: float = 0.04,
-                     clock: Callable[[], float] = time.time) -> Demo:
+                     clock: Callable[[], float] = time.time,
+                     gateway_hostname: str | None = None) -> Demo:
     """Start the three servers; ports 0 pick free ones. Call ``close()`` when done.
 
     ``clock`` is the gateway's (tests move it to expire tokens without sleeping).
+    ``gateway_hostname`` names the gateway in its public URL (a LAN or staging
+    name the browser resolves to this machine); it still listens on 127.0.0.1.
     """
     tmp = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
@@ -105,7 +109,8 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
     host = "127.0.0.1"
     fake_sock, gw_sock, app_sock = (_listen(host, p) for p in (fake_port, gateway_port, app_port))
     fake_url = f"http://{host}:{fake_sock.getsockname()[1]}"
-    gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
+    local_gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
+    gateway_url = f"http://{gateway_hostname or host}:{gw_sock.getsockname()[1]}"
     # "localhost" is another site than 127.0.0.1, so the app never sees the gateway's cookies.
     app_url = f"http://localhost:{app_sock.getsockname()[1]}"
 
@@ -126,7 +131,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
     await gw.store.create_app(creds.app_id, APP_NAME, gw.hash(creds.secret), [app_url],
                               now=gw.clock())
     demo = Demo(gateway_url, app_url, fake_url, creds.publishable_key, creds.secret_key, fake,
-                data, gateway, runners, aiohttp.ClientSession(), tmp)
+                data, gateway, runners, aiohttp.ClientSession(), tmp, local_gateway_url)
     runners.append(await _serve(example_app(demo), app_sock))
     return demo
 
@@ -149,7 +154,7 @@ def example_app(demo: Demo) -> web.Application:
     http = demo._http
     assert http is not None
     secret = {"Authorization": f"Bearer {demo.secret_key}"}
-    api = demo.gateway_url + "/api/v1"
+    api = (demo.local_gateway_url or demo.gateway_url) + "/api/v1"
 
     async def index(request: web.Request) -> web.Response:
         user = request.cookies.get(USER_COOKIE) or "user_" + secrets.token_hex(4)

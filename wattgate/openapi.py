@@ -336,7 +336,8 @@ def document(server_url: str = "") -> dict[str, Any]:
                 "presenceCookie": {"type": "apiKey", "in": "cookie", "name": PRESENCE_COOKIE,
                                    "description": "Set on the gateway's origin when the user "
                                                   "approves in the popup; HttpOnly, "
-                                                  "SameSite=Strict."},
+                                                  "SameSite=Strict; named __Host-wg_presence "
+                                                  "when the gateway is served on https."},
             },
         },
     }

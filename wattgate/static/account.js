@@ -1,9 +1,15 @@
 // The dashboard (/account): the apps this browser connected, their budget, last calls,
 // change cap, revoke. Keyed by the presence cookie; no account system.
-import { api, el, fmtTime, fmtUsd, initials } from "/static/ui.js";
+import { activationGuard, api, el, fmtTime, fmtUsd, initials } from "/static/ui.js";
 
 const list = document.getElementById("list");
 const host = (origin) => (origin || "").replace(/^https?:\/\//, "");
+
+// Any page can open this one and place clicks where its buttons appear (a double-click on
+// Revoke would confirm it): they take clicks only after the page has been seen (ui.js).
+const guard = activationGuard(800, (active) => {
+  for (const b of list.querySelectorAll("button[data-guarded]")) b.disabled = !active;
+});
 
 async function load() {
   let data;
@@ -20,6 +26,7 @@ async function load() {
     return;
   }
   list.replaceChildren(...data.connections.map(card));
+  guard.rearm();
 }
 
 function budget(status) {
@@ -55,7 +62,8 @@ function card(conn) {
     value: conn.status.limits && conn.status.limits.monthlyUsd != null ? conn.status.limits.monthlyUsd : "" });
   const say = (kind, text) => { message.className = "alert " + kind; message.textContent = text; message.hidden = false; };
 
-  const save = el("button", { class: "btn secondary small", type: "button", onclick: async () => {
+  const save = el("button", { class: "btn secondary small", type: "button", "data-guarded": true, onclick: async () => {
+    if (!guard.active) return;
     const value = Number(capInput.value);
     if (capInput.value.trim() === "" || !Number.isFinite(value) || value < 0) {
       say("error", "Enter a cap in dollars."); return;
@@ -67,13 +75,15 @@ function card(conn) {
     } catch (e) { say("error", e.message); save.disabled = false; }
   } }, "Save cap");
 
-  const revoke = el("button", { class: "btn danger small", type: "button" }, "Revoke");
+  const revoke = el("button", { class: "btn danger small", type: "button", "data-guarded": true }, "Revoke");
   const cancel = el("button", { class: "btn secondary small", type: "button", hidden: true }, "Keep");
   revoke.addEventListener("click", async () => {
+    if (!guard.active) return;
     if (!revoke.classList.contains("confirm")) {
       revoke.classList.add("confirm");
       revoke.textContent = `Revoke ${conn.app.name}'s access`;
       cancel.hidden = false;
+      guard.rearm(); // the confirmation takes no click that was meant for the first step
       return;
     }
     revoke.disabled = true;

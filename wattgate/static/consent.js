@@ -4,7 +4,7 @@
 // is; the app's SDK answers with the session token. The browser stamps that answer with
 // the opener's real origin (event.origin), which must be one of the app's registered
 // origins before Approve is enabled; the result is posted back only to that origin.
-import { api, fmtUsd } from "/static/ui.js";
+import { activationGuard, api, fmtUsd } from "/static/ui.js";
 
 const data = JSON.parse(document.getElementById("wg-data").textContent);
 const $ = (id) => document.getElementById(id);
@@ -41,6 +41,18 @@ function setOrigin(state, text) {
   $("origin-text").textContent = text;
 }
 
+// Approve accepts no click the user had no time to mean (ui.activationGuard): armed once
+// this window has been visible and focused for ARM_MS after Approve became possible, and
+// again after every change of the funding choice.
+const ARM_MS = 800;
+let approvable = false;  // Approve would be enabled (ready, not blocked, not in flight)
+const guard = activationGuard(ARM_MS, () => { $("approve").disabled = !(approvable && guard.active); });
+
+function setApprovable(on) {
+  approvable = on;
+  guard.rearm();
+}
+
 function block(message) {
   setOrigin("bad", $("origin-text").textContent.startsWith("Checking")
     ? "Could not verify who is asking" : $("origin-text").textContent);
@@ -48,7 +60,7 @@ function block(message) {
   $("blocked").hidden = false;
   document.body.classList.add("blocked");
   $("deny").textContent = "Close";
-  $("approve").disabled = true;
+  setApprovable(false);
   for (const input of document.querySelectorAll("#consent-form input")) input.disabled = true;
   $("oauth").disabled = true;
 }
@@ -149,31 +161,34 @@ function ready() {
     }
   }
   if (returning) {
+    // Spending from the existing budget is a choice the user makes, never a default.
     $("use-existing-choice").hidden = false;
     $("use-new-choice").hidden = false;
-    $("use-existing").checked = true;
     $("existing-hint").textContent = flow === "grant"
       ? `Paid from your ${app.name} budget; counts toward its monthly cap.`
       : "Keeps the key you connected before.";
     for (const r of document.querySelectorAll("input[name=source]")) {
-      r.addEventListener("change", syncSource);
+      r.addEventListener("change", () => { syncSource(); guard.rearm(); });
     }
   }
   syncSource();
   $("key").disabled = false;
-  if (data.oauth.authBase) {
+  if (data.oauth.authBase && !crypto.subtle) {
+    // Plain http at a hostname other than localhost: no Web Crypto, so no PKCE challenge.
+    $("oauth-insecure").hidden = false;
+  } else if (data.oauth.authBase) {
     $("oauth").hidden = false;
     $("oauth").disabled = false;
     $("or-divider").hidden = false;
     preparePkce();
   }
-  $("approve").disabled = false;
-  (flow === "connect" ? $("cap") : $("key")).focus();
+  setApprovable(true);
+  (flow === "connect" ? $("cap") : returning ? $("use-existing") : $("key")).focus();
 }
 
 function syncSource() {
-  const existing = context && context.returning && $("use-existing").checked;
-  $("new-source").hidden = Boolean(existing);
+  // A returning user sees the key field only once they chose "Another OpenRouter key".
+  $("new-source").hidden = Boolean(context && context.returning && !$("use-new").checked);
 }
 
 // ---- Connect with OpenRouter (OAuth PKCE) -------------------------------------------
@@ -243,8 +258,13 @@ async function post(path, body) {
 // ---- approve / deny ----------------------------------------------------------------------
 $("consent-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (!context || $("approve").disabled) return;
+  if (!context || !approvable || !guard.active) return;
   showError("");
+  if (context.returning && !$("use-existing").checked && !$("use-new").checked) {
+    showError("Choose how to pay: your existing budget, or another OpenRouter key.");
+    $("use-existing").focus();
+    return;
+  }
   const useExisting = context.returning && $("use-existing").checked;
   const key = oauthKey || $("key").value.trim();
   if (!useExisting && !key) {
@@ -270,7 +290,7 @@ $("consent-form").addEventListener("submit", async (event) => {
     if (data.grant.maxUsd != null) body.maxUsd = data.grant.maxUsd;
     path = "/api/v1/grants";
   }
-  $("approve").disabled = true;
+  setApprovable(false);
   $("approve").textContent = "Approving…";
   try {
     const result = await post(path, body);
@@ -281,7 +301,7 @@ $("consent-form").addEventListener("submit", async (event) => {
     setTimeout(() => window.close(), 150);
   } catch (e) {
     showError(e.message);
-    $("approve").disabled = false;
+    setApprovable(true);
     $("approve").textContent = flow === "connect" && context.returning ? "Update cap" : "Approve";
   }
 });

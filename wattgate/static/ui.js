@@ -36,7 +36,9 @@ export class ApiError extends Error {
 
 /** Call the gateway's JSON API from its own pages (the presence cookie rides along). */
 export async function api(method, path, { token, body } = {}) {
-  const headers = {};
+  // Proves a same-origin call where the browser sends no Sec-Fetch-Site (plain http at a
+  // hostname other than localhost): no other origin may send this header (CORS preflight).
+  const headers = { "X-Wattgate-Page": "1" };
   if (token) headers.Authorization = "Bearer " + token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let res;
@@ -78,4 +80,28 @@ export function fmtTime(unixSeconds) {
   return sameDay
     ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
     : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+/**
+ * The permission-prompt rule: a page that opened this one (or any page that can open it)
+ * can place a click, or the second half of a double-click, where a button is about to
+ * appear. So a guarded button takes clicks only once this page has been visible and
+ * focused for `ms`; hiding it, leaving it, or calling `rearm()` (the button's meaning
+ * changed) starts the wait again. `onChange(active)` follows every change.
+ * @param {number} ms @param {(active: boolean) => void} onChange
+ */
+export function activationGuard(ms, onChange) {
+  let timer = null;
+  let active = false;
+  const set = (value) => { active = value; onChange(value); };
+  const shown = () => document.visibilityState === "visible" && document.hasFocus();
+  const rearm = () => {
+    clearTimeout(timer);
+    set(false);
+    if (shown()) timer = setTimeout(() => { if (shown()) set(true); }, ms);
+  };
+  document.addEventListener("visibilitychange", rearm);
+  window.addEventListener("focus", rearm);
+  window.addEventListener("blur", rearm);
+  return { rearm, get active() { return active; } };
 }

@@ -1010,6 +1010,25 @@ class SQLiteStore(ReportsMixin):
     async def has_presence(self, browser_hash: str) -> bool:
         return self._one("SELECT 1 FROM presence WHERE browser_hash = ?", (browser_hash,)) is not None
 
+    async def rotate_presence(self, old_hashes: Iterable[str], new_hash: str, *,
+                              now: float) -> None:
+        """Make ``new_hash`` this browser's proof, in one transaction.
+
+        The connections the ``old_hashes`` proved move to ``new_hash``, and the
+        old hashes stop proving anything: whoever else holds an old value (it
+        may have been planted) is left with nothing.
+        """
+        old = [h for h in old_hashes if h != new_hash]
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO presence (browser_hash, created_at) VALUES (?, ?)",
+                       (new_hash, now))
+            for old_hash in old:
+                db.execute("UPDATE connections SET browser_hash = ? WHERE browser_hash = ?",
+                           (new_hash, old_hash))
+                db.execute("DELETE FROM presence WHERE browser_hash = ?", (old_hash,))
+        await self._writer.run(op, self._forget_connections)
+
 
 def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
            period: str, nanos: int) -> None:

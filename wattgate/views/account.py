@@ -26,7 +26,7 @@ from ..gateway import Gateway
 from ..ledger import period_of, status_body
 from ..money import nanos_to_json
 from ..store import ACTIVE, REVOKED, App, Connection
-from .control import connection_status, is_same_origin, json_response, presence_of
+from .control import approved_here, connection_status, is_same_origin, json_response, presence_of
 from .inputs import json_body, session_token_of, usd_amount
 from .state import gateway_key, upstream_key
 
@@ -57,9 +57,8 @@ async def consent_session(request: web.Request) -> web.Response:
     if pk is not None and parse_publishable_key(pk) != app.app_id:
         raise AuthError("This session token belongs to another app.")
     existing = await gw.store.get_connection(app.app_id, session.app_user_id)
-    browser = await presence_of(gw, request)
-    returning = existing is not None and existing.connected and browser is not None \
-        and existing.browser_hash == browser
+    returning = existing is not None and existing.connected \
+        and approved_here(await presence_of(gw, request), existing)
     requested: Any = None
     if session.has_limit:
         requested = None if session.limit_nanos is None else nanos_to_json(session.limit_nanos)
@@ -105,7 +104,7 @@ async def oauth_exchange(request: web.Request) -> web.Response:
 
 
 # ---- the dashboard ---------------------------------------------------------
-async def _browser(request: web.Request) -> tuple[Gateway, str | None]:
+async def _browser(request: web.Request) -> tuple[Gateway, frozenset[str]]:
     gw = _same_origin_gateway(request)
     return gw, await presence_of(gw, request)
 
@@ -132,26 +131,26 @@ async def _connection_body(gw: Gateway, connection: Connection,
 
 
 async def account(request: web.Request) -> web.Response:
-    gw, browser = await _browser(request)
-    if browser is None:
+    gw, browsers = await _browser(request)
+    if not browsers:
         return json_response({"recognized": False, "connections": []})
     apps: dict[str, App | None] = {}
-    rows = [await _connection_body(gw, c, apps)
+    rows = [await _connection_body(gw, c, apps) for browser in sorted(browsers)
             for c in await gw.store.connections_for_browser(browser)]
     rows.sort(key=lambda r: (r["state"] != ACTIVE, -r["connectedAt"]))
     return json_response({"recognized": True, "connections": rows})
 
 
 async def _own_connection(request: web.Request) -> tuple[Gateway, Connection]:
-    gw, browser = await _browser(request)
-    if browser is None:
+    gw, browsers = await _browser(request)
+    if not browsers:
         raise AuthError("This browser has not approved any connection.")
     try:
         connection_id = int(request.match_info["connection_id"])
     except ValueError:
         raise NotFound("No such connection.") from None
     connection = await gw.store.get_connection_by_id(connection_id)
-    if connection is None or connection.browser_hash != browser:
+    if connection is None or not approved_here(browsers, connection):
         raise NotFound("No such connection.")  # another browser's is not even confirmed
     return gw, connection
 

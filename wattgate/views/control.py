@@ -20,7 +20,7 @@ from ..middleware import error_response
 from ..money import nanos_to_usd
 from ..sealing import connection_aad
 from ..sessions import Session
-from ..store import ACTIVE, REVOKED, App
+from ..store import ACTIVE, REVOKED, App, Connection
 from . import cors
 from .inputs import app_user_id, funding_key, json_body, secret_key_of, session_token_of, usd_amount
 from .state import gateway_key, upstream_key
@@ -76,27 +76,78 @@ async def connection_status(gw: Gateway, app_id: str, user: str) -> dict[str, An
     return status_body(connection, spent)
 
 
+PAGE_HEADER = "X-Wattgate-Page"
+
+
 def is_same_origin(gw: Gateway, request: web.Request) -> bool:
-    """A request made by the gateway's own pages, as the browser itself attests."""
+    """A request made by the gateway's own pages, as the browser itself attests.
+
+    ``Sec-Fetch-Site`` when the browser sends it (https, or localhost). Browsers
+    send no ``Sec-Fetch-*`` to a plain-http origin at another hostname (a LAN
+    or staging host), and no ``Origin`` on a same-origin GET: there the pages'
+    ``X-Wattgate-Page`` header is the proof, since a page on another origin
+    can only send a custom header after a CORS preflight, and the gateway's
+    preflight never allows it (``views.cors``).
+    """
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
         return site == "same-origin"
+    if request.headers.get(PAGE_HEADER) == "1":
+        return True
     return request.headers.get("Origin") == gw.config.public_origin
 
 
-async def presence_of(gw: Gateway, request: web.Request) -> str | None:
-    """The browser hash proven by the presence cookie on a same-origin request, else None."""
-    value = request.cookies.get(consent.PRESENCE_COOKIE)
-    if not value or not is_same_origin(gw, request):
-        return None
-    browser_hash = gw.hash(value)
-    return browser_hash if await gw.store.has_presence(browser_hash) else None
+def _cookie_values(request: web.Request, name: str) -> list[str]:
+    """Every value sent under ``name``: a browser sends two cookies of one name when
+    another host planted a ``Domain=`` one next to the gateway's own."""
+    values = []
+    for header in request.headers.getall("Cookie", []):
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name and value:
+                values.append(value.strip('"'))
+    return values
+
+
+def presence_values(gw: Gateway, request: web.Request) -> list[str]:
+    """The presence cookies the browser sent, under their name for this gateway's scheme.
+
+    On https a value set before the ``__Host-`` name was used (plain
+    ``wg_presence``) is still read when no ``__Host-`` one exists; the next
+    approval replaces it with a ``__Host-`` cookie.
+    """
+    name = consent.presence_cookie_name(gw.config.public_origin)
+    values = _cookie_values(request, name)
+    if not values and name != consent.PRESENCE_COOKIE:
+        values = _cookie_values(request, consent.PRESENCE_COOKIE)
+    return values
+
+
+async def presence_of(gw: Gateway, request: web.Request) -> frozenset[str]:
+    """The browser hashes proven by presence cookies on a same-origin request (often one).
+
+    Every value the browser sent counts for what it proves, so a cookie planted
+    next to the gateway's own hides none of the user's connections; it can only
+    ever prove what its planter already had.
+    """
+    if not is_same_origin(gw, request):
+        return frozenset()
+    hashes = {gw.hash(v) for v in presence_values(gw, request)}
+    return frozenset([h for h in hashes if await gw.store.has_presence(h)])
+
+
+def approved_here(browsers: frozenset[str], connection: Connection | None) -> bool:
+    """The connection was approved in this browser (one of its presence cookies)."""
+    return connection is not None and connection.browser_hash in browsers
 
 
 def set_presence_cookie(gw: Gateway, response: web.StreamResponse, value: str) -> None:
-    response.set_cookie(consent.PRESENCE_COOKIE, value, max_age=400 * 24 * 3600, path="/",
-                        httponly=True, samesite="Strict",
-                        secure=gw.config.public_origin.startswith("https://"))
+    name = consent.presence_cookie_name(gw.config.public_origin)
+    secure = name != consent.PRESENCE_COOKIE
+    response.set_cookie(name, value, max_age=400 * 24 * 3600, path="/", httponly=True,
+                        samesite="Strict", secure=secure)
+    if secure:  # the unprefixed cookie of an older version: replaced, never read again
+        response.del_cookie(consent.PRESENCE_COOKIE, path="/")
 
 
 async def _session(request: web.Request) -> tuple[Gateway, Session, App]:
@@ -141,9 +192,8 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         requested = usd_amount(body["monthlyUsd"], "monthlyUsd", allow_null=True)
     key = funding_key(body.get("fundingKey"))
     existing = await gw.store.get_connection(app.app_id, session.app_user_id)
-    browser = await presence_of(gw, request)
-    user_present = browser is not None and existing is not None \
-        and existing.browser_hash == browser
+    browsers = await presence_of(gw, request)
+    user_present = approved_here(browsers, existing)
     token_cap: object = session.limit_nanos if session.has_limit else consent.UNSET
     change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
                             has_funding_key=key is not None, user_present=user_present,
@@ -151,19 +201,20 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     if change.needs_key_check:
         assert key is not None
         await request.app[upstream_key].check_key(key)
-    new_cookie = None
-    if browser is None and key is not None and is_same_origin(gw, request):
-        # The user approved in the consent page: give this browser its presence proof.
+    # Only an approval carrying the funding key, made on the gateway's own page, binds a
+    # browser to the connection; otherwise any browser holding some presence cookie (the
+    # app operator's own, from approving their own connection) could bind itself by
+    # lowering a cap, then raise. The binding is to a value minted now, never to the one
+    # the browser brought.
+    binds = key is not None and is_same_origin(gw, request)
+    new_cookie = new_hash = None
+    if binds:
         new_cookie = new_presence_value()
-        browser = gw.hash(new_cookie)
-        await gw.store.add_presence(browser, now=gw.clock())
-    # Only an approval carrying the funding key binds a browser to the connection;
-    # otherwise any browser holding some presence cookie (the app operator's own,
-    # from approving their own connection) could bind itself by lowering a cap, then raise.
-    # Nor does a browser bound to a revoked connection come back with its re-funding:
-    # what it was trusted for ended with the revocation.
-    browser_hash = browser if key is not None and browser is not None \
-        else (existing.browser_hash if existing and existing.state != REVOKED else None)
+        new_hash = gw.hash(new_cookie)
+    # Nor does a browser bound to a revoked connection come back with its re-funding
+    # (the key sent by the app's backend): what it was trusted for ended with the revocation.
+    browser_hash = new_hash if binds else \
+        (existing.browser_hash if existing and existing.state != REVOKED else None)
     now = gw.clock()
     if change.needs_key_check:
         assert key is not None
@@ -178,6 +229,10 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         if updated is None:  # revoked or re-funded meanwhile: answer what is true now
             return json_response(await connection_status(gw, app.app_id, session.app_user_id))
         connection = updated
+    if new_cookie is not None:
+        assert new_hash is not None
+        # Earlier connections of this browser follow it; the brought value proves nothing now.
+        await gw.store.rotate_presence(browsers, new_hash, now=now)
     spent = await gw.store.period_spent(connection.connection_id, period_of(now))
     response = json_response(status_body(connection, spent))
     if new_cookie is not None:

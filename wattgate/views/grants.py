@@ -21,7 +21,7 @@ from ..money import nanos_to_json
 from ..sealing import grant_aad
 from ..store import App
 from . import cors
-from .control import json_response, presence_of
+from .control import approved_here, json_response, presence_of
 from .inputs import (funding_key, integer, json_body, secret_key_of, session_token_of,
                      usd_amount)
 from .state import gateway_key, upstream_key
@@ -59,16 +59,16 @@ async def _create(request: web.Request, app_user_id: str, app: App) -> web.Respo
             now=now, expires_at=expires_at, seal=lambda gid: gw.sealer.seal(key, grant_aad(gid)))
     else:
         connection = await gw.store.get_connection(app.app_id, app_user_id)
-        browser = await presence_of(gw, request)
         if connection is None or not connection.connected:
             raise ConsentRequired("A grant needs a funding key, or an existing connection "
                                   "approved in this browser.")
-        if browser is None or browser != connection.browser_hash:
+        if not approved_here(await presence_of(gw, request), connection):
             raise ConsentRequired("Funding a grant from a connection needs the user's "
                                   "approval in the consent popup.")
         await gw.store.create_grant(app.app_id, token_hash, requests, max_nanos,
                                     sealed_key=None, connection_id=connection.connection_id,
-                                    now=now, expires_at=expires_at, approved_by=browser)
+                                    now=now, expires_at=expires_at,
+                                      approved_by=connection.browser_hash)
     return json_response({"grantToken": token, "expiresAt": expires_at, "requests": requests})
 
 
