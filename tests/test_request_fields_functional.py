@@ -91,10 +91,18 @@ async def test_a_fallback_is_billed_and_reported_at_the_model_used(harness):
         reply = await oa.chat.completions.create(
             model="fake/free:free", messages=[{"role": "user", "content": "hi"}],
             extra_body={"models": ["fake/flat-3c"]})
+        stream = await oa.chat.completions.create(
+            model="fake/free:free", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_body={"models": ["fake/flat-3c"]})
+        assert {chunk.model async for chunk in stream} == {"fake/flat-3c"}
     assert reply.model == "fake/flat-3c"
-    assert await ledger_total(harness, app) == usd_to_nanos(Decimal("0.03"))
+    assert await ledger_total(harness, app) == usd_to_nanos(Decimal("0.06"))
     status = await harness.status(app, "bo")
-    assert Decimal(str(status["usage"]["monthlyUsd"])) == Decimal("0.03")
+    assert Decimal(str(status["usage"]["monthlyUsd"])) == Decimal("0.06")
+    # The ledger (console, exports) names the model that billed, not the one asked for.
+    rows = [r for c in await harness.gw.store.connections_for_app(app.app_id)
+            for r in await harness.gw.store.recent_usage(c.connection_id)]
+    assert [r.model for r in rows] == ["fake/flat-3c", "fake/flat-3c"]
 
 
 async def test_a_dearer_provider_is_never_routed_to_and_the_listed_one_still_answers(harness):

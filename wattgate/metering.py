@@ -71,9 +71,11 @@ def new_generation_id() -> str:
 def usage_row(outcome: Outcome, charge: Bill, *, app_id: str, connection_id: int | None,
               grant_id: int | None, model: str, status: str, started: float,
               now: float) -> Usage:
+    """The ledger row; ``model`` (the one asked for) unless the answer named the one billed."""
     return Usage(
         generation_id=outcome.generation_id or new_generation_id(),
-        app_id=app_id, connection_id=connection_id, grant_id=grant_id, model=model[:200],
+        app_id=app_id, connection_id=connection_id, grant_id=grant_id,
+        model=(outcome.model or model)[:200],
         prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
         cost_nanos=charge.cost_nanos, provisional=charge.provisional, status=status,
         latency_ms=int(max(0.0, now - started) * 1000), created_at=now)
