@@ -66,7 +66,8 @@ PASS_THROUGH = frozenset((
     "top_a", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
     "seed", "stop", "logit_bias", "logprobs", "top_logprobs", "response_format",
     "structured_outputs", "tool_choice", "parallel_tool_calls", "functions",
-    "function_call", "user", "metadata", "session_id", "trace", "usage", "transforms",
+    "function_call", "user", "safety_identifier", "metadata", "store", "session_id", "trace",
+    "usage", "transforms",
     "route", "include_reasoning", "reasoning_effort", "verbosity", "prompt_cache_key",
     "cache_control",
 ))
