@@ -29,7 +29,8 @@ async def ledger_total(h, app) -> int:  # type: ignore[no-untyped-def]
     return total
 
 
-async def post(h, app, user: str, body: dict[str, Any]) -> tuple[int, Any]:  # type: ignore[no-untyped-def]
+async def post(h, app, user: str,  # type: ignore[no-untyped-def]
+               body: dict[str, Any]) -> tuple[int, Any]:
     payload = {"messages": [{"role": "user", "content": "hi"}], **body}
     async with h.http.post(h.api + "/chat/completions", json=payload,
                            headers={"Authorization": f"Bearer {app.secret_key}",

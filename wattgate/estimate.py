@@ -113,7 +113,7 @@ class Plan:
 
 
 def _refuse(field: str, why: str) -> InvalidRequest:
-    return InvalidRequest(f"{field}: {why}")
+    return InvalidRequest(f"{field[:80]}: {why}")  # a name, never a whole value
 
 
 def _count(body: dict[str, Any], name: str, field: str, *, low: int, high: int) -> int | None:
@@ -202,8 +202,9 @@ def _check_tools(tools: Any) -> None:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
             # Server tools (openrouter:web_search, image generation, …) bill on their own.
-            raise _refuse(f"tools[{i}].type", f"{kind!r} tools run and bill upstream; only "
-                                              "\"function\" tools can be metered.")
+            raise _refuse(f"tools[{i}].type", f"{str(kind)[:40]!r} tools run and bill "
+                                              "upstream; only \"function\" tools can be "
+                                              "metered.")
 
 
 def _check_output(body: dict[str, Any]) -> None:
@@ -214,7 +215,7 @@ def _check_output(body: dict[str, Any]) -> None:
                                     "billed per output, beyond max_tokens).")
     tier = body.get("service_tier")
     if tier is not None and tier not in _CHEAP_TIERS:
-        raise _refuse("service_tier", f"{tier!r} bills above the listed price; use "
+        raise _refuse("service_tier", f"{str(tier)[:40]!r} bills above the listed price; use "
                                       "\"auto\", \"default\" or \"flex\".")
     prediction = body.get("prediction")
     if prediction is not None and not isinstance(prediction, dict):
@@ -248,7 +249,7 @@ def _images(messages: list[Any]) -> int:
                 # Files, audio and video are billed by length (pages, seconds) that
                 # nothing in the request bounds.
                 raise _refuse(f"messages[{i}].content[{j}].type",
-                              f"{kind!r} inputs cannot be priced before the call; send "
+                              f"{str(kind)[:40]!r} inputs cannot be priced before the call; send "
                               "text or image_url parts.")
     return images
 
@@ -264,8 +265,9 @@ def _web_results(plugins: Any) -> int:
         if pid in _FREE_PLUGINS:
             continue
         if pid != "web":
-            raise _refuse(f"plugins[{i}].id", f"the {pid!r} plugin bills on its own; only "
-                                              "\"web\" and \"context-compression\" are priced.")
+            raise _refuse(f"plugins[{i}].id", f"the {str(pid)[:40]!r} plugin bills on its "
+                                              "own; only \"web\" and \"context-compression\" "
+                                              "are priced.")
         assert isinstance(plugin, dict)
         for key in plugin:
             if key not in _WEB_KEYS:
