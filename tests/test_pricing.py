@@ -195,3 +195,11 @@ def test_stale_after_ttl():
     prices = price_list(prompt="0", completion="0")
     assert not prices.stale(59) and prices.stale(60)
     assert prices.get("m").request == Decimal(0)
+
+
+def test_every_field_the_gateway_reads_or_passes_is_in_the_documented_table():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "request-fields.md").read_text()
+    missing = [f for f in estimate.PASS_THROUGH | estimate.PRICED if f"`{f}`" not in doc]
+    assert missing == []
