@@ -133,9 +133,12 @@ def test_the_hold_takes_the_dearest_of_the_fallback_models():
                                  "messages": []}).encode(), default_max_tokens=10)
     assert r.models == ("cheap:free", "dear", "mid")
     price = estimate.ceiling(prices, r.models)
-    pad = Decimal("1.0001")
+
+    def pad(usd: str) -> Decimal:  # 0.01 % + $0.000001 per million above the listed rate
+        return (Decimal(usd) * 1_000_000 * Decimal("1.0001") + Decimal("0.000001")) / 1_000_000
+
     assert (price.prompt, price.completion, price.request) == (
-        Decimal("0.000003") * pad, Decimal("0.000015") * pad, Decimal("0.02") * pad)
+        pad("0.000003"), pad("0.000015"), pad("0.02"))
     with pytest.raises(InvalidRequest, match="no known price"):
         estimate.ceiling(prices, ("cheap:free", "unknown/model"))
 
@@ -150,9 +153,10 @@ def test_the_body_carries_max_price_at_the_rates_held_and_is_spliced_not_reseria
                          stream_upstream=True, send_max_price=True)
     assert plan.payload.endswith(raw[1:])  # the client's bytes, untouched
     sent = json.loads(plan.payload)
-    assert sent["provider"] == {"max_price": {"prompt": "0.150015", "completion": "0.60006",
-                                              "request": "0", "image": "0"}}
-    assert plan.price.prompt * 1_000_000 == Decimal("0.150015")
+    assert sent["provider"] == {"max_price": {"prompt": "0.150016", "completion": "0.600061",
+                                              "request": "0.000000000001",
+                                              "image": "0.000000000001"}}
+    assert plan.price.prompt * 1_000_000 == Decimal("0.150016")
     assert plan.worst_nanos == worst_cost_nanos(read_request(raw, default_max_tokens=10),
                                                 plan.price, len(plan.payload))
     # The client's own routing is kept; its max_price only ever lowers ours.
@@ -161,7 +165,7 @@ def test_the_body_carries_max_price_at_the_rates_held_and_is_spliced_not_reseria
                                     stream_upstream=True, send_max_price=True).payload)
     assert sent["provider"]["order"] == ["x"]
     assert sent["provider"]["max_price"]["prompt"] == "0.1"
-    assert sent["provider"]["max_price"]["completion"] == "0.60006"
+    assert sent["provider"]["max_price"]["completion"] == "0.600061"
     # An upstream that is not OpenRouter gets no max_price, so routing is refused.
     with pytest.raises(InvalidRequest, match="provider"):
         read_request(raw, default_max_tokens=10, max_price=False)

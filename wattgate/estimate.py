@@ -52,9 +52,9 @@ WEB_RESULT_USD = Decimal("0.004")
 WEB_DEFAULT_RESULTS = 5
 WEB_MAX_RESULTS = 10
 WEB_RESULT_TOKENS = 2_000
-# provider.max_price sits a hair above the listed rate, so a provider billing
-# exactly that rate is never filtered out by a rounding in the comparison; the
-# hold is computed from the padded rates.
+# provider.max_price sits a hair above the listed rate (0.01 % + $0.000001 per
+# million), so a provider billing exactly that rate, a free one included, is never
+# filtered out by a rounding or a strict comparison; the hold uses the padded rates.
 _PAD = Decimal("1.0001")
 _MILLION = Decimal(1_000_000)
 _MICRO = Decimal("0.000001")
@@ -294,7 +294,7 @@ def ceiling(prices: PriceList, models: tuple[str, ...]) -> Price:
 
 
 def _padded(usd: Decimal) -> Decimal:
-    per_million = (usd * _MILLION * _PAD).quantize(_MICRO, rounding=ROUND_CEILING)
+    per_million = (usd * _MILLION * _PAD + _MICRO).quantize(_MICRO, rounding=ROUND_CEILING)
     return per_million / _MILLION
 
 
