@@ -207,3 +207,22 @@ def test_every_field_the_gateway_reads_or_passes_is_in_the_documented_table():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "request-fields.md").read_text()
     missing = [f for f in estimate.PASS_THROUGH | estimate.PRICED if f"`{f}`" not in doc]
     assert missing == []
+
+
+@pytest.mark.parametrize("fields", [
+    {"service_tier": [1]}, {"plugins": [{"id": {"a": 1}}]}, {"tools": [{"type": [1]}]},
+    {"messages": [{"role": "user", "content": [{"type": ["image_url"]}]}]},
+    {"provider": {"max_price": {"prompt": "-1e999999999"}}},
+    {"provider": {"max_price": {"completion": "NaN"}}},
+])
+def test_odd_values_are_a_400_never_a_crash(fields):
+    prices = price_list(prompt="0.000001", completion="0.000002")
+    with pytest.raises(InvalidRequest):
+        estimate.plan(req(**fields), prices, stream_upstream=True, send_max_price=True)
+
+
+def test_a_tiny_max_price_of_the_clients_is_kept_in_bounded_digits():
+    prices = price_list(prompt="0.000001", completion="0.000002")
+    plan = estimate.plan(req(provider={"max_price": {"prompt": "1e-99999999"}}), prices,
+                         stream_upstream=True, send_max_price=True)
+    assert json.loads(plan.payload)["provider"]["max_price"]["prompt"] == "0"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from .errors import InvalidRequest
@@ -58,6 +58,7 @@ WEB_RESULT_TOKENS = 2_000
 _PAD = Decimal("1.0001")
 _MILLION = Decimal(1_000_000)
 _MICRO = Decimal("0.000001")
+_PICO = Decimal("0.000000000001")
 
 # Fields that cannot raise the bill once the output tokens and the prices are
 # bounded: they pass through untouched.
@@ -214,7 +215,7 @@ def _check_output(body: dict[str, Any]) -> None:
         raise _refuse("modalities", "only text output can be metered (images and audio are "
                                     "billed per output, beyond max_tokens).")
     tier = body.get("service_tier")
-    if tier is not None and tier not in _CHEAP_TIERS:
+    if tier is not None and not (isinstance(tier, str) and tier in _CHEAP_TIERS):
         raise _refuse("service_tier", f"{str(tier)[:40]!r} bills above the listed price; use "
                                       "\"auto\", \"default\" or \"flex\".")
     prediction = body.get("prediction")
@@ -243,6 +244,8 @@ def _images(messages: list[Any]) -> int:
             continue
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                kind = None  # compared with sets below: only strings are hashable here
             if kind == "image_url":
                 images += 1
             elif kind not in _TEXT_PARTS:
@@ -262,7 +265,7 @@ def _web_results(plugins: Any) -> int:
     results = 0
     for i, plugin in enumerate(plugins):
         pid = plugin.get("id") if isinstance(plugin, dict) else None
-        if pid in _FREE_PLUGINS:
+        if isinstance(pid, str) and pid in _FREE_PLUGINS:
             continue
         if pid != "web":
             raise _refuse(f"plugins[{i}].id", f"the {str(pid)[:40]!r} plugin bills on its "
@@ -343,11 +346,16 @@ def _with_max_price(provider: Any, price: Price) -> dict[str, Any]:
     max_price = {}
     for key in _MAX_PRICE_KEYS:
         cap = ours[key]
-        try:
-            if theirs.get(key) is not None:
-                cap = min(cap, Decimal(str(theirs[key])))
-        except ArithmeticError:
-            raise _refuse(f"provider.max_price.{key}", "must be a number.") from None
+        if theirs.get(key) is not None:
+            try:
+                value = Decimal(str(theirs[key]))
+                if not value.is_finite() or value < 0:
+                    raise ArithmeticError
+            except ArithmeticError:
+                raise _refuse(f"provider.max_price.{key}", "must be a number of USD, "
+                                                           "at least 0.") from None
+            if value < cap:  # theirs is lower: kept, to a bounded number of digits
+                cap = value.quantize(_PICO, rounding=ROUND_FLOOR)
         max_price[key] = format(cap.normalize(), "f")
     return {**(provider or {}), "max_price": max_price}
 
