@@ -69,7 +69,7 @@ async def measure(n: int) -> dict[str, Any]:
     from wattgate.sealing import connection_aad
     from wattgate.sse import StreamReader, parse_json_body
     from wattgate.store import ACTIVE
-    from wattgate.views.proxy import _parse
+    from wattgate.estimate import plan, read_request
 
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-steps-"))
     config = load_config(None, env={"WATTGATE_DATABASE__PATH": str(tmp / "steps.db"),
@@ -109,11 +109,11 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("identify payer + pre-check connection", t)
         gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=time.time())
         t = lap("rate limit", t)
-        _, payload, model, _, max_tokens = _parse(REQUEST, 4096)
-        t = lap("parse body, inject max_tokens", t)
-        price = prices.get(model)
-        estimate = price.worst_cost_nanos(len(payload), max_tokens)
-        t = lap("price the worst case", t)
+        req = read_request(REQUEST, default_max_tokens=4096)
+        t = lap("parse body, check its fields", t)
+        planned = plan(req, prices, stream_upstream=True, send_max_price=True)
+        estimate, model = planned.worst_nanos, req.model
+        t = lap("price the worst case, inject max_tokens and max_price", t)
         admitted = await admission.admit(gw, app.app_id, payer, estimate, now=time.time(),
                                          **admit_extra(connection))
         t = lap("admit: hold (in memory) + unseal", t)
@@ -138,7 +138,7 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("streamed only: read usage (11 events)", t)
         parse_json_body((ANSWER % (gen, MODEL, USAGE)).encode(), "gen-" + gen)
         t = lap("(read usage of a JSON answer, stream_whole_answers = false)", t)
-        row = usage_row(outcome, bill(outcome, price, estimate), app_id=app.app_id,
+        row = usage_row(outcome, bill(outcome, planned.price, estimate), app_id=app.app_id,
                         connection_id=admitted.connection_id, grant_id=None, model=model,
                         status="ok", started=now, now=time.time(),
                         admitted_at=admitted.admitted_at)

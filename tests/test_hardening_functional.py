@@ -86,9 +86,11 @@ async def test_deeply_nested_json_is_refused_before_parsing(harness):
 async def test_json_that_nests_exactly_to_the_limit_is_accepted(harness):
     app = await harness.create_app()
     await harness.connect(app, "cy")
-    # chat body: {} > messages [] > message {} > content [...] : 3 levels before ours
-    content = nested(MAX_JSON_DEPTH - 3)
-    data = '{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":%s}]}' % content
+    # chat body: {} > response_format {} > json_schema [...] : 2 levels before ours (a
+    # field passed through; content parts must be typed objects the gateway can price)
+    schema = nested(MAX_JSON_DEPTH - 2)
+    data = ('{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"hi"}],'
+            '"response_format":{"type":"json_schema","json_schema":%s}}' % schema)
     status, _, _ = await post(harness, "/chat/completions", data=data, headers=auth(app, "cy"))
     assert status == 200
 

@@ -28,7 +28,7 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from .sse import Outcome, error_message, split_complete
+from .sse import Outcome, answering_model, error_message, split_complete
 
 # Replaced, never concatenated: discriminators and the speaker.
 _REPLACED = frozenset(("index", "type", "role"))
@@ -116,6 +116,7 @@ class Assembler:
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._done = False
+        self._billed_model: str | None = None
         self._error = False
 
     def feed(self, chunk: bytes) -> None:
@@ -146,6 +147,8 @@ class Assembler:
 
     def _event(self, event: dict[str, Any]) -> None:
         self._error = self._error or "error" in event
+        if isinstance(event.get("usage"), dict):  # the billed model: StreamReader's rule
+            self._billed_model = answering_model(event, self._billed_model)
         top = self._top
         for key, value in event.items():
             if key != "choices" and (value is not None or key not in top):
@@ -186,7 +189,7 @@ class Assembler:
         return Outcome(generation_id=generation_id,
                        usage=usage if isinstance(usage, dict) else None,
                        error=error_message(self._top.get("error")) if self._error else None,
-                       done=self._done)
+                       done=self._done, model=self._billed_model)
 
     def _parse(self) -> None:
         for event in self._events():

@@ -84,6 +84,11 @@ SETTINGS: tuple[Setting, ...] = (
             "assemble that answer from the stream: the generation id then reaches the "
             "ledger while the model works, so a gateway crash mid-call loses no spend. "
             "false: forward non-streamed calls as they are."),
+    Setting("upstream", "send_max_price", bool, True,
+            "Send OpenRouter's provider.max_price with every call, set to the prices its "
+            "budget hold assumed, so no routing (fallback providers, provider preferences, "
+            "models fallbacks) can bill a dearer endpoint. Turn off only for an upstream "
+            "that is not OpenRouter; requests naming provider are then refused."),
     Setting("upstream", "models_ttl", float, 600.0,
             "Seconds a fetched model price list is used before it is refreshed.", 1),
     Setting("sessions", "ttl_seconds", int, 600,

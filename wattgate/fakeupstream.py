@@ -20,6 +20,20 @@ connections dropped after each answer, and ``Retry-After`` on a 429.
 Every charge is added to ``charged`` (exact Decimal): tests compare it with
 wattgate's ledger. Like many real providers, a stream
 the client abandons is billed in full.
+
+It bills the request fields OpenRouter bills, the way OpenRouter does: the
+``models`` fallbacks are tried in order when a model is down (``down`` names
+models, or ``model@Provider`` endpoints) and the call is billed at the model
+and provider actually used, named in the answer's ``model`` and
+``provider``; a model may be served by several providers at different prices
+(``FakeModel.providers``; ``GET /models`` lists the first), chosen by
+``provider.order`` / ``only`` / ``ignore`` and filtered by
+``provider.max_price`` (nothing left: 404, nothing billed); ``n`` choices are
+each billed; the ``web`` plugin bills ``max_results`` results (default 5) at
+$0.004 plus their text as prompt tokens; every ``image_url`` part bills
+``IMAGE_TOKENS`` prompt tokens plus the image price; ``reasoning.max_tokens``
+is spent in full on top of the answer; the answer's length follows
+``max_completion_tokens`` when given, else ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -42,6 +56,20 @@ WORDS = ("Metering is the quiet part of every AI feature: each token has a price
          "the app never holds their key.").split(" ")
 
 
+IMAGE_TOKENS = 1_000        # prompt tokens billed per input image
+WEB_RESULT_USD = Decimal("0.004")
+WEB_RESULT_TOKENS = 300     # prompt tokens each web result adds
+
+
+@dataclass(frozen=True)
+class FakeProvider:
+    name: str
+    prompt: Decimal
+    completion: Decimal
+    request: Decimal = Decimal("0")
+    image: Decimal = Decimal("0")
+
+
 @dataclass(frozen=True)
 class FakeModel:
     prompt: Decimal = Decimal("0.00000015")
@@ -49,6 +77,13 @@ class FakeModel:
     request: Decimal = Decimal("0")
     behaviour: str = "ok"  # ok | cut | midstream_error | fail_500 | fail_429 | no_usage
     delay: float | None = None  # seconds between chunks for this model (else chunk_delay)
+    image: Decimal = Decimal("0")  # per input image
+    # Further endpoints serving this model, dearer or cheaper (the listed price is ours).
+    others: tuple[FakeProvider, ...] = ()
+
+    def providers(self) -> tuple[FakeProvider, ...]:
+        return (FakeProvider("Fake", self.prompt, self.completion, self.request, self.image),
+                *self.others)
 
 
 MODELS: dict[str, FakeModel] = {
@@ -61,6 +96,14 @@ MODELS: dict[str, FakeModel] = {
     "fake/fail-500": FakeModel(behaviour="fail_500"),
     "fake/fail-429": FakeModel(behaviour="fail_429"),
     "fake/no-usage": FakeModel(behaviour="no_usage"),
+    # For the request fields that change the bill (tests/test_request_fields_functional.py).
+    "fake/flat-half-c": FakeModel(Decimal("0"), Decimal("0"), Decimal("0.005")),
+    "fake/free:free": FakeModel(Decimal("0"), Decimal("0"), Decimal("0")),
+    "fake/out-1m": FakeModel(Decimal("0"), Decimal("0.001"), Decimal("0")),
+    "fake/vision": FakeModel(Decimal("0.000001"), Decimal("0"), Decimal("0"),
+                             image=Decimal("0.01")),
+    "fake/routed": FakeModel(Decimal("0"), Decimal("0"), Decimal("0.005"), others=(
+        FakeProvider("Dear", Decimal("0"), Decimal("0"), Decimal("0.03")),)),
 }
 
 
@@ -108,6 +151,7 @@ class FakeOpenRouter:
     close_after_response: bool = False  # drop the keep-alive connection after each answer
     retry_after: str | None = None    # Retry-After of a 429 (None: no header)
     words: tuple[str, ...] = tuple(WORDS)  # the answer's text, a word per piece
+    down: set[str] = field(default_factory=set)  # model ids or "model@Provider" endpoints
     charged: Decimal = Decimal(0)
     calls: list[Call] = field(default_factory=list)
     generations: dict[str, Call] = field(default_factory=dict)
@@ -254,6 +298,24 @@ def _instance(schema: dict[str, Any]) -> Any:
     return None
 
 
+def _ordered(providers: tuple[FakeProvider, ...], prefs: dict[str, Any]
+             ) -> list[FakeProvider]:
+    """provider.only / ignore filter, provider.order first (then the default order)."""
+    only, ignore = prefs.get("only"), prefs.get("ignore") or ()
+    chosen = [p for p in providers if (not only or p.name in only) and p.name not in ignore]
+    order = list(prefs.get("order") or ())
+    return sorted(chosen, key=lambda p: order.index(p.name) if p.name in order else len(order))
+
+
+def _within(p: FakeProvider, max_price: Any) -> bool:
+    """provider.max_price: USD per million tokens (prompt, completion), per request, image."""
+    if not isinstance(max_price, dict):
+        return True
+    mine = {"prompt": p.prompt * 1_000_000, "completion": p.completion * 1_000_000,
+            "request": p.request, "image": p.image}
+    return all(mine[k] <= Decimal(str(v)) for k, v in max_price.items() if k in mine)
+
+
 fake_key = web.AppKey("fake", FakeOpenRouter)
 
 
@@ -282,7 +344,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
     async def models(request: web.Request) -> web.Response:
         data = [{"id": mid, "name": mid, "context_length": 128000,
                  "pricing": {"prompt": _num(m.prompt), "completion": _num(m.completion),
-                             "request": _num(m.request), "image": "0"}}
+                             "request": _num(m.request), "image": _num(m.image)}}
                 for mid, m in fake.models.items()]
         return web.json_response({"data": data})
 
@@ -334,17 +396,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             body = await request.json()
         except ValueError:
             return _error(400, "Invalid JSON")
-        model_id = body.get("model")
-        model = fake.models.get(model_id)
-        if model is None:
-            return _error(400, f"{model_id} is not a valid model ID")
-        if model.behaviour == "fail_500":
-            return _error(500, "Internal Server Error")
-        if model.behaviour == "fail_429":
-            limited = _error(429, "Rate limit exceeded", code=429)
-            if fake.retry_after is not None:
-                limited.headers["Retry-After"] = fake.retry_after
-            return limited
+        routed = route(body)
+        if isinstance(routed, web.Response):
+            return routed
+        model_id, model, provider = routed
         gen = "gen-" + secrets.token_hex(12)
         call = Call(gen, model_id, request.headers.get("Authorization", ""),
                     dict(request.headers), body)
@@ -352,9 +407,18 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             fake.calls.append(call)
         if fake.record_calls:
             fake.generations[gen] = call
-        prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 10**9
-        n = max(1, min(fake.pieces, int(max_tokens)))
+        images = sum(1 for m in body.get("messages") or () if isinstance(m, dict)
+                     and isinstance(m.get("content"), list)
+                     for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+        web_results = sum(int(p.get("max_results", 5)) for p in body.get("plugins") or ()
+                          if isinstance(p, dict) and p.get("id") == "web")
+        prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4) \
+            + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10**9
+        n = max(1, min(fake.pieces, int(limit)))
+        choices = max(1, int(body.get("n") or 1))
+        reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+        thought = int(reasoning.get("max_tokens") or 0)
         json_answer = _json_answer(body)
         if json_answer is not None:  # the whole document, in n pieces, like a real model
             step = -(-len(json_answer) // n)
@@ -364,7 +428,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
-        cost = model.prompt * prompt_tokens + model.completion * n + model.request
+        completion_tokens = n * choices + thought
+        cost = (provider.prompt * prompt_tokens + provider.completion * completion_tokens
+                + provider.request + provider.image * images + WEB_RESULT_USD * web_results)
         if request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
                 in fake.byok_keys:
             fee = (cost * fake.byok_fee_rate).quantize(Decimal("1e-12"))
@@ -374,29 +440,31 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         fake.charged += cost
         created = int(time.time())
         delay = model.delay if model.delay is not None else fake.chunk_delay
+        usage = fake.usage(prompt_tokens, completion_tokens, call)
         if not body.get("stream"):
             if delay:
                 await asyncio.sleep(delay * n)
             call.finished = True
             call.answered_at = time.monotonic()
-            text = "".join(pieces)
+            text = json.dumps("".join(pieces))
             payload = ('{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
-                       '"provider":"Fake","choices":[{"index":0,"logprobs":null,'
-                       '"finish_reason":"stop","native_finish_reason":"stop",'
-                       '"message":{"role":"assistant","content":%s}}],'
-                       '"usage":%s}' % (gen, created, json.dumps(model_id), json.dumps(text),
-                                        fake.usage(prompt_tokens, n, call)))
+                       '"provider":%s,"choices":[%s],"usage":%s}'
+                       % (gen, created, json.dumps(model_id), json.dumps(provider.name),
+                          ",".join('{"index":%d,"logprobs":null,"finish_reason":"stop",'
+                                   '"native_finish_reason":"stop","message":{"role":'
+                                   '"assistant","content":%s}}' % (c, text)
+                                   for c in range(choices)), usage))
             return web.Response(text=payload, content_type="application/json",
                                 headers={"X-Generation-Id": gen})
         wire = _Wire(fake, request)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Generation-Id": gen, **wire.headers})
+        head = '{"id":"%s","provider":%s,"model":%s,"object":"chat.completion.chunk",' \
+               '"created":%d,' % (gen, json.dumps(provider.name), json.dumps(model_id), created)
         try:
-            return await stream(request, resp, wire, call, model,
-                                head_args=(gen, model_id, created),
-                                pieces=pieces, delay=delay, cost=cost,
-                                prompt_tokens=prompt_tokens)
+            return await stream(request, resp, wire, call, model, head=head, pieces=pieces,
+                                choices=choices, delay=delay, usage=usage)
         except ConnectionError:  # the client (a gateway killed mid-stream) is gone
             return resp
         finally:
@@ -404,10 +472,46 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             # client stayed to the end (a gateway killed mid-stream included).
             call.finished = True
 
+    def route(body: dict[str, Any]) -> tuple[str, FakeModel, FakeProvider] | web.Response:
+        """The model and provider OpenRouter would bill, or the error it would answer."""
+        wanted = [body.get("model")] + [m for m in body.get("models") or ()
+                                        if m != body.get("model")]
+        prefs: dict[str, Any] = body["provider"] if isinstance(body.get("provider"), dict) \
+            else {}
+        failure = _error(400, f"{body.get('model')} is not a valid model ID")
+        for model_id in wanted:
+            model = fake.models.get(model_id) if isinstance(model_id, str) else None
+            if model is None or not isinstance(model_id, str):
+                failure = _error(400, f"{model_id} is not a valid model ID")
+                continue
+            if model.behaviour == "fail_500":
+                failure = _error(500, "Internal Server Error")
+                continue
+            if model.behaviour == "fail_429":
+                failure = _error(429, "Rate limit exceeded", code=429)
+                if fake.retry_after is not None:
+                    failure.headers["Retry-After"] = fake.retry_after
+                continue
+            if model_id in fake.down:
+                failure = _error(502, f"{model_id} is down", code=502)
+                continue
+            endpoints = [p for p in _ordered(model.providers(), prefs)
+                         if _within(p, prefs.get("max_price"))]
+            if not endpoints:
+                failure = _error(404, "No endpoints found matching your data policy, "
+                                      "price and provider preferences.", code=404)
+                continue
+            if prefs.get("allow_fallbacks") is False:
+                endpoints = endpoints[:1]
+            for p in endpoints:
+                if f"{model_id}@{p.name}" not in fake.down:
+                    return model_id, model, p
+            failure = _error(502, f"every provider of {model_id} is down", code=502)
+        return failure
+
     async def stream(request: web.Request, resp: web.StreamResponse, wire: _Wire, call: Call,
-                     model: FakeModel, *, head_args: tuple[str, str, int], pieces: list[str],
-                     delay: float, cost: Decimal, prompt_tokens: int) -> web.StreamResponse:
-        gen, model_id, created = head_args
+                     model: FakeModel, *, head: str, pieces: list[str], choices: int,
+                     delay: float, usage: str) -> web.StreamResponse:
         n = len(pieces)
         if fake.header_delay:
             await asyncio.sleep(fake.header_delay)
@@ -415,15 +519,14 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         call.answered_at = time.monotonic()
         for _ in range(fake.keepalives):
             await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
-        head = '{"id":"%s","provider":"Fake","model":%s,"object":"chat.completion.chunk",' \
-               '"created":%d,' % (gen, json.dumps(model_id), created)
         for i, piece in enumerate(pieces):
             if delay:
                 await asyncio.sleep(delay)
             delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-            await wire.write(resp, ("data: " + head + '"choices":[{"index":0,"delta":%s,'
-                                    '"finish_reason":null,"logprobs":null}]}\n\n'
-                                    % json.dumps(delta)).encode())
+            for c in range(choices):
+                await wire.write(resp, ("data: " + head + '"choices":[{"index":%d,"delta":%s,'
+                                        '"finish_reason":null,"logprobs":null}]}\n\n'
+                                        % (c, json.dumps(delta))).encode())
             if fake.comments_between:
                 await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
             if model.behaviour == "cut" and i == n // 2:
@@ -437,13 +540,15 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                                         '{"content":""},"finish_reason":"error"}]}\n\n').encode())
                 await wire.end(resp)
                 return resp
-        await wire.write(resp, ("data: " + head + '"choices":[{"index":0,"delta":{"content":""},'
-                                '"finish_reason":"stop","native_finish_reason":"stop",'
-                                '"logprobs":null}]}\n\n').encode())
+        for c in range(choices):
+            await wire.write(resp, ("data: " + head + '"choices":[{"index":%d,"delta":'
+                                    '{"content":""},"finish_reason":"stop",'
+                                    '"native_finish_reason":"stop","logprobs":null}]}\n\n'
+                                    % c).encode())
         call.finished = True
         if model.behaviour != "no_usage":
             await wire.write(resp, ("data: " + head + '"choices":[],"usage":%s}\n\n'
-                                    % fake.usage(prompt_tokens, n, call)).encode())
+                                    % usage).encode())
         await wire.write(resp, b"data: [DONE]\n\n")
         await wire.end(resp)
         return resp

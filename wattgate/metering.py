@@ -150,10 +150,12 @@ def usage_row(outcome: Outcome, charge: Bill, *, app_id: str, connection_id: int
               grant_id: int | None, model: str, status: str, started: float,
               now: float, admitted_at: float) -> Usage:
     """The call's row, dated at its admission: a call belongs to the period it was
-    admitted in (``ledger.period_of``), so its date must fall in that period too."""
+    admitted in (``ledger.period_of``), so its date must fall in that period too. Its
+    ``model`` is the one asked for unless the answer named the one billed."""
     return Usage(
         generation_id=outcome.generation_id or new_generation_id(),
-        app_id=app_id, connection_id=connection_id, grant_id=grant_id, model=model[:200],
+        app_id=app_id, connection_id=connection_id, grant_id=grant_id,
+        model=(outcome.model or model)[:200],
         prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
         cost_nanos=charge.cost_nanos, provisional=charge.provisional, status=status,
         latency_ms=int(max(0.0, now - started) * 1000), created_at=admitted_at)

@@ -18,7 +18,7 @@ from . import errors
 from .consent import PRESENCE_COOKIE
 
 Schema = dict[str, Any]
-MAX_TOKENS = 10_000_000  # views.proxy.MAX_TOKENS (a test keeps them equal)
+MAX_TOKENS = 10_000_000  # estimate.MAX_TOKENS (a test keeps them equal)
 
 SECRET: list[dict[str, list[str]]] = [{"secretKey": []}]
 SESSION: list[dict[str, list[str]]] = [{"sessionToken": []}]
@@ -146,7 +146,10 @@ SCHEMAS: dict[str, Schema] = {
     },
     "ChatCompletionRequest": {
         "type": "object", "required": ["model", "messages"],
-        "description": "OpenAI chat-completion request; other fields pass through.",
+        "description": "OpenAI chat-completion request. A field that can raise the "
+                       "bill is priced into the budget hold or refused (400 naming it); "
+                       "fields that cannot pass through; fields not in "
+                       "docs/request-fields.md are refused.",
         "properties": {
             "model": {"type": "string", "minLength": 1, "examples": ["openai/gpt-4o-mini"]},
             "messages": {"type": "array", "items": {"type": "object"}},

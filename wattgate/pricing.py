@@ -1,16 +1,16 @@
-"""Model prices and the worst-case cost estimate behind every budget hold.
+"""Model prices: the dearest rate each kind of unit can be billed at.
 
 Prices come from the upstream's ``GET /models`` (OpenRouter: ``pricing.prompt``
-and ``pricing.completion`` in USD per token, ``pricing.request`` per call, all
-strings). The estimate is deliberately a ceiling, so a hold covers the call:
-
-    prompt_price × (UTF-8 bytes of the request body)      # ≥ prompt tokens
-  + completion_price × max_tokens
-  + request_price
-
-A token is at least one byte of text for the tokenizers in use, so the body
-length bounds the prompt tokens from above. A model with no known price is
-refused: nothing leaves unmetered.
+and ``pricing.completion`` in USD per token, ``pricing.request`` per call,
+``pricing.image`` per input image, ``pricing.web_search`` per search, all
+strings). Each ``Price`` is a ceiling, so a hold built on it covers the call:
+a prompt token is priced at the dearest of ``prompt``, ``input_cache_write``
+and ``input_cache_write_1h`` (a cache write bills above the plain rate), an
+output token at the dearer of ``completion`` and ``internal_reasoning``, and
+each rate at the dearest of its conditional ``overrides`` (long-context
+pricing). ``Price.max`` is the ceiling over several models (a ``models``
+fallback list). What a request can cost at most is ``wattgate.estimate``'s
+rule. A model with no known price is refused: nothing leaves unmetered.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ from typing import Any
 from .errors import InvalidRequest, UpstreamError
 from .money import usd_to_nanos
 
+_ZERO = Decimal(0)
+
 
 @dataclass(frozen=True)
 class Price:
     prompt: Decimal      # USD per prompt token
     completion: Decimal  # USD per completion token
     request: Decimal     # USD per call
+    image: Decimal = _ZERO       # USD per input image
+    web_search: Decimal = _ZERO  # USD per web search (result)
 
     def worst_cost_nanos(self, body_bytes: int, max_tokens: int) -> int:
         try:
@@ -35,6 +39,12 @@ class Price:
         except ValueError:  # a price list out of all range (1e999999 per token)
             raise UpstreamError("The model's price from the provider is out of range, "
                                 "so the call cannot be metered.") from None
+
+    def max(self, other: Price) -> Price:
+        """The dearer of two prices, rate by rate: bounds a call billed at either."""
+        return Price(max(self.prompt, other.prompt), max(self.completion, other.completion),
+                     max(self.request, other.request), max(self.image, other.image),
+                     max(self.web_search, other.web_search))
 
     def cost_nanos(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Rounded up to the nano-dollar; ValueError when out of the ledger's range."""
@@ -59,6 +69,25 @@ def _dec(value: Any) -> Decimal:
     return d
 
 
+_PROMPT_RATES = ("prompt", "input_cache_write", "input_cache_write_1h")
+# Reasoning tokens are output tokens and may be priced apart (``internal_reasoning``).
+_OUTPUT_RATES = ("completion", "internal_reasoning")
+
+
+def _ceiling(pricing: dict[str, Any]) -> Price:
+    """The dearest rate of each kind, base pricing and every conditional override."""
+    overrides = pricing.get("overrides") or []
+    if not isinstance(overrides, list):  # unreadable: the model stays unpriced (refused)
+        raise ValueError("overrides")  # noqa: TRY004
+    tiers = [pricing, *(o for o in overrides if isinstance(o, dict))]
+
+    def dearest(names: tuple[str, ...]) -> Decimal:
+        return max(_dec(tier.get(name)) for tier in tiers for name in names)
+
+    return Price(dearest(_PROMPT_RATES), dearest(_OUTPUT_RATES), dearest(("request",)),
+                 dearest(("image",)), dearest(("web_search",)))
+
+
 class PriceList:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -74,12 +103,7 @@ class PriceList:
             if not isinstance(pricing, dict):
                 continue
             try:
-                # Reasoning tokens count toward max_tokens and may be priced apart
-                # (``internal_reasoning``): the dearer of the two bounds an output token.
-                completion = max(_dec(pricing.get("completion")),
-                                 _dec(pricing.get("internal_reasoning")))
-                prices[entry["id"]] = Price(_dec(pricing.get("prompt")), completion,
-                                            _dec(pricing.get("request")))
+                prices[entry["id"]] = _ceiling(pricing)
             except ValueError:
                 continue
         self._prices = prices

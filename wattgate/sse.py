@@ -2,7 +2,8 @@
 
 ``StreamReader.feed`` sees every byte the client sees, in the same chunks, and
 keeps only what metering needs: the generation id, the usage object of the
-last event whose ``usage`` is not null (whatever ``choices`` holds), and
+last event whose ``usage`` is not null (whatever ``choices`` holds) and the
+model that event names (with ``models`` fallbacks, the one billed), and
 whether an event carried a top-level ``error``. Comment lines (``:`` such as
 ``: OPENROUTER PROCESSING``) are skipped; lines may end in ``\n``, ``\r\n`` or
 ``\r`` and events may be cut at any byte. It never raises on garbage.
@@ -35,6 +36,7 @@ class Outcome:
     usage: dict[str, Any] | None = None
     error: str | None = None      # message of an in-stream error event
     done: bool = False            # saw ``data: [DONE]`` (or a complete JSON body)
+    model: str | None = None      # the model that answered (a ``models`` fallback bills its own)
 
 
 def split_complete(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
@@ -100,6 +102,7 @@ class StreamReader:
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.outcome.usage = usage
+            self.outcome.model = answering_model(event, self.outcome.model)
 
     def close(self) -> Outcome:
         if self._partial:
@@ -124,4 +127,10 @@ def parse_json_body(body: bytes, generation_id: str | None = None) -> Outcome:
         outcome.error = error_message(data["error"])
     if isinstance(data.get("usage"), dict):
         outcome.usage = data["usage"]
+    outcome.model = answering_model(data, None)
     return outcome
+
+
+def answering_model(event: dict[str, Any], default: str | None) -> str | None:
+    model = event.get("model")
+    return model[:200] if isinstance(model, str) and model else default

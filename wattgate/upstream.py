@@ -247,14 +247,14 @@ class Upstream:
             raise UpstreamError("The model provider's model list is not JSON.") from None
         self.prices.load(data, now=self._clock())
 
-    async def price_for(self, model: str) -> Any:
-        """The model's price; fetches the list when missing, refreshes it in the background."""
+    async def price_list(self) -> PriceList:
+        """The model prices; fetched when missing, refreshed in the background when stale."""
         now = self._clock()
         if self.prices.loaded_at is None:
             await self.refresh_prices()
         elif self.prices.stale(now) and self._refreshing is None:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_quietly())
-        return self.prices.get(model)
+        return self.prices
 
     async def _refresh_quietly(self) -> None:
         try:

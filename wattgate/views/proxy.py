@@ -4,8 +4,10 @@ The path of one call (each step's module in brackets):
 
 1. authenticate the app's secret key [gateway]; identify the payer from
    ``x-wattfare-user`` / ``x-wattfare-grant`` [admission]; RL_CHAT [ratelimit];
-2. parse the body, inject ``max_tokens`` when absent so the worst cost is
-   known, price it [pricing, upstream];
+2. read the body: every field that can raise the bill is priced into the
+   worst case or refused, ``max_tokens`` injected when absent, OpenRouter's
+   ``provider.max_price`` set to the rates the hold assumed [estimate,
+   pricing, upstream];
 3. admit: one atomic hold against the cap or grant, in the gateway's memory
    [admission, store.meter];
 4. unseal the funding key for this call only, forward with it [upstream];
@@ -34,10 +36,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .. import admission
+from .. import admission, estimate
 from ..assemble import Assembler
-from ..errors import (FundingInvalid, InvalidRequest, UpstreamError, UpstreamTimeout,
-                      WattgateError)
+from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
+from ..estimate import read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
 from ..pricing import Price
@@ -54,61 +56,8 @@ log = logging.getLogger("wattgate.proxy")
 FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
-# No model answers more; past it a worst-case hold would overflow the ledger's int64.
-MAX_TOKENS = 10_000_000
 
 drains_key = web.AppKey("drains", set[asyncio.Task[None]])
-
-
-def _parse(raw: bytes, default_max_tokens: int, stream_upstream: bool = False
-           ) -> tuple[dict[str, Any], bytes, str, bool, int]:
-    """The body, what to send upstream, model, whether the client streams, max tokens.
-
-    ``stream_upstream``: a non-streamed call is sent upstream as a stream
-    (``upstream.stream_whole_answers``), its answer assembled for the client.
-    """
-    check_json_depth(raw)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model must be a model id string, e.g. \"openai/gpt-4o-mini\".")
-    if not isinstance(body.get("messages"), list):
-        raise InvalidRequest("messages must be a list of chat messages.")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream must be true or false.")
-    changed = False
-    limit = None
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"{name} must be a positive whole number.")
-        if value > MAX_TOKENS:
-            raise InvalidRequest(f"{name} must be at most {MAX_TOKENS}.")
-        limit = value if limit is None else min(limit, value)
-    if limit is None:
-        limit = default_max_tokens
-        body["max_tokens"] = limit
-        changed = True
-    if not stream and stream_upstream:
-        body["stream"] = True
-        changed = True
-    if stream or stream_upstream:
-        # The usage event is how the call is billed: ask for it even when the client
-        # declined it (OpenRouter sends it regardless; other upstreams need asking).
-        options = body.get("stream_options")
-        if not isinstance(options, dict) or options.get("include_usage") is not True:
-            body["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                      "include_usage": True}
-            changed = True
-    return body, (json.dumps(body).encode() if changed else raw), model, stream, limit
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -121,14 +70,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     connection = await admission.precheck(gw, app.app_id, payer)
     gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=started)
     raw = await request.read()
-    _, payload, model, stream, max_tokens = _parse(raw, gw.config.metering_default_max_tokens,
-                                                   gw.config.upstream_stream_whole_answers)
-    price = await upstream.price_for(model)
-    estimate = price.worst_cost_nanos(len(payload), max_tokens)
-    admitted = await admission.admit(gw, app.app_id, payer, estimate, now=gw.clock(),
+    check_json_depth(raw)
+    config = gw.config
+    req = read_request(raw, default_max_tokens=config.metering_default_max_tokens,
+                       max_price=config.upstream_send_max_price)
+    plan = estimate.plan(req, await upstream.price_list(),
+                         stream_upstream=config.upstream_stream_whole_answers,
+                         send_max_price=config.upstream_send_max_price)
+    admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
                                      connection=connection)
-    call = _Call(gw, upstream, admitted, price, estimate, model, started)
-    return await call.run(request, payload, stream)
+    call = _Call(gw, upstream, admitted, plan.price, plan.worst_nanos, req.model, started)
+    return await call.run(request, plan.payload, req.stream)
 
 
 class _Call:
