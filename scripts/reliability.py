@@ -192,7 +192,57 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
             "by refusing `max_tokens` above 10,000,000 with a 400.",
             "",
         ]
+    lines += AUDIT_CHANGES
     return "\n".join(lines)
+
+
+# What the outside audit of November 2026 (issue 14) changed for users: each item was
+# first reproduced by a test that failed, and the drills above run on the fixed code.
+AUDIT_CHANGES = [
+    "## 5. What the November 2026 audit changed",
+    "",
+    "Each of these was first reproduced by a test that failed on the code before it; the "
+    "drills above ran on the fixed code.",
+    "",
+    "- **Every request field that can raise the bill is priced into the hold or refused "
+    "by name** ([request-fields.md](request-fields.md)): the dearest model of a `models` "
+    "fallback list, `n`, the web plugin, images, reasoning budgets, the larger of "
+    "`max_tokens` and `max_completion_tokens`; `provider.max_price` goes with every call so "
+    "OpenRouter cannot route to a dearer provider. 20 racing calls with a fallback list on "
+    "a $0.10 cap spent $0.60 before; now they stay within the cap.",
+    "- **Ids are never reused** (SQLite `AUTOINCREMENT`, migration 4): a deleted app's "
+    "spend, periods and calls in flight can no longer land on a new user. `apps delete` "
+    "keeps the app as a tombstone so its history stays exportable and audited. Every hold "
+    "takes its id from one sequence (no sign convention), so a grant's hold can no longer "
+    "collide with a hold kept in memory.",
+    "- **What a call cost is decided once**: reconciliation counts a bring-your-own-key "
+    "call's provider cost (`upstream_inference_cost`) as the stream does. Usage the "
+    "gateway cannot believe (no cost, `1e999999`, `1e20`, `NaN`, strings, `{}`) is "
+    "recorded provisional with one warning line and reconciled; it never crashes a stream "
+    "or leaks a hold.",
+    "- **A call belongs to the month it was admitted in**, for the cap, the status, the "
+    "export and the console; a hold of last month no longer blocks this month's calls.",
+    "- **Revocation** refuses every new call at once (grants funded by the connection "
+    "included, and they stay dead after a reconnection); calls already running finish and "
+    "are billed exactly; the funding key is erased only when nothing can still correct one "
+    "of its calls.",
+    "- **`wattgate ledger check` is an audit** that exits 1 naming the row: spend above a "
+    "cap, a grant's counts or spend disagreeing with its rows, aggregates disagreeing with "
+    "rows, rows or holds pointing at a missing or another app's connection or grant, holds "
+    "with no call behind them, calls dated outside their period; `--upstream` compares "
+    "recent rows with `GET /generation`.",
+    "- **The upstream wire**: compressed answers are decoded and metered; SSE events split "
+    "anywhere with `\\n`, `\\r\\n` or a lone `\\r` are read; a pooled connection the "
+    "upstream already closed is never written on; an upstream 429 is a 429 with its "
+    "`Retry-After`.",
+    "- **Consent and the server**: an approval mints a fresh presence cookie "
+    "(`__Host-` on https), so a planted one proves nothing; the consent buttons take no "
+    "click the user had no time to mean; the popup works on plain http at a LAN hostname; "
+    "the admin login consults its limiter first and weak secrets refuse to start; every log "
+    "line passes one redaction point and text logs quote every value; slow headers and "
+    "bodies are cut off by `server.header_timeout` and `server.body_timeout`.",
+    "",
+]
 
 
 async def main_async(args: argparse.Namespace) -> int:

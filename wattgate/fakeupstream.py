@@ -287,7 +287,8 @@ def _instance(schema: dict[str, Any]) -> Any:
         props = schema.get("properties") or {}
         return {name: _instance(sub) for name, sub in props.items()}
     if kind == "array":
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        raw = schema.get("items")
+        items = raw if isinstance(raw, dict) else {}
         return [_instance(items) for _ in range(max(1, schema.get("minItems", 1)))]
     if kind == "string":
         return " ".join(WORDS[:3])

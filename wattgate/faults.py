@@ -420,8 +420,9 @@ async def kill_nine(calls: int, kill_after: float, seed: int) -> dict[str, Any]:
     # before its first byte; a whole answer is streamed upstream and assembled). So
     # the only generations a kill may lose are those the upstream had not named to
     # the gateway yet: no headers sent, or sent in the last moments before the kill.
-    unnamed = [g for g in after.unknown if fake.generations[g].answered_at is None
-               or fake.generations[g].answered_at > killed_at - NAMING_GRACE]
+    unnamed = [g for g in after.unknown
+               if (answered := fake.generations[g].answered_at) is None
+               or answered > killed_at - NAMING_GRACE]
     named_lost = sorted(set(after.unknown) - set(unnamed))
     ok = (check[0] == 0 and held == 0 and after.open_holds == 0 and not after.mismatched
           and not after.foreign and explained and not named_lost

@@ -37,7 +37,7 @@ from .reports import ReportsMixin  # the console's and exports' range reads
 T = TypeVar("T")
 log = logging.getLogger("wattgate.store")
 Op = Callable[[sqlite3.Connection], Any]
-After = Callable[[Any], None]
+After = Callable[[Any], object]  # what it returns is ignored
 Queued = tuple[Op, "asyncio.Future[Any]", After | None]
 
 

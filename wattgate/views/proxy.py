@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
 
 import aiohttp
 from aiohttp import web
