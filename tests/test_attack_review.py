@@ -42,3 +42,27 @@ async def test_web_plugin_without_engine_is_pinned_to_the_priced_engine(make_har
     assert status == 200, answer
     sent = h.fake.calls[-1].body["plugins"][0]
     assert sent.get("engine") == "exa", f"web plugin forwarded without the priced engine: {sent}"
+
+
+async def test_an_app_deletion_leaves_no_call_at_an_estimate_the_upstream_could_correct(
+        harness):
+    """Issue 14 item 6's rule (keep the key while the upstream may still correct a call)
+    holds for a revocation, but ``SQLiteStore.delete_app`` erases every funding key at once:
+    a call of the deleted app that ended without usage stays at its worst-case estimate for
+    ever, in the user's spend and the export, though OpenRouter knows its exact cost."""
+    from wattgate.reconcile import Reconciler
+    from wattgate.views.state import upstream_key
+
+    app = await harness.create_app()
+    await harness.connect(app, "ann", monthly_usd=5)
+    status, _ = await chat(harness, app, "ann", {"model": "fake/no-usage", "stream": True})
+    assert status == 200
+    [(row, _)] = await harness.gw.store.provisional_usage()
+    assert row.cost_nanos > usd_to_nanos(harness.fake.charged)  # at the estimate
+    assert await harness.gw.store.delete_app(app.app_id, now=harness.clock())
+    await Reconciler(harness.gw, harness.app[upstream_key]).run_once(force=True)
+    assert await harness.gw.store.provisional_usage() == [], \
+        "the deleted app's call stays at its estimate: its key was erased before it was asked"
+    connection = await harness.gw.store.get_connection_by_id(row.connection_id)
+    assert sum(u.cost_nanos for u in await harness.gw.store.recent_usage(
+        connection.connection_id)) == usd_to_nanos(harness.fake.charged)
