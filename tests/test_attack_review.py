@@ -6,6 +6,7 @@ HTTP client, like the rest of the suite.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from wattgate.money import usd_to_nanos
@@ -66,3 +67,32 @@ async def test_an_app_deletion_leaves_no_call_at_an_estimate_the_upstream_could_
     connection = await harness.gw.store.get_connection_by_id(row.connection_id)
     assert sum(u.cost_nanos for u in await harness.gw.store.recent_usage(
         connection.connection_id)) == usd_to_nanos(harness.fake.charged)
+
+
+async def test_a_usage_without_cost_is_never_held_below_what_the_call_may_have_billed(
+        make_harness):
+    """``metering.bill``: a usage with token counts but no ``cost`` is recorded provisional
+    "at the model's price for the token counts", ``Price.cost_nanos`` = tokens + request
+    price. It leaves out what the hold priced beside tokens (web results, per-image fees),
+    so each such call settles far below what it billed, frees its hold, and the next call
+    is admitted on room that was already spent: once reconciled, the month is over its cap.
+    A provisional call must count at least what the hold covered until the upstream says."""
+    from wattgate.reconcile import Reconciler
+    from wattgate.views.state import upstream_key
+
+    cap = "0.10"
+    h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000"})
+    app = await h.create_app()
+    await h.connect(app, "ann", monthly_usd=float(cap))
+    h.fake.usage_text = '{"prompt_tokens":10,"completion_tokens":5}'  # no cost
+    for _ in range(20):
+        status, _ = await chat(h, app, "ann", {"model": "fake/flat-half-c", "max_tokens": 8,
+                                               "stream": True, "plugins": [{"id": "web"}]})
+        if status != 200:
+            break
+    h.fake.usage_text = None
+    await Reconciler(h.gw, h.app[upstream_key]).run_once(force=True)
+    assert h.fake.charged <= Decimal(cap), \
+        f"the upstream billed ${h.fake.charged} on a ${cap} cap"
+    spent = (await h.status(app, "ann"))["usage"]["monthlyUsd"]
+    assert usd_to_nanos(str(spent)) <= usd_to_nanos(cap), f"${spent} spent on a ${cap} cap"
