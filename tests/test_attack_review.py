@@ -96,3 +96,20 @@ async def test_a_usage_without_cost_is_never_held_below_what_the_call_may_have_b
         f"the upstream billed ${h.fake.charged} on a ${cap} cap"
     spent = (await h.status(app, "ann"))["usage"]["monthlyUsd"]
     assert usd_to_nanos(str(spent)) <= usd_to_nanos(cap), f"${spent} spent on a ${cap} cap"
+
+
+async def test_the_fake_bills_a_disabled_web_plugin_as_openrouter_does_not(harness):
+    """Fidelity of the fake against the new field table: ``estimate._web_results`` holds
+    nothing for ``{"id": "web", "enabled": false}`` (OpenRouter: "Set to false to disable
+    the web-search plugin for this request"), but ``fakeupstream.chat`` bills 5 results
+    ($0.02) for it, so against the fake such a call bills above its hold and racing calls
+    pass the cap. The fake must skip a disabled plugin as the gateway (and OpenRouter) do."""
+    app = await harness.create_app()
+    await harness.connect(app, "ann", monthly_usd=5)
+    body = {"model": "fake/flat-half-c", "max_tokens": 8, "stream": True}
+    assert (await chat(harness, app, "ann", body))[0] == 200
+    plain = harness.fake.calls[-1].cost
+    assert (await chat(harness, app, "ann", {**body, "plugins": [
+        {"id": "web", "enabled": False}]}))[0] == 200
+    assert harness.fake.calls[-1].cost == plain, \
+        f"a disabled web plugin billed ${harness.fake.calls[-1].cost - plain} more"
