@@ -113,3 +113,28 @@ async def test_the_fake_bills_a_disabled_web_plugin_as_openrouter_does_not(harne
         {"id": "web", "enabled": False}]}))[0] == 200
     assert harness.fake.calls[-1].cost == plain, \
         f"a disabled web plugin billed ${harness.fake.calls[-1].cost - plain} more"
+
+
+async def test_a_typed_grant_key_is_erased_once_the_grant_can_no_longer_need_it(harness):
+    """Item 6's rule for funding keys (kept only while a call may still be corrected, then
+    erased) covers revoked connections only. A key the user typed into a one-time grant
+    popup ("2 requests") stays sealed in the database for ever once the grant is used up
+    and expired; nothing but ``apps delete`` erases it. After the reconciliation give-up,
+    the background pass must erase it as it does a revoked connection's."""
+    from tests.test_grants_functional import mint_grant, redeem
+    from wattgate.reconcile import Reconciler
+    from wattgate.views.state import upstream_key
+
+    app = await harness.create_app()
+    status, grant = await mint_grant(harness, app, requests=1)
+    assert status == 200, grant
+    assert (await redeem(harness, app, grant["grantToken"]))[0] == 200
+    config = harness.gw.config
+    harness.clock.advance(config.grants_ttl_seconds + config.metering_reconcile_give_up + 60)
+    reconciler = Reconciler(harness.gw, harness.app[upstream_key])
+    await reconciler.sweep()  # the background pass, as ``Reconciler.loop`` runs it
+    await reconciler.run_once()
+    await reconciler.erase_revoked_keys()
+    [stored] = await harness.gw.store.grants_for_app(app.app_id)
+    assert stored.used == stored.requests and stored.expires_at < harness.clock()
+    assert stored.sealed_key is None, "a used-up, expired grant still holds the user's key"
