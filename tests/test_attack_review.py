@@ -138,3 +138,47 @@ async def test_a_typed_grant_key_is_erased_once_the_grant_can_no_longer_need_it(
     [stored] = await harness.gw.store.grants_for_app(app.app_id)
     assert stored.used == stored.requests and stored.expires_at < harness.clock()
     assert stored.sealed_key is None, "a used-up, expired grant still holds the user's key"
+
+
+async def test_a_client_that_stops_reading_a_stream_does_not_hold_it_open_for_ever(
+        make_harness):
+    """Item 15 bounded what a client *sends* (header_timeout, body_timeout) but nothing
+    bounds a client that stops *reading*: ``_Call._stream`` awaits ``out.write`` with no
+    deadline, so a client that accepts no byte keeps the handler, the upstream stream and
+    the connection open indefinitely (the same slowloris, on the answer's side). A client
+    that takes nothing for far longer than the configured client timeouts must be treated
+    as gone (the call handed to the drain and billed), and its connection closed."""
+    import asyncio
+    import socket
+    import time
+
+    h = await make_harness({"WATTGATE_SERVER__HEADER_TIMEOUT": "1",
+                            "WATTGATE_SERVER__BODY_TIMEOUT": "1",
+                            "WATTGATE_SERVER__KEEPALIVE_TIMEOUT": "1",
+                            "WATTGATE_METERING__DRAIN_SECONDS": "1"})
+    app = await h.create_app()
+    await h.connect(app, "ann", monthly_usd=5)
+    h.fake.pieces, h.fake.piece_bytes = 64, 256 * 1024  # 16 MiB: more than any socket buffers
+    body = ('{"model":"openai/gpt-4o-mini","stream":true,"max_tokens":64,'
+            '"messages":[{"role":"user","content":"hi"}]}').encode()
+    host, port = h.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    await loop.sock_sendall(sock, (
+        f"POST /api/v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {app.secret_key}\r\nx-wattfare-user: ann\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not (h.fake.calls and h.fake.calls[-1].finished):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+        assert h.fake.calls and h.fake.calls[-1].finished, \
+            "8 s after the client stopped reading, the gateway still waits to write to it"
+        rows = await h.billed()
+        assert len(rows) == 1, "the call of the client that stopped reading is not settled"
+    finally:
+        sock.close()
