@@ -11,7 +11,6 @@ from typing import Any
 
 from wattgate.money import usd_to_nanos
 
-from tests.conftest import FUNDING_KEY
 
 
 async def chat(h, app, user: str, body: dict[str, Any],  # type: ignore[no-untyped-def]

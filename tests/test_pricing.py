@@ -246,3 +246,16 @@ def test_a_tiny_max_price_of_the_clients_is_kept_in_bounded_digits():
     plan = estimate.plan(req(provider={"max_price": {"prompt": "1e-99999999"}}), prices,
                          stream_upstream=True, send_max_price=True)
     assert json.loads(plan.payload)["provider"]["max_price"]["prompt"] == "0"
+
+
+def test_a_web_plugin_naming_no_engine_is_sent_with_the_engine_the_hold_priced():
+    prices = price_list(prompt="0.000001", completion="0.000002")
+    plugins = [{"id": "web", "max_results": 2}, {"id": "web", "enabled": False},
+               {"id": "context-compression"}]
+    sent = json.loads(estimate.plan(req(plugins=plugins), prices, stream_upstream=True,
+                                    send_max_price=True).payload)["plugins"]
+    assert sent == [{"id": "web", "max_results": 2, "engine": "exa"},
+                    {"id": "web", "enabled": False}, {"id": "context-compression"}]
+    named = [{"id": "web", "engine": "exa"}]
+    assert json.loads(estimate.plan(req(plugins=named), prices, stream_upstream=True,
+                                    send_max_price=True).payload)["plugins"] == named

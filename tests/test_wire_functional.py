@@ -244,3 +244,25 @@ async def test_a_compressed_answer_that_decodes_too_large_is_refused(harness, ca
     harness.fake.generation_text = None
     assert (await reconciler.run_once(force=True)).corrected == 1
     await assert_exact(harness)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_empty_generation_header_names_the_call_by_its_events(harness, stream):
+    """An empty ``X-Generation-Id`` is no id: the ledger takes the one the answer's events
+    carry, so a call that ended without usage can still be reconciled to its exact cost
+    (it was recorded under a made-up ``wg-`` id that no upstream knows)."""
+    harness.fake.empty_generation_header = True
+    app = await harness.create_app()
+    await harness.connect(app, "eg", monthly_usd=5)
+    async with client(harness, app, "eg") as oa:
+        if stream:
+            chunks = await oa.chat.completions.create(model="fake/no-usage", messages=PROMPT,
+                                                      stream=True)
+            [c async for c in chunks]
+        else:
+            await oa.chat.completions.create(model="fake/no-usage", messages=PROMPT)
+    [call] = harness.fake.calls
+    rows = await harness.billed()
+    assert list(rows) == [call.generation_id] and rows[call.generation_id][1]  # provisional
+    await Reconciler(harness.gw, harness.app[upstream_key]).run_once(force=True)
+    await assert_exact(harness)

@@ -334,8 +334,27 @@ def plan(req: ChatRequest, prices: PriceList, *, stream_upstream: bool,
                                          "include_usage": True}
     if send_max_price:
         changes["provider"] = _with_max_price(body.get("provider"), price)
+    pinned = _pin_web_engine(body.get("plugins"))
+    if pinned is not None:
+        changes["plugins"] = pinned
     payload = _apply(req.raw, body, changes)
     return Plan(payload, price, worst_cost_nanos(req, price, len(payload)))
+
+
+def _pin_web_engine(plugins: Any) -> list[Any] | None:
+    """The plugins with ``engine: "exa"`` on each enabled web plugin that names none.
+
+    The hold prices web search at Exa's price per result; with no engine OpenRouter
+    picks native search for some providers' models, billed by context size instead.
+    None when nothing needs pinning (read_request has already checked the list).
+    """
+    def unpinned(p: Any) -> bool:
+        return isinstance(p, dict) and p.get("id") == "web" and p.get("enabled") is not False \
+            and p.get("engine") is None
+
+    if not isinstance(plugins, list) or not any(unpinned(p) for p in plugins):
+        return None
+    return [{**p, "engine": "exa"} if unpinned(p) else p for p in plugins]
 
 
 def _with_max_price(provider: Any, price: Price) -> dict[str, Any]:

@@ -150,6 +150,7 @@ class FakeOpenRouter:
     comments_between: bool = False    # ": OPENROUTER PROCESSING" between every two events
     close_after_response: bool = False  # drop the keep-alive connection after each answer
     retry_after: str | None = None    # Retry-After of a 429 (None: no header)
+    empty_generation_header: bool = False  # X-Generation-Id sent empty (the id is in the body)
     words: tuple[str, ...] = tuple(WORDS)  # the answer's text, a word per piece
     down: set[str] = field(default_factory=set)  # model ids or "model@Provider" endpoints
     charged: Decimal = Decimal(0)
@@ -161,6 +162,9 @@ class FakeOpenRouter:
     def usage(self, prompt: int, completion: int, call: Call) -> str:
         return self.usage_text if self.usage_text is not None else \
             _usage_json(prompt, completion, call)
+
+    def generation_header(self, gen: str) -> str:
+        return "" if self.empty_generation_header else gen
 
     def coding_for(self, request: web.Request) -> str | None:
         accepted = [c.split(";")[0].strip().lower()
@@ -412,7 +416,8 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                      and isinstance(m.get("content"), list)
                      for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
         web_results = sum(int(p.get("max_results", 5)) for p in body.get("plugins") or ()
-                          if isinstance(p, dict) and p.get("id") == "web")
+                          if isinstance(p, dict) and p.get("id") == "web"
+                          and p.get("enabled") is not False)
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4) \
             + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10**9
@@ -456,11 +461,12 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                                    '"assistant","content":%s}}' % (c, text)
                                    for c in range(choices)), usage))
             return web.Response(text=payload, content_type="application/json",
-                                headers={"X-Generation-Id": gen})
+                                headers={"X-Generation-Id": fake.generation_header(gen)})
         wire = _Wire(fake, request)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
-                                           "X-Generation-Id": gen, **wire.headers})
+                                           "X-Generation-Id": fake.generation_header(gen),
+                                           **wire.headers})
         head = '{"id":"%s","provider":%s,"model":%s,"object":"chat.completion.chunk",' \
                '"created":%d,' % (gen, json.dumps(provider.name), json.dumps(model_id), created)
         try:

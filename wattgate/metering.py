@@ -13,9 +13,10 @@ cap, from either source.
 Hostile or broken usage never crashes a stream nor leaks a hold: a cost that
 is missing, not a JSON number (a string, ``NaN``, ``Infinity``, ``true``),
 negative, or above ``MAX_CALL_USD`` for one call (``1e20``, ``1e999999``) is
-not believed. The call is then recorded *provisional*, at the model's price
-for the token counts it reported when they make sense (never above the hold's
-worst-case estimate), else at that estimate, for reconciliation to correct;
+not believed. The call is then recorded *provisional* at the hold's worst-case
+estimate (never at a token-price figure: the hold also covered web results,
+images and dearer fallbacks that tokens do not show, so a lower row would free
+room the call may already have spent), for reconciliation to correct;
 ``Bill.problem`` says why, for one log line. Token counts that are not whole
 numbers in ``0..MAX_TOKENS_REPORTED`` are recorded as 0 (they are informative;
 the bill is the cost). An answer that ended with no usage at all (client gone
@@ -31,7 +32,6 @@ from decimal import Decimal
 from typing import Any
 
 from .money import usd_to_nanos
-from .pricing import Price
 from .sse import Outcome
 from .store.records import Usage
 
@@ -118,7 +118,7 @@ def generation_charge(data: Any) -> tuple[int | None, str | None]:
                    data.get("upstream_inference_cost"), cost_name="total_cost")
 
 
-def bill(outcome: Outcome, price: Price, estimate_nanos: int) -> Bill:
+def bill(outcome: Outcome, estimate_nanos: int) -> Bill:
     usage = outcome.usage
     if usage is None:
         return Bill(estimate_nanos, 0, 0, provisional=True)
@@ -130,13 +130,9 @@ def bill(outcome: Outcome, price: Price, estimate_nanos: int) -> Bill:
     if cost is not None:
         return Bill(cost, prompt, completion, provisional=False,
                     problem=None if tokens_ok else "token counts out of range, recorded as 0")
-    if tokens_ok and prompt + completion > 0:
-        try:  # the price of what it says it used, bounded by what the hold covered
-            at_price = min(price.cost_nanos(prompt, completion), estimate_nanos)
-        except ValueError:
-            at_price = estimate_nanos
-        return Bill(at_price, prompt, completion, provisional=True,
-                    problem=f"{problem}: recorded provisional at the model's price")
+    # Never below the hold: the call may have billed what the hold priced beside tokens
+    # (web results, images, a dearer fallback), and a row below it would free room the
+    # call already spent. Reconciliation brings it to what the upstream billed.
     return Bill(estimate_nanos, prompt, completion, provisional=True,
                 problem=f"{problem}: recorded provisional at the estimate")
 

@@ -41,7 +41,6 @@ from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateErr
 from ..estimate import read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
-from ..pricing import Price
 from ..sse import Outcome, StreamReader, parse_json_body
 from ..store import NEEDS_RECONNECT
 from ..upstream import Upstream, map_failure
@@ -55,6 +54,12 @@ log = logging.getLogger("wattgate.proxy")
 FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
+
+def _generation_of(resp: aiohttp.ClientResponse) -> str | None:
+    """The id the upstream named the call by, as the ledger keeps it (an empty header is
+    none: the id is then taken from the answer's own events)."""
+    return resp.headers.get("X-Generation-Id", "")[:200] or None
+
 
 drains_key = web.AppKey("drains", set[asyncio.Task[None]])
 
@@ -78,7 +83,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                          send_max_price=config.upstream_send_max_price)
     admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
                                      connection=connection)
-    call = _Call(gw, upstream, admitted, plan.price, plan.worst_nanos, req.model, started)
+    call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started)
     return await call.run(request, plan.payload, req.stream)
 
 
@@ -86,9 +91,9 @@ class _Call:
     """One admitted call: owns its hold until settled or released, exactly once."""
 
     def __init__(self, gw: Gateway, upstream: Upstream, admitted: admission.Admitted,
-                 price: Price, estimate: int, model: str, started: float) -> None:
+                 estimate: int, model: str, started: float) -> None:
         self.gw, self.upstream, self.admitted = gw, upstream, admitted
-        self.price, self.estimate, self.model, self.started = price, estimate, model, started
+        self.estimate, self.model, self.started = estimate, model, started
         self.closed = False
         self.handed_off = False  # a background drain owns the settle now
         self.reader: StreamReader | None = None
@@ -105,7 +110,7 @@ class _Call:
             return
         self.closed = True
         a = self.admitted
-        charge = bill(outcome, self.price, self.estimate)
+        charge = bill(outcome, self.estimate)
         row = usage_row(outcome, charge, app_id=a.app_id,
                         connection_id=a.connection_id, grant_id=a.grant_id, model=self.model,
                         status=status, started=self.started, now=self.gw.clock(),
@@ -184,18 +189,18 @@ class _Call:
         try:
             body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            await self.settle(Outcome(resp.headers.get("X-Generation-Id")), "upstream_cut")
+            await self.settle(Outcome(_generation_of(resp)), "upstream_cut")
             raise UpstreamError(f"The model provider's answer broke off "
                                 f"({type(e).__name__}).") from None
-        outcome = parse_json_body(body, resp.headers.get("X-Generation-Id"))
+        outcome = parse_json_body(body, _generation_of(resp))
         await self.settle(outcome, "ok" if outcome.error is None else "upstream_error")
         return web.Response(body=body, status=200, headers=self._response_headers(resp))
 
     async def _assembled(self, resp: aiohttp.ClientResponse) -> web.Response:
         """A non-streamed call the upstream streamed: one JSON answer, built from it."""
-        generation = resp.headers.get("X-Generation-Id")
+        generation = _generation_of(resp)
         if generation:  # committed before the settle, which is queued after it
-            self.gw.store.note_generation(self.admitted.hold, generation[:200],
+            self.gw.store.note_generation(self.admitted.hold, generation,
                                           self.admitted.app_id, self.model)
         assembler = Assembler()  # reads the usage too (the StreamReader's rules)
         try:
@@ -220,11 +225,11 @@ class _Call:
 
     async def _stream(self, request: web.Request,
                       resp: aiohttp.ClientResponse) -> web.StreamResponse:
-        generation = resp.headers.get("X-Generation-Id")
+        generation = _generation_of(resp)
         reader = self.reader = StreamReader(generation)
         # The hold's row names the generation before any body byte leaves: a crash
         # from here on leaves a provisional row to reconcile, not lost spend.
-        noted = self.gw.store.note_generation(self.admitted.hold, generation[:200],
+        noted = self.gw.store.note_generation(self.admitted.hold, generation,
                                               self.admitted.app_id, self.model) \
             if generation else None
         out = web.StreamResponse(status=200, headers=self._response_headers(resp))
@@ -281,7 +286,7 @@ class _Call:
         if reader is None or len(drains) >= self.gw.config.metering_max_drains:
             resp.close()
             outcome = reader.close() if reader is not None else \
-                Outcome(resp.headers.get("X-Generation-Id"))
+                Outcome(_generation_of(resp))
             task = asyncio.ensure_future(self.settle(outcome, "client_gone"))
         else:
             task = asyncio.ensure_future(self._drain(resp, reader))
