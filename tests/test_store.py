@@ -102,9 +102,11 @@ async def test_seal_callback_sees_the_new_row_id(store):
 
 async def test_revoke_drops_the_sealed_key(store):
     c = await funded(store)
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     got = await store.get_connection(APP, "u")
-    assert got.state == REVOKED and got.sealed_key is None and not got.connected
+    assert got.state == REVOKED and not got.connected
+    assert await store.erase_revoked_keys(since=T - 86400) == 1  # nothing left to correct
+    assert (await store.get_connection(APP, "u")).sealed_key is None
 
 
 async def test_settle_is_idempotent_on_generation_id(store):
@@ -174,7 +176,7 @@ async def test_a_revocation_reaches_the_cached_connection_at_once(store):
     c = await funded(store, cap=10 * USD)
     await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
     assert (await store.get_connection(APP, "u")).connected
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     with pytest.raises(NotConnected):
         await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
     assert not (await store.get_connection(APP, "u")).connected
@@ -194,7 +196,7 @@ async def test_one_gateway_process_per_database(store):
 
 async def test_admit_refuses_a_revoked_connection(store):
     c = await funded(store)
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     with pytest.raises(NotConnected):
         await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 1)
 
@@ -275,12 +277,12 @@ async def test_a_cap_change_never_revives_a_connection_revoked_meanwhile(tmp_pat
     conn = await store.save_connection(creds.app_id, "u", state=ACTIVE, cap_nanos=10,
                                        sealed_key="v1.k1.abc", browser_hash=None, now=0)
     # The app's request read `conn` (active) ... then the user's revoke commits ...
-    await store.set_connection_state(conn.connection_id, REVOKED, now=1, drop_key=True)
+    await store.set_connection_state(conn.connection_id, REVOKED, now=1)
     # ... and the app's cap change arrives, based on its stale read.
     assert await store.update_cap(conn.connection_id, 5, expected_key=conn.sealed_key,
                                   now=2) is None
     after = await store.get_connection(creds.app_id, "u")
-    assert after.state == REVOKED and after.sealed_key is None and after.cap_nanos == 10
+    assert after.state == REVOKED and not after.connected and after.cap_nanos == 10
     # Unchanged connections take the new cap.
     conn2 = await store.save_connection(creds.app_id, "v", state=ACTIVE, cap_nanos=10,
                                         sealed_key="v1.k1.def", browser_hash=None, now=0)

@@ -575,10 +575,10 @@ class SQLiteStore(ReportsMixin):
             return Connection(*row)
         return await self._writer.run(op, self._forget_connections)
 
-    async def set_connection_state(self, connection_id: int, state: str, *, now: float,
-                                   drop_key: bool = False) -> None:
+    async def set_connection_state(self, connection_id: int, state: str, *, now: float) -> None:
         """Move a connection to ``state``; a revoked one stays revoked (only a re-funding,
-        ``save_connection``, ends a revocation).
+        ``save_connection``, ends a revocation). The key stays: only
+        ``erase_revoked_keys`` erases it, once no call can still need it.
 
         Revoking also ends, in the same transaction, every grant the connection
         funds: they were authorised by the consent being withdrawn, and must not
@@ -586,8 +586,6 @@ class SQLiteStore(ReportsMixin):
         """
         def op(db: sqlite3.Connection) -> None:
             sql = "UPDATE connections SET state = :s, updated_at = :t"
-            if drop_key:
-                sql += ", sealed_key = NULL"
             params = {"s": state, "t": now, "c": connection_id, "revoked": REVOKED}
             db.execute(sql + " WHERE connection_id = :c AND (state != :revoked OR :s = :revoked)",
                        params)
