@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 from wattgate.money import usd_to_nanos
+from wattgate.reconcile import Reconciler
+from wattgate.views.state import upstream_key
 
 
 def ledger(h) -> sqlite3.Connection:  # type: ignore[no-untyped-def]
@@ -87,7 +89,7 @@ async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness, tmp
     # The gateway no longer lists the app, nor the user's approval of it.
     assert app.app_id not in [a.app_id for a in await harness.gw.store.list_apps()]
     connection = await harness.gw.store.get_connection(app.app_id, "carol")
-    assert connection is not None and not connection.connected and connection.sealed_key is None
+    assert connection is not None and connection.state == "revoked" and not connection.connected
     env = {"WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"), "PATH": "/usr/bin:/bin"}
     def wattgate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "wattgate", *args], env=env,
@@ -99,3 +101,36 @@ async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness, tmp
     assert (line["app_id"], line["user_id"], line["state"]) == (app.app_id, "carol", "final")
     check = await asyncio.to_thread(wattgate, "ledger", "check")
     assert check.returncode == 0, check.stdout + check.stderr
+    # Its key, which no call can use, was kept (and `ledger check` accepts that) only
+    # while a call could still need it: nothing is in flight or provisional, so the
+    # next background pass erases it.
+    assert connection.sealed_key is not None
+    assert await Reconciler(harness.gw, harness.app[upstream_key]).erase_revoked_keys() == 1
+    connection = await harness.gw.store.get_connection(app.app_id, "carol")
+    assert connection is not None and connection.sealed_key is None
+
+
+async def test_a_deleted_apps_grant_key_outlives_no_call_that_could_need_it(harness):
+    """A typed-key grant of a deleted app ends at once (no call spends from it), but its
+    key is kept until the reconciler has asked the upstream the final cost of its
+    provisional call, then erased by the background pass."""
+    from tests.test_grants_functional import mint_grant, redeem
+
+    app = await harness.create_app("Gone")
+    status, grant = await mint_grant(harness, app, requests=2)
+    assert status == 200, grant
+    status, _, _ = await redeem(harness, app, grant["grantToken"], model="fake/no-usage",
+                                stream=True)
+    assert status == 200
+    [(row, _)] = await harness.gw.store.provisional_usage()
+    assert row.grant_id is not None and row.cost_nanos > usd_to_nanos(harness.fake.charged)
+    assert await harness.gw.store.delete_app(app.app_id, now=harness.clock())
+    assert (await redeem(harness, app, grant["grantToken"]))[0] == 401  # nothing spends
+    reconciler = Reconciler(harness.gw, harness.app[upstream_key])
+    assert await reconciler.erase_revoked_keys() == 0  # its call may still be corrected
+    assert (await harness.gw.store.get_grant_by_id(row.grant_id)).sealed_key is not None
+    assert (await reconciler.run_once(force=True)).corrected == 1
+    assert await harness.gw.store.provisional_usage() == []
+    assert await reconciler.erase_revoked_keys() == 1
+    stored = await harness.gw.store.get_grant_by_id(row.grant_id)
+    assert stored.sealed_key is None and stored.spent_nanos == usd_to_nanos(harness.fake.charged)

@@ -242,6 +242,29 @@ async def test_keys_left_by_a_crash_wait_for_the_calls_they_can_still_correct(ha
     assert await ledger_total(harness) == usd_to_nanos(harness.fake.charged)
 
 
+async def test_a_start_erases_the_typed_key_of_a_grant_that_ended(make_harness, tmp_path,
+                                                                   clock):
+    """The rule of revoked keys runs at start for grants too: a gateway that was down when
+    a typed-key grant expired (used up, or never used) erases its key as it starts, and
+    keeps the key of a grant still usable."""
+    from wattgate.config import load_config
+    from wattgate.gateway import open_gateway
+
+    path = tmp_path / "ended.db"
+    store = open_gateway(load_config(None, env={"WATTGATE_DATABASE__PATH": str(path)}),
+                         clock=clock).store
+    await store.create_app("app0123456789abcdef", "A", "h", ["http://localhost:3000"],
+                           now=clock())
+    ended, live = [await store.create_grant(
+        "app0123456789abcdef", f"token-{n}", 2, None, sealed_key="v1.k1.sealed",
+        connection_id=None, now=clock() - 700, expires_at=clock() + offset)
+        for n, offset in ((1, -100), (2, 500))]
+    await store.close()
+    h = await make_harness({"WATTGATE_DATABASE__PATH": str(path)})
+    assert (await h.gw.store.get_grant_by_id(ended.grant_id)).sealed_key is None
+    assert (await h.gw.store.get_grant_by_id(live.grant_id)).sealed_key == "v1.k1.sealed"
+
+
 # ---- revocation with calls in flight ------------------------------------------
 
 async def revoke_mid_stream(h, model: str):

@@ -61,12 +61,15 @@ async def test_delete_app_takes_its_connections(store):
     c = await funded(store)
     assert await store.delete_app(APP, now=T)
     assert await store.get_app(APP) is None and await store.list_apps() == []
-    # Kept, keyless and revoked, so the history names its user; never connected again.
+    # Kept and revoked, so the history names its user; never connected again. Its key,
+    # unusable, waits for the rule of revoked keys (nothing in flight nor correctable).
     gone = await store.get_connection_by_id(c.connection_id)
-    assert gone is not None and not gone.connected and gone.sealed_key is None
+    assert gone is not None and gone.state == REVOKED and not gone.connected
     assert gone.browser_hash is None
     with pytest.raises(NotConnected):
         await store.admit(c.connection_id, "2026-11", 1, now=T, expires_at=T + 900)
+    assert await store.erase_revoked_keys(since=T - 86400, now=T) == 1
+    assert (await store.get_connection_by_id(c.connection_id)).sealed_key is None
     assert (await store.get_app(APP, deleted=True)).deleted_at == T
     assert not await store.delete_app(APP, now=T)
     assert not await store.set_app_secret(APP, "h")
@@ -99,9 +102,11 @@ async def test_seal_callback_sees_the_new_row_id(store):
 
 async def test_revoke_drops_the_sealed_key(store):
     c = await funded(store)
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     got = await store.get_connection(APP, "u")
-    assert got.state == REVOKED and got.sealed_key is None and not got.connected
+    assert got.state == REVOKED and not got.connected
+    assert await store.erase_revoked_keys(since=T - 86400) == 1  # nothing left to correct
+    assert (await store.get_connection(APP, "u")).sealed_key is None
 
 
 async def test_settle_is_idempotent_on_generation_id(store):
@@ -171,7 +176,7 @@ async def test_a_revocation_reaches_the_cached_connection_at_once(store):
     c = await funded(store, cap=10 * USD)
     await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
     assert (await store.get_connection(APP, "u")).connected
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     with pytest.raises(NotConnected):
         await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 900)
     assert not (await store.get_connection(APP, "u")).connected
@@ -191,7 +196,7 @@ async def test_one_gateway_process_per_database(store):
 
 async def test_admit_refuses_a_revoked_connection(store):
     c = await funded(store)
-    await store.set_connection_state(c.connection_id, REVOKED, now=T, drop_key=True)
+    await store.set_connection_state(c.connection_id, REVOKED, now=T)
     with pytest.raises(NotConnected):
         await store.admit(c.connection_id, "2027-01", 1, now=T, expires_at=T + 1)
 
@@ -272,12 +277,12 @@ async def test_a_cap_change_never_revives_a_connection_revoked_meanwhile(tmp_pat
     conn = await store.save_connection(creds.app_id, "u", state=ACTIVE, cap_nanos=10,
                                        sealed_key="v1.k1.abc", browser_hash=None, now=0)
     # The app's request read `conn` (active) ... then the user's revoke commits ...
-    await store.set_connection_state(conn.connection_id, REVOKED, now=1, drop_key=True)
+    await store.set_connection_state(conn.connection_id, REVOKED, now=1)
     # ... and the app's cap change arrives, based on its stale read.
     assert await store.update_cap(conn.connection_id, 5, expected_key=conn.sealed_key,
                                   now=2) is None
     after = await store.get_connection(creds.app_id, "u")
-    assert after.state == REVOKED and after.sealed_key is None and after.cap_nanos == 10
+    assert after.state == REVOKED and not after.connected and after.cap_nanos == 10
     # Unchanged connections take the new cap.
     conn2 = await store.save_connection(creds.app_id, "v", state=ACTIVE, cap_nanos=10,
                                         sealed_key="v1.k1.def", browser_hash=None, now=0)
@@ -481,3 +486,35 @@ async def test_a_restart_gives_a_grant_back_the_request_its_unnamed_call_took(tm
         assert await second.check(now=T, hold_ttl=900) == []
     finally:
         await second.close()
+
+
+# ---- funding keys kept only while a call may need them (attack review) -----------
+
+async def test_a_typed_grant_key_is_kept_exactly_while_a_call_may_need_it(store):
+    """One rule for every sealed key: erased once nothing can use it (the grant is used
+    up or expired) and nothing can correct a call with it (no hold of the grant, and no
+    provisional call naming a real generation at or after the give-up)."""
+    import dataclasses
+
+    await funded(store)
+    grant = await funding_grant(store, None, requests=1)
+
+    async def erase(*, now: float = T, since: float = T - 86400) -> bool:
+        await store.erase_revoked_keys(since=since, now=now)
+        return (await store.get_grant_by_id(grant.grant_id)).sealed_key is None
+
+    assert not await erase()  # unused and unexpired: the user may still redeem it
+    _, hold = await store.admit_grant(grant.token_hash, APP, "2027-01", USD, now=T,
+                                      expires_at=T + 900)
+    assert not await erase()  # used up, but its call is in flight
+    assert not await erase(now=T + 601, since=T + 1)  # expired too: still in flight
+    await store.settle(hold, dataclasses.replace(
+        usage("gen-g", None, USD), grant_id=grant.grant_id, provisional=True), "2027-01")
+    assert not await erase(now=T + 601)  # its call awaits its final cost upstream
+    assert await erase(now=T + 601, since=T + 1)  # that call is past the give-up
+    assert await store.erase_revoked_keys(since=T + 1, now=T + 601) == 0  # nothing left
+
+    unused = await store.create_grant(APP, "token-unused", 5, None, sealed_key="v1.k1.k",
+                                      connection_id=None, now=T, expires_at=T + 600)
+    assert await store.erase_revoked_keys(since=T + 1, now=T + 600) == 1  # expired, unused
+    assert (await store.get_grant_by_id(unused.grant_id)).sealed_key is None

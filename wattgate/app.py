@@ -53,9 +53,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
             log.warning("released %d budget holds left by a previous process", swept)
         # A revocation cut short by a crash: erase what nothing can correct any more
         # (the holds swept just now are provisional rows: their keys wait for them).
+        now = gw.clock()
         if await gw.store.erase_revoked_keys(
-                since=gw.clock() - config.metering_reconcile_give_up):
-            log.warning("erased the funding keys of revoked connections")
+                since=now - config.metering_reconcile_give_up, now=now):
+            log.warning("erased the funding keys of revoked connections and ended grants")
         yield
         await gw.store.close()
 

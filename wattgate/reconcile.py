@@ -11,8 +11,9 @@ provisional at its estimate (``wattgate ledger check`` still passes; the
 admin console and export show it as provisional).
 
 It also sweeps budget holds older than ``metering.hold_ttl_seconds``, and erases
-the funding keys of revoked connections once nothing of theirs can be corrected
-any more (``revoke``).
+the funding keys of revoked connections (``revoke``, a deleted app's) and of
+typed-key grants expired or used up, once nothing of theirs can be corrected any
+more.
 """
 
 from __future__ import annotations
@@ -170,15 +171,18 @@ class Reconciler:
         return corrected
 
     async def erase_revoked_keys(self, connection: Connection | None = None) -> int:
-        """Erase the keys revoked connections no longer need (one, or all of them).
+        """Erase the funding keys no call can use or correct any more: of revoked
+        connections (one, or all of them) and, in a full pass, of typed-key grants
+        expired or used up (``SQLiteStore.erase_revoked_keys`` states the rule).
 
         For one connection with no call in flight, its provisional calls get one
         bounded chance to be reconciled first (the passes of ``loop`` give the
         others theirs, with backoff).
         """
-        since = self.gw.clock() - self.gw.config.metering_reconcile_give_up
+        now = self.gw.clock()
+        since = now - self.gw.config.metering_reconcile_give_up
         if connection is None:
-            return await self.gw.store.erase_revoked_keys(since=since)
+            return await self.gw.store.erase_revoked_keys(since=since, now=now)
         if await self.gw.store.held(connection.connection_id):
             return 0  # calls still running: a later pass erases it once they settled
         corrected = await self.before_erasing(connection)
@@ -205,7 +209,7 @@ class Reconciler:
                 if report.corrected:
                     log.info("reconciled %d provisional calls", report.corrected)
                 if await self.erase_revoked_keys():
-                    log.info("erased the funding keys of revoked connections")
+                    log.info("erased the funding keys of revoked connections and ended grants")
             except Exception:
                 log.exception("reconciliation pass failed")
 

@@ -170,7 +170,8 @@ def _other_refs(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
                    + ("does not exist" if app is None else f"belongs to app {app}"))
     for cid, app in db.execute(
             "SELECT c.connection_id, c.app_id FROM connections c JOIN apps a "
-            "ON a.app_id = c.app_id WHERE a.deleted_at IS NOT NULL "
-            "AND (c.state = 'active' OR c.sealed_key IS NOT NULL)"):
+            "ON a.app_id = c.app_id WHERE a.deleted_at IS NOT NULL AND c.state = 'active'"):
+        # A revoked connection keeps its key (unusable) until the reconciler's rule
+        # erases it: only an active one could spend.
         out.append(f"connection {cid}: app {app} was deleted but it can still spend")
     return out

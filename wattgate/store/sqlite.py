@@ -431,13 +431,16 @@ class SQLiteStore(ReportsMixin):
             self._apps_epoch += 1
 
     async def delete_app(self, app_id: str, *, now: float) -> bool:
-        """Delete an app: its credentials, origins, funding keys and grants stop at once.
+        """Delete an app: its credentials, origins, connections and grants stop at once.
 
         The app's row stays as a tombstone and its connections and grants as
-        revoked rows without keys, so its spend history stays exportable and
+        revoked (expired) rows, so its spend history stays exportable and
         auditable, and no id it used is ever handed to anyone else (ids come
         from AUTOINCREMENT sequences). A call of the app still in flight
         settles to its own (dead) connection or grant, never to another's.
+        Their funding keys, which no call can use any more, are erased by the
+        rule of revoked keys (``erase_revoked_keys``), once none of the app's
+        calls is in flight or still correctable.
         """
         def op(db: sqlite3.Connection) -> bool:
             params = {"a": app_id, "t": now, "revoked": REVOKED}
@@ -445,9 +448,12 @@ class SQLiteStore(ReportsMixin):
                           "AND deleted_at IS NULL", params).rowcount != 1:
                 return False
             db.execute("DELETE FROM app_origins WHERE app_id = :a", params)
-            db.execute("UPDATE connections SET state = :revoked, sealed_key = NULL, "
+            # The funding keys stay until the reconciler's rule erases them
+            # (``erase_revoked_keys``): unusable from now on, but still able to
+            # ask the upstream the final cost of the app's provisional calls.
+            db.execute("UPDATE connections SET state = :revoked, "
                        "browser_hash = NULL, updated_at = :t WHERE app_id = :a", params)
-            db.execute("UPDATE grants SET sealed_key = NULL, expires_at = MIN(expires_at, :t) "
+            db.execute("UPDATE grants SET expires_at = MIN(expires_at, :t) "
                        "WHERE app_id = :a", params)
             return True
         try:
@@ -569,10 +575,10 @@ class SQLiteStore(ReportsMixin):
             return Connection(*row)
         return await self._writer.run(op, self._forget_connections)
 
-    async def set_connection_state(self, connection_id: int, state: str, *, now: float,
-                                   drop_key: bool = False) -> None:
+    async def set_connection_state(self, connection_id: int, state: str, *, now: float) -> None:
         """Move a connection to ``state``; a revoked one stays revoked (only a re-funding,
-        ``save_connection``, ends a revocation).
+        ``save_connection``, ends a revocation). The key stays: only
+        ``erase_revoked_keys`` erases it, once no call can still need it.
 
         Revoking also ends, in the same transaction, every grant the connection
         funds: they were authorised by the consent being withdrawn, and must not
@@ -580,8 +586,6 @@ class SQLiteStore(ReportsMixin):
         """
         def op(db: sqlite3.Connection) -> None:
             sql = "UPDATE connections SET state = :s, updated_at = :t"
-            if drop_key:
-                sql += ", sealed_key = NULL"
             params = {"s": state, "t": now, "c": connection_id, "revoked": REVOKED}
             db.execute(sql + " WHERE connection_id = :c AND (state != :revoked OR :s = :revoked)",
                        params)
@@ -788,34 +792,55 @@ class SQLiteStore(ReportsMixin):
             (connection_id, limit))
         return [_usage(r) for r in rows]
 
-    async def erase_revoked_keys(self, *, since: float,
+    async def erase_revoked_keys(self, *, since: float, now: float | None = None,
                                  connection_id: int | None = None) -> int:
-        """Erase the funding key of revoked connections (all, or one) that no longer need it.
+        """Erase the funding keys nothing can use or need any more; how many were erased.
 
-        A revoked connection keeps its sealed key, unusable for any new call, as
-        long as the upstream may still correct one of its calls: while a call it
-        pays for is in flight (a hold here or in the ledger), and while one of
-        its rows is provisional and created at or after ``since`` (the
-        reconciliation give-up). Then the key is erased. A connection re-funded
-        meanwhile is not revoked any more and keeps its new key.
+        One rule for every sealed key: it is kept while no new call can use it
+        only as long as the upstream may still correct one of its calls, then
+        erased. That is, a key is erased once
+
+        - its owner can take no new call: a revoked connection (``connection_id``:
+          this one only), or, given ``now``, a grant with its own typed key that is
+          expired or used up (a deleted app's grants are expired by ``delete_app``);
+        - no call it pays for is in flight (a hold here or in the ledger);
+        - none of its rows is provisional, names a real generation and was
+          created at or after ``since`` (the reconciliation give-up).
+
+        A connection re-funded meanwhile is not revoked any more and keeps its
+        new key; a grant whose request was refunded is usable again and keeps its.
         """
+        grants = now is not None and connection_id is None
         if self._one("SELECT 1 FROM connections WHERE state = ? AND sealed_key IS NOT NULL "
-                     "LIMIT 1", (REVOKED,)) is None:
+                     "LIMIT 1", (REVOKED,)) is None and not (grants and self._one(
+                         "SELECT 1 FROM grants WHERE sealed_key IS NOT NULL "
+                         "AND (expires_at <= ? OR used >= requests) LIMIT 1", (now,))):
             return 0  # the usual case on each reconciler pass: no write, caches kept
-        busy = list(self._meter.held_by_connection)  # holds of calls in flight, this process
+        # Calls in flight in this process (a connection's hold has no row until the
+        # upstream names its generation).
+        busy = list(self._meter.held_by_connection)
+        busy_grants = [h.grant_id for h in self._meter.holds.values() if h.grant_id is not None]
+        pending = ("AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.{col} = {table}.{col}) "
+                   "AND NOT EXISTS (SELECT 1 FROM usage u WHERE u.{col} = {table}.{col} "
+                   "  AND u.provisional = 1 AND u.generation_id NOT LIKE 'wg-%' "
+                   "  AND u.created_at >= :since)")
 
         def op(db: sqlite3.Connection) -> int:
-            return db.execute(
+            n = db.execute(
                 "UPDATE connections SET sealed_key = NULL WHERE state = :revoked "
                 "AND sealed_key IS NOT NULL AND (:one IS NULL OR connection_id = :one) "
                 "AND connection_id NOT IN (SELECT value FROM json_each(:busy)) "
-                "AND NOT EXISTS (SELECT 1 FROM holds h "
-                "                WHERE h.connection_id = connections.connection_id) "
-                "AND NOT EXISTS (SELECT 1 FROM usage u "
-                "  WHERE u.connection_id = connections.connection_id AND u.provisional = 1 "
-                "  AND u.generation_id NOT LIKE 'wg-%' AND u.created_at >= :since)",
+                + pending.format(col="connection_id", table="connections"),
                 {"revoked": REVOKED, "one": connection_id, "busy": json.dumps(busy),
                  "since": since}).rowcount
+            if grants:
+                n += db.execute(
+                    "UPDATE grants SET sealed_key = NULL WHERE sealed_key IS NOT NULL "
+                    "AND (expires_at <= :now OR used >= requests) "
+                    "AND grant_id NOT IN (SELECT value FROM json_each(:busy)) "
+                    + pending.format(col="grant_id", table="grants"),
+                    {"now": now, "busy": json.dumps(busy_grants), "since": since}).rowcount
+            return n
         return await self._writer.run(op, self._forget_connections)
 
     async def provisional_count(self) -> int:
