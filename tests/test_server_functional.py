@@ -182,14 +182,14 @@ STREAM = json.dumps({"model": "openai/gpt-4o-mini", "stream": True, "max_tokens"
 
 
 async def open_stream(h, app, user: str,  # type: ignore[no-untyped-def]
-                      rcvbuf: int = 4096) -> socket.socket:
-    """A streamed chat call on a socket with a small receive buffer, nothing read yet."""
+                      rcvbuf: int = 4096, body: bytes = STREAM) -> socket.socket:
+    """A (streamed) chat call on a socket with a small receive buffer, nothing read yet."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", port_of(h)))
-    await loop.sock_sendall(sock, chat_head(app, user, len(STREAM)) + STREAM)
+    await loop.sock_sendall(sock, chat_head(app, user, len(body)) + body)
     return sock
 
 
@@ -253,3 +253,23 @@ async def test_a_client_reading_slowly_but_steadily_gets_the_whole_stream(make_h
     assert len(answer) > 16 * 256 * 1024
     assert list((await h.billed()).values()) == [(usd_to_nanos(h.fake.charged), False)]
     assert await h.gw.store.open_holds() == 0
+
+
+async def test_a_whole_answer_its_client_does_not_read_is_cut_too(make_harness):
+    # The write deadline is the connection's, not the proxy's: a whole JSON answer (settled
+    # before it is sent) to a client that takes none of it does not hold the connection.
+    h = await make_harness({**LIMITS, "WATTGATE_SERVER__WRITE_TIMEOUT": "1"})
+    app = await h.create_app()
+    await h.connect(app, "lena", monthly_usd=5)
+    h.fake.pieces, h.fake.piece_bytes = 32, 256 * 1024  # an 8 MiB answer
+    sock = await open_stream(h, app, "lena",
+                             body=STREAM.replace(b'"stream": true', b'"stream": false'))
+    try:
+        await asyncio.sleep(4)  # the answer is ready within a second; then 1 s unread
+        answer = await read_to_end(sock, within=10)  # what was on its way, then the end
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < length
+    assert list((await h.billed()).values()) == [(usd_to_nanos(h.fake.charged), False)]
