@@ -1,7 +1,8 @@
 """wattgate as ``wattgate serve`` runs it, plus one read-only route for the benchmark.
 
 The app is built by the same ``create_app(config)`` and served by the same
-``web.run_app`` call as ``python -m wattgate serve``; configuration comes
+runner as ``python -m wattgate serve`` (``wattgate.server.run``: its client
+read and write deadlines included, shutdown_timeout 5 s); configuration comes
 from ``WATTGATE_*`` variables. The only addition is ``GET /_bench/stats``,
 which answers the store's commit counter (``SQLiteStore.commits``) so the
 benchmark can count ledger transactions from outside the process.
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from wattgate.app import create_app
 from wattgate.config import load_config
+from wattgate.server import run
 from wattgate.views.state import gateway_key
 
 
@@ -37,8 +39,7 @@ def main() -> None:
     config = load_config(None)
     app = create_app(config)
     app.router.add_get("/_bench/stats", stats)
-    web.run_app(app, host=config.server_host, port=config.server_port, print=None,
-                access_log=None, shutdown_timeout=5)
+    run(app, config.replace(server__shutdown_timeout=5), lambda: None)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ async def test_a_client_that_stops_reading_a_stream_does_not_hold_it_open_for_ev
     h = await make_harness({"WATTGATE_SERVER__HEADER_TIMEOUT": "1",
                             "WATTGATE_SERVER__BODY_TIMEOUT": "1",
                             "WATTGATE_SERVER__KEEPALIVE_TIMEOUT": "1",
+                            "WATTGATE_SERVER__WRITE_TIMEOUT": "1",
                             "WATTGATE_METERING__DRAIN_SECONDS": "1"})
     app = await h.create_app()
     await h.connect(app, "ann", monthly_usd=5)

@@ -1,14 +1,17 @@
 """Slow clients against the real runner (``wattgate.server``): what they send is bounded in
-time, what we stream to them is not."""
+time, and so is each write of ours they do not take; how long we stream to them is not."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import socket
 import time
 
 import aiohttp
+
+from wattgate.money import usd_to_nanos
 
 LIMITS = {"WATTGATE_SERVER__HEADER_TIMEOUT": "1.5", "WATTGATE_SERVER__BODY_TIMEOUT": "1.5",
           "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000"}
@@ -172,3 +175,101 @@ async def test_a_slow_body_nobody_reads_ends_quietly(make_harness, caplog):
     await asyncio.sleep(2.0)  # past the body timeout
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
         [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+STREAM = json.dumps({"model": "openai/gpt-4o-mini", "stream": True, "max_tokens": 64,
+                     "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+async def open_stream(h, app, user: str,  # type: ignore[no-untyped-def]
+                      rcvbuf: int = 4096, body: bytes = STREAM) -> socket.socket:
+    """A (streamed) chat call on a socket with a small receive buffer, nothing read yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port_of(h)))
+    await loop.sock_sendall(sock, chat_head(app, user, len(body)) + body)
+    return sock
+
+
+async def read_to_end(sock: socket.socket, *, piece: int = 65536, every: float = 0.0,
+                      within: float = 20.0) -> bytes:
+    """Read until the server closes, ``piece`` bytes at most every ``every`` seconds."""
+    loop, data = asyncio.get_running_loop(), bytearray()
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                got = await loop.sock_recv(sock, piece)
+            except ConnectionResetError:
+                break
+            if not got:
+                break
+            data += got
+            if every:
+                await asyncio.sleep(every)
+    return bytes(data)
+
+
+async def test_a_client_that_stops_reading_is_cut_at_the_write_timeout_and_billed(make_harness):
+    h = await make_harness({**LIMITS, "WATTGATE_SERVER__WRITE_TIMEOUT": "1",
+                            "WATTGATE_METERING__DRAIN_SECONDS": "10"})
+    app = await h.create_app()
+    await h.connect(app, "lena", monthly_usd=5)
+    h.fake.pieces, h.fake.piece_bytes = 32, 256 * 1024  # 8 MiB: more than socket buffers
+    started = time.monotonic()
+    sock = await open_stream(h, app, "lena")
+    try:
+        while not (h.fake.calls and h.fake.calls[-1].finished and await h.billed()):
+            assert time.monotonic() - started < 8, "the stalled client still holds its call"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started >= 1.0  # not before the client had its second
+        # The connection is closed: what was already on its way arrives, then the end.
+        answer = await read_to_end(sock, within=10)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in answer
+    # The background drain learnt the real cost: billed exactly, nothing held.
+    assert list((await h.billed()).values()) == [(usd_to_nanos(h.fake.charged), False)]
+    assert await h.gw.store.open_holds() == 0
+
+
+async def test_a_client_reading_slowly_but_steadily_gets_the_whole_stream(make_harness):
+    # Each write is taken well within the 1 s write timeout, the whole stream is not:
+    # the bound is per write, never per answer.
+    h = await make_harness({**LIMITS, "WATTGATE_SERVER__WRITE_TIMEOUT": "1"})
+    app = await h.create_app()
+    await h.connect(app, "lena", monthly_usd=5)
+    h.fake.pieces, h.fake.piece_bytes = 64, 64 * 1024  # 4 MiB in 64 writes
+    started = time.monotonic()
+    sock = await open_stream(h, app, "lena")
+    try:
+        answer = await read_to_end(sock, piece=8 * 1024, every=0.01)  # < 800 KB/s
+    finally:
+        sock.close()
+    took = time.monotonic() - started
+    assert took > 2.0, took  # longer than two write timeouts
+    assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer
+    assert len(answer) > 16 * 256 * 1024
+    assert list((await h.billed()).values()) == [(usd_to_nanos(h.fake.charged), False)]
+    assert await h.gw.store.open_holds() == 0
+
+
+async def test_a_whole_answer_its_client_does_not_read_is_cut_too(make_harness):
+    # The write deadline is the connection's, not the proxy's: a whole JSON answer (settled
+    # before it is sent) to a client that takes none of it does not hold the connection.
+    h = await make_harness({**LIMITS, "WATTGATE_SERVER__WRITE_TIMEOUT": "1"})
+    app = await h.create_app()
+    await h.connect(app, "lena", monthly_usd=5)
+    h.fake.pieces, h.fake.piece_bytes = 32, 256 * 1024  # an 8 MiB answer
+    sock = await open_stream(h, app, "lena",
+                             body=STREAM.replace(b'"stream": true', b'"stream": false'))
+    try:
+        await asyncio.sleep(4)  # the answer is ready within a second; then 1 s unread
+        answer = await read_to_end(sock, within=10)  # what was on its way, then the end
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < length
+    assert list((await h.billed()).values()) == [(usd_to_nanos(h.fake.charged), False)]

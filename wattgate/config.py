@@ -60,6 +60,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a client may take to send a request's body, from the end of its "
             "headers; a slower one gets 408 and the connection is closed. Bounds what "
             "clients send, never how long an answer streams to them.", 0.1),
+    Setting("server", "write_timeout", float, 60.0,
+            "Seconds a client may go without taking a byte of an answer while the "
+            "connection's buffers are full; past that it is treated as gone, as on a "
+            "disconnect: its call is billed in the background and the connection closed. "
+            "Bounds each wait for a write to move, never how long an answer streams nor "
+            "a slow client that keeps reading. 60 s outlasts a phone's network stall yet "
+            "frees a stalled call's budget hold and upstream stream well before "
+            "metering.hold_ttl_seconds.", 0.1),
     Setting("server", "keepalive_timeout", float, 75.0,
             "Seconds an idle connection (or one that has sent nothing yet) stays open.",
             0.1),

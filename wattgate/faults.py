@@ -494,6 +494,7 @@ async def heap_growth(warmup: int, calls: int) -> dict[str, Any]:
     from .app import create_app
     from .config import load_config
     from .credentials import mint_credentials
+    from .server import ClientLimits, ServerRunner
     from .views.state import gateway_key
 
     fake = drill_fake()
@@ -506,7 +507,7 @@ async def heap_growth(warmup: int, calls: int) -> dict[str, Any]:
         "WATTGATE_UPSTREAM__BASE_URL": url, "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000",
         "WATTGATE_METERING__RECONCILE_INTERVAL": "3600"})
     app = create_app(config)
-    gateway = web.AppRunner(app, access_log=None)
+    gateway = ServerRunner(app, limits=ClientLimits.from_config(config), access_log=None)
     await gateway.setup()
     await web.TCPSite(gateway, "127.0.0.1", port).start()
     try:

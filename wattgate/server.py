@@ -17,9 +17,23 @@ for ever. ``GuardedRequestHandler`` adds the two missing bounds:
 (A head's clock starts with the first packet that carries part of it without
 completing it; a partial head that came in one packet with the request before
 it, and nothing after, is an idle connection: ``keepalive_timeout`` ends it.)
-Both bound what the client sends, never what we send: a streamed answer runs
-as long as the upstream does. The hot path stays cheap: a head or body that
-arrives whole with its first packet arms no timer at all.
+Both bound what the client sends. The third bounds what the client takes:
+
+- ``server.write_timeout``: once the connection's buffers are full (asyncio's
+  ``pause_writing``: the kernel holds all it will and 64 KiB more wait), the
+  client has that long to take a byte of them; one that takes none is taken
+  for gone and the transport aborted. The write waiting on it fails as on a
+  disconnect, so a streamed call is handed to the background drain and
+  billed, and its hold, its upstream stream and the connection are freed.
+  Progress is what the client acknowledged: our buffer plus the kernel's
+  unacknowledged bytes (``SIOCOUTQ``, where the platform has it), since on a
+  fast link the kernel alone may hold megabytes a steady reader takes for
+  seconds before our buffer moves. It bounds each wait, never the whole
+  answer: a client that keeps reading gets a stream as long as the upstream
+  sends.
+
+The hot path stays cheap: a head or body that arrives whole with its first
+packet arms no timer at all, nor does an answer the client takes as it comes.
 
 It also keeps aiohttp's HTTP parser errors out of the log as raw bytes: a
 malformed or over-long request line or header is answered with the JSON
@@ -34,13 +48,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -50,17 +67,21 @@ from .errors import InvalidRequest, RequestTimeout, WattgateError
 
 log = logging.getLogger("wattgate.http")
 
+# Linux's SIOCOUTQ (bytes the peer has not acknowledged) is TIOCOUTQ on a socket.
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+
 
 @dataclass(frozen=True)
 class ClientLimits:
     header_timeout: float
     body_timeout: float
     keepalive_timeout: float
+    write_timeout: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> ClientLimits:
         return cls(config.server_header_timeout, config.server_body_timeout,
-                   config.server_keepalive_timeout)
+                   config.server_keepalive_timeout, config.server_write_timeout)
 
 
 class _BodyTimeout(RequestTimeout, TimeoutError):
@@ -77,7 +98,8 @@ def _raw_response(error: WattgateError, reason: str) -> bytes:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """aiohttp's connection protocol, with header and body read deadlines."""
+    """aiohttp's connection protocol, with header and body read deadlines and a write
+    deadline."""
 
     def __init__(self, manager: web.Server, *, limits: ClientLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -85,6 +107,8 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # a request body still arriving
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._write_pending = 0  # bytes the client had not taken when the timer was armed
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
@@ -110,7 +134,48 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self._disarm_write()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # The client has stopped taking bytes, at least for now: it has write_timeout to
+        # take some of them.
+        self._arm_write()
+
+    def _arm_write(self) -> None:
+        self._disarm_write()
+        if self.transport is not None:
+            self._write_pending = _unacknowledged(self.transport)
+            self._write_timer = self._loop.call_later(self._limits.write_timeout,
+                                                      self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._disarm_write()
+        super().resume_writing()
+
+    def _disarm_write(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if _unacknowledged(transport) < self._write_pending:
+            self._arm_write()  # slow but taking bytes: a new deadline from here
+            return
+        log.info("closing a connection to %s: it took no answer bytes for %gs",
+                 _peer(transport), self._limits.write_timeout)
+        # The write waiting on this client fails now, as on a disconnect (the handler
+        # hands its call off at once, not at its next write).
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ClientConnectionResetError("The client stopped reading."))
+        # abort, not close: close would wait to flush the bytes this client never takes.
+        transport.abort()
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
@@ -164,6 +229,18 @@ class GuardedRequestHandler(RequestHandler):
                                 text=json.dumps(error.body()), content_type="application/json")
         response.force_close()
         return response
+
+
+def _unacknowledged(transport: asyncio.Transport) -> int:
+    """Bytes written to the client that it has not acknowledged: ours, and the kernel's."""
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _SIOCOUTQ is not None and sock is not None:
+        try:
+            pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+        except OSError:  # not a TCP socket (a Unix one under a proxy): our buffer alone
+            pass
+    return pending
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

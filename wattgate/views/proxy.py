@@ -19,7 +19,9 @@ The path of one call (each step's module in brackets):
    idempotent on the generation id [metering, store].
 
 The hold is released or settled on every way out, including cancellation.
-When the client leaves mid-stream the gateway keeps reading the upstream in
+When the client leaves mid-stream (or stops reading: ``server.write_timeout``
+in ``wattgate.server`` then aborts its connection and the write here fails as
+on a disconnect) the gateway keeps reading the upstream in
 the background (``metering.drain_seconds``, at most ``metering.max_drains`` at
 once) to learn the real cost; past those bounds the call is recorded at its
 estimate, marked provisional. Once the first byte is sent, an error is never
