@@ -17,6 +17,7 @@ import pytest
 from test_grants_functional import mint_grant
 from wattgate.money import usd_to_nanos
 from wattgate.reconcile import Reconciler
+from wattgate.sdk import Wattfare
 from wattgate.views.state import upstream_key
 
 
@@ -129,9 +130,17 @@ async def test_racing_calls_never_pass_the_cap(make_harness, endpoint):
     app = await h.create_app()
     await h.connect(app, "eve", monthly_usd=1)
     c = client(h, app, "eve")
-    if endpoint == "responses":  # $0.03 a call
-        def one():
-            return c.responses.create(model="fake/flat-3c", input="hi", max_output_tokens=8)
+    if endpoint == "responses":  # $0.03 a call, streamed or not
+        h.fake.chunk_delay = 0.01
+        calls = iter(range(1000))
+
+        async def one():
+            if next(calls) % 2:
+                return await c.responses.create(model="fake/flat-3c", input="hi",
+                                                max_output_tokens=8)
+            async with c.responses.stream(model="fake/flat-3c", input="hi",
+                                          max_output_tokens=8) as stream:
+                return await stream.get_final_response()
         fits = 33
     else:  # $0.01 a call
         def one():
@@ -144,6 +153,44 @@ async def test_racing_calls_never_pass_the_cap(make_harness, endpoint):
     assert 0 < ok <= fits and len(refused) >= 17
     total, _ = await ledger(h)
     assert total == usd_to_nanos(h.fake.charged) <= usd_to_nanos(1)
+    assert await h.gw.store.open_holds() == 0
+
+
+async def test_rl_chat_counts_every_metered_endpoint(make_harness):
+    h = await make_harness({"WATTGATE_LIMITS__CHAT_PER_MINUTE": "2"})
+    app = await h.create_app()
+    await h.connect(app, "max")
+    c = client(h, app, "max")
+    await c.responses.create(model="openai/gpt-4o-mini", input="hi")
+    await c.embeddings.create(model="openai/text-embedding-3-small", input="hi")
+    with pytest.raises(openai.RateLimitError) as limited:
+        await c.responses.create(model="openai/gpt-4o-mini", input="hi")
+    assert int(limited.value.response.headers["Retry-After"]) >= 1
+    h.clock.advance(60)
+    await c.embeddings.create(model="openai/text-embedding-3-small", input="hi")
+    assert len(h.fake.calls) == 3
+
+
+async def test_a_client_gone_mid_stream_still_pays_what_the_upstream_billed(harness):
+    app = await harness.create_app()
+    await harness.connect(app, "ned")
+    harness.fake.chunk_delay = 0.05
+    harness.fake.pieces = 20
+    async with harness.http.post(harness.api + "/responses", json={
+            "model": "openai/gpt-4o-mini", "input": "hi", "stream": True}, headers={
+            "Authorization": f"Bearer {app.secret_key}", "x-wattfare-user": "ned"}) as r:
+        async for chunk in r.content.iter_any():
+            if b"response.output_text.delta" in chunk:
+                break
+        r.close()  # the client leaves mid-stream; the gateway drains the rest
+    for _ in range(100):
+        if (await ledger(harness))[0] > 0:
+            break
+        await asyncio.sleep(0.05)
+    total, rows = await ledger(harness)
+    assert total == usd_to_nanos(harness.fake.charged) > 0
+    assert [p for _, p in rows.values()] == [False]  # the exact cost, from the drain
+    assert await harness.gw.store.open_holds() == 0
 
 
 @pytest.mark.parametrize("endpoint", ["responses", "embeddings"])
@@ -283,8 +330,10 @@ async def test_the_agents_sdk_runs_through_the_gateway(harness):
     agents.set_tracing_disabled(True)  # tracing would send to api.openai.com
     app = await harness.create_app()
     await harness.connect(app, "leo")
-    model = agents.OpenAIResponsesModel(model="openai/gpt-4o-mini",
-                                        openai_client=client(harness, app, "leo"))
+    openai_client = Wattfare(app.secret_key, base_url=harness.url).user("leo").openai(
+        max_retries=0)
+    _clients.append(openai_client)
+    model = agents.OpenAIResponsesModel(model="openai/gpt-4o-mini", openai_client=openai_client)
     agent = agents.Agent(name="Helper", instructions="Answer briefly.", model=model)
     result = await agents.Runner.run(agent, "What is metering?")
     assert result.final_output.startswith("Metering is the quiet part")
