@@ -350,3 +350,37 @@ async def test_any_other_api_path_is_a_404_naming_what_is_supported(harness, met
     for served in ("POST /api/v1/chat/completions", "POST /api/v1/responses",
                    "POST /api/v1/embeddings", "GET /api/v1/models"):
         assert served in error["message"]
+
+
+@pytest.mark.parametrize("endpoint", ["responses", "embeddings"])
+async def test_a_bring_your_own_key_call_counts_the_providers_cost(harness, endpoint):
+    """For BYOK, usage.cost is only OpenRouter's fee; the provider's cost counts too."""
+    byok = "sk-or-v1-" + "b" * 48
+    harness.fake.byok_keys.add(byok)
+    app = await harness.create_app()
+    await harness.connect(app, "olga", funding_key=byok)
+    c = client(harness, app, "olga")
+    if endpoint == "responses":
+        async with c.responses.stream(model="openai/gpt-4o-mini", input="hi") as stream:
+            final = await stream.get_final_response()
+        assert final.usage.model_extra["is_byok"] is True
+    else:
+        await c.embeddings.create(model="openai/text-embedding-3-small", input="hi")
+    total, rows = await ledger(harness)
+    assert total == usd_to_nanos(harness.fake.charged) > 0
+    assert [p for _, p in rows.values()] == [False]
+
+
+async def test_usage_that_cannot_be_believed_is_provisional_never_free(harness):
+    app = await harness.create_app()
+    await harness.connect(app, "pam")
+    harness.fake.usage_text = '{"input_tokens":3,"output_tokens":8,"cost":"NaN"}'
+    async with client(harness, app, "pam").responses.stream(
+            model="openai/gpt-4o-mini", input="hi") as stream:
+        final = await stream.get_final_response()
+    assert final.output_text  # the client's stream is whole
+    rows = await harness.gw.store.provisional_usage()
+    assert len(rows) == 1 and rows[0][0].cost_nanos >= usd_to_nanos(harness.fake.charged)
+    await Reconciler(harness.gw, harness.app[upstream_key]).run_once()
+    total, _ = await ledger(harness)
+    assert total == usd_to_nanos(harness.fake.charged)
