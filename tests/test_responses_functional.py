@@ -384,3 +384,20 @@ async def test_usage_that_cannot_be_believed_is_provisional_never_free(harness):
     await Reconciler(harness.gw, harness.app[upstream_key]).run_once()
     total, _ = await ledger(harness)
     assert total == usd_to_nanos(harness.fake.charged)
+
+
+async def test_with_whole_answers_forwarded_a_response_is_billed_from_its_json(make_harness):
+    """upstream.stream_whole_answers = false: the upstream's response object, as it came
+    (its "error": null is no error), billed from its usage."""
+    h = await make_harness({"WATTGATE_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    app = await h.create_app()
+    await h.connect(app, "quin")
+    answer = await client(h, app, "quin").responses.create(model="openai/gpt-4o-mini",
+                                                           input="hi")
+    assert answer.status == "completed" and answer.output_text
+    assert "stream" not in h.fake.calls[-1].body
+    total, rows = await ledger(h)
+    assert total == usd_to_nanos(h.fake.charged) > 0
+    assert list(rows) == [answer.id] and not rows[answer.id][1]
+    conn = await h.gw.store.get_connection(app.app_id, "quin")
+    assert [u.status for u in await h.gw.store.recent_usage(conn.connection_id)] == ["ok"]
