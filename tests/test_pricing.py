@@ -225,8 +225,76 @@ def test_every_field_the_gateway_reads_or_passes_is_in_the_documented_table():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "request-fields.md").read_text()
-    missing = [f for f in estimate.PASS_THROUGH | estimate.PRICED if f"`{f}`" not in doc]
+    fields = set()
+    for endpoint in estimate.ENDPOINTS.values():
+        fields |= endpoint.passes | endpoint.priced
+    missing = [f for f in sorted(fields) if f"`{f}`" not in doc]
     assert missing == []
+
+
+def responses(**fields):  # type: ignore[no-untyped-def]
+    raw = json.dumps({"model": "m", "input": "hi", **fields}).encode()
+    return read_request(raw, default_max_tokens=4096, endpoint=estimate.RESPONSES)
+
+
+def test_a_responses_call_holds_max_output_tokens_reasoning_and_images():
+    # 1000 bytes × $1e-6 + (300 + 200 reasoning) × $2e-6 + $0.01 = $0.012
+    assert worst_cost_nanos(responses(max_output_tokens=300, reasoning={"max_tokens": 200}),
+                            PRICE, 1000) == 12_000_000
+    image = {"role": "user", "content": [{"type": "input_text", "text": "what is it?"},
+                                         {"type": "input_image", "image_url": "https://x"}]}
+    r = responses(input=[image, image], max_output_tokens=1)
+    assert r.images == 2
+    # Each image: 50,000 prompt tokens + the image price.
+    assert worst_cost_nanos(r, PRICE, 0) == worst_cost_nanos(
+        responses(max_output_tokens=1), PRICE, 0) + 2 * (50_000_000 + 5_000_000)
+
+
+def test_a_responses_body_gets_the_output_limit_the_hold_priced():
+    prices = price_list(prompt="0.000001", completion="0.000002")
+    sent = json.loads(estimate.plan(responses(), prices, stream_upstream=True,
+                                    send_max_price=True).payload)
+    assert sent["max_output_tokens"] == 4096 and sent["stream"] is True
+    assert "max_tokens" not in sent and "stream_options" not in sent
+    assert sent["provider"]["max_price"]["completion"]
+    kept = json.loads(estimate.plan(responses(max_output_tokens=7), prices,
+                                    stream_upstream=False, send_max_price=True).payload)
+    assert kept["max_output_tokens"] == 7 and "stream" not in kept
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"tools": [{"type": "web_search_preview"}]}, "tools[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "input[0].content[0].type"),
+    ({"input": 3}, "input"),
+    ({"max_tokens": 5}, "max_tokens"),  # chat's name is not the Responses API's
+])
+def test_a_responses_field_that_can_raise_the_bill_is_refused_by_name(fields, field):
+    with pytest.raises(InvalidRequest) as refused:
+        responses(**fields)
+    assert refused.value.message.startswith(field)
+
+
+def test_an_embeddings_call_holds_its_input_and_no_output():
+    raw = json.dumps({"model": "m", "input": ["a", "b"], "dimensions": 4}).encode()
+    r = read_request(raw, default_max_tokens=4096, endpoint=estimate.EMBEDDINGS)
+    assert r.output_tokens == 0 and not r.stream
+    prices = price_list(prompt="0.000001", completion="0.000002", request="0.01")
+    plan = estimate.plan(r, prices, stream_upstream=True, send_max_price=True)
+    sent = json.loads(plan.payload)
+    assert "max_tokens" not in sent and "stream" not in sent
+    # Padded rates: prompt × the body's bytes + the request price, nothing for output.
+    assert plan.worst_nanos == worst_cost_nanos(r, plan.price, len(plan.payload))
+    assert plan.worst_nanos < 10_100_000 + len(plan.payload) * 1_001
+    for bad, field in (({"input": [{"image": "x"}]}, "input[0]"), ({"input": None}, "input"),
+                       ({"input": "x", "stream": True}, "stream")):
+        with pytest.raises(InvalidRequest) as refused:
+            read_request(json.dumps({"model": "m", **bad}).encode(), default_max_tokens=1,
+                         endpoint=estimate.EMBEDDINGS)
+        assert refused.value.message.startswith(field)
 
 
 @pytest.mark.parametrize("fields", [

@@ -133,3 +133,62 @@ def test_deeply_nested_event_does_not_raise():
     reader = StreamReader()
     reader.feed(b'data: {"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n\n")
     assert reader.close().usage is None
+
+
+def responses_stream(gen: str, text: str, cost: str, final: str = "response.completed") -> bytes:
+    """A Responses API stream as OpenRouter sends it (event: lines, usage only at the end)."""
+    def event(kind: str, fields: dict) -> bytes:  # type: ignore[type-arg]
+        data = json.dumps({"type": kind, **fields}).replace(f'"cost": "{cost}"',
+                                                             f'"cost": {cost}')
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+    shell = {"id": gen, "object": "response", "model": "openai/gpt-4o-mini", "error": None,
+             "usage": None, "status": "in_progress", "output": []}
+    done = {**shell, "status": "completed", "model": "openai/gpt-4o",
+            "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
+                      "cost": cost, "is_byok": False}}
+    if final == "response.failed":
+        done = {**shell, "status": "failed", "error": {"code": "server_error",
+                                                        "message": "Provider disconnected"}}
+    return (b": OPENROUTER PROCESSING\n\n" + event("response.created", {"response": shell})
+            + event("response.output_text.delta", {"delta": text, "item_id": "msg_1"})
+            + event(final, {"response": done}))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(texts, tricky), st.lists(st.integers(min_value=0, max_value=2000),
+                                          max_size=6))
+def test_a_responses_stream_is_read_from_its_completed_event(text, cuts):  # type: ignore[no-untyped-def]
+    raw = responses_stream("gen-abc", text, "0.00012345")
+    reader = StreamReader()
+    last = 0
+    for cut in sorted(c % (len(raw) + 1) for c in cuts) + [len(raw)]:
+        reader.feed(raw[last:cut])
+        last = cut
+    outcome = reader.close()
+    assert outcome.generation_id == "gen-abc" and outcome.done and outcome.error is None
+    assert outcome.usage is not None and outcome.usage["cost"] == Decimal("0.00012345")
+    # In chat's terms, for metering: the billed model is the final response's.
+    assert (outcome.usage["prompt_tokens"], outcome.usage["completion_tokens"]) == (9, 4)
+    assert outcome.model == "openai/gpt-4o"
+
+
+def test_a_failed_response_is_an_error():
+    outcome = StreamReader()
+    outcome.feed(responses_stream("gen-x", "hi", "0.1", final="response.failed"))
+    assert outcome.close().error == "Provider disconnected"
+    error_event = StreamReader()
+    error_event.feed(b'data: {"type":"error","code":"rate_limit","message":"Slow down"}\n\n')
+    assert error_event.close().error == "Slow down"
+
+
+def test_whole_responses_and_embeddings_answers_are_read():
+    response = parse_json_body(json.dumps({
+        "id": "gen-r", "object": "response", "error": None, "model": "m",
+        "usage": {"input_tokens": 3, "output_tokens": 5, "cost": 0.5}}).encode())
+    assert response.error is None  # "error": null is no error
+    assert (response.usage["prompt_tokens"], response.usage["completion_tokens"]) == (3, 5)
+    vectors = parse_json_body(json.dumps({
+        "id": "gen-e", "object": "list", "data": [{"embedding": [0.1]}],
+        "usage": {"prompt_tokens": 7, "total_tokens": 7, "cost": 0.25}}).encode())
+    assert vectors.usage["completion_tokens"] == 0 and vectors.generation_id == "gen-e"

@@ -89,6 +89,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     for method in ("GET", "POST", "DELETE", "OPTIONS"):  # others: 405 JSON
         r.add_route(method, "/api/v1/connections", control.connections)
     r.add_post("/api/v1/chat/completions", proxy.chat_completions)
+    r.add_post("/api/v1/responses", proxy.responses)
+    r.add_post("/api/v1/embeddings", proxy.embeddings)
     r.add_get("/api/v1/models", proxy.models)
     for method in ("POST", "OPTIONS"):
         r.add_route(method, "/api/v1/grants", grants.grants)

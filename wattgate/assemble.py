@@ -18,7 +18,11 @@ carry); top-level fields (``id``, ``model``, ``provider``, ``created``,
 ``system_fingerprint``…) keep their last value; ``object`` becomes
 ``chat.completion``; ``usage`` is the last non-null one. Comment lines and
 ``[DONE]`` are skipped, and garbage lines are ignored, never raised.
-Nothing here imports aiohttp.
+
+A whole Responses API answer needs no merging: its stream ends in an event
+(``response.completed``, ``response.incomplete`` or ``response.failed``) that
+carries the final ``response`` object, which ``ResponseAssembler`` returns as
+it came. Nothing here imports aiohttp.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from .sse import Outcome, answering_model, error_message, split_complete
+from .sse import (TERMINAL_RESPONSE_EVENTS, Outcome, StreamReader, answering_model,
+                  error_message, split_complete)
 
 # Replaced, never concatenated: discriminators and the speaker.
 _REPLACED = frozenset(("index", "type", "role"))
@@ -225,3 +230,43 @@ class Assembler:
         answer["choices"] = choices
         answer["usage"] = usage
         return finish(answer)
+
+
+_TERMINAL = tuple(b'"%s"' % kind.encode() for kind in TERMINAL_RESPONSE_EVENTS)
+
+
+class ResponseAssembler:
+    """A whole Responses API ``response``, from its stream: the terminal event's."""
+
+    def __init__(self) -> None:
+        self._reader = StreamReader()  # the usage, by the stream's own rules
+        self._partial = b""
+        self._final: bytes | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._reader.feed(chunk)
+        complete, self._partial = split_complete(self._partial, chunk)
+        # Quotes inside the answer's text are escaped: only an event's type matches.
+        if any(kind in complete for kind in _TERMINAL):
+            for line in complete.splitlines():
+                if line.startswith(b"data:") and any(kind in line for kind in _TERMINAL):
+                    self._final = line[5:].strip()
+
+    def outcome(self, generation_id: str | None) -> Outcome:
+        if self._partial:
+            self.feed(b"\n")
+        outcome = self._reader.close()
+        if generation_id is not None:
+            outcome.generation_id = generation_id
+        return outcome
+
+    def answer(self) -> dict[str, Any] | None:
+        """The final response object, or None when the stream ended without one."""
+        if self._partial:
+            self.feed(b"\n")
+        try:
+            event = json.loads(self._final or b"null", parse_float=Decimal)
+        except (ValueError, RecursionError):
+            return None
+        response = event.get("response") if isinstance(event, dict) else None
+        return finish(response) if isinstance(response, dict) else None

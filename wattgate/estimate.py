@@ -1,4 +1,9 @@
-"""What a chat completion request can cost at most, and the body that keeps it so.
+"""What a metered request can cost at most, and the body that keeps it so.
+
+One rule for the three metered endpoints (``ENDPOINTS``): chat completions,
+the Responses API (``input``, ``max_output_tokens``) and embeddings (no
+output at all). Each has its own table of fields; the classes, the worst case
+and the body sent follow the same rule.
 
 The budget hold is this module's worst case, so every field of a request body
 that can raise the bill is either priced into it or refused with ``400
@@ -76,6 +81,23 @@ PASS_THROUGH = frozenset((
 PRICED = frozenset(("models", "n", "max_tokens", "max_completion_tokens", "reasoning",
                     "plugins", "provider", "prediction", "tools", "service_tier",
                     "modalities"))
+# The Responses API (POST /responses): the same rule with its own names. Its output
+# limit is ``max_output_tokens``; ``previous_response_id``, ``conversation`` and
+# ``prompt`` pull in text the body does not show, ``background`` outlives the call:
+# unknown, so refused.
+RESPONSES_PASS_THROUGH = frozenset((
+    "input", "instructions", "model", "stream", "temperature", "top_p", "top_k",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "seed", "text",
+    "tool_choice", "parallel_tool_calls", "max_tool_calls", "user", "safety_identifier",
+    "metadata", "store", "session_id", "trace", "truncation", "include",
+    "prompt_cache_key", "top_logprobs", "transforms", "usage",
+))
+RESPONSES_PRICED = frozenset(("models", "max_output_tokens", "reasoning", "plugins",
+                              "provider", "tools", "service_tier"))
+# Embeddings (POST /embeddings): billed on the input alone.
+EMBEDDINGS_PASS_THROUGH = frozenset(("model", "input", "encoding_format", "dimensions",
+                                     "user", "input_type"))
+EMBEDDINGS_PRICED = frozenset(("provider",))
 _REASONING_KEYS = frozenset(("effort", "max_tokens", "exclude", "enabled", "summary"))
 _PROVIDER_KEYS = frozenset((
     "order", "only", "ignore", "allow_fallbacks", "data_collection", "zdr",
@@ -86,7 +108,29 @@ _WEB_KEYS = frozenset(("id", "enabled", "max_results", "search_prompt", "engine"
                        "include_domains", "exclude_domains"))
 _FREE_PLUGINS = frozenset(("context-compression", "middle-out"))
 _TEXT_PARTS = frozenset(("text", "refusal"))
+_RESPONSES_TEXT_PARTS = frozenset(("input_text", "output_text", "refusal",
+                                   "summary_text", "reasoning_text"))
 _CHEAP_TIERS = frozenset(("auto", "default", "flex"))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A metered endpoint: its upstream path and its table of fields."""
+
+    name: str                 # "chat", "responses", "embeddings"
+    path: str                 # upstream path, under the base URL
+    passes: frozenset[str]
+    priced: frozenset[str]
+    output_limit: str | None  # the field injected when absent (None: no output)
+    streams: bool             # a stream is possible (and whole answers may be streamed)
+
+
+CHAT = Endpoint("chat", "/chat/completions", PASS_THROUGH, PRICED, "max_tokens", True)
+RESPONSES = Endpoint("responses", "/responses", RESPONSES_PASS_THROUGH, RESPONSES_PRICED,
+                     "max_output_tokens", True)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", EMBEDDINGS_PASS_THROUGH,
+                      EMBEDDINGS_PRICED, None, False)
+ENDPOINTS = {e.name: e for e in (CHAT, RESPONSES, EMBEDDINGS)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +147,8 @@ class ChatRequest:
     images: int
     web_results: int
     prediction: bool
-    inject_max_tokens: int | None  # set max_tokens to this (the request set none)
+    inject_max_tokens: int | None  # set the output limit to this (the request set none)
+    endpoint: Endpoint = CHAT
 
 
 @dataclass(frozen=True)
@@ -128,8 +173,10 @@ def _count(body: dict[str, Any], name: str, field: str, *, low: int, high: int) 
     return value
 
 
-def read_request(raw: bytes, *, default_max_tokens: int, max_price: bool = True) -> ChatRequest:
-    """Parse a body and apply the field table; raises InvalidRequest naming the field.
+def read_request(raw: bytes, *, default_max_tokens: int, max_price: bool = True,
+                 endpoint: Endpoint = CHAT) -> ChatRequest:
+    """Parse a body and apply the endpoint's field table; raises InvalidRequest naming
+    the field.
 
     ``max_price``: the body will carry ``provider.max_price`` (an OpenRouter
     upstream); without it, ``provider`` preferences cannot be bounded and are refused.
@@ -141,18 +188,20 @@ def read_request(raw: bytes, *, default_max_tokens: int, max_price: bool = True)
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
     for name in body:
-        if name not in PASS_THROUGH and name not in PRICED:
+        if name not in endpoint.passes and name not in endpoint.priced:
             raise _refuse(name, "this field is not one the gateway can price, so it is "
                                 "refused (see docs/request-fields.md).")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model must be a model id string, e.g. \"openai/gpt-4o-mini\".")
+    if endpoint is RESPONSES:
+        return _read_responses(body, raw, model, default_max_tokens, max_price)
+    if endpoint is EMBEDDINGS:
+        return _read_embeddings(body, raw, model, max_price)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be a list of chat messages.")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream must be true or false.")
+    stream = _stream_flag(body)
     models = _models(body, model)
     limits = [v for v in (_count(body, n, n, low=1, high=MAX_TOKENS)
                           for n in ("max_tokens", "max_completion_tokens")) if v is not None]
@@ -163,12 +212,58 @@ def read_request(raw: bytes, *, default_max_tokens: int, max_price: bool = True)
     choices = _count(body, "n", "n", low=1, high=MAX_CHOICES) or 1
     _check_tools(body.get("tools"))
     _check_output(body)
-    if "provider" in body and not max_price:
-        raise _refuse("provider", "routing preferences cannot be bounded by this upstream.")
-    _check_provider(body.get("provider"))
+    _check_provider(body, max_price)
     return ChatRequest(body, raw, model, models, stream, output, choices, _images(messages),
                        _web_results(body.get("plugins")),
                        body.get("prediction") is not None, inject)
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false.")
+    return stream
+
+
+def _read_responses(body: dict[str, Any], raw: bytes, model: str, default_max_tokens: int,
+                    max_price: bool) -> ChatRequest:
+    """A Responses API body: ``input`` (a string or a list of items), ``max_output_tokens``."""
+    items = body.get("input")
+    if isinstance(items, str):
+        items = []
+    elif not isinstance(items, list):
+        raise InvalidRequest("input must be a string or a list of input items.")
+    stream = _stream_flag(body)
+    models = _models(body, model)
+    limit = _count(body, "max_output_tokens", "max_output_tokens", low=1, high=MAX_TOKENS)
+    output = limit if limit is not None else default_max_tokens
+    inject = None if limit is not None else output
+    output += _reasoning_budget(body.get("reasoning"))
+    _check_tools(body.get("tools"))
+    _check_output(body)
+    _check_provider(body, max_price)
+    images = _images(items, field="input", text_parts=_RESPONSES_TEXT_PARTS,
+                     image_part="input_image")
+    return ChatRequest(body, raw, model, models, stream, output, 1, images,
+                       _web_results(body.get("plugins")), False, inject, RESPONSES)
+
+
+def _read_embeddings(body: dict[str, Any], raw: bytes, model: str,
+                     max_price: bool) -> ChatRequest:
+    """An embeddings body: text (or token ids) in, vectors out; no output tokens."""
+    data = body.get("input")
+    texts = data if isinstance(data, list) else [data]
+    for i, text in enumerate(texts):
+        tokens = text if isinstance(text, list) else [text]
+        if isinstance(text, str) or all(isinstance(t, int) and not isinstance(t, bool)
+                                        for t in tokens):
+            continue
+        # Images and other media embed at a price nothing in the body bounds.
+        raise _refuse(f"input[{i}]" if isinstance(data, list) else "input",
+                      "must be text or token ids; other inputs cannot be priced before "
+                      "the call.")
+    _check_provider(body, max_price)
+    return ChatRequest(body, raw, model, (model,), False, 0, 1, 0, 0, False, None, EMBEDDINGS)
 
 
 def _models(body: dict[str, Any], model: str) -> tuple[str, ...]:
@@ -223,9 +318,12 @@ def _check_output(body: dict[str, Any]) -> None:
         raise _refuse("prediction", "must be an object.")
 
 
-def _check_provider(provider: Any) -> None:
+def _check_provider(body: dict[str, Any], bounded: bool) -> None:
+    provider = body.get("provider")
     if provider is None:
         return
+    if not bounded:
+        raise _refuse("provider", "routing preferences cannot be bounded by this upstream.")
     if not isinstance(provider, dict):
         raise _refuse("provider", "must be an object.")
     for key in provider:
@@ -236,7 +334,8 @@ def _check_provider(provider: Any) -> None:
         raise _refuse("provider.max_price", "must be an object.")
 
 
-def _images(messages: list[Any]) -> int:
+def _images(messages: list[Any], *, field: str = "messages",
+            text_parts: frozenset[str] = _TEXT_PARTS, image_part: str = "image_url") -> int:
     images = 0
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
@@ -246,14 +345,14 @@ def _images(messages: list[Any]) -> int:
             kind = part.get("type") if isinstance(part, dict) else None
             if not isinstance(kind, str):
                 kind = None  # compared with sets below: only strings are hashable here
-            if kind == "image_url":
+            if kind == image_part:
                 images += 1
-            elif kind not in _TEXT_PARTS:
+            elif kind not in text_parts:
                 # Files, audio and video are billed by length (pages, seconds) that
                 # nothing in the request bounds.
-                raise _refuse(f"messages[{i}].content[{j}].type",
+                raise _refuse(f"{field}[{i}].content[{j}].type",
                               f"{str(kind)[:40]!r} inputs cannot be priced before the call; send "
-                              "text or image_url parts.")
+                              f"text or {image_part} parts.")
     return images
 
 
@@ -321,11 +420,14 @@ def plan(req: ChatRequest, prices: PriceList, *, stream_upstream: bool,
     price = ceiling(prices, req.models)
     changes: dict[str, Any] = {}
     body = req.body
-    if req.inject_max_tokens is not None:
-        changes["max_tokens"] = req.inject_max_tokens
+    endpoint = req.endpoint
+    if req.inject_max_tokens is not None and endpoint.output_limit is not None:
+        changes[endpoint.output_limit] = req.inject_max_tokens
+    stream_upstream = stream_upstream and endpoint.streams
     if not req.stream and stream_upstream:
         changes["stream"] = True
-    if req.stream or stream_upstream:
+    # The Responses stream carries its usage in response.completed, unasked.
+    if endpoint is CHAT and (req.stream or stream_upstream):
         # The usage event is how the call is billed: ask for it even when the client
         # declined it (OpenRouter sends it regardless; other upstreams need asking).
         options = body.get("stream_options")

@@ -6,7 +6,17 @@ per piece of text, a finish chunk, a final usage event with ``choices: []``
 and ``usage.cost``, then ``data: [DONE]``; ``X-Generation-Id`` before any body
 byte; errors before streaming as JSON with 4xx/5xx, errors after streaming
 started inside the 200 stream; ``GET /models``, ``GET /key``,
-``GET /generation`` and the OAuth PKCE endpoints. A ``response_format`` (JSON
+``GET /generation`` and the OAuth PKCE endpoints. ``POST /responses`` (the
+Responses API, beta) answers a ``response`` object, or streams
+``response.created``, ``response.in_progress``, ``response.output_item.added``,
+``response.content_part.added``, ``response.output_text.delta`` …, the
+``….done`` events and ``response.completed`` carrying the final response with
+its usage (``input_tokens``, ``output_tokens``, ``cost``); a midstream failure
+is ``response.failed``. ``POST /embeddings`` answers ``{"object": "list",
+"data": [{"embedding": …}], "usage": {prompt_tokens, total_tokens, cost}}``
+(base64 vectors when asked, as the ``openai`` SDK does by default). Every
+metered answer names its generation in ``X-Generation-Id`` and in its ``id``,
+and ``GET /generation`` knows it. A ``response_format`` (JSON
 mode, structured outputs) is answered with a JSON document, a JSON schema with
 an instance of it.
 
@@ -43,6 +53,7 @@ import base64
 import hashlib
 import json
 import secrets
+import struct
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -102,6 +113,8 @@ MODELS: dict[str, FakeModel] = {
     "fake/out-1m": FakeModel(Decimal("0"), Decimal("0.001"), Decimal("0")),
     "fake/vision": FakeModel(Decimal("0.000001"), Decimal("0"), Decimal("0"),
                              image=Decimal("0.01")),
+    "openai/text-embedding-3-small": FakeModel(Decimal("0.00000002"), Decimal("0")),
+    "fake/embed-flat-1c": FakeModel(Decimal("0"), Decimal("0"), Decimal("0.01")),
     "fake/routed": FakeModel(Decimal("0"), Decimal("0"), Decimal("0.005"), others=(
         FakeProvider("Dear", Decimal("0"), Decimal("0"), Decimal("0.03")),)),
 }
@@ -235,16 +248,21 @@ def _num(d: Decimal) -> str:
     return format(d.normalize(), "f") if d else "0"
 
 
-def _usage_json(prompt: int, completion: int, call: Call) -> str:
-    """The usage object as OpenRouter sends it; for BYOK ``cost`` is only its fee."""
+def _billing_json(call: Call) -> str:
+    """The billing fields every usage object carries; for BYOK ``cost`` is only the fee."""
     fee = call.byok_fee
     inference = call.cost - fee if fee is not None else call.cost
-    return ('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cost":%s,'
-            '"is_byok":%s,"prompt_tokens_details":{"cached_tokens":0},'
-            '"cost_details":{"upstream_inference_cost":%s},'
+    return '"cost":%s,"is_byok":%s,"cost_details":{"upstream_inference_cost":%s}' % (
+        _num(call.cost if fee is None else fee), "false" if fee is None else "true",
+        _num(inference))
+
+
+def _usage_json(prompt: int, completion: int, call: Call) -> str:
+    """The usage object as OpenRouter sends it."""
+    return ('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,%s,'
+            '"prompt_tokens_details":{"cached_tokens":0},'
             '"completion_tokens_details":{"reasoning_tokens":0}}'
-            % (prompt, completion, prompt + completion, _num(call.cost if fee is None else fee),
-               "false" if fee is None else "true", _num(inference)))
+            % (prompt, completion, prompt + completion, _billing_json(call)))
 
 
 def _generation_json(call: Call) -> str:
@@ -321,6 +339,49 @@ def _within(p: FakeProvider, max_price: Any) -> bool:
     return all(mine[k] <= Decimal(str(v)) for k, v in max_price.items() if k in mine)
 
 
+def _responses_usage_json(prompt: int, completion: int, reasoning: int, call: Call) -> str:
+    """The Responses API's usage (``input_tokens``/``output_tokens``) with OpenRouter's cost."""
+    return ('{"input_tokens":%d,"input_tokens_details":{"cached_tokens":0},'
+            '"output_tokens":%d,"output_tokens_details":{"reasoning_tokens":%d},'
+            '"total_tokens":%d,%s}'
+            % (prompt, completion, reasoning, prompt + completion, _billing_json(call)))
+
+
+def _embeddings_usage_json(prompt: int, call: Call) -> str:
+    """An embeddings usage: prompt tokens only."""
+    return '{"prompt_tokens":%d,"total_tokens":%d,%s}' % (prompt, prompt, _billing_json(call))
+
+
+class _Response:
+    """One Responses API ``response`` object, at each stage of its stream."""
+
+    def __init__(self, call: Call, provider: str, body: dict[str, Any], created: int) -> None:
+        self.call, self.provider, self.body, self.created = call, provider, body, created
+        self.item_id = "msg_" + call.generation_id.removeprefix("gen-")
+
+    def message(self, status: str, text: str | None) -> str:
+        content = [] if text is None else [{"type": "output_text", "text": text,
+                                            "annotations": [], "logprobs": []}]
+        return json.dumps({"type": "message", "id": self.item_id, "status": status,
+                           "role": "assistant", "content": content})
+
+    def json(self, status: str, text: str | None, usage: str, error: str = "null") -> str:
+        body = self.body
+        output = "[]" if text is None else "[%s]" % self.message("completed", text)
+        fields = {"id": self.call.generation_id, "object": "response",
+                  "created_at": self.created, "model": self.call.model,
+                  "provider": self.provider, "status": status,
+                  "incomplete_details": None, "instructions": body.get("instructions"),
+                  "max_output_tokens": body.get("max_output_tokens"),
+                  "metadata": body.get("metadata") or {},
+                  "parallel_tool_calls": body.get("parallel_tool_calls", True),
+                  "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                  "tool_choice": body.get("tool_choice", "auto"),
+                  "tools": body.get("tools") or [], "text": {"format": {"type": "text"}}}
+        head = json.dumps(fields)[:-1]
+        return '%s,"output":%s,"error":%s,"usage":%s}' % (head, output, error, usage)
+
+
 fake_key = web.AppKey("fake", FakeOpenRouter)
 
 
@@ -391,7 +452,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             return _error(403, "Invalid code or verifier")
         return web.json_response({"key": entry[1], "user_id": "user_fake"})
 
-    async def chat(request: web.Request) -> web.StreamResponse:
+    async def begin(request: web.Request
+                    ) -> tuple[dict[str, Any], FakeModel, FakeProvider, Call] | web.Response:
+        """Key, body and routing, as every metered endpoint checks them; the call recorded."""
         status = fake.key_status(request.headers.get("Authorization", ""))
         if status == 401:
             return _error(401, "User not found.")
@@ -400,6 +463,8 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         try:
             body = await request.json()
         except ValueError:
+            return _error(400, "Invalid JSON")
+        if not isinstance(body, dict):
             return _error(400, "Invalid JSON")
         routed = route(body)
         if isinstance(routed, web.Response):
@@ -410,21 +475,50 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                     dict(request.headers), body)
         if fake.record_calls:
             fake.calls.append(call)
-        if fake.record_calls:
             fake.generations[gen] = call
+        return body, model, provider, call
+
+    def charge(request: web.Request, call: Call, provider: FakeProvider, *, prompt: int,
+               completion: int, images: int = 0, web_results: int = 0) -> None:
+        """Bill the call (once the model starts answering, whatever the client does next)."""
+        cost = (provider.prompt * prompt + provider.completion * completion
+                + provider.request + provider.image * images + WEB_RESULT_USD * web_results)
+        if request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
+                in fake.byok_keys:
+            fee = (cost * fake.byok_fee_rate).quantize(Decimal("1e-12"))
+            call.byok_fee, cost = fee, cost + fee
+        call.cost = cost
+        fake.charged += cost
+
+    def output_plan(body: dict[str, Any], limit: Any) -> tuple[int, int]:
+        """(text pieces, reasoning tokens): the answer's length follows its limit, and a
+        reasoning budget is spent in full on top of it."""
+        reasoning = body.get("reasoning")
+        if not isinstance(reasoning, dict):
+            reasoning = {}
+        return max(1, min(fake.pieces, int(limit or 10**9))), \
+            int(reasoning.get("max_tokens") or 0)
+
+    def web_results_of(body: dict[str, Any]) -> int:
+        return sum(int(p.get("max_results", 5)) for p in body.get("plugins") or ()
+                   if isinstance(p, dict) and p.get("id") == "web"
+                   and p.get("enabled") is not False)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        started = await begin(request)
+        if isinstance(started, web.Response):
+            return started
+        body, model, provider, call = started
+        gen, model_id = call.generation_id, call.model
         images = sum(1 for m in body.get("messages") or () if isinstance(m, dict)
                      and isinstance(m.get("content"), list)
                      for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
-        web_results = sum(int(p.get("max_results", 5)) for p in body.get("plugins") or ()
-                          if isinstance(p, dict) and p.get("id") == "web"
-                          and p.get("enabled") is not False)
+        web_results = web_results_of(body)
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4) \
             + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10**9
-        n = max(1, min(fake.pieces, int(limit)))
+        n, thought = output_plan(body, body.get("max_completion_tokens")
+                                 or body.get("max_tokens"))
         choices = max(1, int(body.get("n") or 1))
-        reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-        thought = int(reasoning.get("max_tokens") or 0)
         json_answer = _json_answer(body)
         if json_answer is not None:  # the whole document, in n pieces, like a real model
             step = -(-len(json_answer) // n)
@@ -435,15 +529,8 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
         completion_tokens = n * choices + thought
-        cost = (provider.prompt * prompt_tokens + provider.completion * completion_tokens
-                + provider.request + provider.image * images + WEB_RESULT_USD * web_results)
-        if request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
-                in fake.byok_keys:
-            fee = (cost * fake.byok_fee_rate).quantize(Decimal("1e-12"))
-            call.byok_fee, cost = fee, cost + fee
-        # Billed once the model starts answering, whatever the client does next.
-        call.cost = cost
-        fake.charged += cost
+        charge(request, call, provider, prompt=prompt_tokens, completion=completion_tokens,
+                images=images, web_results=web_results)
         created = int(time.time())
         delay = model.delay if model.delay is not None else fake.chunk_delay
         usage = fake.usage(prompt_tokens, completion_tokens, call)
@@ -560,7 +647,147 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         await wire.end(resp)
         return resp
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        """POST /responses (the Responses API, beta): a ``response`` object, or its events
+        (``response.created`` … ``response.output_text.delta`` … ``response.completed``
+        carrying the final response and its usage with ``cost``)."""
+        started = await begin(request)
+        if isinstance(started, web.Response):
+            return started
+        body, model, provider, call = started
+        items = body.get("input")
+        if not isinstance(items, list):
+            items = []
+        images = sum(1 for item in items if isinstance(item, dict)
+                     and isinstance(item.get("content"), list)
+                     for p in item["content"]
+                     if isinstance(p, dict) and p.get("type") == "input_image")
+        web_results = web_results_of(body)
+        prompt_tokens = max(1, len(json.dumps([body.get("instructions"), body.get("input"),
+                                               body.get("tools")])) // 4) \
+            + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
+        n, thought = output_plan(body, body.get("max_output_tokens"))
+        pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
+        charge(request, call, provider, prompt=prompt_tokens, completion=n + thought,
+               images=images, web_results=web_results)
+        usage = fake.usage_text if fake.usage_text is not None else \
+            _responses_usage_json(prompt_tokens, n + thought, thought, call)
+        answer = _Response(call, provider.name, body, int(time.time()))
+        delay = model.delay if model.delay is not None else fake.chunk_delay
+        if not body.get("stream"):
+            if delay:
+                await asyncio.sleep(delay * n)
+            call.finished = True
+            call.answered_at = time.monotonic()
+            return web.Response(text=answer.json("completed", "".join(pieces), usage),
+                                content_type="application/json",
+                                headers={"X-Generation-Id": fake.generation_header(
+                                    call.generation_id)})
+        wire = _Wire(fake, request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Generation-Id": fake.generation_header(
+                                               call.generation_id),
+                                           **wire.headers})
+        try:
+            return await response_events(request, resp, wire, call, model, answer, pieces,
+                                         delay, usage)
+        except ConnectionError:
+            return resp
+        finally:
+            call.finished = True
+
+    async def response_events(request: web.Request, resp: web.StreamResponse, wire: _Wire,
+                              call: Call, model: FakeModel, answer: _Response,
+                              pieces: list[str], delay: float, usage: str
+                              ) -> web.StreamResponse:
+        if fake.header_delay:
+            await asyncio.sleep(fake.header_delay)
+        await resp.prepare(request)
+        call.answered_at = time.monotonic()
+        seq = iter(range(1_000_000))
+
+        async def event(kind: str, fields: str) -> None:
+            await wire.write(resp, ('event: %s\ndata: {"type":"%s","sequence_number":%d,%s}'
+                                    '\n\n' % (kind, kind, next(seq), fields)).encode())
+
+        for _ in range(fake.keepalives):
+            await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
+        await event("response.created", '"response":' + answer.json("in_progress", None, "null"))
+        await event("response.in_progress",
+                    '"response":' + answer.json("in_progress", None, "null"))
+        where = '"item_id":"%s","output_index":0' % answer.item_id
+        await event("response.output_item.added", '"output_index":0,"item":'
+                    + answer.message("in_progress", None))
+        await event("response.content_part.added", where + ',"content_index":0,"part":'
+                    '{"type":"output_text","text":"","annotations":[]}')
+        for i, piece in enumerate(pieces):
+            if delay:
+                await asyncio.sleep(delay)
+            await event("response.output_text.delta", where + ',"content_index":0,'
+                        '"delta":%s,"logprobs":[]' % json.dumps(piece))
+            if fake.comments_between:
+                await wire.write(resp, b": OPENROUTER PROCESSING\n\n")
+            if model.behaviour == "cut" and i == len(pieces) // 2:
+                call.finished = True
+                request.transport.close() if request.transport else None
+                return resp
+            if model.behaviour == "midstream_error" and i == len(pieces) // 2:
+                call.finished = True
+                await event("response.failed", '"response":' + answer.json(
+                    "failed", None, "null",
+                    error='{"code":"server_error","message":"Provider disconnected"}'))
+                await wire.end(resp)
+                return resp
+        text = "".join(pieces)
+        await event("response.output_text.done", where + ',"content_index":0,"text":%s,'
+                    '"logprobs":[]' % json.dumps(text))
+        await event("response.content_part.done", where + ',"content_index":0,"part":'
+                    '{"type":"output_text","text":%s,"annotations":[]}' % json.dumps(text))
+        await event("response.output_item.done", '"output_index":0,"item":'
+                    + answer.message("completed", text))
+        call.finished = True
+        final = usage if model.behaviour != "no_usage" else "null"
+        await event("response.completed", '"response":' + answer.json("completed", text, final))
+        await wire.end(resp)
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        """POST /embeddings: ``{"object":"list","data":[{"embedding":[...]}],"usage":
+        {prompt_tokens, total_tokens, cost}}``; base64 vectors when asked, as OpenAI's."""
+        started = await begin(request)
+        if isinstance(started, web.Response):
+            return started
+        body, model, provider, call = started
+        data = body.get("input")
+        texts = data if isinstance(data, list) and data and not isinstance(data[0], int) \
+            else [data]
+        tokens = sum(len(t) if isinstance(t, list) else max(1, len(str(t)) // 4)
+                     for t in texts)
+        charge(request, call, provider, prompt=tokens, completion=0)
+        call.finished = True
+        call.answered_at = time.monotonic()
+        dims = int(body.get("dimensions") or 8)
+        vectors = []
+        for i, text in enumerate(texts):
+            seed = hashlib.sha256(json.dumps(text).encode()).digest()
+            vector = [round(seed[k % 32] / 255 - 0.5, 6) for k in range(dims)]
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack("<%df" % dims, *vector)).decode()
+            vectors.append({"object": "embedding", "index": i, "embedding": encoded})
+        usage = fake.usage_text if fake.usage_text is not None else \
+            _embeddings_usage_json(tokens, call)
+        text = ('{"id":%s,"object":"list","data":%s,"model":%s,"provider":%s,"usage":%s}'
+                % (json.dumps(call.generation_id), json.dumps(vectors), json.dumps(call.model),
+                   json.dumps(provider.name), usage))
+        return web.Response(text=text, content_type="application/json",
+                            headers={"X-Generation-Id": fake.generation_header(
+                                call.generation_id)})
+
     app.router.add_get("/api/v1/models", models)
+    app.router.add_post("/api/v1/responses", responses)
+    app.router.add_post("/api/v1/embeddings", embeddings)
     app.router.add_get("/api/v1/key", key)
     app.router.add_get("/api/v1/generation", generation)
     app.router.add_post("/api/v1/chat/completions", chat)

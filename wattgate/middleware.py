@@ -52,9 +52,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(WattgateError())
 
 
+API_PREFIX = "/api/v1/"
+
+
+def supported_endpoints(app: web.Application) -> str:
+    """Every method and path the router serves under /api/v1/, from the router itself."""
+    seen: dict[str, list[str]] = {}
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        if path.startswith(API_PREFIX) and route.method not in ("OPTIONS", "HEAD"):
+            seen.setdefault(path, []).append(route.method)
+    return ", ".join(f"{'/'.join(methods)} {path}" for path, methods in seen.items())
+
+
 def _from_http_exception(request: web.Request, e: web.HTTPException) -> WattgateError:
     """aiohttp's own refusals (routing, body size, parsing) in the one error body."""
     if e.status == 404:
+        if request.path.startswith(API_PREFIX):
+            return NotFound(f"No such endpoint: {request.path[:100]}. The gateway serves "
+                            f"{supported_endpoints(request.app)}.")
         return NotFound()
     if e.status == 405:
         allow = e.headers.get("Allow", "")

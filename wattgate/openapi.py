@@ -103,6 +103,8 @@ def _preflight(op_id: str) -> dict[str, Any]:
 USD = {"type": "number", "minimum": 0, "description": "US dollars."}
 USD_OR_NULL = {"type": ["number", "null"], "minimum": 0,
                "description": "US dollars; null means unlimited (development mode only)."}
+MODEL_ID = {"type": "string", "minLength": 1, "examples": ["openai/gpt-4o-mini"]}
+OUTPUT_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}
 USER_ID = {"type": "string", "minLength": 1, "maxLength": 256,
            "description": "The app's own id for its end user (printable characters)."}
 
@@ -151,11 +153,11 @@ SCHEMAS: dict[str, Schema] = {
                        "fields that cannot pass through; fields not in "
                        "docs/request-fields.md are refused.",
         "properties": {
-            "model": {"type": "string", "minLength": 1, "examples": ["openai/gpt-4o-mini"]},
+            "model": MODEL_ID,
             "messages": {"type": "array", "items": {"type": "object"}},
             "stream": {"type": "boolean"},
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
-            "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+            "max_tokens": OUTPUT_LIMIT,
+            "max_completion_tokens": OUTPUT_LIMIT,
             "stream_options": {"type": "object"},
         },
     },
@@ -169,6 +171,46 @@ SCHEMAS: dict[str, Schema] = {
                                 "JSON object (the last one carries usage), or [DONE]."},
                        "event": {"type": "string"}, "id": {"type": "string"}},
     },
+    "ResponseRequest": {
+        "type": "object", "required": ["model"],
+        "description": "OpenRouter's Responses API request (beta). Metered by the rule of "
+                       "chat completions with its own fields: max_output_tokens (injected "
+                       "when absent), reasoning, function tools; previous_response_id and "
+                       "other fields that pull in unseen text are refused "
+                       "(docs/request-fields.md).",
+        "properties": {
+            "model": MODEL_ID,
+            "input": {"type": ["string", "array"], "items": {"type": "object"}},
+            "instructions": {"type": ["string", "null"]},
+            "stream": {"type": "boolean"},
+            "max_output_tokens": OUTPUT_LIMIT,
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "reasoning": {"type": "object"},
+        },
+    },
+    "Response": {"type": "object", "description": "A Responses API response object (the "
+                 "one the provider's response.completed event carried), usage included."},
+    "ResponseEvent": {
+        "type": "object", "required": ["data"],
+        "description": "One server-sent event of a streamed response, as the provider sent "
+                       "it: response.created, response.output_text.delta, …, "
+                       "response.completed (carrying the final response and its usage).",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    },
+    "EmbeddingRequest": {
+        "type": "object", "required": ["model", "input"],
+        "description": "OpenAI-compatible embeddings request: text or token ids; other "
+                       "inputs are refused.",
+        "properties": {
+            "model": {"type": "string", "minLength": 1,
+                      "examples": ["openai/text-embedding-3-small"]},
+            "input": {"type": ["string", "array"]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+        },
+    },
+    "EmbeddingList": {"type": "object", "description": "The provider's embeddings "
+                      "(object \"list\", data[].embedding) with its usage and cost."},
     "ModelList": {"type": "object", "properties": {"data": {"type": "array", "items": {
         "type": "object"}}}},
     "GrantRequest": {
@@ -232,6 +274,18 @@ GRANT_REMAINING = {"x-wattfare-grant-remaining": {
     "schema": {"type": "integer"}}}
 
 
+def _metered_op(summary: str, answer: str, schema: str, event: str | None, request: str,
+                op_id: str) -> dict[str, Any]:
+    """A metered proxy endpoint: the payer's headers, the grant's count, the same errors."""
+    content = {"application/json": {"schema": _ref(schema)}}
+    if event is not None:
+        content["text/event-stream"] = {"schema": _ref(event)}
+    return _op(summary, SECRET,
+               {"200": {"description": answer, "headers": GRANT_REMAINING, "content": content},
+                **_errors(400, 401, 402, 413, 429, 502, 504)},
+               body=_body(_ref(request)), parameters=[USER_HEADER, GRANT_HEADER], op_id=op_id)
+
+
 def _paths() -> dict[str, Any]:
     return {
         "/sessions": {"post": _op(
@@ -261,16 +315,20 @@ def _paths() -> dict[str, Any]:
                           op_id="revokeConnection"),
             "options": _preflight("preflightConnections"),
         },
-        "/chat/completions": {"post": _op(
+        "/chat/completions": {"post": _metered_op(
             "OpenAI-compatible metered proxy: admitted against the user's cap or the grant, "
-            "streamed through, settled from the provider's usage.", SECRET,
-            {"200": {"description": "The completion, or an SSE stream when stream is true.",
-                     "headers": GRANT_REMAINING,
-                     "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                 "text/event-stream": {"schema": _ref("ChatCompletionEvent")}}},
-             **_errors(400, 401, 402, 413, 429, 502, 504)},
-            body=_body(_ref("ChatCompletionRequest")), parameters=[USER_HEADER, GRANT_HEADER],
-            op_id="createChatCompletion")},
+            "streamed through, settled from the provider's usage.",
+            "The completion, or an SSE stream when stream is true.", "ChatCompletion",
+            "ChatCompletionEvent", "ChatCompletionRequest", "createChatCompletion")},
+        "/responses": {"post": _metered_op(
+            "The Responses API (OpenRouter's beta), metered like chat completions: the "
+            "events streamed through, or the final response as one object.",
+            "The response, or an SSE stream when stream is true.", "Response",
+            "ResponseEvent", "ResponseRequest", "createResponse")},
+        "/embeddings": {"post": _metered_op(
+            "OpenAI-compatible embeddings, metered: held at the input's worst case, "
+            "settled from the provider's usage.", "The embeddings.", "EmbeddingList", None,
+            "EmbeddingRequest", "createEmbeddings")},
         "/models": {"get": _op(
             "The provider's model list, passed through.", SECRET,
             {"200": _json(_ref("ModelList")), **_errors(401, 502, 504)}, op_id="listModels")},

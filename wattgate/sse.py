@@ -13,7 +13,15 @@ containing ``"usage"`` or ``"error"`` is split into lines and JSON-parsed, so
 the text chunks of a long answer cost almost nothing. A JSON string cannot
 contain an unescaped quote, so ``"usage"`` in answer text never matches.
 
-``parse_json_body`` does the same for a non-streamed JSON answer.
+The same reader serves the Responses API: its stream has no ``[DONE]`` and no
+top-level ``usage``; the terminal event (``response.completed``,
+``response.incomplete`` or ``response.failed``) carries the final response,
+whose ``usage`` (``input_tokens``/``output_tokens``, with ``cost``) is read
+as a chat usage (``usage_of``), and an ``error`` event or a failed response is
+an error. Chat chunks have no top-level ``type``, so one reader tells them apart.
+
+``parse_json_body`` does the same for a non-streamed JSON answer: a
+``chat.completion``, a Responses ``response`` or an embeddings ``list``.
 """
 
 from __future__ import annotations
@@ -97,12 +105,34 @@ class StreamReader:
         event = _loads(payload)
         if not isinstance(event, dict):
             return
+        kind = event.get("type")
+        if isinstance(kind, str) and (kind == "error" or kind.startswith("response.")):
+            self._response_event(kind, event)
+            return
         if "error" in event:
             self.outcome.error = error_message(event["error"])
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.outcome.usage = usage
             self.outcome.model = answering_model(event, self.outcome.model)
+
+    def _response_event(self, kind: str, event: dict[str, Any]) -> None:
+        """One event of a Responses stream: only the terminal ones and errors matter."""
+        if kind == "error":
+            self.outcome.error = error_message(event.get("error", event))
+            return
+        if kind not in TERMINAL_RESPONSE_EVENTS:
+            return
+        response = event.get("response")
+        if not isinstance(response, dict):
+            return
+        self.outcome.done = True
+        if kind == "response.failed":
+            self.outcome.error = error_message(response.get("error"))
+        usage = usage_of(response)
+        if usage is not None:
+            self.outcome.usage = usage
+            self.outcome.model = answering_model(response, self.outcome.model)
 
     def close(self) -> Outcome:
         if self._partial:
@@ -123,12 +153,35 @@ def parse_json_body(body: bytes, generation_id: str | None = None) -> Outcome:
     outcome.done = True
     if outcome.generation_id is None and isinstance(data.get("id"), str):
         outcome.generation_id = data["id"][:200]
-    if "error" in data:
+    # A Responses object always carries ``"error": null``; only a value is an error.
+    if "error" in data and (data.get("object") != "response" or data["error"] is not None):
         outcome.error = error_message(data["error"])
-    if isinstance(data.get("usage"), dict):
-        outcome.usage = data["usage"]
+    outcome.usage = usage_of(data)
     outcome.model = answering_model(data, None)
     return outcome
+
+
+TERMINAL_RESPONSE_EVENTS = frozenset(("response.completed", "response.incomplete",
+                                      "response.failed"))
+
+
+def usage_of(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """An answer's ``usage`` in chat's terms (``prompt_tokens``, ``completion_tokens``,
+    ``cost``…), whichever endpoint sent it; None when it carries none.
+
+    A Responses usage counts ``input_tokens``/``output_tokens``; an embeddings usage
+    has no completion, which is 0 tokens, not a missing count.
+    """
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    kind = answer.get("object")
+    if kind == "response":
+        usage = {**usage, "prompt_tokens": usage.get("input_tokens"),
+                 "completion_tokens": usage.get("output_tokens")}
+    elif kind == "list" and "completion_tokens" not in usage:
+        usage = {**usage, "completion_tokens": 0}
+    return usage
 
 
 def answering_model(event: dict[str, Any], default: str | None) -> str | None:

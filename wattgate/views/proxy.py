@@ -1,4 +1,13 @@
-"""POST /api/v1/chat/completions and GET /api/v1/models: the metered proxy.
+"""The metered proxy: POST /api/v1/chat/completions, /responses and /embeddings,
+and GET /api/v1/models.
+
+The three metered endpoints share one lifecycle (``_Call``), parametrised by
+``estimate.Endpoint``: the upstream path, the table of fields, the output limit
+injected. The same ``StreamReader`` reads chat's final ``usage`` and the
+Responses stream's ``response.completed``; a whole Responses answer is streamed
+upstream too and is the response its terminal event carries
+(``assemble.ResponseAssembler``); embeddings are never streamed, and their
+hold's row names the generation as soon as the answer's headers do.
 
 The path of one call (each step's module in brackets):
 
@@ -33,14 +42,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from .. import admission, estimate
-from ..assemble import Assembler
+from ..assemble import Assembler, ResponseAssembler
 from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
-from ..estimate import read_request
+from ..estimate import CHAT, EMBEDDINGS, RESPONSES, Endpoint, read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
 from ..sse import Outcome, StreamReader, parse_json_body
@@ -67,6 +77,18 @@ drains_key = web.AppKey("drains", set[asyncio.Task[None]])
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _metered(request, CHAT)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _metered(request, RESPONSES)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _metered(request, EMBEDDINGS)
+
+
+async def _metered(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     gw = request.app[gateway_key]
     upstream = request.app[upstream_key]
     started = gw.clock()
@@ -79,13 +101,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_json_depth(raw)
     config = gw.config
     req = read_request(raw, default_max_tokens=config.metering_default_max_tokens,
-                       max_price=config.upstream_send_max_price)
+                       max_price=config.upstream_send_max_price, endpoint=endpoint)
     plan = estimate.plan(req, await upstream.price_list(),
                          stream_upstream=config.upstream_stream_whole_answers,
                          send_max_price=config.upstream_send_max_price)
     admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
                                      connection=connection)
-    call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started)
+    call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started, endpoint)
     return await call.run(request, plan.payload, req.stream)
 
 
@@ -93,8 +115,9 @@ class _Call:
     """One admitted call: owns its hold until settled or released, exactly once."""
 
     def __init__(self, gw: Gateway, upstream: Upstream, admitted: admission.Admitted,
-                 estimate: int, model: str, started: float) -> None:
+                 estimate: int, model: str, started: float, endpoint: Endpoint = CHAT) -> None:
         self.gw, self.upstream, self.admitted = gw, upstream, admitted
+        self.endpoint = endpoint
         self.estimate, self.model, self.started = estimate, model, started
         self.closed = False
         self.handed_off = False  # a background drain owns the settle now
@@ -138,7 +161,7 @@ class _Call:
         try:
             async with asyncio.timeout(self.upstream.first_byte_timeout):
                 upstream_resp = await self.upstream.session.post(
-                    self.upstream.url("/chat/completions"), data=payload, headers=headers)
+                    self.upstream.url(self.endpoint.path), data=payload, headers=headers)
         except BaseException as e:
             await self.release()
             if isinstance(e, asyncio.TimeoutError):
@@ -187,7 +210,16 @@ class _Call:
             headers["x-wattfare-grant-remaining"] = str(self.admitted.grant_remaining)
         return headers
 
+    def _note(self, generation: str | None) -> "asyncio.Future[Any] | None":
+        """Name the generation in the hold's row (committed before the settle, which is
+        queued after it): from here a crash leaves a provisional row, not lost spend."""
+        if not generation:
+            return None
+        return self.gw.store.note_generation(self.admitted.hold, generation,
+                                             self.admitted.app_id, self.model)
+
     async def _whole(self, resp: aiohttp.ClientResponse) -> web.Response:
+        self._note(_generation_of(resp))  # the headers came before the body
         try:
             body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -201,10 +233,9 @@ class _Call:
     async def _assembled(self, resp: aiohttp.ClientResponse) -> web.Response:
         """A non-streamed call the upstream streamed: one JSON answer, built from it."""
         generation = _generation_of(resp)
-        if generation:  # committed before the settle, which is queued after it
-            self.gw.store.note_generation(self.admitted.hold, generation,
-                                          self.admitted.app_id, self.model)
-        assembler = Assembler()  # reads the usage too (the StreamReader's rules)
+        self._note(generation)
+        # Both read the usage too (the StreamReader's rules).
+        assembler = ResponseAssembler() if self.endpoint is RESPONSES else Assembler()
         try:
             async for chunk in resp.content.iter_any():
                 assembler.feed(chunk)
@@ -218,22 +249,22 @@ class _Call:
             resp.close()
             await self.settle(outcome, "upstream_error")
             raise UpstreamError(f"The model provider failed while answering: {outcome.error}")
+        answer = assembler.answer()
+        if answer is None:  # a Responses stream that ended before its final response
+            await self.settle(outcome, "upstream_cut")
+            raise UpstreamError("The model provider's answer ended without a final response.")
         await self.settle(outcome, "ok")
         headers = self._response_headers(resp)
         headers.pop("Cache-Control", None)
         headers["Content-Type"] = "application/json"
-        return web.Response(body=json.dumps(assembler.answer()).encode(), status=200,
-                            headers=headers)
+        return web.Response(body=json.dumps(answer).encode(), status=200, headers=headers)
 
     async def _stream(self, request: web.Request,
                       resp: aiohttp.ClientResponse) -> web.StreamResponse:
         generation = _generation_of(resp)
         reader = self.reader = StreamReader(generation)
-        # The hold's row names the generation before any body byte leaves: a crash
-        # from here on leaves a provisional row to reconcile, not lost spend.
-        noted = self.gw.store.note_generation(self.admitted.hold, generation,
-                                              self.admitted.app_id, self.model) \
-            if generation else None
+        # The hold's row names the generation before any body byte leaves.
+        noted = self._note(generation)
         out = web.StreamResponse(status=200, headers=self._response_headers(resp))
         out.content_type = "text/event-stream"
         try:
@@ -331,4 +362,5 @@ async def drains_ctx(app: web.Application):  # type: ignore[no-untyped-def]
         await asyncio.wait(tasks, timeout=app[gateway_key].config.metering_drain_seconds + 5)
 
 
-__all__ = ["chat_completions", "models", "drains_ctx", "WattgateError"]
+__all__ = ["chat_completions", "responses", "embeddings", "models", "drains_ctx",
+           "WattgateError"]
