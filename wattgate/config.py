@@ -89,6 +89,10 @@ SETTINGS: tuple[Setting, ...] = (
             "budget hold assumed, so no routing (fallback providers, provider preferences, "
             "models fallbacks) can bill a dearer endpoint. Turn off only for an upstream "
             "that is not OpenRouter; requests naming provider are then refused."),
+    Setting("upstream", "attribution", bool, True,
+            "Send each call with HTTP-Referer (the app's registered origin, an https one "
+            "first) and X-Title (the app's name) unless the client set them, so the user's "
+            "OpenRouter activity shows which app spent. false: only the client's own."),
     Setting("upstream", "models_ttl", float, 600.0,
             "Seconds a fetched model price list is used before it is refreshed.", 1),
     Setting("sessions", "ttl_seconds", int, 600,

@@ -35,7 +35,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .. import admission, estimate
+from .. import admission, attribution, estimate
 from ..assemble import Assembler
 from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
 from ..estimate import read_request
@@ -50,8 +50,10 @@ from .state import gateway_key, upstream_key
 log = logging.getLogger("wattgate.proxy")
 
 # Only these request headers reach the upstream: never the app's secret key,
-# x-wattfare-*, cookies or hop-by-hop headers.
-FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
+# x-wattfare-*, cookies or hop-by-hop headers. The client's attribution headers win
+# over the app's (attribution.py); each is made one safe line.
+FORWARD_REQUEST_HEADERS = ("Accept",)
+FORWARD_ATTRIBUTION_HEADERS = (attribution.REFERER, *attribution.TITLE_NAMES)
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
 
@@ -84,7 +86,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
                                      connection=connection)
     call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started)
-    return await call.run(request, plan.payload, req.stream)
+    credit = attribution.attribution_headers(app, request.headers,
+                                             enabled=config.upstream_attribution)
+    return await call.run(request, plan.payload, req.stream, credit)
 
 
 class _Call:
@@ -126,11 +130,18 @@ class _Call:
                    "Content-Type": "application/json"}
         return headers
 
-    async def run(self, request: web.Request, payload: bytes, stream: bool) -> web.StreamResponse:
+    async def run(self, request: web.Request, payload: bytes, stream: bool,
+                  credit: dict[str, str]) -> web.StreamResponse:
+        """``credit``: the app's attribution headers the client did not set itself."""
         headers = self._headers()
         for name in FORWARD_REQUEST_HEADERS:
             if name in request.headers:
                 headers[name] = request.headers[name]
+        for name in FORWARD_ATTRIBUTION_HEADERS:
+            value = attribution.safe_value(request.headers.get(name, ""))
+            if value:
+                headers[name] = value
+        headers.update(credit)
         assert self.upstream.session is not None
         self.sent = self.gw.observer.clock()
         try:
