@@ -9,7 +9,7 @@ nano-dollar; they leave as JSON numbers only at the HTTP edge.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 1_000_000_000
 _NANO = Decimal(NANOS_PER_USD)
@@ -52,3 +52,18 @@ def nanos_to_json(nanos: int) -> float | int:
     if amount == amount.to_integral_value():
         return int(amount)
     return float(amount.normalize())
+
+
+def format_usd(nanos: int, *, round_up: bool = False) -> str:
+    """An amount for a person to read: ``$0.03``, ``$0.0614``, ``$0.000012``.
+
+    Cents always show; smaller amounts keep up to six decimals (a cheap call
+    costs a few micro-dollars), trailing zeros dropped. Rounded down by default,
+    up with ``round_up``: a refusal shows a worst case never below the truth and
+    what is left never above it, so the numbers it prints always disagree.
+    """
+    rounding = ROUND_CEILING if round_up else ROUND_FLOOR
+    amount = (Decimal(nanos) / _NANO).quantize(Decimal("0.000001"), rounding=rounding)
+    text = format(amount, "f").rstrip("0")
+    whole, _, decimals = text.partition(".")
+    return f"${whole}.{decimals.ljust(2, '0')}"

@@ -35,9 +35,10 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .. import admission, attribution, estimate
+from .. import admission, attribution, estimate, headroom
 from ..assemble import Assembler
-from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
+from ..errors import (BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError,
+                      UpstreamTimeout, WattgateError)
 from ..estimate import read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
@@ -56,6 +57,11 @@ FORWARD_REQUEST_HEADERS = ("Accept",)
 FORWARD_ATTRIBUTION_HEADERS = (attribution.REFERER, *attribution.TITLE_NAMES)
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
+
+def _may_fit(mode: str, req: estimate.ChatRequest) -> bool:
+    """metering.fit_to_budget: may this call's answer limit be lowered to fit?"""
+    return mode == "always" or (mode == "unset" and not headroom.client_set_limit(req))
+
 
 def _generation_of(resp: aiohttp.ClientResponse) -> str | None:
     """The id the upstream named the call by, as the ledger keeps it (an empty header is
@@ -80,12 +86,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = gw.config
     req = read_request(raw, default_max_tokens=config.metering_default_max_tokens,
                        max_price=config.upstream_send_max_price)
-    plan = estimate.plan(req, await upstream.price_list(),
-                         stream_upstream=config.upstream_stream_whole_answers,
-                         send_max_price=config.upstream_send_max_price)
-    admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
-                                     connection=connection)
+    pricing = headroom.Pricing(await upstream.price_list(), config.metering_default_max_tokens,
+                               config.upstream_stream_whole_answers,
+                               config.upstream_send_max_price)
+    plan = pricing.plan(req)
+    fitted: int | None = None
+    try:
+        admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos,
+                                         now=gw.clock(), connection=connection)
+    except (BudgetExceeded, GrantInvalid) as refused:
+        if refused.shortfall is None:
+            raise
+        fit = headroom.largest_fit(req, plan.worst_nanos, refused.shortfall.left, pricing)
+        grant = payer.grant_token is not None
+        if fit is None or fit.max_tokens < config.metering_fit_min_tokens or not _may_fit(
+                config.metering_fit_to_budget, req):
+            raise headroom.explained(refused, req, fit, pricing, grant=grant) from None
+        req, plan, fitted = fit.req, fit.plan, fit.max_tokens
+        try:  # another call may have taken the room meanwhile: then refused, explained
+            admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos,
+                                             now=gw.clock(), connection=connection)
+        except (BudgetExceeded, GrantInvalid) as again:
+            raise headroom.explained(again, req, None, pricing, grant=grant) from None
     call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started)
+    call.fitted_max_tokens = fitted
     credit = attribution.attribution_headers(app, request.headers,
                                              enabled=config.upstream_attribution)
     return await call.run(request, plan.payload, req.stream, credit)
@@ -102,6 +126,7 @@ class _Call:
         self.handed_off = False  # a background drain owns the settle now
         self.reader: StreamReader | None = None
         self.sent: float | None = None  # when the call left for the upstream (metrics)
+        self.fitted_max_tokens: int | None = None  # lowered to fit the budget (headroom)
 
     async def release(self) -> None:
         if not self.closed:
@@ -194,6 +219,8 @@ class _Call:
         headers = {k: resp.headers[k] for k in FORWARD_RESPONSE_HEADERS if k in resp.headers}
         if self.admitted.grant_remaining is not None:
             headers["x-wattfare-grant-remaining"] = str(self.admitted.grant_remaining)
+        if self.fitted_max_tokens is not None:
+            headers["x-wattfare-max-tokens"] = str(self.fitted_max_tokens)
         return headers
 
     async def _whole(self, resp: aiohttp.ClientResponse) -> web.Response:
