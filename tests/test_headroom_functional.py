@@ -152,3 +152,25 @@ async def test_a_grant_is_fitted_to_its_max_usd_by_default(harness):
     fitted = int(raw.headers["x-wattfare-max-tokens"])
     assert harness.fake.calls[-1].body["max_tokens"] == fitted < 700
     assert usd_to_nanos(harness.fake.charged) <= usd_to_nanos("0.01")
+
+
+async def test_status_shows_what_calls_in_flight_hold(harness):
+    """heldUsd: the worst case of each call still running, apart from what was spent."""
+    from wattgate.sdk import Wattfare
+
+    harness.fake.chunk_delay = 0.1
+    app = await harness.create_app()
+    await harness.connect(app, "gus", monthly_usd=1)
+    wf = Wattfare(app.secret_key, base_url=harness.url)
+    async with client(harness, app, "gus") as oa:
+        stream = await oa.chat.completions.create(
+            model=DEAR, max_tokens=1000, stream=True,
+            messages=[{"role": "user", "content": "hi"}])
+        status = await wf.user("gus").status()
+        assert Decimal("0.015") < status.held_usd < Decimal("0.016")  # 1000 × $15/M + prompt
+        assert status.usage.monthly_usd == 0 and status.remaining_usd == 1  # as the reference
+        assert (await harness.status(app, "gus"))["heldUsd"] == float(status.held_usd)
+        async for _ in stream:
+            pass
+    status = await wf.user("gus").status()
+    assert status.held_usd == 0 and status.usage.monthly_usd > 0

@@ -123,7 +123,11 @@ SCHEMAS: dict[str, Schema] = {
                        "properties": {"monthlyUsd": USD_OR_NULL}},
             "usage": {"type": "object", "required": ["monthlyUsd"],
                       "properties": {"monthlyUsd": USD}},
-            "remainingUsd": {**USD_OR_NULL, "description": "Null when unlimited."},
+            "remainingUsd": {**USD_OR_NULL, "description": "limits − usage; null when "
+                                                           "unlimited."},
+            "heldUsd": {**USD, "description": "wattgate extension: held at their worst case "
+                                              "by this month's calls in flight; a new call "
+                                              "fits in remainingUsd − heldUsd."},
         },
     },
     "SessionRequest": {
@@ -227,8 +231,11 @@ USER_HEADER = {"name": "x-wattfare-user", "in": "header", "schema": USER_ID,
 GRANT_HEADER = {"name": "x-wattfare-grant", "in": "header",
                 "schema": {"type": "string", "maxLength": 200},
                 "description": "A one-time grant token (wfg_…) that pays instead."}
-GRANT_REMAINING = {"x-wattfare-grant-remaining": {
+ANSWER_HEADERS = {"x-wattfare-grant-remaining": {
     "description": "Requests left on the grant (grant-paid calls only).",
+    "schema": {"type": "integer"}}, "x-wattfare-max-tokens": {
+    "description": "Present when the call was fitted to what is left of its cap "
+                   "(metering.fit_to_budget): the max_tokens it was sent with.",
     "schema": {"type": "integer"}}}
 
 
@@ -265,7 +272,7 @@ def _paths() -> dict[str, Any]:
             "OpenAI-compatible metered proxy: admitted against the user's cap or the grant, "
             "streamed through, settled from the provider's usage.", SECRET,
             {"200": {"description": "The completion, or an SSE stream when stream is true.",
-                     "headers": GRANT_REMAINING,
+                     "headers": ANSWER_HEADERS,
                      "content": {"application/json": {"schema": _ref("ChatCompletion")},
                                  "text/event-stream": {"schema": _ref("ChatCompletionEvent")}}},
              **_errors(400, 401, 402, 413, 429, 502, 504)},
