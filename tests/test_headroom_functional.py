@@ -174,3 +174,22 @@ async def test_status_shows_what_calls_in_flight_hold(harness):
             pass
     status = await wf.user("gus").status()
     assert status.held_usd == 0 and status.usage.monthly_usd > 0
+
+
+async def test_a_reasoning_budget_is_named_and_never_lowered(make_harness):
+    h = await make_harness({"WATTGATE_METERING__FIT_TO_BUDGET": "always"})
+    app = await h.create_app()
+    await spend_two_cents(h, app, "hal")
+    # 3000 thinking tokens of the dear model alone pass the $0.03 left: nothing fits.
+    message = await refusal(h, app, "hal", max_tokens=100, extra_body={
+        "reasoning": {"max_tokens": 3000}})
+    assert "max_tokens 100 plus reasoning.max_tokens 3000" in message
+    assert "Even max_tokens 1 could cost $0.04" in message
+    assert "lower reasoning.max_tokens" in message
+    # A smaller budget fits once the answer is lowered; the budget is sent as asked.
+    async with client(h, app, "hal") as oa:
+        raw = await oa.chat.completions.with_raw_response.create(
+            model=DEAR, max_tokens=2000, extra_body={"reasoning": {"max_tokens": 1000}},
+            messages=[{"role": "user", "content": "hi"}])
+    assert int(raw.headers["x-wattfare-max-tokens"]) < 1000
+    assert h.fake.calls[-1].body["reasoning"] == {"max_tokens": 1000}

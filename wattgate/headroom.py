@@ -127,8 +127,10 @@ def _could_cost(short: Shortfall, req: ChatRequest) -> str:
     why = "the gateway's default, as the request set none" \
         if not client_set_limit(req) else "as the request asked"
     choices = f" for each of {req.choices} choices" if req.choices > 1 else ""
+    thinking = req.output_tokens - limit
+    reasoning = f" plus reasoning.max_tokens {thinking}" if thinking > 0 else ""
     return (f"This call could cost up to {format_usd(short.worst, round_up=True)} "
-            f"(its worst case: an answer of max_tokens {limit}{choices}, {why})")
+            f"(its worst case: an answer of max_tokens {limit}{reasoning}{choices}, {why})")
 
 
 def _left(short: Shortfall, error: BudgetExceeded | GrantInvalid, *, grant: bool) -> str:
@@ -152,5 +154,6 @@ def _how_to_fit(short: Shortfall, req: ChatRequest, fit: Fitted | None,
         wait = "a call in flight settles, " if short.held else ""
         return f"Nothing fits until {wait}the cap is raised or a new month starts."
     shortest = pricing.plan(with_limit(req, 1, pricing)).worst_nanos
-    return (f"Even max_tokens 1 could cost {format_usd(shortest, round_up=True)}: shorten "
-            "the prompt, choose a cheaper model, or ask the user to raise the cap.")
+    thinking = "lower reasoning.max_tokens, " if req.output_tokens > answer_limit(req) else ""
+    return (f"Even max_tokens 1 could cost {format_usd(shortest, round_up=True)}: {thinking}"
+            "shorten the prompt, choose a cheaper model, or ask the user to raise the cap.")
