@@ -43,7 +43,7 @@ from ..estimate import read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
 from ..sse import Outcome, StreamReader, parse_json_body
-from ..store import NEEDS_RECONNECT
+from ..store import NEEDS_RECONNECT, Connection
 from ..upstream import Upstream, map_failure
 from .inputs import check_json_depth, secret_key_of
 from .state import gateway_key, upstream_key
@@ -58,9 +58,6 @@ FORWARD_ATTRIBUTION_HEADERS = (attribution.REFERER, *attribution.TITLE_NAMES)
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
 
-def _may_fit(mode: str, req: estimate.ChatRequest) -> bool:
-    """metering.fit_to_budget: may this call's answer limit be lowered to fit?"""
-    return mode == "always" or (mode == "unset" and not headroom.client_set_limit(req))
 
 
 def _generation_of(resp: aiohttp.ClientResponse) -> str | None:
@@ -89,30 +86,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     pricing = headroom.Pricing(await upstream.price_list(), config.metering_default_max_tokens,
                                config.upstream_stream_whole_answers,
                                config.upstream_send_max_price)
-    plan = pricing.plan(req)
-    fitted: int | None = None
-    try:
-        admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos,
-                                         now=gw.clock(), connection=connection)
-    except (BudgetExceeded, GrantInvalid) as refused:
-        if refused.shortfall is None:
-            raise
-        fit = headroom.largest_fit(req, plan.worst_nanos, refused.shortfall.left, pricing)
-        grant = payer.grant_token is not None
-        if fit is None or fit.max_tokens < config.metering_fit_min_tokens or not _may_fit(
-                config.metering_fit_to_budget, req):
-            raise headroom.explained(refused, req, fit, pricing, grant=grant) from None
-        req, plan, fitted = fit.req, fit.plan, fit.max_tokens
-        try:  # another call may have taken the room meanwhile: then refused, explained
-            admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos,
-                                             now=gw.clock(), connection=connection)
-        except (BudgetExceeded, GrantInvalid) as again:
-            raise headroom.explained(again, req, None, pricing, grant=grant) from None
+    req, plan, admitted, fitted = await _admit_within_budget(gw, app.app_id, payer,
+                                                             connection, req, pricing)
     call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started)
     call.fitted_max_tokens = fitted
     credit = attribution.attribution_headers(app, request.headers,
                                              enabled=config.upstream_attribution)
     return await call.run(request, plan.payload, req.stream, credit)
+
+
+async def _admit_within_budget(
+        gw: Gateway, app_id: str, payer: admission.PayerRef, connection: Connection | None,
+        req: estimate.ChatRequest, pricing: headroom.Pricing,
+) -> tuple[estimate.ChatRequest, estimate.Plan, admission.Admitted, int | None]:
+    """Admit the call, or the call fitted to what is left (metering.fit_to_budget), or
+    refuse saying what it could cost, what is left and what would fit.
+
+    Returns the request and plan actually admitted, and the max_tokens it was fitted to.
+    """
+    config = gw.config
+    plan = pricing.plan(req)
+    try:
+        return req, plan, await admission.admit(gw, app_id, payer, plan.worst_nanos,
+                                                now=gw.clock(), connection=connection), None
+    except (BudgetExceeded, GrantInvalid) as refused:
+        if refused.shortfall is None:
+            raise
+        fit = headroom.largest_fit(req, plan.worst_nanos, refused.shortfall.left, pricing)
+        grant = payer.grant_token is not None
+        mode = config.metering_fit_to_budget
+        may_fit = mode == "always" or (mode == "unset" and not headroom.client_set_limit(req))
+        if fit is None or fit.max_tokens < config.metering_fit_min_tokens or not may_fit:
+            raise headroom.explained(refused, req, fit, pricing, grant=grant) from None
+    try:  # another call may have taken the room meanwhile: then refused, explained
+        return fit.req, fit.plan, await admission.admit(
+            gw, app_id, payer, fit.plan.worst_nanos, now=gw.clock(),
+            connection=connection), fit.max_tokens
+    except (BudgetExceeded, GrantInvalid) as again:
+        raise headroom.explained(again, fit.req, None, pricing, grant=grant) from None
 
 
 class _Call:
