@@ -87,3 +87,4 @@ def test_safe_value_cuts_on_whole_escapes():
     assert unquote(value) == "é" * (len(value) // 6)
     assert safe_value("a\r\nb\x00c\x7f") == "abc"
     assert safe_value("100% sure") == "100%25 sure"
+    assert safe_value("a\udcffb") == "ab"  # a header byte that was not UTF-8: dropped
