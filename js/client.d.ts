@@ -6,7 +6,14 @@ export interface ConnectionStatus {
   connected: boolean;
   limits: { monthlyUsd: number | null } | null;
   usage: { monthlyUsd: number };
+  /** The cap minus the usage (the reference's definition); null when unlimited. */
   remainingUsd: number | null;
+  /**
+   * wattgate extension: held at their worst case by this month's calls in flight. A new
+   * call fits in `remainingUsd - heldUsd`; each hold becomes the call's real cost (usually
+   * far less) when it settles.
+   */
+  heldUsd: number;
 }
 
 /** An approved one-time grant: forward `grantToken` to your backend. */

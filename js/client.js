@@ -10,7 +10,9 @@
 
 /**
  * @typedef {{ connected: boolean, limits: { monthlyUsd: number | null } | null,
- *   usage: { monthlyUsd: number }, remainingUsd: number | null }} ConnectionStatus
+ *   usage: { monthlyUsd: number }, remainingUsd: number | null, heldUsd: number }}
+ *   ConnectionStatus `heldUsd` (a wattgate extension): held at their worst case by this
+ *   month's calls in flight; a new call fits in `remainingUsd - heldUsd`.
  * @typedef {{ grantToken: string, expiresAt: number, requests: number }} GrantResult
  * @typedef {{ token: string, expiresAt: number }} CreatedSession
  * @typedef {string | (() => CreatedSession | Promise<CreatedSession>)} SessionSource
@@ -31,6 +33,7 @@ export const TOKEN_REFRESH_MARGIN_SECONDS = 30;
 /** @type {Readonly<ConnectionStatus>} */
 export const NOT_CONNECTED = Object.freeze({
   connected: false, limits: null, usage: Object.freeze({ monthlyUsd: 0 }), remainingUsd: 0,
+  heldUsd: 0,
 });
 
 // ---- errors ------------------------------------------------------------------------------

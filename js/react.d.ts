@@ -13,6 +13,8 @@ export interface WattfareState {
   limits: { monthlyUsd: number | null } | null;
   usage: { monthlyUsd: number };
   remainingUsd: number | null;
+  /** Held by calls in flight (wattgate extension; see ConnectionStatus.heldUsd); 0 until read. */
+  heldUsd: number;
   /** true while the status is read or the popup is open */
   loading: boolean;
   /** the last error of status/connect/disconnect (a WattfareError) */

@@ -18,6 +18,7 @@ import { createWattfare } from "./client.js";
  * @property {{ monthlyUsd: number | null } | null} limits
  * @property {{ monthlyUsd: number }} usage
  * @property {number | null} remainingUsd
+ * @property {number} heldUsd held by calls in flight (wattgate extension); 0 until read
  * @property {boolean} loading true while status is read or the popup is open
  * @property {Error | null} error the last error of status/connect/disconnect (typed WattfareError)
  * @property {() => Promise<ConnectionStatus>} connect opens the consent popup
@@ -80,6 +81,7 @@ export function WattfareProvider({ publishableKey, session, baseURL, client, chi
     limits: status?.limits ?? null,
     usage: status?.usage ?? { monthlyUsd: 0 },
     remainingUsd: status ? status.remainingUsd : null,
+    heldUsd: status?.heldUsd ?? 0,
     loading, error, connect, disconnect, requestGrant, refresh,
   }), [status, loading, error, connect, disconnect, requestGrant, refresh]);
 

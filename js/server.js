@@ -26,7 +26,9 @@ export {
 
 /**
  * @typedef {{ connected: boolean, limits: { monthlyUsd: number | null } | null,
- *   usage: { monthlyUsd: number }, remainingUsd: number | null }} ConnectionStatus
+ *   usage: { monthlyUsd: number }, remainingUsd: number | null, heldUsd: number }}
+ *   ConnectionStatus `heldUsd` (a wattgate extension): held at their worst case by this
+ *   month's calls in flight; a new call fits in `remainingUsd - heldUsd`.
  * @typedef {{ monthlyUsd: number | null }} Limits
  * @typedef {{ monthlyUsd: number }} Usage
  * @typedef {{ requestLimit?: { monthlyUsd?: number | null } }} SessionRequest

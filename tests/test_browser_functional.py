@@ -516,3 +516,50 @@ async def test_a_popup_left_open_past_the_token_life_still_approves(
         await expect(page.locator("#status")).to_contain_text("$0.60 / month")
     finally:
         await demo.close()
+
+
+async def test_budget_bar_shows_spent_and_held_apart(tmp_path: Path,
+                                                     context: BrowserContext) -> None:
+    """While a reply streams, the bar shows what it holds apart from what was spent; a
+    message that cannot fit says what it could cost and what is left."""
+    demo = await start_demo(data_dir=tmp_path / "demo", chunk_delay=0.6)  # a slow reply
+    try:
+        page = await context.new_page()
+        await page.goto(demo.app_url)
+        await approve_connect(page, "0.05")
+        await expect(page.locator("#cap")).to_contain_text("$0.05 left of $0.05")
+        await expect(page.locator("#held-note")).to_be_hidden()
+
+        await page.fill("#chat-input", "What does metering mean?")
+        await page.click("#send")
+        # Streaming: the held part shows, apart from the spent part (nothing spent yet).
+        await expect(page.locator("#held-note")).to_be_visible()
+        await expect(page.locator("#held")).to_contain_text("held")
+        await expect(page.locator("#spent")).to_have_text("$0.00 spent")
+        held_width = await page.eval_on_selector(
+            "#held-bar", "el => parseFloat(el.style.width || '0')")
+        assert 40 < held_width < 100  # the reply's worst case, ~$0.04 of $0.05
+        assert await bar_width(page) == 0
+        await page.wait_for_timeout(500)  # the bar's width transition, for the screenshot
+        await shot(page, "demo-app-held.png")
+        reply = page.locator(".msg.assistant").last
+        await expect(reply).to_have_attribute("data-done", "1", timeout=15_000)
+        # Finished: the hold became the (much smaller) real cost.
+        await expect(page.locator("#held-note")).to_be_hidden()
+        await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
+        assert 0 < await bar_width(page) < 40
+
+        # The next message's worst case no longer fits: the app says why, in numbers.
+        await page.fill("#chat-input", "And budgets?")
+        await page.click("#send")
+        error = page.locator("#chat-error")
+        await expect(error).to_be_visible()
+        await expect(error).to_contain_text("This call could cost up to $0.0")
+        await expect(error).to_contain_text("left of this month's cap of $0.05")
+        await expect(error).to_contain_text("lower max_tokens to")
+        await page.wait_for_timeout(500)  # the bar's width transition, for the screenshot
+        assert await page.eval_on_selector(
+            "#held-bar", "el => parseFloat(el.style.width || '0')") == 0  # refused: no hold
+        await shot(page, "demo-app-refused.png")
+    finally:
+        await demo.close()

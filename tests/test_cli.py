@@ -146,7 +146,8 @@ def test_apps_create_json_keys_work_against_a_running_server(env, tmp_path):
         connect(url, creds["secretKey"], "user_1", cap=10)
         status, body = user_status(url, creds["secretKey"], "user_1")
         assert status == 200 and body == {"connected": True, "limits": {"monthlyUsd": 10},
-                                          "usage": {"monthlyUsd": 0}, "remainingUsd": 10}
+                                          "usage": {"monthlyUsd": 0}, "remainingUsd": 10,
+                                          "heldUsd": 0}
         # The server reused the keys file the CLI created: no second one, same secrets.
         assert [p.name for p in keys_file.parent.glob("*.keys.json")] == [keys_file.name]
 

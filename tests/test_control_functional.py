@@ -17,7 +17,7 @@ from wattgate.sessions import AUDIENCE
 from wattgate.store import Usage
 
 NOT_CONNECTED = {"connected": False, "limits": None, "usage": {"monthlyUsd": 0},
-                 "remainingUsd": 0}
+                 "remainingUsd": 0, "heldUsd": 0}
 
 
 async def call(h, method: str, path: str, auth: str | None = None, *,  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ async def test_connect_then_status(harness):
     assert await harness.status(app, "user_123") == NOT_CONNECTED
     body = await harness.connect(app, "user_123", monthly_usd=10)
     assert body == {"connected": True, "limits": {"monthlyUsd": 10}, "usage": {"monthlyUsd": 0},
-                    "remainingUsd": 10}
+                    "remainingUsd": 10, "heldUsd": 0}
     assert await harness.status(app, "user_123") == body
     token = await harness.session(app, "user_123")
     assert (await call(harness, "GET", "/api/v1/connections", token))[2] == body
@@ -105,7 +105,8 @@ async def test_usage_and_remaining_are_exact(harness):
                                               "m", 1, 1, 3_200_000_000, False, "ok", 1, now),
                                   period_of(now))
     assert await harness.status(app, "u") == {"connected": True, "limits": {"monthlyUsd": 10},
-                                              "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8}
+                                              "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8,
+                                              "heldUsd": 0}
 
 
 async def test_usage_resets_at_the_utc_month_boundary(make_harness):
@@ -351,7 +352,7 @@ async def test_dev_switch_allows_unlimited(make_harness):
                                  json={"fundingKey": FUNDING_KEY})
     assert status == 200
     assert body == {"connected": True, "limits": {"monthlyUsd": None},
-                    "usage": {"monthlyUsd": 0}, "remainingUsd": None}
+                    "usage": {"monthlyUsd": 0}, "remainingUsd": None, "heldUsd": 0}
     assert await h.status(app, "u") == body
 
 

@@ -46,7 +46,8 @@ async def test_first_schema_upgrades_with_rows_intact(tmp_path):
         assert conn is not None and conn.connected and conn.browser_hash is None
         spent = await store.period_spent(conn.connection_id, "2026-11")
         assert status_body(conn, spent) == {"connected": True, "limits": {"monthlyUsd": 10},
-                                            "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8}
+                                            "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8,
+                                            "heldUsd": 0}
         [old] = await store.recent_usage(conn.connection_id)
         assert (old.generation_id, old.status, old.provisional, old.grant_id) == \
             ("gen-old", "ok", False, None)

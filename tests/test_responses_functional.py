@@ -260,9 +260,11 @@ async def test_max_output_tokens_and_reasoning_are_held(harness):
     app = await harness.create_app()
     await harness.connect(app, "hal", monthly_usd=4)
     c = client(harness, app, "hal")
-    with pytest.raises(openai.APIStatusError) as refused:
-        await c.responses.create(model="fake/out-1m", input="hi")  # 4096 injected: $4.10
-    assert refused.value.body["code"] == "budget_exceeded"
+    # 4096 injected would hold $4.10: the call set no limit, so it is fitted to the cap
+    # (metering.fit_to_budget = "unset"), and the lowered limit is what is sent and held.
+    fitted = await c.responses.with_raw_response.create(model="fake/out-1m", input="hi")
+    sent = harness.fake.calls[-1].body["max_output_tokens"]
+    assert 256 <= sent < 4000 and fitted.headers["x-wattfare-max-tokens"] == str(sent)
     with pytest.raises(openai.APIStatusError) as refused:
         await c.responses.create(model="fake/out-1m", input="hi", max_output_tokens=100,
                                  reasoning={"max_tokens": 5000})
@@ -401,3 +403,19 @@ async def test_with_whole_answers_forwarded_a_response_is_billed_from_its_json(m
     assert list(rows) == [answer.id] and not rows[answer.id][1]
     conn = await h.gw.store.get_connection(app.app_id, "quin")
     assert [u.status for u in await h.gw.store.recent_usage(conn.connection_id)] == ["ok"]
+
+
+async def test_a_refused_response_names_the_limit_of_its_own_endpoint(harness):
+    """The refusal says what the call could cost and the max_output_tokens that fits (the
+    Responses API has no max_tokens); a limit the client chose itself is not lowered."""
+    app = await harness.create_app()
+    await harness.connect(app, "ivy", monthly_usd=4)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await client(harness, app, "ivy").responses.create(
+            model="fake/out-1m", input="hi", max_output_tokens=4050)
+    message = refused.value.body["message"]
+    assert refused.value.body["code"] == "budget_exceeded"
+    assert "an answer of max_output_tokens 4050" in message, message
+    assert "To fit, lower max_output_tokens to " in message and "max_tokens " not in \
+        message.replace("max_output_tokens", ""), message
+    assert harness.fake.calls == []

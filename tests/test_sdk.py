@@ -87,7 +87,8 @@ async def stub(aiohttp_server) -> StubGateway:  # type: ignore[no-untyped-def]
             return web.json_response({"token": "eyJ.session", "expiresAt": 1718400000})
         if path == "/status":
             return web.json_response({"connected": True, "limits": {"monthlyUsd": 10},
-                                      "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8})
+                                      "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8,
+                                      "heldUsd": 0.25})
         if path == "/chat/completions":
             return web.json_response({
                 "id": "gen-1", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -286,9 +287,15 @@ async def test_status_is_exact_and_round_trips_to_the_reference_shape(stub):
     status = await Wattfare(SECRET, base_url=stub.url).user("user 1/2").status()
     assert status.connected and status.limits.monthly_usd == 10
     assert status.usage.monthly_usd == Decimal("3.2") and status.remaining_usd == Decimal("6.8")
+    assert status.held_usd == Decimal("0.25")
     assert status.to_dict() == {"connected": True, "limits": {"monthlyUsd": 10},
-                                "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8}
+                                "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8,
+                                "heldUsd": 0.25}
     assert stub.seen[-1][0:2] == ("GET", "/status")
+    # A server that does not report holds (the reference API) reads as none held.
+    stub.answers["/status"] = (200, {"connected": True, "limits": {"monthlyUsd": 10},
+                                     "usage": {"monthlyUsd": 3.2}, "remainingUsd": 6.8}, {})
+    assert (await Wattfare(SECRET, base_url=stub.url).user("u").status()).held_usd == 0
 
 
 async def test_status_of_a_user_who_never_connected_is_a_value_not_an_error(stub):

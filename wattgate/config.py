@@ -97,6 +97,10 @@ SETTINGS: tuple[Setting, ...] = (
             "budget hold assumed, so no routing (fallback providers, provider preferences, "
             "models fallbacks) can bill a dearer endpoint. Turn off only for an upstream "
             "that is not OpenRouter; requests naming provider are then refused."),
+    Setting("upstream", "attribution", bool, True,
+            "Send each call with HTTP-Referer (the app's registered origin, an https one "
+            "first) and X-Title (the app's name) unless the client set them, so the user's "
+            "OpenRouter activity shows which app spent. false: only the client's own."),
     Setting("upstream", "models_ttl", float, 600.0,
             "Seconds a fetched model price list is used before it is refreshed.", 1),
     Setting("sessions", "ttl_seconds", int, 600,
@@ -108,6 +112,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metering", "default_max_tokens", int, 4096,
             "max_tokens injected into a request that sets none, so its worst cost "
             "is known before it leaves.", 1),
+    Setting("metering", "fit_to_budget", str, "unset",
+            "A call whose worst case does not fit what is left of its cap (a month's or a "
+            "grant's maxUsd) is sent with its max_tokens lowered to what fits, instead of "
+            "refused, when at least fit_min_tokens fit; the answer's header "
+            "x-wattfare-max-tokens says so. unset: only calls that set no max_tokens or "
+            "max_completion_tokens (the limit was the gateway's default_max_tokens, not "
+            "theirs); always: a client's own limit is lowered too; never: refuse."),
+    Setting("metering", "fit_min_tokens", int, 256,
+            "The fewest answer tokens fit_to_budget sends a call with; below it the call is "
+            "refused (402), with a message saying what would fit.", 1),
     Setting("metering", "hold_ttl_seconds", int, 900,
             "A budget hold older than this is swept (its request is long gone). Must be "
             "longer than upstream.connect_timeout + upstream.first_byte_timeout.", 60),
@@ -240,16 +254,15 @@ def _coerce(setting: Setting, raw: Any, *, origin: str) -> Any:
     return check(value, origin) if check else value
 
 
-def _log_level(value: str, origin: str) -> str:
-    if value.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{origin}: expected debug, info, warning or error, got {value!r}")
-    return value.lower()
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    """A check that takes one of ``choices``, in any case."""
+    names = ", ".join(choices[:-1]) + f" or {choices[-1]}"
 
-
-def _log_format(value: str, origin: str) -> str:
-    if value.lower() not in ("text", "json"):
-        raise ConfigError(f"{origin}: expected text or json, got {value!r}")
-    return value.lower()
+    def check(value: str, origin: str) -> str:
+        if value.lower() not in choices:
+            raise ConfigError(f"{origin}: expected {names}, got {value!r}")
+        return value.lower()
+    return check
 
 
 def _http_url(value: str, origin: str) -> str:
@@ -283,8 +296,9 @@ def _file_path(value: str, origin: str) -> str:
 
 
 _CHECKS: dict[str, Callable[[Any, str], Any]] = {
-    "log.level": _log_level,
-    "log.format": _log_format,
+    "log.level": _one_of("debug", "info", "warning", "error"),
+    "log.format": _one_of("text", "json"),
+    "metering.fit_to_budget": _one_of("unset", "always", "never"),
     "upstream.base_url": _http_url,
     "server.public_url": _optional_origin,
     "upstream.key_check_path": _path_or_empty,

@@ -29,6 +29,7 @@ only the web layer knows how to turn them into responses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -114,6 +115,22 @@ class PaymentError(WattgateError):
         return {"x-should-retry": "false"}
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """Why a hold did not fit, in nano-dollars: what the call could cost at most
+    (``worst``) against what its cap (a month's or a grant's ``maxUsd``) had left
+    (``left`` = ``cap`` − ``spent`` − ``held`` by calls in flight, at least 0)."""
+
+    worst: int
+    cap: int
+    spent: int
+    held: int
+
+    @property
+    def left(self) -> int:
+        return max(0, self.cap - self.spent - self.held)
+
+
 class NotConnected(PaymentError):
     code = "not_connected"
     default_message = "User hasn't connected a budget."
@@ -123,10 +140,20 @@ class BudgetExceeded(PaymentError):
     code = "budget_exceeded"
     default_message = "Spending cap reached for this period."
 
+    def __init__(self, message: str | None = None, *,
+                 shortfall: Shortfall | None = None) -> None:
+        super().__init__(message)
+        self.shortfall = shortfall  # the numbers behind a refused hold (headroom.py words them)
+
 
 class GrantInvalid(PaymentError):
     code = "grant_invalid"
     default_message = "The grant token is unknown, expired, fully used, or over its dollar cap."
+
+    def __init__(self, message: str | None = None, *,
+                 shortfall: Shortfall | None = None) -> None:
+        super().__init__(message)
+        self.shortfall = shortfall  # set when the hold would pass the grant's maxUsd
 
 
 class FundingInvalid(PaymentError):

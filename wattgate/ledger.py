@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from .money import nanos_to_json
+from .store import SQLiteStore
 from .store.records import Connection
 
 
@@ -36,19 +37,36 @@ def period_bounds(period: str) -> tuple[float, float]:
             float(calendar.timegm((nyear, nmonth, 1, 0, 0, 0))))
 
 
-def status_body(connection: Connection | None, spent_nanos: int) -> dict[str, Any]:
-    """ConnectionStatus, exactly the reference shape.
+def status_body(connection: Connection | None, spent_nanos: int,
+                held_nanos: int = 0) -> dict[str, Any]:
+    """ConnectionStatus: the reference shape, plus ``heldUsd``.
 
     Not connected (never, revoked, or funding rejected): ``limits`` null,
     ``remainingUsd`` 0 (nothing can be spent; null would mean unlimited).
+    ``remainingUsd`` stays the reference's ``limits − usage``; ``heldUsd`` (a
+    wattgate extension, never null) is what this month's calls in flight hold
+    at their worst case, so a new call has ``remainingUsd − heldUsd`` to fit in.
+    A revoked connection's calls still running hold too: they finish and bill.
     """
+    held = nanos_to_json(held_nanos)
     if connection is None or not connection.connected:
         return {"connected": False, "limits": None,
-                "usage": {"monthlyUsd": nanos_to_json(spent_nanos)}, "remainingUsd": 0}
+                "usage": {"monthlyUsd": nanos_to_json(spent_nanos)}, "remainingUsd": 0,
+                "heldUsd": held}
     cap = connection.cap_nanos
     return {
         "connected": True,
         "limits": {"monthlyUsd": None if cap is None else nanos_to_json(cap)},
         "usage": {"monthlyUsd": nanos_to_json(spent_nanos)},
         "remainingUsd": None if cap is None else nanos_to_json(max(0, cap - spent_nanos)),
+        "heldUsd": held,
     }
+
+
+async def status_of(store: SQLiteStore, connection: Connection | None, now: float) -> dict[str, Any]:
+    """A connection's ConnectionStatus for the period of ``now``, read from the store."""
+    if connection is None:
+        return status_body(None, 0)
+    period = period_of(now)
+    return status_body(connection, await store.period_spent(connection.connection_id, period),
+                       await store.held(connection.connection_id, period))

@@ -9,7 +9,7 @@ nano-dollar; they leave as JSON numbers only at the HTTP edge.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 1_000_000_000
 _NANO = Decimal(NANOS_PER_USD)
@@ -52,3 +52,20 @@ def nanos_to_json(nanos: int) -> float | int:
     if amount == amount.to_integral_value():
         return int(amount)
     return float(amount.normalize())
+
+
+def format_usd(nanos: int, *, round_up: bool = False) -> str:
+    """An amount for a person to read: ``$0.03``, ``$0.0391``, ``$4.995``, ``$0.000012``.
+
+    Cents always show; amounts of a cent or more keep up to four decimals, smaller
+    ones up to six (a cheap call costs a few micro-dollars), trailing zeros dropped.
+    Rounded down by default, up with ``round_up``: a refusal shows a worst case never
+    below the truth and what is left never above it, so the numbers it prints never
+    make a refused call look as if it fitted.
+    """
+    rounding = ROUND_CEILING if round_up else ROUND_FLOOR
+    amount = Decimal(nanos) / _NANO
+    step = Decimal("0.0001") if abs(amount) >= Decimal("0.01") else Decimal("0.000001")
+    text = format(amount.quantize(step, rounding=rounding), "f").rstrip("0")
+    whole, _, decimals = text.partition(".")
+    return f"${whole}.{decimals.ljust(2, '0')}"

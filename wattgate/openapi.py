@@ -125,7 +125,11 @@ SCHEMAS: dict[str, Schema] = {
                        "properties": {"monthlyUsd": USD_OR_NULL}},
             "usage": {"type": "object", "required": ["monthlyUsd"],
                       "properties": {"monthlyUsd": USD}},
-            "remainingUsd": {**USD_OR_NULL, "description": "Null when unlimited."},
+            "remainingUsd": {**USD_OR_NULL, "description": "limits − usage; null when "
+                                                           "unlimited."},
+            "heldUsd": {**USD, "description": "wattgate extension: held at their worst case "
+                                              "by this month's calls in flight; a new call "
+                                              "fits in remainingUsd − heldUsd."},
         },
     },
     "SessionRequest": {
@@ -269,8 +273,12 @@ USER_HEADER = {"name": "x-wattfare-user", "in": "header", "schema": USER_ID,
 GRANT_HEADER = {"name": "x-wattfare-grant", "in": "header",
                 "schema": {"type": "string", "maxLength": 200},
                 "description": "A one-time grant token (wfg_…) that pays instead."}
-GRANT_REMAINING = {"x-wattfare-grant-remaining": {
+ANSWER_HEADERS = {"x-wattfare-grant-remaining": {
     "description": "Requests left on the grant (grant-paid calls only).",
+    "schema": {"type": "integer"}}, "x-wattfare-max-tokens": {
+    "description": "Present when the call was fitted to what is left of its cap "
+                   "(metering.fit_to_budget): the answer limit it was sent with "
+                   "(max_tokens; max_output_tokens for /responses).",
     "schema": {"type": "integer"}}}
 
 
@@ -281,7 +289,7 @@ def _metered_op(summary: str, answer: str, schema: str, event: str | None, reque
     if event is not None:
         content["text/event-stream"] = {"schema": _ref(event)}
     return _op(summary, SECRET,
-               {"200": {"description": answer, "headers": GRANT_REMAINING, "content": content},
+               {"200": {"description": answer, "headers": ANSWER_HEADERS, "content": content},
                 **_errors(400, 401, 402, 413, 429, 502, 504)},
                body=_body(_ref(request)), parameters=[USER_HEADER, GRANT_HEADER], op_id=op_id)
 

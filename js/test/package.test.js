@@ -71,6 +71,7 @@ function assertWorked(result) {
   assert.ok(Number.isInteger(result.year));
   assert.deepEqual(result.warnings, [], "structured outputs: no 'responseFormat' warning");
   assert.ok(result.usage > 0, "the calls were billed to the user");
+  assert.equal(result.held, 0, "heldUsd is typed and reported: nothing in flight once settled");
   assert.equal(result.refused, "not_connected");
   assert.equal(result.refusedTyped, true);
 }

@@ -38,6 +38,7 @@ test("the first render is loading and not connected, with every documented field
   assert.equal(value.limits, null);
   assert.deepEqual(value.usage, { monthlyUsd: 0 });
   assert.equal(value.remainingUsd, null);
+  assert.equal(value.heldUsd, 0);
   for (const fn of ["connect", "disconnect", "requestGrant", "refresh"]) assert.equal(typeof value[fn], "function");
 });
 

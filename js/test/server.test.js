@@ -239,6 +239,7 @@ test("generateText and streamText through user().model() are billed to the user"
   const cost = generated.usage.raw.cost + (await streamed.usage).raw.cost;
   assert.ok(cost > 0);
   assert.ok(Math.abs(await settledUsage(ai, cost) - cost) < 1e-9);
+  assert.equal((await ai.status()).heldUsd, 0); // nothing in flight once both settled
 });
 
 test("streamText().toTextStreamResponse() streams the answer unchanged", async () => {
@@ -273,7 +274,7 @@ test("the openai npm package works unchanged against the gateway", async () => {
 test("a user who never connected: status is a value, and a model call is a 402 sent once", async () => {
   const counted = countingFetch();
   const wf = new Wattfare({ secretKey: gw.secretKey, baseURL: gw.url, fetch: counted.fetch });
-  assert.deepEqual(await wf.user("nobody").status(), { connected: false, limits: null, usage: { monthlyUsd: 0 }, remainingUsd: 0 });
+  assert.deepEqual(await wf.user("nobody").status(), { connected: false, limits: null, usage: { monthlyUsd: 0 }, remainingUsd: 0, heldUsd: 0 });
   counted.count = 0;
   const err = await generateText({ model: wf.user("nobody").model("openai/gpt-4o-mini"), prompt: "x" }).then(() => null, (e) => e);
   assert.equal(err?.name, "AI_APICallError");

@@ -58,6 +58,9 @@ class ConnectionStatus:
     limits: Limits | None
     usage: Usage
     remaining_usd: Decimal | None  # None: unlimited
+    # wattgate extension: held at their worst case by this month's calls in flight; a new
+    # call fits in remaining_usd - held_usd. 0 from a server that does not report it.
+    held_usd: Decimal = Decimal(0)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConnectionStatus:
@@ -66,7 +69,8 @@ class ConnectionStatus:
         return cls(connected=bool(data.get("connected")),
                    limits=None if limits is None else Limits(_usd(limits.get("monthlyUsd"))),
                    usage=Usage(_usd(usage.get("monthlyUsd")) or Decimal(0)),
-                   remaining_usd=_usd(data.get("remainingUsd")))
+                   remaining_usd=_usd(data.get("remainingUsd")),
+                   held_usd=_usd(data.get("heldUsd")) or Decimal(0))
 
     def to_dict(self) -> dict[str, Any]:
         """The reference ``ConnectionStatus`` JSON, e.g. to hand to your frontend."""
@@ -74,7 +78,8 @@ class ConnectionStatus:
                 "limits": None if self.limits is None
                 else {"monthlyUsd": _number(self.limits.monthly_usd)},
                 "usage": {"monthlyUsd": _number(self.usage.monthly_usd)},
-                "remainingUsd": _number(self.remaining_usd)}
+                "remainingUsd": _number(self.remaining_usd),
+                "heldUsd": _number(self.held_usd)}
 
 
 @dataclass(frozen=True)

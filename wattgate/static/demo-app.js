@@ -19,11 +19,19 @@ function show(status) {
   $("status").append(pill);
   $("budget").hidden = !connected;
   if (connected) {
+    // Spent and held apart: a reply in progress holds the most it could cost until it
+    // finishes, so "left" minus "held" is what the next message has to fit in.
     const spent = status.usage.monthlyUsd;
+    const held = status.heldUsd ?? 0;
     const pct = cap ? Math.min(100, (spent / cap) * 100) : 0;
+    const heldPct = cap ? Math.min(100 - pct, (held / cap) * 100) : 0;
     $("bar").style.width = pct.toFixed(2) + "%";
+    $("held-bar").style.width = heldPct.toFixed(2) + "%";
     $("bar").parentElement.setAttribute("aria-valuenow", String(spent));
+    $("bar").parentElement.setAttribute("aria-valuetext", `${usd(spent)} spent, ${usd(held)} held of ${usd(cap)}`);
     $("spent").textContent = `${usd(spent)} spent`;
+    $("held").textContent = `${usd(held)} held`;
+    $("held-note").hidden = !(held > 0);
     $("cap").textContent = `${usd(status.remainingUsd)} left of ${usd(cap)}`;
   }
   $("connect").textContent = connected ? "Change cap" : "Connect AI budget";
@@ -65,13 +73,15 @@ $("chat-form").addEventListener("submit", async (event) => {
     if (!res.ok) {
       const body = await res.json().catch(() => ({}));
       const code = body.error?.code;
-      $("chat-error").textContent = code === "budget_exceeded" ? "Your monthly AI budget is used up. Raise the cap to keep chatting."
+      // The gateway's budget refusal says what this reply could cost and what is left.
+      $("chat-error").textContent = code === "budget_exceeded" ? `${body.error.message} Raise the cap to keep chatting.`
         : code === "not_connected" ? "Connect an AI budget first." : (body.error?.message || "The chat failed.");
       $("chat-error").hidden = false;
       return;
     }
     const reply = bubble("assistant", "");
     reply.setAttribute("aria-busy", "true");
+    refresh(); // the reply is admitted: the bar shows what it holds while it streams
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     for (;;) {
       const { value, done } = await reader.read();

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
+from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected, Shortfall
 from .audit import audit
 from .meter import Meter
 from .migrations import migrate
@@ -642,7 +642,8 @@ class SQLiteStore(ReportsMixin):
             # Only this period's holds: a call admitted last month is last month's.
             held = self._meter.held(connection_id, period)
             if spent + held + amount_nanos > connection.cap_nanos:
-                raise BudgetExceeded()
+                raise BudgetExceeded(shortfall=Shortfall(amount_nanos, connection.cap_nanos,
+                                                         spent, held))
         hold = Hold(self._meter.new_id(), connection_id, None, period, amount_nanos)
         self._meter.add(hold, now, expires_at)
         return hold
@@ -994,7 +995,9 @@ class SQLiteStore(ReportsMixin):
                 raise GrantInvalid()
             if grant.max_nanos is not None and \
                     grant.spent_nanos + grant.held_nanos + amount_nanos > grant.max_nanos:
-                raise GrantInvalid("The grant's dollar cap would be passed by this request.")
+                raise GrantInvalid("The grant's dollar cap would be passed by this request.",
+                                   shortfall=Shortfall(amount_nanos, grant.max_nanos,
+                                                       grant.spent_nanos, grant.held_nanos))
             if grant.connection_id is not None:
                 conn = db.execute("SELECT state, sealed_key FROM connections "
                                   "WHERE connection_id = ?", (grant.connection_id,)).fetchone()
@@ -1018,10 +1021,11 @@ class SQLiteStore(ReportsMixin):
             cache = self._cache_ok()
             connection = self._connection_by_id(grant.connection_id, cache)
             cap = connection.cap_nanos if connection is not None else None
-            if cap is not None and self._spent(grant.connection_id, period, cache) + \
-                    self._meter.held(grant.connection_id, period) + amount_nanos > cap:
+            spent = self._spent(grant.connection_id, period, cache)
+            held = self._meter.held(grant.connection_id, period)
+            if cap is not None and spent + held + amount_nanos > cap:
                 await self.release(hold, refund_request=True)
-                raise BudgetExceeded()
+                raise BudgetExceeded(shortfall=Shortfall(amount_nanos, cap, spent, held))
         self._meter.add(hold, now, expires_at)
         return grant, hold
 

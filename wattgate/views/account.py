@@ -23,7 +23,7 @@ from .. import consent, reconcile
 from ..credentials import parse_publishable_key
 from ..errors import AuthError, InvalidRequest, NotFound, UpstreamError
 from ..gateway import Gateway
-from ..ledger import period_of, status_body
+from ..ledger import period_of, status_of
 from ..money import nanos_to_json
 from ..store import ACTIVE, REVOKED, App, Connection
 from .control import approved_here, connection_status, is_same_origin, json_response, presence_of
@@ -114,7 +114,6 @@ async def _connection_body(gw: Gateway, connection: Connection,
     if connection.app_id not in apps:
         apps[connection.app_id] = await gw.store.get_app(connection.app_id)
     app = apps[connection.app_id]
-    spent = await gw.store.period_spent(connection.connection_id, period_of(gw.clock()))
     calls = await gw.store.recent_usage(connection.connection_id, RECENT_CALLS)
     return {
         "id": connection.connection_id,
@@ -122,7 +121,7 @@ async def _connection_body(gw: Gateway, connection: Connection,
                 "origin": app.origins[0] if app and app.origins else None},
         "state": connection.state,
         "connectedAt": int(connection.created_at),
-        "status": status_body(connection, spent),
+        "status": await status_of(gw.store, connection, gw.clock()),
         "period": period_of(gw.clock()),
         "calls": [{"at": int(u.created_at), "model": u.model,
                    "costUsd": nanos_to_json(u.cost_nanos), "provisional": u.provisional,

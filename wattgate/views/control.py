@@ -15,7 +15,7 @@ from .. import consent, reconcile
 from ..credentials import new_presence_value
 from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
-from ..ledger import period_of, status_body
+from ..ledger import status_of
 from ..middleware import error_response
 from ..money import nanos_to_usd
 from ..sealing import connection_aad
@@ -70,10 +70,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def connection_status(gw: Gateway, app_id: str, user: str) -> dict[str, Any]:
     connection = await gw.store.get_connection(app_id, user)
-    spent = 0
-    if connection is not None:
-        spent = await gw.store.period_spent(connection.connection_id, period_of(gw.clock()))
-    return status_body(connection, spent)
+    return await status_of(gw.store, connection, gw.clock())
 
 
 PAGE_HEADER = "X-Wattgate-Page"
@@ -233,8 +230,7 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
         assert new_hash is not None
         # Earlier connections of this browser follow it; the brought value proves nothing now.
         await gw.store.rotate_presence(browsers, new_hash, now=now)
-    spent = await gw.store.period_spent(connection.connection_id, period_of(now))
-    response = json_response(status_body(connection, spent))
+    response = json_response(await status_of(gw.store, connection, now))
     if new_cookie is not None:
         set_presence_cookie(gw, response, new_cookie)
     return response

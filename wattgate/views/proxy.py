@@ -47,14 +47,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .. import admission, estimate
+from .. import admission, attribution, estimate, headroom
 from ..assemble import Assembler, ResponseAssembler
-from ..errors import FundingInvalid, UpstreamError, UpstreamTimeout, WattgateError
+from ..errors import (BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError,
+                      UpstreamTimeout, WattgateError)
 from ..estimate import CHAT, EMBEDDINGS, RESPONSES, Endpoint, read_request
 from ..gateway import Gateway
 from ..metering import bill, usage_row
 from ..sse import Outcome, StreamReader, parse_json_body
-from ..store import NEEDS_RECONNECT
+from ..store import NEEDS_RECONNECT, Connection
 from ..upstream import Upstream, map_failure
 from .inputs import check_json_depth, secret_key_of
 from .state import gateway_key, upstream_key
@@ -62,10 +63,14 @@ from .state import gateway_key, upstream_key
 log = logging.getLogger("wattgate.proxy")
 
 # Only these request headers reach the upstream: never the app's secret key,
-# x-wattfare-*, cookies or hop-by-hop headers.
-FORWARD_REQUEST_HEADERS = ("Accept", "HTTP-Referer", "X-Title")
+# x-wattfare-*, cookies or hop-by-hop headers. The client's attribution headers win
+# over the app's (attribution.py); each is made one safe line.
+FORWARD_REQUEST_HEADERS = ("Accept",)
+FORWARD_ATTRIBUTION_HEADERS = (attribution.REFERER, *attribution.TITLE_NAMES)
 FORWARD_RESPONSE_HEADERS = ("Content-Type", "X-Generation-Id", "Cache-Control")
 MAX_ERROR_BODY = 64 * 1024
+
+
 
 def _generation_of(resp: aiohttp.ClientResponse) -> str | None:
     """The id the upstream named the call by, as the ledger keeps it (an empty header is
@@ -102,13 +107,47 @@ async def _metered(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
     config = gw.config
     req = read_request(raw, default_max_tokens=config.metering_default_max_tokens,
                        max_price=config.upstream_send_max_price, endpoint=endpoint)
-    plan = estimate.plan(req, await upstream.price_list(),
-                         stream_upstream=config.upstream_stream_whole_answers,
-                         send_max_price=config.upstream_send_max_price)
-    admitted = await admission.admit(gw, app.app_id, payer, plan.worst_nanos, now=gw.clock(),
-                                     connection=connection)
+    pricing = headroom.Pricing(await upstream.price_list(), config.metering_default_max_tokens,
+                               config.upstream_stream_whole_answers,
+                               config.upstream_send_max_price)
+    req, plan, admitted, fitted = await _admit_within_budget(gw, app.app_id, payer,
+                                                             connection, req, pricing)
     call = _Call(gw, upstream, admitted, plan.worst_nanos, req.model, started, endpoint)
-    return await call.run(request, plan.payload, req.stream)
+    call.fitted_max_tokens = fitted
+    credit = attribution.attribution_headers(app, request.headers,
+                                             enabled=config.upstream_attribution)
+    return await call.run(request, plan.payload, req.stream, credit)
+
+
+async def _admit_within_budget(
+        gw: Gateway, app_id: str, payer: admission.PayerRef, connection: Connection | None,
+        req: estimate.ChatRequest, pricing: headroom.Pricing,
+) -> tuple[estimate.ChatRequest, estimate.Plan, admission.Admitted, int | None]:
+    """Admit the call, or the call fitted to what is left (metering.fit_to_budget), or
+    refuse saying what it could cost, what is left and what would fit.
+
+    Returns the request and plan actually admitted, and the max_tokens it was fitted to.
+    """
+    config = gw.config
+    plan = pricing.plan(req)
+    try:
+        return req, plan, await admission.admit(gw, app_id, payer, plan.worst_nanos,
+                                                now=gw.clock(), connection=connection), None
+    except (BudgetExceeded, GrantInvalid) as refused:
+        if refused.shortfall is None:
+            raise
+        fit = headroom.largest_fit(req, plan.worst_nanos, refused.shortfall.left, pricing)
+        grant = payer.grant_token is not None
+        mode = config.metering_fit_to_budget
+        may_fit = mode == "always" or (mode == "unset" and not headroom.client_set_limit(req))
+        if fit is None or fit.max_tokens < config.metering_fit_min_tokens or not may_fit:
+            raise headroom.explained(refused, req, fit, pricing, grant=grant) from None
+    try:  # another call may have taken the room meanwhile: then refused, explained
+        return fit.req, fit.plan, await admission.admit(
+            gw, app_id, payer, fit.plan.worst_nanos, now=gw.clock(),
+            connection=connection), fit.max_tokens
+    except (BudgetExceeded, GrantInvalid) as again:
+        raise headroom.explained(again, fit.req, None, pricing, grant=grant) from None
 
 
 class _Call:
@@ -123,6 +162,7 @@ class _Call:
         self.handed_off = False  # a background drain owns the settle now
         self.reader: StreamReader | None = None
         self.sent: float | None = None  # when the call left for the upstream (metrics)
+        self.fitted_max_tokens: int | None = None  # lowered to fit the budget (headroom)
 
     async def release(self) -> None:
         if not self.closed:
@@ -151,11 +191,18 @@ class _Call:
                    "Content-Type": "application/json"}
         return headers
 
-    async def run(self, request: web.Request, payload: bytes, stream: bool) -> web.StreamResponse:
+    async def run(self, request: web.Request, payload: bytes, stream: bool,
+                  credit: dict[str, str]) -> web.StreamResponse:
+        """``credit``: the app's attribution headers the client did not set itself."""
         headers = self._headers()
         for name in FORWARD_REQUEST_HEADERS:
             if name in request.headers:
                 headers[name] = request.headers[name]
+        for name in FORWARD_ATTRIBUTION_HEADERS:
+            value = attribution.safe_value(request.headers.get(name, ""))
+            if value:
+                headers[name] = value
+        headers.update(credit)
         assert self.upstream.session is not None
         self.sent = self.gw.observer.clock()
         try:
@@ -208,6 +255,8 @@ class _Call:
         headers = {k: resp.headers[k] for k in FORWARD_RESPONSE_HEADERS if k in resp.headers}
         if self.admitted.grant_remaining is not None:
             headers["x-wattfare-grant-remaining"] = str(self.admitted.grant_remaining)
+        if self.fitted_max_tokens is not None:
+            headers["x-wattfare-max-tokens"] = str(self.fitted_max_tokens)
         return headers
 
     def _note(self, generation: str | None) -> "asyncio.Future[Any] | None":

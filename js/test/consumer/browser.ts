@@ -18,8 +18,9 @@ export async function onConnectClick(): Promise<number | null> {
 }
 
 function Budget(): ReactElement {
-  const { connected, remainingUsd, loading, connect, requestGrant } = useWattfare();
-  const label: string = loading ? "…" : connected ? `$${remainingUsd ?? "∞"} left` : "Connect AI budget";
+  const { connected, remainingUsd, heldUsd, loading, connect, requestGrant } = useWattfare();
+  const held: number = heldUsd; // in flight: a new call fits in what is left minus this
+  const label: string = loading ? "…" : connected ? `$${remainingUsd ?? "∞"} left, $${held} held` : "Connect AI budget";
   const onClick = (): void => {
     void connect();
     void requestGrant({ requests: 3, maxUsd: 1 }).then((grant) => grant?.grantToken);

@@ -39,6 +39,6 @@ const refused = await generateText({ model: wf.user("never_connected").model("op
 
 console.log(JSON.stringify({
   text, streamed, title, year: film.object.year, warnings: film.warnings ?? [],
-  usage: status.usage.monthlyUsd, refused: refused?.code ?? null,
+  usage: status.usage.monthlyUsd, held: status.heldUsd, refused: refused?.code ?? null,
   refusedTyped: refused instanceof WattfareNotConnectedError,
 }));
