@@ -292,8 +292,15 @@ def _paths() -> dict[str, Any]:
             op_id="getConsentContext")},
         "/consent/oauth": {"post": _op(
             "Trade an OpenRouter PKCE code for the user's key (same-origin pages only).", [],
-            {"200": _json({"type": "object", "required": ["key"],
-                           "properties": {"key": {"type": "string"}}}),
+            {"200": _json({"type": "object", "required": ["key", "keyLimit"], "properties": {
+                "key": {"type": "string"},
+                "keyLimit": {
+                    "description": "The key's own credit limit at OpenRouter (GET /key); "
+                                   "null when it could not be read.",
+                    "type": ["object", "null"], "required": ["limitUsd", "reset", "label"],
+                    "properties": {"limitUsd": {"type": ["number", "null"]},
+                                   "reset": {"type": ["string", "null"]},
+                                   "label": {"type": ["string", "null"]}}}}}),
              **_errors(400, 401, 413, 502)},
             body=_body(_ref("OAuthExchange")), op_id="exchangeOAuthCode")},
         "/account": {"get": _op(

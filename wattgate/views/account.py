@@ -100,7 +100,12 @@ async def oauth_exchange(request: web.Request) -> web.Response:
     if status != 200 or not isinstance(key, str) or not key:
         raise InvalidRequest("OpenRouter did not accept this sign-in (the code may have "
                              "expired); try Connect with OpenRouter again.")
-    return json_response({"key": key})
+    # What OpenRouter itself will refuse past, read back rather than assumed: the popup
+    # says what the user got (the /auth page may not have honoured the limit asked).
+    limit = await request.app[upstream_key].key_limit(key)
+    return json_response({"key": key, "keyLimit": None if limit is None else {
+        "limitUsd": None if limit.limit_nanos is None else nanos_to_json(limit.limit_nanos),
+        "reset": limit.reset, "label": limit.label}})
 
 
 # ---- the dashboard ---------------------------------------------------------
