@@ -306,6 +306,25 @@ async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext
         (Decimal("0.30"), "monthly", "Demo Notes")
 
 
+async def test_oauth_key_for_a_grant_is_limited_to_the_grants_dollar_cap(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#grant-max")).to_have_text("$0.50")
+    await expect(popup.locator("#oauth")).to_be_enabled()
+    async with popup.expect_popup() as info:
+        await popup.click("#oauth")
+    await (await info.value).wait_for_event("close")
+    await expect(popup.locator("#oauth-limit")).to_contain_text(
+        "OpenRouter itself also stops this key at $0.50 in total")
+    async with popup.expect_event("close"):
+        await click_closing(popup, "#approve")
+    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    [made] = demo.fake.keys.values()
+    assert (made.limit, made.usage_limit_type, made.label) == (Decimal("0.5"), None, "Demo Notes")
+
+
 async def test_oauth_needs_a_cap_before_the_key_is_made(demo: Demo, context: BrowserContext) -> None:
     page = await context.new_page()
     await page.goto(demo.app_url)

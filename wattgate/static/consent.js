@@ -243,8 +243,11 @@ let oauthLimitUsd = null;  // the monthly limit the key was asked for (connect f
 /** Say what the key OpenRouter made can spend on its own, as OpenRouter reports it. */
 function describeKeyLimit(keyLimit) {
   const note = $("oauth-limit");
-  const enforced = keyLimit && keyLimit.limitUsd != null && keyLimit.reset === "monthly";
-  if (enforced && oauthLimitUsd != null && keyLimit.limitUsd === oauthLimitUsd) {
+  const asked = keyLimit && oauthLimitUsd != null && keyLimit.limitUsd === oauthLimitUsd;
+  if (asked && flow === "grant" && keyLimit.reset == null) {
+    note.textContent = `OpenRouter itself also stops this key at ${fmtUsd(keyLimit.limitUsd)} in ` +
+      "total, the most this grant may spend.";
+  } else if (asked && keyLimit.reset === "monthly") {
     // The cap is now the key's own limit too: changing one here would not change the other.
     $("cap").disabled = true;
     note.textContent = `OpenRouter itself also stops this key at ${fmtUsd(keyLimit.limitUsd)} a ` +
@@ -264,6 +267,7 @@ $("oauth").addEventListener("click", () => {
   const callback = `${data.publicOrigin}/connect/oauth-callback?n=${encodeURIComponent(pkce.nonce)}`;
   // OpenRouter makes the key with its own credit limit (POST /auth/keys/code's limit,
   // usage_limit_type and key_label, which its /auth page takes): the cap, every month.
+  // A grant's key (sealed to that grant only) gets the grant's dollar cap, in total.
   let limit = "";
   oauthLimitUsd = null;
   if (flow === "connect") {
@@ -274,6 +278,9 @@ $("oauth").addEventListener("click", () => {
       return;
     }
     limit = `&limit=${oauthLimitUsd}&usage_limit_type=monthly`;
+  } else if (data.grant.maxUsd != null) {
+    oauthLimitUsd = data.grant.maxUsd;
+    limit = `&limit=${oauthLimitUsd}`;
   }
   const url = `${data.oauth.authBase}/auth?callback_url=${encodeURIComponent(callback)}` +
     `&code_challenge=${encodeURIComponent(pkce.challenge)}&code_challenge_method=S256` +
