@@ -305,6 +305,22 @@ async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext
     assert (made.limit, made.usage_limit_type, made.label) == \
         (Decimal("0.30"), "monthly", "Demo Notes")
 
+    # A higher cap on the dashboard cannot raise the key's own limit: the dashboard says so.
+    dash = await open_popup(page, "#manage")
+    card = dash.locator("article.conn").first
+    await card.locator("input[type=number]").fill("5")
+    await card.get_by_role("button", name="Save cap").click()
+    await expect(dash.locator("article.conn .cap")).to_have_text("of $5.00 cap")
+    warning = dash.locator("article.conn .alert.warn")
+    await expect(warning).to_contain_text("OpenRouter itself limits this key to $0.30 (monthly)")
+    await shot(dash, "dashboard-key-limit.png")
+    # Back within the key's limit, the warning goes.
+    card = dash.locator("article.conn").first
+    await card.locator("input[type=number]").fill("0.2")
+    await card.get_by_role("button", name="Save cap").click()
+    await expect(dash.locator("article.conn .cap")).to_have_text("of $0.20 cap")
+    await expect(dash.locator("article.conn .alert.warn")).to_have_count(0)
+
 
 async def test_oauth_key_for_a_grant_is_limited_to_the_grants_dollar_cap(
         demo: Demo, context: BrowserContext) -> None:
