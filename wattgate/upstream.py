@@ -47,10 +47,11 @@ def key_limit_of(body: bytes) -> KeyLimit | None:
         nanos = None if limit is None else usd_to_nanos(limit)
     except (ValueError, AttributeError):
         return None
+    if nanos is not None and nanos < 0:
+        return None
     reset = data.get("limit_reset")
     label = data.get("label")
-    return KeyLimit(nanos if nanos is None or nanos >= 0 else None,
-                    reset if isinstance(reset, str) else None,
+    return KeyLimit(nanos, reset if isinstance(reset, str) else None,
                     label if isinstance(label, str) else None)
 
 
