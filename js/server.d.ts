@@ -1,7 +1,7 @@
 // Types for wattgate/server (server.js). Hand-written beside the plain ES module; a test
 // checks that they declare exactly what the module exports.
 import type {
-  OpenAICompatibleChatLanguageModel, OpenAICompatibleProviderSettings,
+  OpenAICompatibleChatLanguageModel, OpenAICompatibleProviderSettings, createOpenAICompatible,
 } from "@ai-sdk/openai-compatible";
 import type { ConnectionStatus, CreatedSession, WattfareError } from "./client.js";
 
@@ -34,6 +34,12 @@ export interface WattfareOptions {
   baseURL?: string;
   /** A custom fetch, for tests or unusual runtimes. */
   fetch?: typeof fetch;
+  /**
+   * Your app's provider factory, used by `model()`: pass it with a plain path install
+   * (`npm install path/to/wattgate/js`, a symlink), or to be sure `model()` uses your
+   * app's copy. Default: the one this package imports itself.
+   */
+  createOpenAICompatible?: typeof createOpenAICompatible;
 }
 
 /** The gateway's default listen address (`wattgate serve` with no config). */
@@ -77,6 +83,8 @@ export declare class Wattfare {
   readonly baseURL: string;
   readonly apiURL: string;
   readonly fetch: typeof fetch;
+  /** The provider factory `model()` uses: the one passed in, or this package's own (null if none resolves). */
+  readonly createOpenAICompatible: typeof createOpenAICompatible | null;
   /** Scope model access and status to one of your own user ids (42 and "42" are one user). */
   user(appUserId: string | number): WattfareUser;
   /** Redeem a one-time grant token forwarded by the browser. */

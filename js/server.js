@@ -10,7 +10,29 @@
 // model() is built on @ai-sdk/openai-compatible (a peer dependency: install it beside `ai`).
 // The error classes are the client SDK's (one hierarchy for the whole package), re-exported.
 
-import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
+/**
+ * The provider factory this module finds for itself, or null. A path install (`npm install
+ * ./js`) is a symlink, and Node resolves a symlinked package's imports from its real place:
+ * the checkout, which may hold no provider (or another copy than the app's). So a missing
+ * provider is not fatal here: the app can pass its own (`createOpenAICompatible` option).
+ * @type {typeof import("@ai-sdk/openai-compatible").createOpenAICompatible | null}
+ */
+let ownProviderFactory = null;
+try {
+  ({ createOpenAICompatible: ownProviderFactory } = await import("@ai-sdk/openai-compatible"));
+} catch (err) {
+  const e = /** @type {any} */ (err);
+  const missing = (e?.code === "ERR_MODULE_NOT_FOUND" || e?.code === "MODULE_NOT_FOUND")
+    && String(e.message).includes("@ai-sdk/openai-compatible");
+  if (!missing) throw err;
+}
+
+const NO_PROVIDER = "wattgate/server could not load @ai-sdk/openai-compatible from where it is "
+  + "installed (a plain path install is a symlink, so Node looks for it beside the checkout, "
+  + "not in your app). Install it in your app and pass it in: "
+  + "import { createOpenAICompatible } from \"@ai-sdk/openai-compatible\"; "
+  + "new Wattfare({ secretKey, baseURL, createOpenAICompatible }). "
+  + "Or install wattgate with npm install --install-links, or from its packed tarball.";
 
 import {
   NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareInvalidRequestError, WattfareUpstreamError,
@@ -41,6 +63,10 @@ export {
  * @property {string} secretKey The app's secret key (`sk_…`); never send it to a browser.
  * @property {string} [baseURL] The gateway's URL (its site root; `…/api/v1` is accepted too).
  * @property {typeof fetch} [fetch] A custom fetch, for tests or unusual runtimes.
+ * @property {typeof import("@ai-sdk/openai-compatible").createOpenAICompatible}
+ *   [createOpenAICompatible] Your app's provider factory, used for model(): pass it with a
+ *   plain path install (a symlink), or to be sure model() uses your app's copy. Default: the
+ *   one this package imports itself.
  */
 
 /** The gateway's default listen address (`wattgate serve` with no config). */
@@ -123,7 +149,9 @@ class ModelAccess {
     if (owned.length) {
       throw new TypeError(`${owned.join(", ")} cannot be set per model: the Wattfare client sets it`);
     }
-    const provider = createOpenAICompatible({
+    const createProvider = this.wf.createOpenAICompatible;
+    if (!createProvider) throw new Error(NO_PROVIDER);
+    const provider = createProvider({
       includeUsage: true,
       ...settings,
       name: "wattfare",
@@ -178,7 +206,8 @@ export class WattfareGrant extends ModelAccess {
 export class Wattfare {
   /** @param {WattfareOptions} options */
   constructor(options) {
-    const { secretKey, baseURL = DEFAULT_BASE_URL, fetch } = options ?? /** @type {any} */ ({});
+    const { secretKey, baseURL = DEFAULT_BASE_URL, fetch, createOpenAICompatible } =
+      options ?? /** @type {any} */ ({});
     if (typeof secretKey !== "string" || !secretKey.startsWith("sk_")) {
       throw new WattfareAuthError('secretKey must be the app\'s secret key, starting with "sk_".');
     }
@@ -188,6 +217,10 @@ export class Wattfare {
     /** @readonly */ this.apiURL = `${this.baseURL}/api/v1`;
     /** @readonly @type {typeof fetch} */
     this.fetch = fetch ?? ((input, init) => globalThis.fetch(input, init));
+    if (createOpenAICompatible != null && typeof createOpenAICompatible !== "function") {
+      throw new TypeError("createOpenAICompatible must be the function @ai-sdk/openai-compatible exports");
+    }
+    /** @readonly */ this.createOpenAICompatible = createOpenAICompatible ?? ownProviderFactory;
   }
 
   /** Scope model access and status to one of your own user ids. @param {string | number} appUserId */

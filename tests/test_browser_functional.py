@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,7 @@ async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext
     await page.goto(demo.app_url)
     popup = await open_popup(page, "#connect")
     await expect(popup.locator("#oauth")).to_be_enabled()
+    await expect(popup.locator("#oauth-hint")).to_contain_text("stops itself at your monthly cap")
     await popup.fill("#cap", "0.30")
     async with popup.expect_popup() as info:
         await popup.click("#oauth")
@@ -288,11 +290,77 @@ async def test_connect_with_openrouter_oauth(demo: Demo, context: BrowserContext
     await signin.wait_for_event("close")
     await expect(popup.locator("#oauth-done")).to_be_visible()
     await expect(popup.locator("#key")).to_be_hidden()
+    # The popup says what the user got: OpenRouter itself stops the key at the cap.
+    await expect(popup.locator("#oauth-limit")).to_contain_text(
+        "OpenRouter itself also stops this key at $0.30 a month")
+    await expect(popup.locator("#cap")).to_be_disabled()
     await shot(popup, "consent-oauth-done.png")
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
     await expect(page.locator("#status")).to_contain_text("$0.30 / month")
     assert demo.fake.oauth_codes == {}  # the code was exchanged (and only once)
+    # The key OpenRouter made has its own credit limit: the approved cap, every month,
+    # labelled with the app's name.
+    [(key, made)] = demo.fake.keys.items()
+    assert (made.limit, made.usage_limit_type, made.label) == \
+        (Decimal("0.30"), "monthly", "Demo Notes")
+
+    # A higher cap on the dashboard cannot raise the key's own limit: the dashboard says so.
+    dash = await open_popup(page, "#manage")
+    card = dash.locator("article.conn").first
+    await card.locator("input[type=number]").fill("5")
+    await card.get_by_role("button", name="Save cap").click()
+    await expect(dash.locator("article.conn .cap")).to_have_text("of $5.00 cap")
+    warning = dash.locator("article.conn .alert.warn")
+    await expect(warning).to_contain_text("OpenRouter itself limits this key to $0.30 (monthly)")
+    await shot(dash, "dashboard-key-limit.png")
+    # Back within the key's limit, the warning goes.
+    card = dash.locator("article.conn").first
+    await card.locator("input[type=number]").fill("0.2")
+    await card.get_by_role("button", name="Save cap").click()
+    await expect(dash.locator("article.conn .cap")).to_have_text("of $0.20 cap")
+    await expect(dash.locator("article.conn .alert.warn")).to_have_count(0)
+
+
+async def test_oauth_key_for_a_grant_is_limited_to_the_grants_dollar_cap(
+        demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#grant-max")).to_have_text("$0.50")
+    await expect(popup.locator("#oauth")).to_be_enabled()
+    async with popup.expect_popup() as info:
+        await popup.click("#oauth")
+    await (await info.value).wait_for_event("close")
+    await expect(popup.locator("#oauth-limit")).to_contain_text(
+        "OpenRouter itself also stops this key at $0.50 in total")
+    async with popup.expect_event("close"):
+        await click_closing(popup, "#approve")
+    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    [made] = demo.fake.keys.values()
+    assert (made.limit, made.usage_limit_type, made.label) == (Decimal("0.5"), None, "Demo Notes")
+
+
+async def test_oauth_needs_a_cap_before_the_key_is_made(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#connect")
+    await expect(popup.locator("#oauth")).to_be_enabled()
+    await popup.fill("#cap", "")
+    await popup.click("#oauth")
+    await expect(popup.locator("#error")).to_contain_text("Choose your monthly cap first")
+    assert demo.fake.keys == {}  # no key was made without a limit
+
+
+async def test_pasted_key_advice_links_to_openrouter_keys(demo: Demo, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#connect")
+    advice = popup.locator("#key-advice")
+    await expect(advice).to_be_visible()
+    await expect(advice).to_contain_text("its own monthly credit limit")
+    assert await advice.locator("a").get_attribute("href") == "https://openrouter.ai/settings/keys"
+    await shot(popup, "consent-key-advice.png")
 
 
 async def test_token_is_cached_between_calls(demo: Demo, context: BrowserContext) -> None:

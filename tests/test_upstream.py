@@ -1,11 +1,14 @@
-"""map_failure: the one translation of upstream HTTP errors, Retry-After included."""
+"""map_failure: the one translation of upstream HTTP errors, Retry-After included; and
+reading a key's own limit from ``GET /key``."""
 
 from __future__ import annotations
 
 import pytest
 
-from wattgate.errors import FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout
-from wattgate.upstream import map_failure, retry_after_seconds
+from wattgate.errors import (
+    BudgetExceeded, FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout,
+)
+from wattgate.upstream import KeyLimit, key_limit_of, map_failure, retry_after_seconds
 
 NOW = 1_790_000_000.0
 BODY = b'{"error":{"code":429,"message":"Rate limit exceeded"}}'
@@ -35,3 +38,26 @@ def test_an_upstream_429_stays_a_429_that_says_when():
                                          (503, UpstreamError)])
 def test_other_failures_keep_their_mapping(status, kind):
     assert type(map_failure(status, b"{}")) is kind
+
+
+def test_openrouters_key_limit_refusal_is_a_spent_budget_not_a_broken_key():
+    body = b'{"error":{"code":403,"message":"Key limit exceeded (monthly limit). Manage it ' \
+           b'using https://openrouter.ai/settings/keys"}}'
+    error = map_failure(403, body)
+    assert isinstance(error, BudgetExceeded) and not isinstance(error, FundingInvalid)
+    assert "own credit limit" in str(error)
+    assert isinstance(map_failure(403, b'{"error":{"message":"Flagged by moderation"}}'),
+                      UpstreamError)
+
+
+@pytest.mark.parametrize("body,limit", [
+    (b'{"data":{"label":"Notes","limit":0.1,"limit_reset":"monthly","usage":0}}',
+     KeyLimit(100_000_000, "monthly", "Notes")),  # exact: 0.1 is ten cents, not a float's
+    (b'{"data":{"label":"k","limit":null,"limit_reset":null}}', KeyLimit(None, None, "k")),
+    (b'{"data":{"limit":12345678.123456789}}', KeyLimit(12_345_678_123_456_789, None, None)),
+    (b'{"data":{"limit":-1}}', None), (b'{"data":{"limit":1e999}}', None),
+    (b'{"data":{"limit":"lots"}}', None), (b'{"data":{"limit":true}}', None),
+    (b'{"data":[]}', None), (b'{}', None), (b'not json', None),
+])
+def test_a_keys_own_limit_is_read_exactly_or_not_at_all(body, limit):
+    assert key_limit_of(body) == limit

@@ -16,7 +16,13 @@ is ``response.failed``. ``POST /embeddings`` answers ``{"object": "list",
 "data": [{"embedding": …}], "usage": {prompt_tokens, total_tokens, cost}}``
 (base64 vectors when asked, as the ``openai`` SDK does by default). Every
 metered answer names its generation in ``X-Generation-Id`` and in its ``id``,
-and ``GET /generation`` knows it. A ``response_format`` (JSON
+and ``GET /generation`` knows it. Keys may carry a credit
+``limit`` (USD) that resets ``daily``/``weekly``/``monthly`` or never, as
+OpenRouter's keys do: ``GET /key`` reports it, and a call with a key whose
+usage has reached its limit is refused with 403 "Key limit exceeded". The
+``/auth`` page takes ``limit``, ``usage_limit_type`` and ``key_label``, the
+fields of OpenRouter's ``POST /auth/keys/code`` (which its own auth page calls
+for the signed-in user), and the key the code is exchanged for carries them. A ``response_format`` (JSON
 mode, structured outputs) is answered with a JSON document, a JSON schema with
 an instance of it.
 
@@ -134,6 +140,23 @@ class Call:
 
 
 @dataclass
+class FakeKey:
+    """A key's own spending limit, as OpenRouter keeps it (``GET /key``)."""
+
+    label: str
+    limit: Decimal | None = None        # USD; None: no limit of its own
+    usage_limit_type: str | None = None  # daily | weekly | monthly; None: never resets
+    usage: Decimal = Decimal(0)         # spent since the limit last reset (the fake never
+                                        # resets it: tests run within one period)
+
+    def remaining(self) -> Decimal | None:
+        return None if self.limit is None else max(Decimal(0), self.limit - self.usage)
+
+
+LIMIT_TYPES = ("daily", "weekly", "monthly")
+
+
+@dataclass
 class FakeOpenRouter:
     """State and knobs of the fake; tests read and set these."""
 
@@ -170,6 +193,7 @@ class FakeOpenRouter:
     calls: list[Call] = field(default_factory=list)
     generations: dict[str, Call] = field(default_factory=dict)
     oauth_codes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    keys: dict[str, FakeKey] = field(default_factory=dict)  # keys with their own limit
     record_calls: bool = True
 
     def usage(self, prompt: int, completion: int, call: Call) -> str:
@@ -191,6 +215,9 @@ class FakeOpenRouter:
         if key in self.broke_keys:
             return 402
         return 200
+
+    def key_of(self, authorization: str) -> FakeKey | None:
+        return self.keys.get(authorization.removeprefix("Bearer ").strip())
 
 
 def _compressor(coding: str) -> Any:
@@ -418,9 +445,18 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         status = fake.key_status(request.headers.get("Authorization", ""))
         if status == 401:
             return _error(401, "No auth credentials found")
-        return web.json_response({"data": {"label": "sk-or-v1-…", "limit": None,
-                                           "limit_remaining": None, "usage": 0,
-                                           "is_free_tier": False}})
+        own = fake.key_of(request.headers.get("Authorization", ""))
+        if own is None:
+            return web.json_response({"data": {"label": "sk-or-v1-…", "limit": None,
+                                               "limit_remaining": None, "limit_reset": None,
+                                               "usage": 0, "is_free_tier": False}})
+        remaining = own.remaining()
+        return web.Response(content_type="application/json", text=json.dumps({"data": {
+            "label": own.label,
+            "limit": None if own.limit is None else float(own.limit),
+            "limit_remaining": None if remaining is None else float(remaining),
+            "limit_reset": own.usage_limit_type, "usage": float(own.usage),
+            "is_free_tier": False}}))
 
     async def generation(request: web.Request) -> web.Response:
         if fake.key_status(request.headers.get("Authorization", "")) == 401:
@@ -438,8 +474,20 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         challenge = request.query.get("code_challenge", "")
         if request.query.get("code_challenge_method") != "S256" or not callback:
             return web.Response(status=400, text="bad request")
+        limit_type = request.query.get("usage_limit_type")
+        label = request.query.get("key_label", "")
+        try:
+            limit = Decimal(request.query["limit"]) if "limit" in request.query else None
+        except ArithmeticError:
+            limit = Decimal("NaN")
+        if (limit is not None and not (limit.is_finite() and limit >= 0)) \
+                or (limit_type is not None and limit_type not in LIMIT_TYPES) \
+                or len(label) > 100:
+            return web.Response(status=400, text="bad request")
         code = secrets.token_urlsafe(16)
-        fake.oauth_codes[code] = (challenge, "sk-or-v1-oauth-" + secrets.token_hex(16))
+        key = "sk-or-v1-oauth-" + secrets.token_hex(16)
+        fake.oauth_codes[code] = (challenge, key)
+        fake.keys[key] = FakeKey(label or "Fake app", limit, limit_type)
         sep = "&" if "?" in callback else "?"
         raise web.HTTPFound(f"{callback}{sep}code={code}")
 
@@ -460,6 +508,10 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             return _error(401, "User not found.")
         if status == 402:
             return _error(402, "Insufficient credits. Add more using https://openrouter.ai/credits")
+        own = fake.key_of(request.headers.get("Authorization", ""))
+        if own is not None and own.limit is not None and own.usage >= own.limit:
+            return _error(403, f"Key limit exceeded ({own.usage_limit_type or 'total'} limit)."
+                          " Manage it using https://openrouter.ai/settings/keys")
         try:
             body = await request.json()
         except ValueError:
@@ -489,6 +541,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             call.byok_fee, cost = fee, cost + fee
         call.cost = cost
         fake.charged += cost
+        own = fake.key_of(request.headers.get("Authorization", ""))
+        if own is not None:  # the key's own usage, against its own limit
+            own.usage += cost
 
     def output_plan(body: dict[str, Any], limit: Any) -> tuple[int, int]:
         """(text pieces, reasoning tokens): the answer's length follows its limit, and a

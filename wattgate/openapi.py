@@ -264,7 +264,17 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {"id": {"type": "integer"}, "app": {"type": "object"},
                        "state": {"type": "string"}, "connectedAt": {"type": "integer"},
                        "status": _ref("ConnectionStatus"), "period": {"type": "string"},
-                       "calls": {"type": "array", "items": {"type": "object"}}},
+                       "calls": {"type": "array", "items": {"type": "object"}},
+                       "keyLimit": {**_ref("KeyLimit"),
+                                    "description": "Answers to a cap change only."}},
+    },
+    "KeyLimit": {
+        "description": "The funding key's own credit limit at OpenRouter (GET /key), which "
+                       "the gateway reads but cannot change; null when it could not be read.",
+        "type": ["object", "null"], "required": ["limitUsd", "reset", "label"],
+        "properties": {"limitUsd": {"type": ["number", "null"]},
+                       "reset": {"type": ["string", "null"]},
+                       "label": {"type": ["string", "null"]}},
     },
 }
 
@@ -358,8 +368,9 @@ def _paths() -> dict[str, Any]:
             op_id="getConsentContext")},
         "/consent/oauth": {"post": _op(
             "Trade an OpenRouter PKCE code for the user's key (same-origin pages only).", [],
-            {"200": _json({"type": "object", "required": ["key"],
-                           "properties": {"key": {"type": "string"}}}),
+            {"200": _json({"type": "object", "required": ["key", "keyLimit"], "properties": {
+                "key": {"type": "string"},
+                "keyLimit": _ref("KeyLimit")}}),
              **_errors(400, 401, 413, 502)},
             body=_body(_ref("OAuthExchange")), op_id="exchangeOAuthCode")},
         "/account": {"get": _op(

@@ -14,17 +14,45 @@ import logging
 import math
 import select
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable
 
 import aiohttp
 
-from .errors import FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout, WattgateError
+from .errors import BudgetExceeded, FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout, WattgateError
 from .metering import generation_charge
+from .money import usd_to_nanos
 from .pricing import PriceList
 
 log = logging.getLogger("wattgate.upstream")
+
+
+@dataclass(frozen=True)
+class KeyLimit:
+    """A funding key's own credit limit at OpenRouter (``GET /key``): what the upstream
+    itself refuses past, whatever this gateway does."""
+
+    limit_nanos: int | None  # None: the key has no limit of its own
+    reset: str | None        # daily | weekly | monthly; None: the limit never resets
+    label: str | None
+
+
+def key_limit_of(body: bytes) -> KeyLimit | None:
+    """Read ``GET /key``'s answer; None when it is not the documented shape."""
+    try:
+        data = json.loads(body, parse_float=Decimal).get("data")
+        limit = data.get("limit")
+        nanos = None if limit is None else usd_to_nanos(limit)
+    except (ValueError, AttributeError):
+        return None
+    if nanos is not None and nanos < 0:
+        return None
+    reset = data.get("limit_reset")
+    label = data.get("label")
+    return KeyLimit(nanos, reset if isinstance(reset, str) else None,
+                    label if isinstance(label, str) else None)
 
 
 def upstream_message(status: int, body: bytes) -> str:
@@ -91,6 +119,11 @@ def map_failure(status: int, body: bytes, headers: Mapping[str, str] | None = No
     message = upstream_message(status, body)
     if status in (401, 402):
         return FundingInvalid(f"The user's funding key was refused upstream: {message}")
+    if status == 403 and "key limit exceeded" in message.lower():
+        # The key's own credit limit at OpenRouter (set to the cap by Connect with
+        # OpenRouter, or by the user on a pasted key): spent, not broken; no reconnect.
+        return BudgetExceeded("The user's OpenRouter key reached its own credit limit "
+                              f"at OpenRouter: {message}")
     if status == 408:
         return UpstreamTimeout(message)
     if status == 429:
@@ -195,6 +228,20 @@ class Upstream:
             raise FundingInvalid("The model provider refused this funding key.")
         if resp.status >= 400:
             raise map_failure(resp.status, body, resp.headers, now=self._clock())
+
+    async def key_limit(self, funding_key: str) -> KeyLimit | None:
+        """The key's own limit at the upstream, or None when it cannot be read (an
+        upstream without ``GET /key``, unreachable, or an answer of another shape)."""
+        assert self.session is not None
+        try:
+            async with self.session.get(
+                    self.url("/key"), headers={"Authorization": f"Bearer {funding_key}"},
+                    timeout=aiohttp.ClientTimeout(total=self.first_byte_timeout)) as resp:
+                body = await read_bounded(resp, MAX_SMALL_BODY)
+                status = resp.status
+        except (TooLarge, aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+        return key_limit_of(body) if status == 200 else None
 
     async def fetch_models(self) -> tuple[int, bytes, Mapping[str, str]]:
         assert self.session is not None

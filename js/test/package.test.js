@@ -5,7 +5,7 @@
 // npm reuses its cache (--prefer-offline), so only a first run downloads.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { cp, lstat, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { cp, lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -58,8 +58,8 @@ async function typecheck(app, name, compilerOptions) {
   });
 }
 
-async function runServer(app) {
-  const env = { ...process.env, WATTFARE_SECRET_KEY: gw.secretKey, WATTGATE_URL: gw.url };
+async function runServer(app, extraEnv = {}) {
+  const env = { ...process.env, WATTFARE_SECRET_KEY: gw.secretKey, WATTGATE_URL: gw.url, ...extraEnv };
   const { stdout } = await run(process.execPath, ["out/server.js"], { cwd: app, env });
   return JSON.parse(stdout.trim().split("\n").at(-1));
 }
@@ -102,6 +102,27 @@ test("the packed tarball installs into an app, type-checks strictly and works", 
   await npm(["install", "--prefer-offline", "--install-links", JS], app);
   assert.ok(!(await lstat(path.join(app, "node_modules", "wattgate"))).isSymbolicLink());
   assertWorked(await runServer(app));
+
+  // A plain path install, as from a fresh checkout (the package's files, no node_modules of
+  // its own): npm makes a symlink, and Node resolves the package's imports from the checkout.
+  const checkout = path.join(dir, "checkout", "js");
+  await mkdir(checkout, { recursive: true });
+  for (const file of [...packed.files.map((f) => f.path)]) await cp(path.join(JS, file), path.join(checkout, file));
+  await npm(["install", "--prefer-offline", "--install-links=false", checkout], app);
+  assert.ok((await lstat(path.join(app, "node_modules", "wattgate"))).isSymbolicLink());
+  // Types: TypeScript too follows the link to the checkout unless told to keep the link's path.
+  await typecheck(app, "tsconfig.linked.json", {
+    module: "esnext", moduleResolution: "bundler", noEmit: true, preserveSymlinks: true,
+  });
+  // The app passes its own provider factory: model() works, with the app's one copy.
+  assertWorked(await runServer(app, { PASS_PROVIDER: "1" }));
+  // Without it, model() says what is wrong and how to fix it (not ERR_MODULE_NOT_FOUND at import).
+  const probe = "const { Wattfare } = await import('wattgate/server');"
+    + "try { new Wattfare({ secretKey: 'sk_x' }).user('u').model('m'); console.log('no error'); }"
+    + "catch (e) { console.log(e.message); }";
+  const { stdout: said } = await run(process.execPath, ["--input-type=module", "-e", probe], { cwd: app });
+  assert.match(said, /could not load @ai-sdk\/openai-compatible/);
+  assert.match(said, /new Wattfare\(\{ secretKey, baseURL, createOpenAICompatible \}\)/);
 });
 
 test("engines promises no older Node than the dev dependencies need", async () => {

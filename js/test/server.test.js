@@ -11,6 +11,7 @@ import path from "node:path";
 import OpenAI from "openai";
 import { generateObject, generateText, streamText } from "ai";
 import { z } from "zod";
+import { createOpenAICompatible as createProvider } from "@ai-sdk/openai-compatible";
 
 import {
   Wattfare, toWattfareError, WattfareError, WattfareAuthError, WattfareInvalidRequestError,
@@ -149,6 +150,22 @@ test("model() takes the provider's settings, but never where calls go or who pay
   }
   assert.throws(() => ai.model("openai/gpt-4o-mini", "strict"), TypeError);
   assert.throws(() => ai.model(""), WattfareInvalidRequestError);
+});
+
+test("model() uses the app's own provider factory when given one, with the client's settings", () => {
+  const made = [];
+  const createOpenAICompatible = (settings) => {
+    made.push(settings);
+    return createProvider(settings);
+  };
+  const wf = new Wattfare({ secretKey: SECRET, baseURL: "https://gw.test", createOpenAICompatible });
+  const model = wf.user("user_123").model("openai/gpt-4o-mini", { supportsStructuredOutputs: true });
+  assert.equal(model.supportsStructuredOutputs, true);
+  assert.equal(made.length, 1);
+  assert.equal(made[0].baseURL, "https://gw.test/api/v1");
+  assert.equal(made[0].headers["x-wattfare-user"], "user_123");
+  assert.throws(() => new Wattfare({ secretKey: SECRET, createOpenAICompatible: "yes" }),
+    /createOpenAICompatible must be the function/);
 });
 
 test("toWattfareError sees through AI SDK and openai wrappers and leaves other errors alone", () => {

@@ -3,6 +3,7 @@
 import { activationGuard, api, el, fmtTime, fmtUsd, initials } from "/static/ui.js";
 
 const list = document.getElementById("list");
+const notes = new Map();  // connection id → a warning that outlives the list's reload
 const host = (origin) => (origin || "").replace(/^https?:\/\//, "");
 
 // Any page can open this one and place clicks where its buttons appear (a double-click on
@@ -70,7 +71,18 @@ function card(conn) {
     }
     save.disabled = true;
     try {
-      await api("POST", `/api/v1/account/connections/${conn.id}`, { body: { monthlyUsd: Math.round(value * 100) / 100 } });
+      const cap = Math.round(value * 100) / 100;
+      const saved = await api("POST", `/api/v1/account/connections/${conn.id}`, { body: { monthlyUsd: cap } });
+      // This gateway cannot change a key's own limit at OpenRouter: say when it is below the cap.
+      const own = saved.keyLimit && saved.keyLimit.limitUsd;
+      if (own != null && own < cap) {
+        notes.set(conn.id, `OpenRouter itself limits this key to ${fmtUsd(own)}` +
+          (saved.keyLimit.reset ? ` (${saved.keyLimit.reset})` : " in total") + ": calls past it are " +
+          "refused. Raise the key's limit on OpenRouter's keys page (openrouter.ai/settings/keys), " +
+          `or reconnect from ${conn.app.name} with Connect with OpenRouter.`);
+      } else {
+        notes.delete(conn.id);
+      }
       await load();
     } catch (e) { say("error", e.message); save.disabled = false; }
   } }, "Save cap");
@@ -95,6 +107,8 @@ function card(conn) {
   cancel.addEventListener("click", () => {
     revoke.classList.remove("confirm"); revoke.textContent = "Revoke"; cancel.hidden = true;
   });
+
+  if (active && notes.has(conn.id)) say("warn", notes.get(conn.id));
 
   const actions = active
     ? el("div", { class: "conn-actions" },

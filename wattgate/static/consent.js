@@ -179,6 +179,7 @@ function ready() {
   } else if (data.oauth.authBase) {
     $("oauth").hidden = false;
     $("oauth").disabled = false;
+    $("oauth-hint").hidden = flow !== "connect";
     $("or-divider").hidden = false;
     preparePkce();
   }
@@ -212,12 +213,15 @@ channel.addEventListener("message", async (event) => {
   $("oauth").disabled = true;
   $("oauth").textContent = "Connecting…";
   try {
-    const { key } = await api("POST", "/api/v1/consent/oauth", { body: { code: msg.code, codeVerifier: verifier } });
+    const { key, keyLimit } = await api("POST", "/api/v1/consent/oauth", { body: { code: msg.code, codeVerifier: verifier } });
     oauthKey = key;
     $("oauth").hidden = true;
+    $("oauth-hint").hidden = true;
     $("or-divider").hidden = true;
     $("key").hidden = true;
+    $("key-advice").hidden = true;
     $("oauth-done").hidden = false;
+    describeKeyLimit(keyLimit);
     showError("");
     $("approve").focus();
   } catch (e) {
@@ -227,11 +231,60 @@ channel.addEventListener("message", async (event) => {
   }
 });
 
+/** The monthly cap typed in the connect flow, in dollars (cents kept), or null if not a cap. */
+function capUsd() {
+  const raw = $("cap").value.trim();
+  const cap = Number(raw);
+  return raw === "" || !Number.isFinite(cap) || cap < 0 ? null : Math.round(cap * 100) / 100;
+}
+
+let oauthLimitUsd = null;  // the monthly limit the key was asked for (connect flow)
+
+/** Say what the key OpenRouter made can spend on its own, as OpenRouter reports it. */
+function describeKeyLimit(keyLimit) {
+  const note = $("oauth-limit");
+  const asked = keyLimit && oauthLimitUsd != null && keyLimit.limitUsd === oauthLimitUsd;
+  if (asked && flow === "grant" && keyLimit.reset == null) {
+    note.textContent = `OpenRouter itself also stops this key at ${fmtUsd(keyLimit.limitUsd)} in ` +
+      "total, the most this grant may spend.";
+  } else if (asked && keyLimit.reset === "monthly") {
+    // The cap is now the key's own limit too: changing one here would not change the other.
+    $("cap").disabled = true;
+    note.textContent = `OpenRouter itself also stops this key at ${fmtUsd(keyLimit.limitUsd)} a ` +
+      "month, even if this gateway failed. To change the cap later, connect with OpenRouter again.";
+  } else if (keyLimit && keyLimit.limitUsd != null) {
+    note.textContent = `OpenRouter limits this key to ${fmtUsd(keyLimit.limitUsd)}` +
+      (keyLimit.reset ? ` (${keyLimit.reset})` : " in total") + "; your cap here applies too.";
+  } else {
+    note.textContent = "OpenRouter set no spending limit on this key: only the cap here protects " +
+      "your balance. You can set one on OpenRouter's keys page.";
+  }
+  note.hidden = false;
+}
+
 $("oauth").addEventListener("click", () => {
   if (!pkce) return;
   const callback = `${data.publicOrigin}/connect/oauth-callback?n=${encodeURIComponent(pkce.nonce)}`;
+  // OpenRouter makes the key with its own credit limit (POST /auth/keys/code's limit,
+  // usage_limit_type and key_label, which its /auth page takes): the cap, every month.
+  // A grant's key (sealed to that grant only) gets the grant's dollar cap, in total.
+  let limit = "";
+  oauthLimitUsd = null;
+  if (flow === "connect") {
+    oauthLimitUsd = capUsd();
+    if (oauthLimitUsd == null) {
+      showError("Choose your monthly cap first: OpenRouter makes your key with that limit.");
+      $("cap").focus();
+      return;
+    }
+    limit = `&limit=${oauthLimitUsd}&usage_limit_type=monthly`;
+  } else if (data.grant.maxUsd != null) {
+    oauthLimitUsd = data.grant.maxUsd;
+    limit = `&limit=${oauthLimitUsd}`;
+  }
   const url = `${data.oauth.authBase}/auth?callback_url=${encodeURIComponent(callback)}` +
-    `&code_challenge=${encodeURIComponent(pkce.challenge)}&code_challenge_method=S256`;
+    `&code_challenge=${encodeURIComponent(pkce.challenge)}&code_challenge_method=S256` +
+    `${limit}&key_label=${encodeURIComponent(app.name.slice(0, 100))}`;
   const w = window.open(url, "wattgate-oauth", "popup,width=520,height=720");
   if (!w) showError("Your browser blocked the OpenRouter window. Allow popups, or paste a key.");
 });
@@ -276,14 +329,13 @@ $("consent-form").addEventListener("submit", async (event) => {
   if (!useExisting) body.fundingKey = key;
   let path;
   if (flow === "connect") {
-    const raw = $("cap").value.trim();
-    const cap = Number(raw);
-    if (raw === "" || !Number.isFinite(cap) || cap < 0) {
+    const cap = capUsd();
+    if (cap == null) {
       showError("Enter a monthly cap in dollars, for example 5.");
       $("cap").focus();
       return;
     }
-    body.monthlyUsd = Math.round(cap * 100) / 100;
+    body.monthlyUsd = cap;
     path = "/api/v1/connections";
   } else {
     body.requests = data.grant.requests;

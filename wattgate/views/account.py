@@ -25,7 +25,9 @@ from ..errors import AuthError, InvalidRequest, NotFound, UpstreamError
 from ..gateway import Gateway
 from ..ledger import period_of, status_of
 from ..money import nanos_to_json
+from ..sealing import SealError, connection_aad
 from ..store import ACTIVE, REVOKED, App, Connection
+from ..upstream import KeyLimit, Upstream
 from .control import approved_here, connection_status, is_same_origin, json_response, presence_of
 from .inputs import json_body, session_token_of, usd_amount
 from .state import gateway_key, upstream_key
@@ -100,7 +102,29 @@ async def oauth_exchange(request: web.Request) -> web.Response:
     if status != 200 or not isinstance(key, str) or not key:
         raise InvalidRequest("OpenRouter did not accept this sign-in (the code may have "
                              "expired); try Connect with OpenRouter again.")
-    return json_response({"key": key})
+    # What OpenRouter itself will refuse past, read back rather than assumed: the popup
+    # says what the user got (the /auth page may not have honoured the limit asked).
+    limit = await request.app[upstream_key].key_limit(key)
+    return json_response({"key": key, "keyLimit": _key_limit_json(limit)})
+
+
+def _key_limit_json(limit: KeyLimit | None) -> dict[str, Any] | None:
+    return None if limit is None else {
+        "limitUsd": None if limit.limit_nanos is None else nanos_to_json(limit.limit_nanos),
+        "reset": limit.reset, "label": limit.label}
+
+
+async def _connection_key_limit(gw: Gateway, upstream: Upstream,
+                                connection: Connection) -> KeyLimit | None:
+    """The connection's key's own limit at OpenRouter, which a new cap here cannot change
+    (that needs the user's provisioning key, PATCH /keys/{hash}); None if unknown."""
+    if not connection.connected or not connection.sealed_key:
+        return None
+    try:
+        key = gw.sealer.unseal(connection.sealed_key, connection_aad(connection.connection_id))
+    except SealError:
+        return None
+    return await upstream.key_limit(key)
 
 
 # ---- the dashboard ---------------------------------------------------------
@@ -175,7 +199,11 @@ async def account_connection(request: web.Request) -> web.Response:
     if saved is None:  # revoked or re-funded meanwhile: show what is true now
         saved = await gw.store.get_connection_by_id(connection.connection_id)
         assert saved is not None
-    return json_response(await _connection_body(gw, saved, {}))
+    body = await _connection_body(gw, saved, {})
+    # The dashboard warns when the key's own OpenRouter limit is below the new cap.
+    body["keyLimit"] = _key_limit_json(
+        await _connection_key_limit(gw, request.app[upstream_key], saved))
+    return json_response(body)
 
 
 def add_routes(app: web.Application) -> None:

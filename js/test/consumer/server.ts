@@ -1,4 +1,5 @@
 // A backend of a team's own app, using wattgate/server with its own ai and provider.
+import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { generateObject, generateText, streamText } from "ai";
 import { z } from "zod";
 import {
@@ -6,7 +7,12 @@ import {
   type ConnectionStatus, type LanguageModel, type ModelSettings,
 } from "wattgate/server";
 
-const wf = new Wattfare({ secretKey: process.env.WATTFARE_SECRET_KEY ?? "", baseURL: process.env.WATTGATE_URL });
+// With a plain path install (a symlink) the app passes its own provider factory; a copied
+// install (tarball, --install-links) finds the app's provider by itself.
+const wf = new Wattfare({
+  secretKey: process.env.WATTFARE_SECRET_KEY ?? "", baseURL: process.env.WATTGATE_URL,
+  ...(process.env.PASS_PROVIDER === "1" ? { createOpenAICompatible } : {}),
+});
 const ai = wf.user("consumer_user");
 const settings: ModelSettings = { supportsStructuredOutputs: true };
 const model: LanguageModel = ai.model("openai/gpt-4o-mini", settings);
