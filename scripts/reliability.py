@@ -128,7 +128,13 @@ def report(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None,
         "headers name the generation as soon as the model starts; the call's hold row is "
         "written with that id in the same turn of the event loop, and committed before "
         "the first byte of a stream leaves. The restart turns such rows into provisional "
-        "rows that reconciliation corrects.",
+        "rows that reconciliation corrects. `POST /responses` follows the same rule (a "
+        "whole response is streamed upstream and answered with the one `response.completed` "
+        "carries; `tests/test_responses_functional.py` checks the hold row names the "
+        "generation while the model still works). `POST /embeddings` cannot be streamed: "
+        "its hold row is written from the answer's `X-Generation-Id` header before the body "
+        "is read, so its window also spans the time the upstream takes to send its headers, "
+        "which for a whole answer is usually the whole call.",
         "",
         f"| generations named by the upstream at least {int(NAMING_GRACE * 1000)} ms before "
         f"the kill and missing from the ledger | {len(b['named_lost'])} |",
