@@ -68,11 +68,19 @@ SETTINGS: tuple[Setting, ...] = (
             "a slow client that keeps reading. 60 s outlasts a phone's network stall yet "
             "frees a stalled call's budget hold and upstream stream well before "
             "metering.hold_ttl_seconds.", 0.1),
+    Setting("server", "workers", int, 1,
+            "Gateway processes serving server.port (a supervisor restarts any that dies). "
+            "More than 1 needs the PostgreSQL ledger (database.url).", 1, 64),
     Setting("server", "keepalive_timeout", float, 75.0,
             "Seconds an idle connection (or one that has sent nothing yet) stays open.",
             0.1),
     Setting("database", "path", str, "wattgate.db",
-            "SQLite ledger file. Relative paths are relative to the working folder."),
+            "SQLite ledger file (when database.url is empty). Relative paths are "
+            "relative to the working folder."),
+    Setting("database", "url", str, "",
+            "PostgreSQL ledger shared by a fleet of gateway processes and hosts, as "
+            "postgresql://user[:password]@host[:port]/dbname. Empty: the embedded SQLite "
+            "ledger at database.path, served by one process."),
     Setting("keys", "file", str, "",
             "Keys file (JWT signing key, master sealing keys), created mode 0600 on "
             "first use. Empty: next to the database, named <database>.keys.json."),
@@ -289,6 +297,15 @@ def _path_or_empty(value: str, origin: str) -> str:
     return value
 
 
+def _postgres_url_or_empty(value: str, origin: str) -> str:
+    if not value.strip():
+        return ""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise ConfigError(f"{origin}: expected postgresql://user@host:port/dbname")
+    return value.strip()
+
+
 def _file_path(value: str, origin: str) -> str:
     if not value.strip():
         raise ConfigError(f"{origin}: must name a file")
@@ -303,6 +320,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "server.public_url": _optional_origin,
     "upstream.key_check_path": _path_or_empty,
     "database.path": _file_path,
+    "database.url": _postgres_url_or_empty,
 }
 
 
