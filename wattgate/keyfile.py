@@ -23,6 +23,7 @@ default passes. The hash key must be at least 16 bytes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,19 @@ class Keys:
     @property
     def active_master_key(self) -> bytes:
         return self.master_keys[self.active_key_id]
+
+    def fingerprint(self) -> str:
+        """Names the hash key and the JWT secret without revealing either.
+
+        SHA-256 of a domain-separated, length-prefixed concatenation; the
+        ledger stores it (``Ledger.bind_keys``) so that a process holding other
+        keys is refused. The master sealing keys are left out: they rotate.
+        """
+        h = hashlib.sha256(b"wattgate keys fingerprint v1\0")
+        for part in (self.hash_key, self.jwt_secret.encode()):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        return "sha256:" + h.hexdigest()
 
 
 def _b64(data: bytes) -> str:
