@@ -34,6 +34,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -122,7 +123,7 @@ def _new_key_id(existing: Mapping[str, bytes]) -> str:
     return f"k{n}"
 
 
-def _fresh() -> dict:
+def _fresh() -> dict[str, Any]:
     return {
         "jwt_secret": secrets.token_urlsafe(48),
         "hash_key": _b64(secrets.token_bytes(32)),
@@ -132,7 +133,7 @@ def _fresh() -> dict:
     }
 
 
-def _write(path: Path, data: dict, *, replace: bool = True) -> bool:
+def _write(path: Path, data: dict[str, Any], *, replace: bool = True) -> bool:
     """Write the keys file atomically, mode 0600 from its first byte.
 
     With ``replace=False`` an existing file wins (two processes starting on an

@@ -233,7 +233,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
 def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
     """Run the migrations this database has not seen; returns the new version."""
     target = len(MIGRATIONS) if upto is None else upto
-    version = db.execute("PRAGMA user_version").fetchone()[0]
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version > len(MIGRATIONS):
         raise SchemaError(f"its schema version {version} is newer than this wattgate knows "
                           f"({len(MIGRATIONS)}); upgrade wattgate")

@@ -42,6 +42,8 @@ log = logging.getLogger("wattgate.store")
 Op = Callable[[sqlite3.Connection], Any]
 After = Callable[[Any], object]  # what it returns is ignored
 Queued = tuple[Op, "asyncio.Future[Any]", After | None]
+Row = tuple[Any, ...]  # a row as sqlite3 answers it, before it becomes a record
+Params = dict[str, Any] | tuple[Any, ...]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -84,7 +86,8 @@ class _Writer:
         db.execute("PRAGMA wal_autocheckpoint = 0")
         db.execute("PRAGMA busy_timeout = 0")  # on the loop: never wait for a lock
 
-    def run(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
+    def run(self, op: Callable[[sqlite3.Connection], T],
+            after: Callable[[T], object] | None = None) -> asyncio.Future[T]:
         """Queue ``op``; its future resolves after COMMIT.
 
         ``after(result)``, when given, runs on the event loop right after the
@@ -93,8 +96,8 @@ class _Writer:
         """
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((op, future, after))
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((op, future, after))  # typed per call above, Any in the queue
         if not self._scheduled and self._in_thread is None:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -429,12 +432,13 @@ class SQLiteStore(ReportsMixin):
 
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""
-        return self._read.execute("PRAGMA data_version").fetchone()[0]
+        return int(self._read.execute("PRAGMA data_version").fetchone()[0])
 
-    def _one(self, sql: str, params: dict[str, Any] | tuple = ()) -> tuple | None:
-        return self._read.execute(sql, params).fetchone()
+    def _one(self, sql: str, params: Params = ()) -> Row | None:
+        row: Row | None = self._read.execute(sql, params).fetchone()
+        return row
 
-    def _all(self, sql: str, params: dict[str, Any] | tuple = ()) -> list[tuple]:
+    def _all(self, sql: str, params: Params = ()) -> list[Row]:
         return self._read.execute(sql, params).fetchall()
 
     # ---- apps -------------------------------------------------------------
@@ -929,7 +933,7 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> int:
             sql = ("SELECT hold_id, connection_id, grant_id, period, amount_nanos, "
                    "generation_id, app_id, model, created_at FROM holds")
-            params: tuple = ()
+            params: tuple[float, ...] = ()
             if older_than is not None:
                 sql += " WHERE created_at < ?"
                 params = (older_than,)
@@ -1149,7 +1153,7 @@ def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
     return row[0], row[2], cost_nanos - row[3]
 
 
-def _usage(r: tuple) -> Usage:
+def _usage(r: Row) -> Usage:
     return Usage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
 
 
