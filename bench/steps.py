@@ -74,7 +74,7 @@ async def measure(n: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-steps-"))
     config = load_config(None, env={"WATTGATE_DATABASE__PATH": str(tmp / "steps.db"),
                                     "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000000"})
-    gw = open_gateway(config)
+    gw = await open_gateway(config)
     creds = mint_credentials()
     now = time.time()
     await gw.store.create_app(creds.app_id, "steps", gw.hash(creds.secret),

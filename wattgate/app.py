@@ -21,8 +21,8 @@ from .errors import ConfigError
 from .gateway import open_gateway
 from .logs import add_request_id, request_log_middleware
 from .middleware import error_middleware
-from .reconcile import Reconciler
-from .store.sqlite import StoreInUse
+from .reconcile import LEAD_TASK, Reconciler
+from .store import StoreInUse
 from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
@@ -41,20 +41,23 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
                           handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
-        gw = open_gateway(config, clock=clock)
+        gw = await open_gateway(config, clock=clock)
         try:
-            gw.store.claim()  # one gateway per database: its holds live in its memory
+            gw.store.claim()  # SQLite: one gateway per database, its holds in its memory
         except StoreInUse as e:
             gw.store.close_now()
             raise ConfigError(str(e)) from None
         app[gateway_key] = gw
+        # Holds no living process will settle (SQLite: all of them; PostgreSQL: those
+        # of dead processes).
         swept = await gw.store.sweep_holds()
         if swept:
             log.warning("released %d budget holds left by a previous process", swept)
         # A revocation cut short by a crash: erase what nothing can correct any more
         # (the holds swept just now are provisional rows: their keys wait for them).
+        # Background work, so only by the process leading it.
         now = gw.clock()
-        if await gw.store.erase_revoked_keys(
+        if await gw.store.lead(LEAD_TASK) and await gw.store.erase_revoked_keys(
                 since=now - config.metering_reconcile_give_up, now=now):
             log.warning("erased the funding keys of revoked connections and ended grants")
         yield

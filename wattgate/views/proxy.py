@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable
 
 import aiohttp
 from aiohttp import web
@@ -259,7 +259,7 @@ class _Call:
             headers["x-wattfare-max-tokens"] = str(self.fitted_max_tokens)
         return headers
 
-    def _note(self, generation: str | None) -> "asyncio.Future[Any] | None":
+    def _note(self, generation: str | None) -> Awaitable[None] | None:
         """Name the generation in the hold's row (committed before the settle, which is
         queued after it): from here a crash leaves a provisional row, not lost spend."""
         if not generation:
@@ -313,7 +313,8 @@ class _Call:
         generation = _generation_of(resp)
         reader = self.reader = StreamReader(generation)
         # The hold's row names the generation before any body byte leaves.
-        noted = self._note(generation)
+        note = self._note(generation)  # a future of the ledger's write, whatever the backend
+        noted = asyncio.ensure_future(note) if note is not None else None
         out = web.StreamResponse(status=200, headers=self._response_headers(resp))
         out.content_type = "text/event-stream"
         try:
