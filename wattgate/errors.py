@@ -194,3 +194,8 @@ class Unavailable(WattgateError):
 
 class ConfigError(Exception):
     """Bad configuration, found at start; the CLI prints it as one line."""
+
+
+class KeysMismatch(ConfigError):
+    """This host's hash and JWT keys differ from those the shared ledger was started with."""
+    pass
