@@ -34,6 +34,11 @@ CHANNEL = "wattgate_changes"
 PING_EVERY = 1.0  # seconds: how stale "up" may be on a silent network failure
 
 
+_HOLDING = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "AND pid = pg_backend_pid() AND granted AND objsubid = 2 "
+            "AND classid = $1::bigint::oid AND objid = $2::bigint::oid)")
+
+
 def task_key(task: str) -> int:
     """A background task's lock key (key 0 is the migrations')."""
     return zlib.crc32(task.encode()) % 0x7FFFFFFF + 1
@@ -92,8 +97,7 @@ class Lifeline:
                     async with self._lock:
                         await self._con.fetchval("SELECT 1", timeout=PING_EVERY)
                     continue
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                        asyncio.TimeoutError) as e:
+                except Exception as e:  # whatever way it failed, it is not vouched for
                     log.warning("ledger listener connection lost: %r", e)
                     self._drop()
             try:
@@ -113,17 +117,21 @@ class Lifeline:
         if not self.up:
             self._leading.clear()
             return False
-        if task in self._leading:
-            return True
+        # Held already: ask the server whether it still is. The server frees a
+        # terminated session's locks before its socket closes, so a local flag
+        # alone could lead alongside the next leader for a moment.
+        sql = _HOLDING if task in self._leading else "SELECT pg_try_advisory_lock($1, $2)"
         try:
             async with self._lock:
-                got = await self._con.fetchval("SELECT pg_try_advisory_lock($1, $2)",
-                                               LOCK_SPACE, task_key(task), timeout=PING_EVERY)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError):
+                got = await self._con.fetchval(sql, LOCK_SPACE, task_key(task),
+                                               timeout=PING_EVERY)
+        except Exception:  # a dying connection fails in many ways: not leading
             self._drop()
             return False
         if got:
             self._leading.add(task)
+        else:
+            self._leading.discard(task)
         return bool(got)
 
     async def close(self) -> None:

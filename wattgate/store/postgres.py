@@ -72,6 +72,7 @@ _DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InternalClientError,     # a connection dying mid-operation
 )
 
 _USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
