@@ -121,6 +121,9 @@ async def test_admission_holds_in_the_database_and_settle_counts_once(open_store
     assert await a.settle(None, _usage(cid, app, "gen-2", 130), PERIOD) is True
     assert await b.period_spent(cid, PERIOD) == 580
     assert await b.check(now=NOW, hold_ttl=600) == []
+    # A cap lowered below what was spent: the audit's cap check runs (any TTL, as a float).
+    await a.update_cap(cid, 100, expected_key="sealed", now=NOW + 1)
+    assert await b.check(now=NOW, hold_ttl=1e12) == []
 
 
 async def test_a_revoked_connection_admits_nothing(open_store) -> None:

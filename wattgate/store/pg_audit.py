@@ -57,7 +57,7 @@ async def _caps(con: Any, now: float, ttl: float) -> list[str]:
             "SELECT p.connection_id, p.period, p.spent_nanos, c.cap_nanos, "
             "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.connection_id = "
             " p.connection_id AND u.period = p.period AND u.created_at <= c.updated_at + "
-            " CASE WHEN c.updated_at > c.created_at THEN $1 ELSE 0 END) "
+            " CASE WHEN c.updated_at > c.created_at THEN $1::double precision ELSE 0 END) "
             "FROM periods p JOIN connections c ON c.connection_id = p.connection_id "
             "WHERE c.cap_nanos IS NOT NULL AND p.spent_nanos > c.cap_nanos", ttl):
         if spent > max(cap, before):
