@@ -689,7 +689,7 @@ class PostgresStore(PgReportsMixin):
                               1.0 if take else 0.0)
         if row["allowed"]:
             return None
-        return max(1, math.ceil((1.0 - row["tokens"]) / (per_minute / 60.0)))
+        return max(1, math.ceil((1.0 - float(row["tokens"])) / (per_minute / 60.0)))
 
     async def open_admin_session(self, session_hash: str, csrf: str, *,
                                  expires_at: float, now: float) -> None:
