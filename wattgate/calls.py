@@ -100,7 +100,7 @@ class CallService:
 
     def __init__(self, gw: Gateway, upstream: Upstream) -> None:
         self.gw, self.upstream = gw, upstream
-        self.drains: set[asyncio.Task[None]] = set()
+        self.drains: set[asyncio.Future[Any]] = set()  # drains, and releases owed
 
     async def serve(self, endpoint: Endpoint, ask: Ask, sink: ClientSink) -> None:
         """One metered call, answered into ``sink``; a ``WattgateError`` raised before
@@ -142,8 +142,8 @@ class CallService:
         config = gw.config
         plan = pricing.plan(req)
         try:
-            return req, plan, await admission.admit(gw, app_id, payer, plan.worst_nanos,
-                                                    now=gw.clock(), connection=connection), None
+            return req, plan, await self._admit(app_id, payer, plan.worst_nanos,
+                                                connection), None
         except (BudgetExceeded, GrantInvalid) as refused:
             if refused.shortfall is None:
                 raise
@@ -154,17 +154,50 @@ class CallService:
             if fit is None or fit.max_tokens < config.metering_fit_min_tokens or not may_fit:
                 raise headroom.explained(refused, req, fit, pricing, grant=grant) from None
         try:  # another call may have taken the room meanwhile: then refused, explained
-            return fit.req, fit.plan, await admission.admit(
-                gw, app_id, payer, fit.plan.worst_nanos, now=gw.clock(),
-                connection=connection), fit.max_tokens
+            return fit.req, fit.plan, await self._admit(
+                app_id, payer, fit.plan.worst_nanos, connection), fit.max_tokens
         except (BudgetExceeded, GrantInvalid) as again:
             raise headroom.explained(again, fit.req, None, pricing, grant=grant) from None
 
+    async def _admit(self, app_id: str, payer: admission.PayerRef, amount: int,
+                     connection: Connection | None) -> admission.Admitted:
+        """``admission.admit``, owned whatever happens to this call: cancelled while the
+        ledger admits (a grant's commit; on a shared database, every admission's round
+        trip), the admission runs on and the hold it got is released, a grant's request
+        given back. Without this the hold stayed until the sweep took it, narrowing the
+        cap and using a request of the grant for nothing."""
+        # SQLite admits a user's call in one synchronous check-and-add in memory: no
+        # await, nothing to cancel in, so the hot path pays no task. (``kind`` is the
+        # contract's; a store without it is this branch's SQLiteStore.)
+        if payer.grant_token is None and getattr(self.gw.store, "kind", "sqlite") == "sqlite":
+            return await admission.admit(self.gw, app_id, payer, amount,
+                                         now=self.gw.clock(), connection=connection)
+        admitting = asyncio.ensure_future(admission.admit(
+            self.gw, app_id, payer, amount, now=self.gw.clock(), connection=connection))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            self.drains.add(admitting)  # close() waits for it and for its release
+            admitting.add_done_callback(self._release_orphan)
+            admitting.add_done_callback(self.drains.discard)
+            raise
+
+    def _release_orphan(self, admitting: "asyncio.Future[admission.Admitted]") -> None:
+        if admitting.cancelled() or admitting.exception() is not None:
+            return  # nothing was held
+        admitted = admitting.result()
+        release = asyncio.ensure_future(self.gw.store.release(
+            admitted.hold, refund_request=admitted.grant_id is not None))
+        self.drains.add(release)
+        release.add_done_callback(self.drains.discard)
+
     async def close(self) -> None:
-        """Let running drains settle (bounded) before the store closes."""
-        tasks = list(self.drains)
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.gw.config.metering_drain_seconds + 5)
+        """Let running drains (and releases of cancelled admissions) settle, bounded,
+        before the store closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gw.config.metering_drain_seconds + 5
+        while self.drains and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self.drains), timeout=left)
 
 
 class Call:
