@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping
 from decimal import Decimal
 from typing import Any
@@ -315,3 +317,12 @@ async def test_cancellation_at_any_await_leaves_no_hold(world, stream, payer):
         grant = await world.store.get_grant_by_id(grant_id)
         assert (grant.used, grant.spent_nanos, grant.held_nanos) == \
             (len(rows), sum(r.cost_nanos for r in rows), 0)
+
+
+def test_the_service_never_loads_the_web_layer():
+    """The lifecycle is domain code: importing it pulls in no part of aiohttp.web."""
+    probe = ("import sys, wattgate.calls; "
+             "print(sorted(m for m in sys.modules if m.startswith('aiohttp.web')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
