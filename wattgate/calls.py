@@ -100,7 +100,8 @@ class CallService:
 
     def __init__(self, gw: Gateway, upstream: Upstream) -> None:
         self.gw, self.upstream = gw, upstream
-        self.drains: set[asyncio.Future[Any]] = set()  # drains, and releases owed
+        self.drains: set[asyncio.Future[Any]] = set()  # bounded by metering.max_drains
+        self.owed: set[asyncio.Future[Any]] = set()  # releases of cancelled admissions
 
     async def serve(self, endpoint: Endpoint, ask: Ask, sink: ClientSink) -> None:
         """One metered call, answered into ``sink``; a ``WattgateError`` raised before
@@ -177,9 +178,9 @@ class CallService:
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
-            self.drains.add(admitting)  # close() waits for it and for its release
+            self.owed.add(admitting)  # close() waits for it and for its release
             admitting.add_done_callback(self._release_orphan)
-            admitting.add_done_callback(self.drains.discard)
+            admitting.add_done_callback(self.owed.discard)
             raise
 
     def _release_orphan(self, admitting: "asyncio.Future[admission.Admitted]") -> None:
@@ -188,16 +189,16 @@ class CallService:
         admitted = admitting.result()
         release = asyncio.ensure_future(self.gw.store.release(
             admitted.hold, refund_request=admitted.grant_id is not None))
-        self.drains.add(release)
-        release.add_done_callback(self.drains.discard)
+        self.owed.add(release)
+        release.add_done_callback(self.owed.discard)
 
     async def close(self) -> None:
         """Let running drains (and releases of cancelled admissions) settle, bounded,
         before the store closes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gw.config.metering_drain_seconds + 5
-        while self.drains and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(list(self.drains), timeout=left)
+        while (pending := self.drains | self.owed) and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(pending, timeout=left)
 
 
 class Call:
