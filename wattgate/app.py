@@ -1,6 +1,7 @@
 """The app factory: the one place the parts of wattgate are wired together.
 
-``create_app(config)`` opens the keys file, the store and the upstream session
+``create_app(config)`` opens the keys file, the store, the upstream session and
+the call service (``calls.CallService``, whose drains it awaits on the way out)
 in ``cleanup_ctx`` (teardown runs only if setup did), sweeps holds left by a
 previous process, and mounts the routes. Tests pass a config pointing
 ``upstream.base_url`` at a fake OpenRouter and, where time matters, a clock.
@@ -16,6 +17,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
+from .calls import CallService
 from .config import Config
 from .errors import ConfigError
 from .gateway import open_gateway
@@ -27,7 +29,7 @@ from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
 from .views import admin
-from .views.state import gateway_key, upstream_key
+from .views.state import calls_key, gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
 
@@ -73,7 +75,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(gateway_ctx)
     app.cleanup_ctx.append(upstream_ctx)
-    app.cleanup_ctx.append(proxy.drains_ctx)
+
+    async def calls_ctx(app: web.Application) -> AsyncIterator[None]:
+        calls = CallService(app[gateway_key], app[upstream_key])
+        app[calls_key] = calls
+        yield
+        await calls.close()  # running drains settle before the upstream and store close
+
+    app.cleanup_ctx.append(calls_ctx)
 
     async def reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().create_task(

@@ -17,7 +17,6 @@ from .credentials import keyed_hash, parse_secret_key, same_hash
 from .errors import AuthError, ConfigError, RateLimited
 from .keyfile import Keys, load_keys
 from .observer import Observer
-from .ratelimit import RateLimiter
 from .sealing import Sealer
 from .sessions import Session, SessionCodec
 from .store import App, Ledger, open_store
@@ -47,9 +46,6 @@ class Gateway:
     sealer: Sealer = field(init=False)
     sessions: SessionCodec = field(init=False)
     limits: dict[str, Limit] = field(init=False)
-    # RL_CHAT as views/proxy.py takes it today (per process); ``limit("RL_CHAT", …)``
-    # is the ledger's fleet-wide count, which the proxy moves to with its service.
-    rl_chat: RateLimiter = field(init=False)
     observer: Observer = field(init=False)  # metrics and request-log hooks
     # presented secret key → (app, store.apps_version() when verified)
     _verified: dict[str, tuple[App, object]] = field(
@@ -64,8 +60,7 @@ class Gateway:
             Limit("RL_SESSIONS", self.config.limits_sessions_per_minute),
             Limit("RL_CHAT", self.config.limits_chat_per_minute),
             Limit("RL_ADMIN_LOGIN", ADMIN_LOGINS_PER_MINUTE))}
-        self.rl_chat = RateLimiter(self.config.limits_chat_per_minute, name="RL_CHAT")
-        self.observer = Observer((self.rl_chat, *self.limits.values()))
+        self.observer = Observer(self.limits.values())
 
     async def limit(self, name: str, key: str, *, take: bool = True) -> None:
         """Take a token of rate limit ``name`` for ``key`` (every process of the ledger
