@@ -2,8 +2,11 @@
 PostgreSQL (``tests/pg.py``) for the tests that need it.
 
 ``--backend postgresql`` (or ``WATTGATE_TEST_BACKEND=postgresql``) serves the
-functional harness from a fresh PostgreSQL database instead of a SQLite file;
-the contract suite runs on every backend whatever the option says.
+functional harness from a fresh PostgreSQL database instead of a SQLite file,
+and keeps only the tests that run on a ledger the option chooses (those using
+the ``backend`` fixture, which the harness does, and the contract suite's
+PostgreSQL cases); the others, which would run exactly as on SQLite, are
+deselected. Without it, everything runs, the contract suite on every backend.
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the ledger the functional harness serves from (default: sqlite, or "
              "$WATTGATE_TEST_BACKEND); PostgreSQL is $WATTGATE_TEST_DATABASE_URL or a "
              "throwaway cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--backend") != "postgresql":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_postgres = ("backend" in getattr(item, "fixturenames", ())
+                       or params.get("ledger") == "postgresql")
+        (keep if on_postgres else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 ENV = "WATTGATE_TEST_DATABASE_URL"
+T = TypeVar("T")
 _NAME = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -103,17 +106,21 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _on_a_thread(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to the end on a loop of its own thread: fixtures are called
+    from inside pytest-asyncio's loop, whose thread must not get a second loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()
+
+
 def _migrate(url: str) -> None:
-    """Apply the PostgreSQL backend's migrations to ``url`` (on a thread of its own:
-    the caller may be inside pytest-asyncio's loop setup)."""
+    """Apply the PostgreSQL backend's migrations to ``url``."""
     async def go() -> None:
         from wattgate.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
 
         store = await PostgresStore.open(url)
         await store.close()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, go()).result()
+    _on_a_thread(go)
 
 
 class Server:
@@ -152,11 +159,20 @@ class Server:
         return cls(cluster.url, cluster)
 
     def execute(self, sql: str) -> list[tuple[object, ...]]:
-        import psycopg
+        """One statement on the server's own database, outside any transaction (asyncpg,
+        the backend's driver, on a thread: the caller may be inside an event loop)."""
+        async def go() -> list[tuple[object, ...]]:
+            import asyncpg
 
-        with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as db:
-            cur = db.execute(sql.encode())
-            return cur.fetchall() if cur.description else []
+            db = await asyncpg.connect(self.url, timeout=10)
+            try:
+                if sql.lstrip().upper().startswith("SELECT"):
+                    return [tuple(r) for r in await db.fetch(sql)]
+                await db.execute(sql)
+                return []
+            finally:
+                await db.close()
+        return _on_a_thread(go)
 
     def _template_name(self) -> str:
         """The session's migrated template (made on first use)."""
