@@ -567,6 +567,73 @@ async def test_a_settle_whose_caller_is_cancelled_still_lands(ledger):
     await consistent(ledger, app)
 
 
+async def test_a_hold_no_longer_held_cannot_be_named(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    settled = await admit(ledger, c, USD)
+    await ledger.settle(settled, billed(settled, app, "gen-s", USD), PERIOD)
+    released = await admit(ledger, c, USD)
+    await ledger.release(released)
+    for hold in (settled, released):
+        assert ledger.note_generation(hold, "gen-late", app.app_id, "m") is None
+    assert await ledger.open_holds() == 0
+    assert [r.generation_id for r in await rows_of(ledger, c.connection_id)] == ["gen-s"]
+    await consistent(ledger, app)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_interleavings_never_pass_the_cap_nor_lose_a_debit(ledger, place, seed):
+    """Calls admitted, named, settled and released in random order on one instance,
+    while another instance (the CLI reconciling; on PostgreSQL another gateway too)
+    writes on the same connection: spent + held never passes the cap beyond what
+    bypassed admission, and every debit lands exactly once."""
+    import random
+
+    rnd = random.Random(seed)
+    cap = 30 * USD
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=cap)
+    other = await place.open()
+    instances = [ledger, other] if place.kind == "postgresql" else [ledger]
+    debited = refused = outside = 0
+
+    async def call(i: int) -> None:
+        nonlocal debited, refused
+        store = instances[i % len(instances)]
+        await asyncio.sleep(rnd.random() / 1000)
+        estimate = rnd.randint(1, 5) * USD
+        try:
+            hold = await store.admit(c.connection_id, PERIOD, estimate, now=T, expires_at=T + TTL)
+        except BudgetExceeded:
+            refused += 1
+            return
+        spent = await store.period_spent(c.connection_id, PERIOD)
+        assert spent + await store.held(c.connection_id) <= cap + outside
+        if rnd.random() < 0.5:
+            named = store.note_generation(hold, f"g{i}", app.app_id, "m")
+            assert named is not None
+            await named
+        await asyncio.sleep(rnd.random() / 500)
+        if rnd.random() < 0.2:
+            await store.release(hold)
+            return
+        cost = rnd.randint(0, estimate)
+        assert await store.settle(hold, billed(hold, app, f"g{i}", cost), PERIOD)
+        debited += cost
+
+    async def cli(i: int) -> None:
+        nonlocal debited, outside
+        await asyncio.sleep(rnd.random() / 100)
+        outside += USD // 10  # counted before its commit: the bound is never too tight
+        assert await other.settle(None, usage(f"cli{i}", app, c.connection_id, USD // 10), PERIOD)
+        debited += USD // 10
+
+    await asyncio.gather(*[call(i) for i in range(80)], *[cli(i) for i in range(5)])
+    assert refused > 0, "the cap was reached"
+    assert await ledger.period_spent(c.connection_id, PERIOD) == debited <= cap + outside
+    await consistent(ledger, app)
+
+
 # ---- revocation and key rotation -----------------------------------------------
 
 async def test_a_revocation_refuses_new_calls_and_ends_its_grants(ledger):
@@ -612,6 +679,25 @@ async def test_re_seal_replaces_a_key_only_where_it_is_still_the_old_one(ledger)
     assert (await ledger.get_connection(app.app_id, "u2")).sealed_key == b.sealed_key  # type: ignore[union-attr]
     assert (await ledger.get_grant_by_id(g.grant_id)).sealed_key == "v1.k2.new-g"  # type: ignore[union-attr]
     assert await ledger.replace_sealed_keys(changes) == 0  # a second pass finds nothing old
+
+
+async def test_a_revoked_key_is_erased_once_no_call_can_need_it(ledger):
+    """Kept while a call of the connection is in flight or awaits its final cost
+    (a provisional row after ``since``); erased after, once."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    running = await admit(ledger, c, USD)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 1)
+    assert await ledger.erase_revoked_keys(since=T - 86400, now=T + 2) == 0
+    await ledger.settle(running, billed(running, app, "gen-e", USD, provisional=True), PERIOD)
+    assert await ledger.erase_revoked_keys(since=T - 86400, now=T + 3) == 0  # correctable
+    assert (await ledger.get_connection_by_id(c.connection_id)).sealed_key == c.sealed_key  # type: ignore[union-attr]
+    assert await ledger.erase_revoked_keys(since=T + 1, now=T + 4) == 1  # past its give-up
+    gone = await ledger.get_connection_by_id(c.connection_id)
+    assert gone is not None and gone.sealed_key is None and gone.state == REVOKED
+    assert all(k[2] != c.sealed_key for k in await ledger.all_sealed_keys())
+    assert await ledger.erase_revoked_keys(since=T + 1, now=T + 5) == 0
+    await consistent(ledger, app)
 
 
 # ---- ids, deletion, periods --------------------------------------------------------
