@@ -41,11 +41,11 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
                           handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
-        gw = open_gateway(config, clock=clock)
         try:
-            gw.store.claim()  # one gateway per database: its holds live in its memory
+            # serving: the store is claimed (one process per SQLite database: its holds
+            # live in its memory), before SQLite opens the file.
+            gw = open_gateway(config, clock=clock, serving=True)
         except StoreInUse as e:
-            gw.store.close_now()
             raise ConfigError(str(e)) from None
         app[gateway_key] = gw
         swept = await gw.store.sweep_holds()

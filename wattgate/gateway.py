@@ -104,15 +104,18 @@ class Gateway:
         return session, app
 
 
-def open_gateway(config: Config, *, clock: Callable[[], float] = time.time) -> Gateway:
+def open_gateway(config: Config, *, clock: Callable[[], float] = time.time,
+                 serving: bool = False) -> Gateway:
     """Open the store (creating and migrating it) and the keys file (creating it).
 
     The database comes first, so an unusable data folder is reported as the
-    database's problem, the one the operator configured.
+    database's problem, the one the operator configured. ``serving``: for
+    ``wattgate serve``, the store is claimed (``Ledger.claim``) before it is
+    opened, so a refused second server never touches the file.
     """
     try:
         config.database_file.parent.mkdir(parents=True, exist_ok=True)
-        store = SQLiteStore.open(config.database_file)
+        store = SQLiteStore.open(config.database_file, claim=serving)
     except (OSError, sqlite3.Error, SchemaError) as e:
         raise ConfigError(f"cannot open database {config.database_file}: {e}") from None
     try:
