@@ -264,6 +264,7 @@ class SQLiteStore(ReportsMixin):
     def __init__(self, path: Path, *, claim: bool = False) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._spare_fds: list[int] = []  # see _discard
         if claim:  # before any SQLite connection: a refused server never touches the file
             self.claim()
         try:
@@ -329,20 +330,30 @@ class SQLiteStore(ReportsMixin):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held, named = os.fstat(fd), os.stat(self.path)
         except OSError:
-            os.close(fd)
+            self._discard(fd)
             raise StoreInUse(f"another wattgate server is using the database {self.path} "
                              "(through this path or another link to the same file); one "
                              "process serves a SQLite ledger, since its budget holds live in "
                              "memory") from None
         if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
-            os.close(fd)  # replaced between open and lock: never serve a file not locked
+            self._discard(fd)  # replaced between open and lock: never serve an unlocked file
             raise StoreInUse(f"the database file {self.path} was replaced while starting")
         self._lock_fd = fd
+
+    def _discard(self, fd: int) -> None:
+        """A descriptor of the file we will not lock through: closed now only if SQLite
+        has no connection open in this process (closing it would drop SQLite's locks)."""
+        if hasattr(self, "_write_db"):
+            self._spare_fds.append(fd)
+        else:
+            os.close(fd)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+        while self._spare_fds:
+            os.close(self._spare_fds.pop())
 
     def _cache_ok(self) -> bool:
         """Whether the meter's cached rows may be used now (dropping them if stale).
