@@ -284,7 +284,7 @@ async def test_presence(store):
 
 async def test_ping_and_data_survive_reopen(tmp_path):
     s = SQLiteStore.open(tmp_path / "w.db")
-    assert s.ping()
+    assert await s.ping()
     await s.create_app(APP, "Demo", "h", [], now=T)
     await s.close()
     s = SQLiteStore.open(tmp_path / "w.db")

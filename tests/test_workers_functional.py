@@ -1,20 +1,23 @@
 """``wattgate serve --workers N`` and the one-server lock, with real processes on loopback.
 
-SQLite refuses N > 1, so the supervisor's restart and drain are proven here on SQLite
-with one supervised worker (the real supervisor and worker code, started through
-``supervised_sqlite``). ``restart_check`` and ``drain_check`` take a database URL:
-once the PostgreSQL backend is merged, the same checks run ``wattgate serve --workers 2``
-on it (``test_workers_postgresql_*`` at the end, pointed at conftest's URL fixture).
+SQLite refuses N > 1, so on SQLite the supervisor's restart and drain are proven with
+one supervised worker (the real supervisor and worker code, started through
+``SUPERVISED_SQLITE``). ``restart_check`` and ``drain_check`` take a database URL: on
+PostgreSQL (``WATTGATE_TEST_DATABASE_URL``, a fresh database per test) they run
+``wattgate serve --workers 2``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -325,13 +328,36 @@ async def test_a_second_server_through_any_other_path_is_refused(tmp_path, fake_
         await again.kill()
 
 
-# ---- PostgreSQL (wired after the PostgreSQL backend is merged) ------------------------
-# With the backend on this branch, add to this module, with conftest's fixture that
-# yields a fresh PostgreSQL database URL (WATTGATE_TEST_DATABASE_URL or a throwaway
-# cluster), named here `database_url`:
-#
-#   async def test_workers_postgresql_restart(tmp_path, fake_upstream, database_url):
-#       await restart_check(tmp_path, fake_upstream.base_url, database_url)
-#
-#   async def test_workers_postgresql_drain(tmp_path, fake_upstream, database_url):
-#       await drain_check(tmp_path, fake_upstream, database_url)
+# ---- PostgreSQL: `serve --workers 2`, the same checks -----------------------------------
+PG_SERVER = os.environ.get("WATTGATE_TEST_DATABASE_URL",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    import asyncpg
+
+    name = "wg_workers_" + secrets.token_hex(6)
+    con = await asyncpg.connect(PG_SERVER)
+    try:
+        await con.execute(f"CREATE DATABASE {name}")
+    finally:
+        await con.close()
+    try:
+        yield PG_SERVER.rsplit("/", 1)[0] + "/" + name
+    finally:
+        con = await asyncpg.connect(PG_SERVER)
+        try:
+            await con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await con.close()
+
+
+async def test_workers_postgresql_restart(tmp_path, fake_upstream):
+    async with fresh_pg_database() as url:
+        await restart_check(tmp_path, fake_upstream.base_url, url)
+
+
+async def test_workers_postgresql_drain(tmp_path, fake_upstream):
+    async with fresh_pg_database() as url:
+        await drain_check(tmp_path, fake_upstream, url)

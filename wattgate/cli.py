@@ -36,7 +36,7 @@ def normalize_origin(value: str) -> str:
 
 def _run(config: Config, fn: Callable[[Gateway], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        gw = open_gateway(config)
+        gw = await open_gateway(config)
         try:
             return await fn(gw)
         finally:

@@ -29,6 +29,8 @@ here touches SQL.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .records import Connection, Hold
 
 # Past this many cached rows the cache starts again (a bound, not a policy).
@@ -123,7 +125,7 @@ class Meter:
         self.spent.clear()
 
 
-def _take(totals: dict, key: object, amount: int) -> None:
+def _take(totals: dict[Any, int], key: object, amount: int) -> None:
     left = totals.get(key, 0) - amount
     if left > 0:
         totals[key] = left
