@@ -43,9 +43,9 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
                           handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
-        gw = await open_gateway(config, clock=clock)
+        gw = await open_gateway(config, clock=clock, serving=True)
         try:
-            gw.store.claim()  # SQLite: one gateway per database, its holds in its memory
+            gw.store.claim()  # the contract's step; SQLite took it before opening the file
         except StoreInUse as e:
             gw.store.close_now()
             raise ConfigError(str(e)) from None

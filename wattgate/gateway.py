@@ -19,7 +19,7 @@ from .keyfile import Keys, load_keys
 from .observer import Observer
 from .sealing import Sealer
 from .sessions import Session, SessionCodec
-from .store import App, Ledger, open_store
+from .store import App, Ledger, StoreInUse, open_store
 
 log = logging.getLogger("wattgate")
 
@@ -129,22 +129,26 @@ class Gateway:
         return session, app
 
 
-async def open_gateway(config: Config, *,
-                       clock: Callable[[], float] = time.time) -> Gateway:
+async def open_gateway(config: Config, *, clock: Callable[[], float] = time.time,
+                       serving: bool = False) -> Gateway:
     """Open the store (creating and migrating it) and the keys file (creating it), and
     bind the keys to the ledger (``Ledger.bind_keys``): a process, server or CLI,
     holding other keys than the ledger's first is refused before it mints or verifies.
 
     The database comes first, so an unusable data folder is reported as the
-    database's problem, the one the operator configured.
+    database's problem, the one the operator configured. ``serving``: for
+    ``wattgate serve``, the store is claimed (``Ledger.claim``) before it is
+    opened, so a refused second server never touches the file.
     """
     where = "the database.url ledger" if config.database_url else str(config.database_file)
     try:
         if not config.database_url:
             config.database_file.parent.mkdir(parents=True, exist_ok=True)
-        store = await open_store(config)
+        store = await open_store(config, serving=serving)
     except ConfigError:
         raise
+    except StoreInUse as e:  # another server has this SQLite file: its own one line
+        raise ConfigError(str(e)) from None
     except Exception as e:  # OSError, the driver's errors, SchemaError: one line
         raise ConfigError(f"cannot open database {where}: {e}") from None
     try:

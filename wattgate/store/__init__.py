@@ -25,7 +25,7 @@ __all__ = ["ACTIVE", "NEEDS_RECONNECT", "REVOKED", "AdminSessionRow", "App", "Co
            "Grant", "Hold", "Ledger", "SQLiteStore", "StoreInUse", "Usage", "open_store"]
 
 
-async def open_store(config: Config) -> Ledger:
+async def open_store(config: Config, *, serving: bool = False) -> Ledger:
     """The ledger the config names: PostgreSQL at ``database.url`` when set (imported
     only then: its driver is not needed otherwise), else SQLite at ``database.path``
     (created and migrated on open)."""
@@ -33,4 +33,5 @@ async def open_store(config: Config) -> Ledger:
         from .postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
         store: Ledger = await PostgresStore.open(config.database_url)
         return store
-    return SQLiteStore.open(config.database_file)
+    # serving (``wattgate serve``): SQLite is claimed before the file is opened.
+    return SQLiteStore.open(config.database_file, claim=serving)

@@ -12,7 +12,7 @@ Admission against the cap is one synchronous check-and-add on the event loop
 (``SQLiteStore.admit``): spent (committed, from the ledger) + held here + the
 call's worst case ≤ the cap. No await separates the check from the add, so two
 calls can never both pass on the same room. This holds for one gateway process
-per database, which ``SQLiteStore.claim`` enforces with a lock file.
+per database, which ``SQLiteStore.claim`` enforces with a lock on the database file.
 
 Every hold has an id from one sequence for the ledger's whole life, whether
 its row is written at admission (a grant's) or later (a connection's): the

@@ -270,14 +270,23 @@ class SQLiteStore(ReportsMixin):
 
     kind = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, claim: bool = False) -> None:
         self.path = Path(path)
-        self._write_db = _connect(self.path)
+        self._lock_fd: int | None = None
+        self._spare_fds: list[int] = []  # see _discard
+        if claim:  # before any SQLite connection: a refused server never touches the file
+            self.claim()
+        try:
+            self._write_db = _connect(self.path)
+        except BaseException:
+            self._unlock()
+            raise
         try:
             migrate(self._write_db)
             self._read = _connect(self.path)
         except BaseException:
             self._write_db.close()
+            self._unlock()
             raise
         self._writer = _Writer(self._write_db, self.path)
         self._apps_epoch = 0
@@ -285,12 +294,13 @@ class SQLiteStore(ReportsMixin):
         self._note_hold_ids()
         self._seen_version: int | None = None
         self._version_fresh = False  # data_version read in this turn of the loop
-        self._lock_fd: int | None = None
         self._limiters: dict[str, RateLimiter] = {}
 
     @classmethod
-    def open(cls, path: Path) -> "SQLiteStore":
-        return cls(path)
+    def open(cls, path: Path, *, claim: bool = False) -> "SQLiteStore":
+        """Open (creating and migrating) the ledger; ``claim``: as a server, taking
+        ``claim``'s lock before SQLite opens the file."""
+        return cls(path, claim=claim)
 
     async def close(self) -> None:
         await self._writer.close()
@@ -301,29 +311,59 @@ class SQLiteStore(ReportsMixin):
         self._writer.shutdown()
         self._read.close()
         self._write_db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        self._unlock()  # last: closing our fd of the file must not drop SQLite's locks
 
     def claim(self) -> None:
         """Become the one process that admits calls against this database.
 
         Holds of calls in flight live in the admitting process's memory (see
         ``meter``); a second gateway on the same ledger could not see them and
-        together they could pass a cap. So the gateway takes an exclusive lock
-        on ``<database>.lock`` for its lifetime; the kernel drops it when the
-        process dies, even by SIGKILL. CLI commands do not admit and need no lock.
+        together they could pass a cap. So the gateway takes an exclusive
+        ``flock`` on the database file itself for its lifetime: the lock belongs
+        to the file (its inode), so a second server reaching it by a symlink, a
+        hard link or another relative path is refused as surely as by the same
+        path. The kernel drops it when the process dies, even by SIGKILL. CLI
+        commands do not admit and take no lock (SQLite's own locks are POSIX
+        record locks, which ``flock`` never conflicts with on a local disk).
+
+        The descriptor stays open for the store's life and is closed after
+        SQLite's connections: closing any descriptor of a file drops every POSIX
+        lock the process holds on it, SQLite's included. Idempotent.
         """
+        if self._lock_fd is not None:
+            return
         import fcntl
-        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # O_CREAT as _connect would: owner-only from the first byte; an empty file is
+        # an empty SQLite database.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held, named = os.fstat(fd), os.stat(self.path)
         except OSError:
-            os.close(fd)
-            raise StoreInUse(f"another wattgate server is using {self.path}; one gateway "
-                             "process serves a database (its budget holds live in memory)") \
-                from None
+            self._discard(fd)
+            raise StoreInUse(f"another wattgate server is using the database {self.path} "
+                             "(through this path or another link to the same file); one "
+                             "process serves a SQLite ledger, since its budget holds live in "
+                             "memory") from None
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            self._discard(fd)  # replaced between open and lock: never serve an unlocked file
+            raise StoreInUse(f"the database file {self.path} was replaced while starting")
         self._lock_fd = fd
+
+    def _discard(self, fd: int) -> None:
+        """A descriptor of the file we will not lock through: closed now only if SQLite
+        has no connection open in this process (closing it would drop SQLite's locks)."""
+        if hasattr(self, "_write_db"):
+            self._spare_fds.append(fd)
+        else:
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+        while self._spare_fds:
+            os.close(self._spare_fds.pop())
 
     def _cache_ok(self) -> bool:
         """Whether the meter's cached rows may be used now (dropping them if stale).
