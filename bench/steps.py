@@ -107,7 +107,7 @@ async def measure(n: int) -> dict[str, Any]:
         payer = admission.identify("u1", None)
         connection = await admission.precheck(gw, app.app_id, payer)
         t = lap("identify payer + pre-check connection", t)
-        gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=time.time())
+        await gw.limit("RL_CHAT", f"{app.app_id}:{payer.rate_key}")
         t = lap("rate limit", t)
         req = read_request(REQUEST, default_max_tokens=4096)
         t = lap("parse body, check its fields", t)
