@@ -138,7 +138,7 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("streamed only: read usage (11 events)", t)
         parse_json_body((ANSWER % (gen, MODEL, USAGE)).encode(), "gen-" + gen)
         t = lap("(read usage of a JSON answer, stream_whole_answers = false)", t)
-        row = usage_row(outcome, bill(outcome, planned.price, estimate), app_id=app.app_id,
+        row = usage_row(outcome, bill(outcome, estimate), app_id=app.app_id,
                         connection_id=admitted.connection_id, grant_id=None, model=model,
                         status="ok", started=now, now=time.time(),
                         admitted_at=admitted.admitted_at)
