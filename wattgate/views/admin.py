@@ -38,6 +38,7 @@ from ..ratelimit import RateLimiter
 from ..store import REVOKED, App
 from ..store.reports import DAY
 from . import console, metrics
+from .inputs import client_of
 from .state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate.admin")  # what operators changed: an audit trail
@@ -160,7 +161,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = form.get("token")
     given = token.encode() if isinstance(token, str) else b""
-    peer, now = request.remote or "?", gw.clock()
+    peer, now = client_of(gw.config, request).address, gw.clock()
     try:
         # Before the comparison: past the limit a right guess is refused like a wrong one,
         # so the 429s tell a guesser nothing.
