@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from . import origins
+from . import __version__, origins
 from .config import Config, load_config
 from .credentials import mint_credentials
 from .errors import ConfigError
@@ -152,6 +152,7 @@ def cmd_keys(args: argparse.Namespace, config: Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wattgate", description=(
         "Self-hosted consent and metering gateway for AI spend."))
+    parser.add_argument("--version", action="version", version=f"wattgate {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML config file (default: $WATTGATE_CONFIG or "
                         "embedded defaults)")
