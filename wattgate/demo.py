@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -96,12 +96,15 @@ async def _serve(app: web.Application, sock: socket.socket,
 async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app_port: int = 0,
                      fake_port: int = 0, chunk_delay: float = 0.04,
                      clock: Callable[[], float] = time.time,
-                     gateway_hostname: str | None = None) -> Demo:
+                     gateway_hostname: str | None = None, public_url: str | None = None,
+                     settings: Mapping[str, str] | None = None) -> Demo:
     """Start the three servers; ports 0 pick free ones. Call ``close()`` when done.
 
     ``clock`` is the gateway's (tests move it to expire tokens without sleeping).
     ``gateway_hostname`` names the gateway in its public URL (a LAN or staging
     name the browser resolves to this machine); it still listens on 127.0.0.1.
+    ``public_url`` is where browsers reach the gateway when something else serves it
+    there (a TLS reverse proxy); ``settings`` adds ``WATTGATE_*`` settings.
     """
     tmp = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
@@ -110,7 +113,8 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
     fake_sock, gw_sock, app_sock = (_listen(host, p) for p in (fake_port, gateway_port, app_port))
     fake_url = f"http://{host}:{fake_sock.getsockname()[1]}"
     local_gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
-    gateway_url = f"http://{gateway_hostname or host}:{gw_sock.getsockname()[1]}"
+    gateway_url = public_url.rstrip("/") if public_url else \
+        f"http://{gateway_hostname or host}:{gw_sock.getsockname()[1]}"
     # "localhost" is another site than 127.0.0.1, so the app never sees the gateway's cookies.
     app_url = f"http://localhost:{app_sock.getsockname()[1]}"
 
@@ -123,6 +127,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
         "WATTGATE_UPSTREAM__BASE_URL": fake_url + "/api/v1",
         "WATTGATE_OAUTH__AUTH_BASE": fake_url,
         "WATTGATE_OAUTH__API_BASE": fake_url + "/api/v1",
+        **(settings or {}),
     })
     gateway = create_app(config, clock=clock)
     runners.append(await _serve(gateway, gw_sock, ClientLimits.from_config(config)))
