@@ -213,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from pathlib import Path
 
-    from .demo import run
+    from .demo import PortBusy, run
 
     try:
         return run(data_dir=Path(args.data) if args.data else None, gateway_port=args.port,
                    app_port=args.app_port, fake_port=args.fake_port)
+    except PortBusy as e:
+        raise CommandError(f"cannot start the demo: {e.strerror}") from None
     except OSError as e:
         raise CommandError(f"cannot start the demo: {e}") from None
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import errno
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -74,10 +76,22 @@ class Demo:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+class PortBusy(OSError):
+    """A port the demo was told to use is taken: names it and the flag that changes it."""
+
+
+def _listen(host: str, port: int, role: str = "", flag: str = "") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortBusy(e.errno, f"port {port} ({role}) is already in use on {host}: stop "
+                                    f"what is using it, or pick another with {flag} PORT") \
+                from None
+        raise
     sock.listen(128)
     sock.setblocking(False)
     return sock
@@ -110,7 +124,19 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
     data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
     data.mkdir(parents=True, exist_ok=True)
     host = "127.0.0.1"
-    fake_sock, gw_sock, app_sock = (_listen(host, p) for p in (fake_port, gateway_port, app_port))
+    socks: list[socket.socket] = []
+    try:
+        for port, role, flag in ((fake_port, "the fake OpenRouter", "--fake-port"),
+                                 (gateway_port, "the gateway", "--port"),
+                                 (app_port, "the example app", "--app-port")):
+            socks.append(_listen(host, port, role, flag))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        if tmp:
+            shutil.rmtree(data, ignore_errors=True)
+        raise
+    fake_sock, gw_sock, app_sock = socks
     fake_url = f"http://{host}:{fake_sock.getsockname()[1]}"
     local_gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
     gateway_url = public_url.rstrip("/") if public_url else \
@@ -252,26 +278,41 @@ async def _deltas(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
                 yield piece
 
 
+def banner(demo: Demo) -> str:
+    """What ``wattgate demo`` prints: where to go, as app user and as operator."""
+    admin_token = demo.gateway[gateway_key].keys.admin_token
+    return (f"wattgate demo is running, offline:\n\n"
+            f"  Open the example app:  {demo.app_url}\n\n"
+            f"  gateway:               {demo.gateway_url}  (your dashboard: "
+            f"{demo.gateway_url}/account)\n"
+            f"  operator console:      {demo.gateway_url}/admin\n"
+            f"  console admin token:   {admin_token}\n"
+            f"  fake OpenRouter:       {demo.fake_url}\n"
+            f"  data:                  {demo.data_dir}"
+            f"{' (deleted on exit)' if demo._tmp else ''}\n\n"
+            f"Paste any key that starts with sk-or- in the consent popup, or use "
+            f"\"Connect with OpenRouter\". Ctrl-C stops.")
+
+
 def run(*, data_dir: Path | None, gateway_port: int, app_port: int, fake_port: int) -> int:
-    """The ``wattgate demo`` command: start, print where to go, run until Ctrl-C."""
+    """The ``wattgate demo`` command: start, print where to go, run until Ctrl-C or SIGTERM
+    (either way the servers stop and a temporary data folder is removed)."""
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         demo = await start_demo(data_dir=data_dir, gateway_port=gateway_port,
                                 app_port=app_port, fake_port=fake_port)
-        print(f"wattgate demo is running, offline:\n\n"
-              f"  Open the example app:  {demo.app_url}\n\n"
-              f"  gateway:               {demo.gateway_url}  (your dashboard: "
-              f"{demo.gateway_url}/account)\n"
-              f"  fake OpenRouter:       {demo.fake_url}\n"
-              f"  data:                  {demo.data_dir}"
-              f"{' (deleted on exit)' if demo._tmp else ''}\n\n"
-              f"Paste any key that starts with sk-or- in the consent popup, or use "
-              f"\"Connect with OpenRouter\". Ctrl-C stops.", flush=True)
         try:
-            await asyncio.Event().wait()
+            print(banner(demo), flush=True)
+            await stop.wait()
         finally:
             await demo.close()
+        print("wattgate demo stopped" + (f"; removed {demo.data_dir}" if demo._tmp else ""),
+              flush=True)
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were in place
         pass
     return 0
