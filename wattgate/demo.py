@@ -145,7 +145,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
     app_url = f"http://localhost:{app_sock.getsockname()[1]}"
 
     fake = FakeOpenRouter(models={**MODELS, DEMO_MODEL: DEMO_PRICE}, chunk_delay=chunk_delay,
-                          pieces=24, record_calls=False)
+                          record_calls=False)  # answers restate the prompt (fakemodel)
     runners = [await _serve(create_fake_openrouter(fake), fake_sock)]
     config = load_config(None, env={
         "WATTGATE_DATABASE__PATH": str(data / "wattgate.db"),
