@@ -161,7 +161,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "format", str, "text",
             "text (logfmt: time= level= logger= msg= then the fields, values quoted as "
             "needed) or json (one object per line). "
-            "Either way there is one line per request: request id, route, status, "
+            "Either way there is one line per request: request id, client address, route, status, "
             "latency, app, user id hash, model, cost; never keys, tokens or prompts."),
     Setting("metrics", "enabled", bool, True, "Serve Prometheus metrics at GET /metrics."),
     Setting("metrics", "allow_remote", bool, False,
