@@ -240,6 +240,7 @@ async def test_a_streamed_answer_is_not_buffered_by_the_proxy(proxied: Proxied) 
             assert rest.rstrip().endswith("data: [DONE]") and call.finished
 
 
+@pytest.mark.browser
 async def test_the_consent_popup_sets_the_host_cookie_through_the_proxy(proxied: Proxied,
                                                                          browser) -> None:
     from chromium import shot

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import ConfigError
 
@@ -41,6 +42,7 @@ def parse_networks(entries: Iterable[str], origin: str = "server.trusted_proxies
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)  # peers and clients repeat: parse each once (hot path: every request)
 def _address(text: str | None) -> Address | None:
     if not text:
         return None
@@ -82,6 +84,8 @@ class ClientAddresses:
         return address is not None and any(address in n for n in self.trusted)
 
     def client_of(self, peer: str | None, headers: Mapping[str, str]) -> Client:
+        if not self.trusted:  # the default: the socket's peer, as aiohttp reports it
+            return Client(peer or "?", None, False)
         peer_address = _address(peer)
         raw_peer = str(peer_address) if peer_address is not None else (peer or "?")
         if not self.is_trusted(peer_address):
