@@ -79,9 +79,17 @@ class ClientAddresses:
 
     def __init__(self, trusted: Iterable[str] = ()) -> None:
         self.trusted = parse_networks(trusted)
+        self._verdicts: dict[Address, bool] = {}  # network membership is slow to test
 
     def is_trusted(self, address: Address | None) -> bool:
-        return address is not None and any(address in n for n in self.trusted)
+        if address is None:
+            return False
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            if len(self._verdicts) >= 4096:
+                self._verdicts.clear()
+            verdict = self._verdicts[address] = any(address in n for n in self.trusted)
+        return verdict
 
     def client_of(self, peer: str | None, headers: Mapping[str, str]) -> Client:
         if not self.trusted:  # the default: the socket's peer, as aiohttp reports it
