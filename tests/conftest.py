@@ -6,7 +6,7 @@ functional harness from a fresh PostgreSQL database instead of a SQLite file,
 and keeps only the tests that run on a ledger the option chooses (those using
 the ``backend`` fixture, which the harness does, and the contract suite's
 PostgreSQL cases); the others, which would run exactly as on SQLite, are
-deselected. Without it, everything runs, the contract suite on every backend.
+deselected, and so are those marked ``sqlite`` (SQLite's internals). Without it, everything runs, the contract suite on every backend.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         on_postgres = ("backend" in getattr(item, "fixturenames", ())
-                       or params.get("ledger") == "postgresql")
+                       or params.get("ledger") == "postgresql"
+                       ) and item.get_closest_marker("sqlite") is None
         (keep if on_postgres else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -284,6 +284,7 @@ async def test_check_upstream_compares_recent_calls_with_what_the_provider_bille
     assert "but the upstream billed" in bad.stdout
 
 
+@pytest.mark.sqlite  # on PostgreSQL: test_store_postgres.py's admission test
 async def test_a_cap_lowered_below_the_spend_is_no_false_alarm_but_spend_after_it_is(tmp_path):
     from wattgate.store import ACTIVE, SQLiteStore, Usage
 
