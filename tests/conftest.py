@@ -6,7 +6,7 @@ functional harness from a fresh PostgreSQL database instead of a SQLite file,
 and keeps only the tests that run on a ledger the option chooses (those using
 the ``backend`` fixture, which the harness does, and the contract suite's
 PostgreSQL cases); the others, which would run exactly as on SQLite, are
-deselected. Without it, everything runs, the contract suite on every backend.
+deselected, and so are those marked ``sqlite`` (SQLite's internals). Without it, everything runs, the contract suite on every backend.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,7 @@ from wattgate.credentials import mint_credentials
 from wattgate.fakeupstream import FakeOpenRouter, create_fake_openrouter
 from wattgate.server import ClientLimits, ServerRunner
 from wattgate.views.state import gateway_key
+from ledgerdb import LedgerDatabase
 from pg import NoServer, Server
 
 FUNDING_KEY = "sk-or-v1-" + "f" * 48
@@ -49,7 +51,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         on_postgres = ("backend" in getattr(item, "fixturenames", ())
-                       or params.get("ledger") == "postgresql")
+                       or params.get("ledger") == "postgresql"
+                       ) and item.get_closest_marker("sqlite") is None
         (keep if on_postgres else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -128,6 +131,7 @@ class Harness:
     app: Any
     tmp_path: Any
     clock: Clock
+    db: LedgerDatabase  # its ledger, for SQL under the gateway and `wattgate` commands
     apps: list[AppCreds] = field(default_factory=list)
 
     @property
@@ -199,11 +203,20 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock, backend, 
 
     With ``--backend postgresql`` each database path a harness would use names a
     fresh PostgreSQL database instead (the same path, the same database).
+    ``make_harness.ledger(path)`` is the ledger a path names, before (or without)
+    starting a gateway on it: ``.env`` for ``wattgate`` commands, ``.query`` for SQL.
     """
     sessions: list[aiohttp.ClientSession] = []
     databases: dict[str, str] = {}
     # Set up before (so dropped after) every gateway this factory starts.
     make_pg_url = request.getfixturevalue("make_pg_url") if backend == "postgresql" else None
+
+    def ledger(path: Any) -> LedgerDatabase:
+        if make_pg_url is None:
+            return LedgerDatabase(Path(path))
+        if str(path) not in databases:
+            databases[str(path)] = make_pg_url()
+        return LedgerDatabase(Path(path), databases[str(path)])
 
     async def make(env: dict[str, str] | None = None, *,
                    clock_fn: Callable[[], float] | None = None) -> Harness:
@@ -217,10 +230,9 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock, backend, 
         }
         values.update(env or {})
         if make_pg_url is not None and "WATTGATE_DATABASE__URL" not in values:
-            path = values["WATTGATE_DATABASE__PATH"]
-            if path not in databases:
-                databases[path] = make_pg_url()
-            values["WATTGATE_DATABASE__URL"] = databases[path]
+            values["WATTGATE_DATABASE__URL"] = ledger(values["WATTGATE_DATABASE__PATH"]).url
+        db = LedgerDatabase(Path(values["WATTGATE_DATABASE__PATH"]),
+                            values.get("WATTGATE_DATABASE__URL", ""))
         config = load_config(None, env=values)
         app = create_app(config, clock=clock_fn or clock)
         # Served as `wattgate serve` serves it (its runner and client limits): a handler
@@ -231,9 +243,10 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock, backend, 
         await web.TCPSite(runner, "127.0.0.1", port).start()
         http = aiohttp.ClientSession()
         sessions.append(http)
-        return Harness(url, http, fake_upstream, app, tmp_path, clock)
+        return Harness(url, http, fake_upstream, app, tmp_path, clock, db)
 
     runners: list[web.AppRunner] = []
+    make.ledger = ledger  # type: ignore[attr-defined]
     yield make
     for s in sessions:
         await s.close()

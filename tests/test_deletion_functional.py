@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import subprocess
 import sys
 
 from wattgate.money import usd_to_nanos
 from wattgate.reconcile import Reconciler
 from wattgate.views.state import upstream_key
-
-
-def ledger(h) -> sqlite3.Connection:  # type: ignore[no-untyped-def]
-    return sqlite3.connect(h.tmp_path / "wattgate.db")
 
 
 async def chat(h, app, user, *, stream=True):  # type: ignore[no-untyped-def]
@@ -28,7 +23,7 @@ async def chat(h, app, user, *, stream=True):  # type: ignore[no-untyped-def]
 
 async def until(predicate, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     for _ in range(int(seconds / 0.01)):
-        if predicate():
+        if await predicate():
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
@@ -46,32 +41,32 @@ async def test_a_new_user_of_another_app_inherits_nothing_from_a_deleted_one(har
 
     harness.fake.chunk_delay = 0.05  # a call of the old app, still streaming at the deletion
     in_flight = asyncio.create_task(chat(harness, old, "alice"))
-    db = ledger(harness)
-    try:
-        await until(lambda: db.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 1)
-        await harness.gw.store.delete_app(old.app_id, now=harness.clock())
+    db = harness.db
 
-        new = await harness.create_app("New")
-        body = await harness.connect(new, "bob", monthly_usd=1)
-        assert body["usage"] == {"monthlyUsd": 0} and body["remainingUsd"] == 1
-        assert (await in_flight)[0] == 200  # the old app's call finishes and is billed...
-        harness.fake.chunk_delay = 0
-        status = await harness.status(new, "bob")
-        assert status["usage"] == {"monthlyUsd": 0} and status["remainingUsd"] == 1  # ...not to bob
+    async def held() -> bool:
+        return await db.one("SELECT COUNT(*) FROM holds") == 1
+    await until(held)
+    await harness.gw.store.delete_app(old.app_id, now=harness.clock())
 
-        # ...but to the deleted app's own connection, which nobody else can ever get.
-        [(alice_id,)] = db.execute("SELECT connection_id FROM connections WHERE app_user_id = "
-                                   "'alice'").fetchall()
-        [(bob_id,)] = db.execute("SELECT connection_id FROM connections WHERE app_user_id = "
-                                 "'bob'").fetchall()
-        assert bob_id > alice_id
-        rows = db.execute("SELECT app_id, connection_id, cost_nanos FROM usage ORDER BY usage_id"
-                          ).fetchall()
-        assert [(a, c) for a, c, _ in rows] == [(old.app_id, alice_id)] * 2
-        assert sum(r[2] for r in rows) == usd_to_nanos(harness.fake.charged)
-        assert db.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0
-    finally:
-        db.close()
+    new = await harness.create_app("New")
+    body = await harness.connect(new, "bob", monthly_usd=1)
+    assert body["usage"] == {"monthlyUsd": 0} and body["remainingUsd"] == 1
+    assert (await in_flight)[0] == 200  # the old app's call finishes and is billed...
+    harness.fake.chunk_delay = 0
+    status = await harness.status(new, "bob")
+    assert status["usage"] == {"monthlyUsd": 0} and status["remainingUsd"] == 1  # ...not to bob
+
+    # ...but to the deleted app's own connection, which nobody else can ever get.
+    [(alice_id,)] = await db.query("SELECT connection_id FROM connections "
+                                   "WHERE app_user_id = 'alice'")
+    [(bob_id,)] = await db.query("SELECT connection_id FROM connections "
+                                 "WHERE app_user_id = 'bob'")
+    assert bob_id > alice_id
+    rows = await db.query("SELECT app_id, connection_id, cost_nanos FROM usage "
+                          "ORDER BY usage_id")
+    assert [(a, c) for a, c, _ in rows] == [(old.app_id, alice_id)] * 2
+    assert sum(r[2] for r in rows) == usd_to_nanos(harness.fake.charged)
+    assert await db.one("SELECT COUNT(*) FROM holds") == 0
     assert await harness.gw.store.check(now=harness.clock(), hold_ttl=900) == []
 
     # Bob spends from zero, against his own cap.
@@ -80,7 +75,7 @@ async def test_a_new_user_of_another_app_inherits_nothing_from_a_deleted_one(har
     assert 0 < bob["usage"]["monthlyUsd"] < spent_before * 2
 
 
-async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness, tmp_path):
+async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness):
     app = await harness.create_app("Gone")
     await harness.connect(app, "carol")
     assert (await chat(harness, app, "carol", stream=False))[0] == 200
@@ -90,7 +85,8 @@ async def test_a_deleted_app_stops_and_its_history_stays_exportable(harness, tmp
     assert app.app_id not in [a.app_id for a in await harness.gw.store.list_apps()]
     connection = await harness.gw.store.get_connection(app.app_id, "carol")
     assert connection is not None and connection.state == "revoked" and not connection.connected
-    env = {"WATTGATE_DATABASE__PATH": str(tmp_path / "wattgate.db"), "PATH": "/usr/bin:/bin"}
+    env = harness.db.env
+
     def wattgate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "wattgate", *args], env=env,
                               capture_output=True, text=True, timeout=60, check=False)

@@ -60,7 +60,9 @@ async def traffic(make_harness):
 
 async def export_cli(h, capsys, monkeypatch, *args: str) -> str:
     """``wattgate usage export`` as a separate reader of the same database, as in real use."""
-    monkeypatch.setenv("WATTGATE_DATABASE__PATH", str(h.tmp_path / "wattgate.db"))
+    for name, value in h.db.env.items():
+        if name.startswith("WATTGATE_"):
+            monkeypatch.setenv(name, value)
     assert await asyncio.to_thread(main, ["usage", "export", *args]) == 0
     return capsys.readouterr().out
 
@@ -100,7 +102,9 @@ async def test_cli_jsonl_and_date_range(traffic, capsys, monkeypatch):
 
 async def test_cli_refuses_unknown_app_and_bad_dates(traffic, capsys, monkeypatch):
     h, app, _ = traffic
-    monkeypatch.setenv("WATTGATE_DATABASE__PATH", str(h.tmp_path / "wattgate.db"))
+    for name, value in h.db.env.items():
+        if name.startswith("WATTGATE_"):
+            monkeypatch.setenv(name, value)
     assert await asyncio.to_thread(main, ["usage", "export", "--app", "app0000000000000000"]) == 1
     assert "unknown app" in capsys.readouterr().err
     assert await asyncio.to_thread(

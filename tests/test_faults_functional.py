@@ -13,8 +13,14 @@ from wattgate import faults
 pytestmark = pytest.mark.slow
 
 
-async def test_mixed_faults_then_reconcile_match_the_upstream_exactly():
-    result = await faults.mixed_faults(120, seed=11)
+@pytest.fixture
+def database_url(backend, request) -> str:  # type: ignore[no-untyped-def]
+    """The drilled gateway's ledger: a fresh PostgreSQL database, or its own SQLite file."""
+    return request.getfixturevalue("make_pg_url")() if backend == "postgresql" else ""
+
+
+async def test_mixed_faults_then_reconcile_match_the_upstream_exactly(database_url):
+    result = await faults.mixed_faults(120, seed=11, database_url=database_url)
     before, after = result["before"], result["after"]
     kinds = {kind for kind, _ in result["seen"]}
     assert kinds == set(faults.KINDS), "every fault kind was injected"
@@ -26,8 +32,8 @@ async def test_mixed_faults_then_reconcile_match_the_upstream_exactly():
     assert result["check"][0] == 0, result["check"][1]
 
 
-async def test_kill_9_mid_load_loses_no_committed_row_and_double_debits_nothing():
-    result = await faults.kill_nine(160, kill_after=0.5, seed=12)
+async def test_kill_9_mid_load_loses_no_committed_row_and_double_debits_nothing(database_url):
+    result = await faults.kill_nine(160, kill_after=0.5, seed=12, database_url=database_url)
     after = result["after"]
     assert result["in_flight"] > 0, "the kill landed while calls were in flight"
     assert result["check"][0] == 0, result["check"][1]

@@ -11,6 +11,8 @@ from wattgate.ledger import status_body
 from wattgate.store import SQLiteStore
 from wattgate.store.migrations import MIGRATIONS, SchemaError, migrate
 
+pytestmark = pytest.mark.sqlite  # SQLite's internals: PostgreSQL's own are elsewhere
+
 APP = "app0123456789abcdef"
 USD = 1_000_000_000
 

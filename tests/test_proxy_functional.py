@@ -98,8 +98,9 @@ async def test_upstream_gets_funding_key_never_secret_or_wattfare_headers(harnes
     assert app.secret_key not in sent
     assert "x-wattfare" not in sent.lower()
     assert "cookie" not in sent.lower()
-    await harness.gw.store.close()  # flush WAL into the file before grepping it
-    raw = b"".join(p.read_bytes() for p in harness.tmp_path.glob("wattgate.db*"))
+    await harness.gw.store.close()  # flush SQLite's WAL into the file before grepping it
+    raw = await harness.db.stored_bytes()
+    assert b"openai/gpt-4o-mini" in raw  # the search reaches where the call was recorded
     assert b"zebra-42" not in raw
     assert FUNDING_KEY.encode() not in raw
 
@@ -288,8 +289,6 @@ async def test_a_whole_answer_is_assembled_from_the_upstream_stream(harness):
 
 async def test_a_whole_answer_names_its_generation_in_the_ledger_while_the_model_works(
         harness):
-    import sqlite3
-
     app = await harness.create_app()
     await harness.connect(app, "oz", monthly_usd=5)
     harness.fake.chunk_delay = 0.1
@@ -299,9 +298,7 @@ async def test_a_whole_answer_names_its_generation_in_the_ledger_while_the_model
         if harness.fake.calls:
             break
     await asyncio.sleep(0.2)  # mid-answer: what a crash now would leave behind
-    db = sqlite3.connect(harness.gw.store.path)
-    rows = db.execute("SELECT generation_id FROM holds").fetchall()
-    db.close()
+    rows = await harness.db.query("SELECT generation_id FROM holds")
     assert rows == [(harness.fake.calls[0].generation_id,)]
     status, body, _ = await call
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop"

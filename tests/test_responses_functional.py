@@ -9,7 +9,6 @@ the fake billed, to the nano-dollar.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import openai
 import pytest
@@ -213,12 +212,8 @@ async def test_a_grant_serves_exactly_its_count(harness, endpoint):
     assert refused.value.status_code == 402
     assert refused.value.body["code"] == "grant_invalid"
     assert len(harness.fake.calls) == 2
-    db = sqlite3.connect(harness.tmp_path / "wattgate.db")
-    try:
-        rows = db.execute("SELECT COUNT(*), SUM(cost_nanos) FROM usage "
-                          "WHERE grant_id IS NOT NULL").fetchone()
-    finally:
-        db.close()
+    [rows] = await harness.db.query("SELECT COUNT(*), SUM(cost_nanos) FROM usage "
+                                    "WHERE grant_id IS NOT NULL")
     assert rows == (2, usd_to_nanos(harness.fake.charged))
 
 
@@ -317,11 +312,7 @@ async def test_a_whole_response_names_its_generation_before_it_ends(harness):
         if harness.fake.calls and harness.fake.calls[-1].answered_at:
             break
     await asyncio.sleep(0.1)
-    db = sqlite3.connect(harness.tmp_path / "wattgate.db")
-    try:
-        named = [r[0] for r in db.execute("SELECT generation_id FROM holds")]
-    finally:
-        db.close()
+    named = [r[0] for r in await harness.db.query("SELECT generation_id FROM holds")]
     assert not task.done()
     assert named == [harness.fake.calls[-1].generation_id]
     await task

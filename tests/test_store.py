@@ -10,6 +10,8 @@ import pytest
 from wattgate.errors import BudgetExceeded, NotConnected
 from wattgate.store import ACTIVE, REVOKED, SQLiteStore, Usage
 
+pytestmark = pytest.mark.sqlite  # SQLite's internals: PostgreSQL's own are elsewhere
+
 USD = 1_000_000_000
 APP = "app0123456789abcdef"
 T = 1_800_000_000.0

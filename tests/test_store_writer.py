@@ -6,8 +6,12 @@ import asyncio
 import sqlite3
 import time
 
+import pytest
+
 from wattgate.credentials import mint_credentials
 from wattgate.store import ACTIVE, SQLiteStore, Usage
+
+pytestmark = pytest.mark.sqlite  # SQLite's internals: PostgreSQL's own are elsewhere
 
 
 def usage(gen: str, connection_id: int, cost: int) -> Usage:
