@@ -202,7 +202,8 @@ def test_a_bad_database_url_is_one_line_naming_it_without_the_password(
                      'database "nosuchdb_pgreview2" does not exist'),
         "sslmode": (f"postgresql://postgres:{PASSWORD}@{host}/postgres?sslmode=bogus",
                     "sslmode"),
-        "ipv6": (f"postgresql://postgres:{PASSWORD}@[::1/postgres", "database.url"),
+        "ipv6": (f"postgresql://postgres:{PASSWORD}@[::1/postgres",
+                 "not a valid database URL"),
     }[problem]
     for argv in (["ledger", "check"], ["apps", "list"], ["serve", "--port", "0"]):
         done = _cli(url, *argv, tmp=tmp_path)
