@@ -214,3 +214,97 @@ def test_a_bad_database_url_is_one_line_naming_it_without_the_password(
         assert len(errors) == 1, (argv, out)
         assert errors[0].startswith("wattgate: error:") and named in errors[0], (argv, out)
         assert "try again" not in errors[0], (argv, out)
+
+
+# ---- duplicate settles and corrections racing on two processes -------------------
+async def test_one_generation_settled_by_two_processes_at_once_counts_once(stores) -> None:
+    a, b = await stores(), await stores()
+    app, cid = await _funded(a)
+    hold = await a.admit(cid, PERIOD, 900, now=NOW, expires_at=NOW + 60)
+    final = Usage("gen-dup", app, cid, None, "m", 1, 1, 700, False, "ok", 5, NOW)
+    results = await asyncio.gather(
+        a.settle(hold, final, PERIOD),
+        *(s.settle(None, final, PERIOD) for s in (a, b, b, a, b)),
+        *(s.correct_usage("gen-dup", 650) for s in (a, b)))
+    assert sorted(results, key=str) == [False] * 7 + [True]
+    assert await b.period_spent(cid, PERIOD) == 700
+    assert await b.held(cid) == 0
+    assert await a.check(now=NOW, hold_ttl=3600) == []
+
+
+async def test_a_final_settle_racing_the_reconciler_on_a_provisional_row_counts_once(
+        stores) -> None:
+    a, b = await stores(), await stores()
+    app, cid = await _funded(a)
+    estimate = Usage("gen-prov", app, cid, None, "m", 0, 0, 900, True, "swept", 0, NOW)
+    assert await a.settle(None, estimate, PERIOD) is True
+    final = Usage("gen-prov", app, cid, None, "m", 3, 4, 300, False, "ok", 5, NOW)
+    results = await asyncio.gather(a.settle(None, final, PERIOD), b.correct_usage("gen-prov", 300),
+                                   b.settle(None, final, PERIOD), a.correct_usage("gen-prov", 300))
+    assert sorted(results) == [False, False, False, True]
+    assert await a.period_spent(cid, PERIOD) == 300
+    assert await a.check(now=NOW, hold_ttl=3600) == []
+
+
+# ---- every id is a bound parameter -------------------------------------------------
+HOSTILE = "x'); DELETE FROM usage; --\\ $1 %s _%"
+
+
+async def test_hostile_ids_and_model_names_are_data_not_sql(stores) -> None:
+    store = await stores()
+    app = HOSTILE + "app"
+    await store.create_app(app, HOSTILE, "hash", [], now=NOW)
+    connection = await store.save_connection(app, HOSTILE, state=ACTIVE, cap_nanos=10_000,
+                                             sealed_key="sealed", browser_hash=HOSTILE,
+                                             now=NOW)
+    cid = connection.connection_id
+    first = Usage("gen-first", app, cid, None, "m", 1, 1, 100, False, "ok", 5, NOW)
+    assert await store.settle(None, first, PERIOD) is True
+    hold = await store.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    await store.note_generation(hold, HOSTILE, app, HOSTILE)  # type: ignore[misc]
+    usage = Usage(HOSTILE, app, cid, None, HOSTILE, 1, 1, 200, False, "ok", 5, NOW)
+    assert await store.settle(hold, usage, PERIOD) is True
+    assert await store.get_connection(app, HOSTILE) == connection
+    assert sorted(u.generation_id for u in await store.recent_usage(cid)) == \
+        sorted([HOSTILE, "gen-first"])
+    assert await store.period_spent(cid, PERIOD) == 300
+    assert [c.connection_id for c in await store.connections_for_browser(HOSTILE)] == [cid]
+    assert await store.get_app(app) is not None
+    assert await store.delete_app(app, now=NOW + 1) is True
+    assert await store.check(now=NOW + 1, hold_ttl=3600) == []
+
+
+# ---- pool exhaustion and lock_timeout: a 503, nothing half-done -----------------------
+async def test_an_exhausted_pool_is_a_503_and_admits_nothing(stores) -> None:
+    store = await stores(pool_size=1)
+    _, cid = await _funded(store)
+    async with store._pool.acquire():  # every connection of the pool busy elsewhere
+        admitting = asyncio.ensure_future(
+            store.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60))
+        # A hang guard, not a timing assertion: the store's own bound is ACQUIRE_TIMEOUT.
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(admitting, 120)
+    assert await store.held(cid) == 0
+    assert await store.open_holds() == 0
+
+
+async def test_a_lock_timeout_mid_deletion_leaves_the_app_whole(stores, pg_url) -> None:
+    store = await stores()
+    app, cid = await _funded(store)
+    await store.set_origins(app, add=["https://app.example"])
+    raw = await asyncpg.connect(pg_url)
+    try:
+        async with raw.transaction():
+            await raw.execute("SELECT 1 FROM connections WHERE connection_id = $1 FOR UPDATE",
+                              cid)
+            with pytest.raises(Unavailable):  # lock_timeout on the connection's row
+                await store.delete_app(app, now=NOW + 1)
+    finally:
+        await raw.close()
+    kept = await store.get_app(app)
+    assert kept is not None and kept.origins == ("https://app.example",)
+    assert kept.secret_hash == "hash"
+    connection = await store.get_connection_by_id(cid)
+    assert connection is not None and connection.state == ACTIVE
+    hold = await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+    assert hold.connection_id == cid
