@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
     def ready() -> None:  # once the socket listens
         print(f"wattgate listening on http://{config.server_host}:{config.server_port} "
-              f"(database {config.database_file}, keys {config.keys_path})", flush=True)
+              f"(database {_database_name(config)}, keys {config.keys_path})", flush=True)
     try:
         run(app, config, ready)
     except OSError as e:

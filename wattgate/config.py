@@ -313,7 +313,11 @@ def _path_or_empty(value: str, origin: str) -> str:
 def _postgres_url_or_empty(value: str, origin: str) -> str:
     if not value.strip():
         return ""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 (parsed lazily: a bad port raises only here)
+    except ValueError as e:  # its text names the fault, never the URL (nor its password)
+        raise ConfigError(f"{origin}: not a valid database URL ({e})") from None
     if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
         raise ConfigError(f"{origin}: expected postgresql://user@host:port/dbname")
     return value.strip()

@@ -11,10 +11,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+from urllib.parse import urlsplit
 
 from .config import Config
 from .credentials import keyed_hash, parse_secret_key, same_hash
-from .errors import AuthError, ConfigError, RateLimited
+from .errors import AuthError, ConfigError, RateLimited, Unavailable
 from .keyfile import Keys, load_keys
 from .observer import Observer
 from .sealing import Sealer
@@ -129,6 +130,24 @@ class Gateway:
         return session, app
 
 
+def _cause(e: BaseException) -> str:
+    """What the operator can act on: a driver failure's own text, not the 503 it became
+    ("unreachable; try again" would hide a wrong host, sslmode or login)."""
+    if isinstance(e, Unavailable) and e.__cause__ is not None:
+        cause = e.__cause__
+        return str(cause) or type(cause).__name__
+    return str(e)
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the database URL's password taken out, wherever a driver quoted it."""
+    try:
+        password = urlsplit(url).password if url else None
+    except ValueError:
+        password = None
+    return text.replace(password, "[redacted]") if password else text
+
+
 async def open_gateway(config: Config, *, clock: Callable[[], float] = time.time,
                        serving: bool = False) -> Gateway:
     """Open the store (creating and migrating it) and the keys file (creating it), and
@@ -150,7 +169,8 @@ async def open_gateway(config: Config, *, clock: Callable[[], float] = time.time
     except StoreInUse as e:  # another server has this SQLite file: its own one line
         raise ConfigError(str(e)) from None
     except Exception as e:  # OSError, the driver's errors, SchemaError: one line
-        raise ConfigError(f"cannot open database {where}: {e}") from None
+        raise ConfigError(_without_password(f"cannot open database {where}: {_cause(e)}",
+                                            config.database_url)) from None
     try:
         if not config.keys_path.exists() and await store.holds_apps():
             # A fresh keys file would silently orphan every app secret and sealed key.

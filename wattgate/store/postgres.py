@@ -78,6 +78,10 @@ _DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InternalClientError,     # a connection dying mid-operation
+    # A login refused (password changed, role locked or dropped, database gone) while
+    # serving: the pool's new connections fail until an operator fixes it.
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28
+    asyncpg.exceptions.InvalidCatalogNameError,  # 3D000
 )
 
 _USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
@@ -507,6 +511,11 @@ class PostgresStore(PgReportsMixin):
                     "FROM owners WHERE owner = $1 FOR UPDATE", owner, self.owner_grace)
                 if fresh:
                     continue  # its lifeline is down, but not for long: wait
+                # Its grants first, in id order, before any period: a settle locks
+                # its grant, then its period, and this transaction debits several.
+                await con.execute("SELECT 1 FROM grants WHERE grant_id IN (SELECT grant_id "
+                                  "FROM holds WHERE owner = $1) ORDER BY grant_id FOR UPDATE",
+                                  owner)
                 for (hold_id,) in await con.fetch("SELECT hold_id FROM holds WHERE owner = $1 "
                                                   "ORDER BY hold_id", owner):
                     swept += await _sweep_hold(con, hold_id)
