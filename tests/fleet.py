@@ -12,9 +12,9 @@ The ledger is read only through what an operator has: ``wattgate usage export``,
 ``wattgate ledger reconcile|check`` and ``GET /api/v1/status``. Nothing here
 knows the PostgreSQL schema.
 
-``PostgresCluster`` is a throwaway PostgreSQL server from the installed binaries
-(``initdb``/``pg_ctl``), for the test that restarts the database: the shared
-server other tests use must never be restarted under them.
+``RestartableCluster`` is a throwaway PostgreSQL server (``tests/pg.py``'s
+``Cluster``) that can be stopped and started again, for the test that restarts
+the database: the server other tests share must never be restarted under them.
 
 Not here: assertions. The tests in ``test_fleet_functional.py`` make them.
 """
@@ -23,34 +23,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
 import os
-import pwd
-import secrets
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
+from pg import Cluster, NoServer, server_binaries
 from wattgate.fakeupstream import FakeOpenRouter, create_fake_openrouter
 from wattgate.faults import free_port
 from wattgate.money import usd_to_nanos
 
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ORIGIN = "http://localhost:3000"
-PREFIX = "fleettests"  # every database this module creates is named fleettests_<hex>
 
 
 def funding_key(tag: str) -> str:
@@ -58,99 +49,39 @@ def funding_key(tag: str) -> str:
     return "sk-or-v1-" + (tag.encode().hex() * 48)[:48]
 
 
-# ---- PostgreSQL ---------------------------------------------------------------
-def database_url(server_url: str, name: str) -> str:
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path="/" + name))
+# ---- a PostgreSQL server to restart -------------------------------------------
+class RestartableCluster(Cluster):
+    """A throwaway cluster (``tests/pg.py``) that can also be stopped and started again.
 
-
-async def create_database(server_url: str) -> str:
-    """A fresh empty database on the server; its URL."""
-    name = f"{PREFIX}_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return database_url(server_url, name)
-
-
-async def drop_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    assert name.startswith(PREFIX + "_"), name
-    conn = await asyncpg.connect(database_url(url, "postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def _server_binaries() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(initdb).resolve().parent
-    raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl) on this machine: "
-                       "install Debian's postgresql package, or set "
-                       "WATTGATE_TEST_DATABASE_URL to a server the fleet tests may use")
-
-
-class PostgresCluster:
-    """A PostgreSQL server of our own in a temporary folder, on a free loopback port.
-
-    Run as the current user, or as ``postgres`` when that is root (initdb refuses
-    root). Trust auth on loopback; fsync off (a test cluster never outlives its run).
+    Its ``postgres`` database is the fleet's ledger: nothing else uses the cluster.
     """
 
-    def __init__(self) -> None:
-        self.bin = _server_binaries()
-        self.dir = Path(tempfile.mkdtemp(prefix="wattgate-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self.user: str | None = None
-        if os.geteuid() == 0:
-            self.user = "postgres"
-            try:
-                pw = pwd.getpwnam(self.user)
-            except KeyError:
-                raise RuntimeError("running as root and no 'postgres' user to run the "
-                                   "throwaway PostgreSQL cluster as") from None
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+    def halt(self, mode: str = "fast") -> None:
+        """``fast`` ends every session and stops, as a restart begins; ``immediate``
+        as a crash."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
+                  "stop")
 
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+    def resume(self) -> None:
+        """Start again on the same port and data."""
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c max_connections=400")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
+                  "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
 
-    def _run(self, *args: str) -> None:
-        cmd = [str(self.bin / args[0]), *args[1:]]
-        if self.user is not None:
-            cmd = ["runuser", "-u", self.user, "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            log = (self.dir / "server.log")
-            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr.strip()[-500:]}"
-                               + (log.read_text()[-1000:] if log.exists() else ""))
 
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
-
-    def start(self) -> None:
-        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
-                  str(self.dir / "server.log"), "-w", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast`` ends every session (as a restart does); ``immediate`` as a crash."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
+def restartable_cluster() -> RestartableCluster:
+    bindir = server_binaries()
+    if bindir is None:
+        raise NoServer("the restart drill needs PostgreSQL server binaries of its own "
+                       "(/usr/lib/postgresql/*/bin): install Debian's postgresql package")
+    cluster = RestartableCluster(bindir)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 # ---- the fleet ----------------------------------------------------------------

@@ -6,30 +6,29 @@ the test's loop, clients round-robin over the three ports. The ledger is read as
 an operator reads it (``wattgate usage export``, ``ledger reconcile|check``,
 ``GET /status``) and compared with what the fake OpenRouter billed.
 
-The database server is ``WATTGATE_TEST_DATABASE_URL`` when set, else a throwaway
-cluster. The restart drill always runs on a cluster of its own: it really stops
-and starts the server (``pg_ctl stop -m fast``, which ends every session as a
-restart does), which must never happen to a server other tests share.
+The database is a fresh one on the session's server (``WATTGATE_TEST_DATABASE_URL``
+when set, else a throwaway cluster: ``tests/pg.py``). The restart drill always
+runs on a cluster of its own: it really stops the server (``pg_ctl stop -m fast``,
+which ends every session as a restart does) and starts it again, which must never
+happen to a server other tests share; terminating sessions with
+``pg_terminate_backend`` would leave out the part where nothing answers at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from fleet import (App, Fleet, LedgerRow, PostgresCluster, Serve, create_database,
-                   differences, drop_database, funding_key)
+from fleet import App, Fleet, LedgerRow, Serve, differences, funding_key, restartable_cluster
 from wattgate import faults
 from wattgate.money import usd_to_nanos
 
@@ -38,35 +37,17 @@ pytestmark = pytest.mark.slow
 MakeFleet = Callable[..., Awaitable[Fleet]]
 
 
-@pytest.fixture(scope="session")
-def fleet_server_url() -> Iterator[str]:
-    """A PostgreSQL server the fleet tests may create databases on."""
-    url = os.environ.get("WATTGATE_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    cluster = PostgresCluster()
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster.url
-    finally:
-        cluster.destroy()
-
-
 @pytest.fixture
-async def make_fleet(fleet_server_url: str, tmp_path: Path) -> AsyncIterator[MakeFleet]:
-    """Factory: a started fleet on a fresh database (dropped afterwards)."""
+async def make_fleet(make_pg_url: Callable[[], str],
+                     tmp_path: Path) -> AsyncIterator[MakeFleet]:
+    """Factory: a started fleet, on a fresh database unless ``database_url`` names one."""
     fleets: list[Fleet] = []
-    databases: list[str] = []
 
-    async def make(env: dict[str, str] | None = None, *, server_url: str | None = None,
+    async def make(env: dict[str, str] | None = None, *, database_url: str | None = None,
                    fake: Any = None) -> Fleet:
-        url = await create_database(server_url or fleet_server_url)
-        databases.append(url)
         folder = tmp_path / f"fleet{len(fleets)}"
         folder.mkdir()
-        fleet = Fleet(url, folder, env or {})
+        fleet = Fleet(database_url or make_pg_url(), folder, env or {})
         if fake is not None:
             fleet.fake = fake
         fleets.append(fleet)
@@ -74,11 +55,8 @@ async def make_fleet(fleet_server_url: str, tmp_path: Path) -> AsyncIterator[Mak
         return fleet
 
     yield make
-    for fleet in fleets:
+    for fleet in fleets:  # before make_pg_url drops their databases
         await fleet.close()
-    for url in databases:
-        with contextlib.suppress(Exception):  # a cluster already destroyed
-            await drop_database(url)
 
 
 def of_users(ledger: dict[str, LedgerRow], users: set[str]) -> dict[str, LedgerRow]:
@@ -136,7 +114,6 @@ async def test_a_grant_raced_across_processes_serves_exactly_its_requests(make_f
                 "x-wattfare-grant": grant}) as r:
             body = await r.json()
         assert (body["used"], body["remaining"]) == (3, 0), (p.name, body)
-    assert await fleet.wait_unheld(app, []) == []
     ledger = await fleet.ledger(app)
     assert len(ledger) == 3 and all(r.grant_id is not None for r in ledger.values())
     await assert_ledger_matches_upstream(fleet, app)
@@ -281,13 +258,11 @@ async def test_kill_9_of_one_process_mid_load_others_serve_and_nothing_is_lost_o
 # ---- the database goes away -----------------------------------------------------
 async def test_postgresql_restarted_mid_load_503s_meters_everything_and_resumes(
         make_fleet):
-    cluster = PostgresCluster()
+    cluster = await asyncio.to_thread(restartable_cluster)
     started: list[Fleet] = []
     try:
-        await asyncio.to_thread(cluster.init)
-        await asyncio.to_thread(cluster.start)
         fleet = await make_fleet({"WATTGATE_METERING__RECONCILE_INTERVAL": "1"},
-                                 server_url=cluster.url, fake=faults.drill_fake())
+                                 database_url=cluster.url, fake=faults.drill_fake())
         started.append(fleet)
         app = await fleet.create_app()
         users = [f"u{j}" for j in range(6)]
@@ -305,7 +280,7 @@ async def test_postgresql_restarted_mid_load_503s_meters_everything_and_resumes(
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-        await asyncio.to_thread(cluster.stop, "fast")
+        await asyncio.to_thread(cluster.halt, "fast")
         # While it is down, every new call is refused 503 and none reaches the upstream.
         for p in fleet.processes:
             for i in range(2 * p.workers):
@@ -316,7 +291,7 @@ async def test_postgresql_restarted_mid_load_503s_meters_everything_and_resumes(
         reached = [c for c in fleet.fake.calls if "probe-down" in json.dumps(c.body)]
         assert reached == [], "a call passed unmetered while the ledger was down"
 
-        await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(cluster.resume)
         # Service resumes by itself: each process answers again, nobody restarts it.
         for p in fleet.processes:
             deadline = time.monotonic() + 30
@@ -337,5 +312,5 @@ async def test_postgresql_restarted_mid_load_503s_meters_everything_and_resumes(
     finally:
         for fleet in started:
             await fleet.close()  # before its database goes
-        await asyncio.to_thread(cluster.destroy)
+        await asyncio.to_thread(cluster.stop)
 
