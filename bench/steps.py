@@ -4,7 +4,7 @@
 
 It builds a real ``Gateway`` (keys file, SQLite store) on a temporary folder
 with one app and one connected user, then runs the metered path's own steps
-in order, call after call, as ``wattgate/views/proxy.py`` does: authenticate
+in order, call after call, as ``wattgate/calls.py`` does: authenticate
 the secret key, identify the payer and pre-check the connection, take the
 rate limit, parse the body, price it, admit (hold in memory + unseal), write
 the hold's row with the generation id (every call is streamed upstream), read
@@ -74,7 +74,7 @@ async def measure(n: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-steps-"))
     config = load_config(None, env={"WATTGATE_DATABASE__PATH": str(tmp / "steps.db"),
                                     "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000000"})
-    gw = open_gateway(config)
+    gw = await open_gateway(config)
     creds = mint_credentials()
     now = time.time()
     await gw.store.create_app(creds.app_id, "steps", gw.hash(creds.secret),

@@ -1,10 +1,20 @@
-"""Shared fixtures: a fake OpenRouter and a real wattgate on loopback, as factories."""
+"""Shared fixtures: a fake OpenRouter and a real wattgate on loopback, as factories;
+PostgreSQL (``tests/pg.py``) for the tests that need it.
+
+``--backend postgresql`` (or ``WATTGATE_TEST_BACKEND=postgresql``) serves the
+functional harness from a fresh PostgreSQL database instead of a SQLite file,
+and keeps only the tests that run on a ledger the option chooses (those using
+the ``backend`` fixture, which the harness does, and the contract suite's
+PostgreSQL cases); the others, which would run exactly as on SQLite, are
+deselected. Without it, everything runs, the contract suite on every backend.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +28,69 @@ from wattgate.credentials import mint_credentials
 from wattgate.fakeupstream import FakeOpenRouter, create_fake_openrouter
 from wattgate.server import ClientLimits, ServerRunner
 from wattgate.views.state import gateway_key
+from pg import NoServer, Server
 
 FUNDING_KEY = "sk-or-v1-" + "f" * 48
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend", choices=BACKENDS, default=os.environ.get("WATTGATE_TEST_BACKEND", "sqlite"),
+        help="the ledger the functional harness serves from (default: sqlite, or "
+             "$WATTGATE_TEST_BACKEND); PostgreSQL is $WATTGATE_TEST_DATABASE_URL or a "
+             "throwaway cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--backend") != "postgresql":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_postgres = ("backend" in getattr(item, "fixturenames", ())
+                       or params.get("ledger") == "postgresql")
+        (keep if on_postgres else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """The session's PostgreSQL server; a test that needs it FAILS when there is none."""
+    try:
+        server = Server.get()
+    except NoServer as e:
+        pytest.fail(f"PostgreSQL is needed and none can be had: {e}", pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_pg_url(pg_server: Server) -> Iterator[Callable[[], str]]:
+    """Factory: the URL of a fresh, migrated, empty database, dropped after the test."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(pg_server.new_database())
+        return made[-1]
+
+    yield make
+    for url in made:
+        pg_server.drop_database(url)
+
+
+@pytest.fixture
+def pg_url(make_pg_url: Callable[[], str]) -> str:
+    """A fresh database of its own for this test."""
+    return make_pg_url()
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or "postgresql": the ledger ``--backend`` asks functional tests to use."""
+    return str(request.config.getoption("--backend"))
 
 
 def free_port() -> int:
@@ -123,9 +194,16 @@ async def fake_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type: ignore[no-untyped-def]
-    """Factory: start a wattgate with config overrides, return a Harness."""
+async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock, backend, request):  # type: ignore[no-untyped-def]
+    """Factory: start a wattgate with config overrides, return a Harness.
+
+    With ``--backend postgresql`` each database path a harness would use names a
+    fresh PostgreSQL database instead (the same path, the same database).
+    """
     sessions: list[aiohttp.ClientSession] = []
+    databases: dict[str, str] = {}
+    # Set up before (so dropped after) every gateway this factory starts.
+    make_pg_url = request.getfixturevalue("make_pg_url") if backend == "postgresql" else None
 
     async def make(env: dict[str, str] | None = None, *,
                    clock_fn: Callable[[], float] | None = None) -> Harness:
@@ -138,6 +216,11 @@ async def make_harness(aiohttp_server, fake_upstream, tmp_path, clock):  # type:
             "WATTGATE_UPSTREAM__BASE_URL": fake_upstream.base_url,
         }
         values.update(env or {})
+        if make_pg_url is not None and "WATTGATE_DATABASE__URL" not in values:
+            path = values["WATTGATE_DATABASE__PATH"]
+            if path not in databases:
+                databases[path] = make_pg_url()
+            values["WATTGATE_DATABASE__URL"] = databases[path]
         config = load_config(None, env=values)
         app = create_app(config, clock=clock_fn or clock)
         # Served as `wattgate serve` serves it (its runner and client limits): a handler

@@ -251,8 +251,8 @@ async def test_a_start_erases_the_typed_key_of_a_grant_that_ended(make_harness, 
     from wattgate.gateway import open_gateway
 
     path = tmp_path / "ended.db"
-    store = open_gateway(load_config(None, env={"WATTGATE_DATABASE__PATH": str(path)}),
-                         clock=clock).store
+    store = (await open_gateway(load_config(None, env={"WATTGATE_DATABASE__PATH": str(path)}),
+                                clock=clock)).store
     await store.create_app("app0123456789abcdef", "A", "h", ["http://localhost:3000"],
                            now=clock())
     ended, live = [await store.create_grant(

@@ -194,6 +194,48 @@ async def test_one_gateway_process_per_database(store):
         await other.close()
 
 
+def _locks_held_on(path) -> list[str]:  # type: ignore[no-untyped-def]
+    """This process's locks on the file, from /proc/locks: POSIX (SQLite's) and FLOCK."""
+    import os
+    ino, pid = os.stat(path).st_ino, os.getpid()
+    with open("/proc/locks") as f:
+        return sorted(line.split()[1] for line in f
+                      if f":{ino} " in line and line.split()[4] == str(pid))
+
+
+@pytest.mark.parametrize("route", ["symlink", "hard link"])
+async def test_the_lock_holds_by_the_files_identity(store, route):
+    import os
+    from wattgate.store import SQLiteStore
+    from wattgate.store.sqlite import StoreInUse
+    store.claim()
+    other_path = store.path.with_name("other.db")
+    if route == "symlink":
+        other_path.symlink_to(store.path)
+    else:
+        os.link(store.path, other_path)
+    with pytest.raises(StoreInUse, match="another wattgate server"):
+        SQLiteStore.open(other_path, claim=True)
+    assert not other_path.with_name("other.db-wal").exists()  # refused before SQLite opened it
+
+
+async def test_a_refused_claim_keeps_sqlites_own_locks(store):
+    """Closing any descriptor of a file drops the process's POSIX locks on it: a refused
+    claim must not close the one it opened while SQLite has the file open."""
+    from wattgate.store import SQLiteStore
+    from wattgate.store.sqlite import StoreInUse
+    store.claim()
+    other = SQLiteStore.open(store.path)
+    try:
+        before = _locks_held_on(store.path)
+        assert before.count("POSIX") >= 1 and before.count("FLOCK") == 1
+        with pytest.raises(StoreInUse):
+            other.claim()
+        assert _locks_held_on(store.path) == before
+    finally:
+        await other.close()
+
+
 async def test_admit_refuses_a_revoked_connection(store):
     c = await funded(store)
     await store.set_connection_state(c.connection_id, REVOKED, now=T)
@@ -242,7 +284,7 @@ async def test_presence(store):
 
 async def test_ping_and_data_survive_reopen(tmp_path):
     s = SQLiteStore.open(tmp_path / "w.db")
-    assert s.ping()
+    assert await s.ping()
     await s.create_app(APP, "Demo", "h", [], now=T)
     await s.close()
     s = SQLiteStore.open(tmp_path / "w.db")

@@ -1,6 +1,7 @@
 """The app factory: the one place the parts of wattgate are wired together.
 
-``create_app(config)`` opens the keys file, the store and the upstream session
+``create_app(config)`` opens the keys file, the store, the upstream session and
+the call service (``calls.CallService``, whose drains it awaits on the way out)
 in ``cleanup_ctx`` (teardown runs only if setup did), sweeps holds left by a
 previous process, and mounts the routes. Tests pass a config pointing
 ``upstream.base_url`` at a fake OpenRouter and, where time matters, a clock.
@@ -16,18 +17,19 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
+from .calls import CallService
 from .config import Config
 from .errors import ConfigError
 from .gateway import open_gateway
 from .logs import add_request_id, request_log_middleware
 from .middleware import error_middleware
-from .reconcile import Reconciler
-from .store.sqlite import StoreInUse
+from .reconcile import LEAD_TASK, Reconciler
+from .store import StoreInUse
 from .upstream import Upstream
 from .views import control, grants, pages, proxy
 from .views.apidoc import openapi_json
 from .views import admin
-from .views.state import gateway_key, upstream_key
+from .views.state import calls_key, gateway_key, upstream_key
 
 log = logging.getLogger("wattgate")
 
@@ -41,20 +43,23 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
                           handler_args={"max_line_size": 65536, "max_field_size": 65536})
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
-        gw = open_gateway(config, clock=clock)
+        gw = await open_gateway(config, clock=clock, serving=True)
         try:
-            gw.store.claim()  # one gateway per database: its holds live in its memory
+            gw.store.claim()  # the contract's step; SQLite took it before opening the file
         except StoreInUse as e:
             gw.store.close_now()
             raise ConfigError(str(e)) from None
         app[gateway_key] = gw
+        # Holds no living process will settle (SQLite: all of them; PostgreSQL: those
+        # of dead processes).
         swept = await gw.store.sweep_holds()
         if swept:
             log.warning("released %d budget holds left by a previous process", swept)
         # A revocation cut short by a crash: erase what nothing can correct any more
         # (the holds swept just now are provisional rows: their keys wait for them).
+        # Background work, so only by the process leading it.
         now = gw.clock()
-        if await gw.store.erase_revoked_keys(
+        if await gw.store.lead(LEAD_TASK) and await gw.store.erase_revoked_keys(
                 since=now - config.metering_reconcile_give_up, now=now):
             log.warning("erased the funding keys of revoked connections and ended grants")
         yield
@@ -70,7 +75,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(gateway_ctx)
     app.cleanup_ctx.append(upstream_ctx)
-    app.cleanup_ctx.append(proxy.drains_ctx)
+
+    async def calls_ctx(app: web.Application) -> AsyncIterator[None]:
+        calls = CallService(app[gateway_key], app[upstream_key])
+        app[calls_key] = calls
+        yield
+        await calls.close()  # running drains settle before the upstream and store close
+
+    app.cleanup_ctx.append(calls_ctx)
 
     async def reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().create_task(

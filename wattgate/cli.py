@@ -36,7 +36,7 @@ def normalize_origin(value: str) -> str:
 
 def _run(config: Config, fn: Callable[[Gateway], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        gw = open_gateway(config)
+        gw = await open_gateway(config)
         try:
             return await fn(gw)
         finally:
@@ -53,7 +53,11 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         changes["server.host"] = args.host
     if args.port is not None:
         changes["server.port"] = args.port
+    if args.workers is not None:
+        changes["server.workers"] = args.workers
     config = config.replace(**changes) if changes else config
+    if config.server_workers > 1:
+        return _serve_workers(config)
     app = create_app(config)
 
     def ready() -> None:  # once the socket listens
@@ -65,6 +69,59 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(f"cannot listen on {config.server_host}:{config.server_port}: "
                            f"{e.strerror or e}") from None
     return 0
+
+
+def _serve_workers(config: Config) -> int:
+    """``serve --workers N``: a supervisor (``wattgate.supervisor``) and N gateways."""
+    from .supervisor import Supervisor, listen
+
+    workers = config.server_workers
+    if not config.database_url:
+        # The SQLite ledger keeps the holds of calls in flight in its one serving
+        # process's memory (SQLiteStore.claim): a second process could pass a cap.
+        raise CommandError(f"server.workers = {workers} needs the PostgreSQL ledger "
+                           "(database.url): the SQLite ledger is served by one process")
+    try:
+        sockets = listen(config.server_host, config.server_port)
+    except OSError as e:
+        raise CommandError(f"cannot listen on {config.server_host}:{config.server_port}: "
+                           f"{e.strerror or e}") from None
+    port = sockets[0].getsockname()[1]
+
+    def ready() -> None:  # once every worker listens
+        print(f"wattgate listening on http://{config.server_host}:{port} with {workers} "
+              f"workers (database {_database_name(config)}, keys {config.keys_path})",
+              flush=True)
+    try:
+        return Supervisor(workers, lambda socks, up: serve_worker(config, socks, up),
+                          sockets, ready=ready).run()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def serve_worker(config: Config, sockets: Sequence[Any], ready: Callable[[], None]) -> int:
+    """One gateway process of ``serve --workers``, on sockets its supervisor bound; its
+    failures reported as ``main`` reports a command's (one line, exit 1)."""
+    from .app import create_app
+    from .server import run
+
+    def serve() -> int:
+        run(create_app(config), config, ready, sockets=sockets)
+        return 0
+    return _guarded(serve)
+
+
+def _database_name(config: Config) -> str:
+    """The ledger, for a log line: a PostgreSQL URL without its password."""
+    if not config.database_url:
+        return str(config.database_file)
+    from urllib.parse import urlsplit
+    parts = urlsplit(config.database_url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}{parts.path}"
 
 
 def cmd_apps(args: argparse.Namespace, config: Config) -> int:
@@ -161,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, metavar="N", help=(
+        "gateway processes serving the port, supervised (default: server.workers, 1); "
+        "more than 1 needs the PostgreSQL ledger (database.url)"))
 
     apps = sub.add_parser("apps", help="register and manage apps")
     apps_sub = apps.add_subparsers(dest="apps_command", required=True)
@@ -281,7 +341,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         config = load_config(getattr(args, "config", None))
         if getattr(args, "log_level", None):
             config = config.replace(**{"log.level": args.log_level})
@@ -289,6 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
         configure_log_format(config)
         return COMMANDS[args.command](args, config)
+    return _guarded(command)
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command; a failure is one line on stderr and exit 1, never a traceback."""
+    try:
+        return command()
     except (ConfigError, CommandError) as e:
         print(f"wattgate: error: {e}", file=sys.stderr)
         return 1

@@ -194,3 +194,7 @@ class Unavailable(WattgateError):
 
 class ConfigError(Exception):
     """Bad configuration, found at start; the CLI prints it as one line."""
+
+
+class KeysMismatch(ConfigError):
+    """The keys file differs from the one this ledger was first used with."""

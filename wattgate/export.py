@@ -25,7 +25,7 @@ from .money import NANOS_PER_USD
 from .store.reports import UsageLine
 
 if TYPE_CHECKING:
-    from .store import SQLiteStore
+    from .store import Ledger
 
 FORMATS = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 COLUMNS = ("time", "app_id", "user_id", "grant_id", "model", "prompt_tokens",
@@ -108,7 +108,7 @@ def render(lines: Iterable[UsageLine], fmt: str, *, header: bool = True) -> str:
     raise ValueError(f"unknown export format {fmt!r}; use csv or jsonl")
 
 
-async def pages(store: SQLiteStore, app_id: str, fmt: str, since: float | None,
+async def pages(store: Ledger, app_id: str, fmt: str, since: float | None,
                 until: float | None) -> AsyncIterator[str]:
     """The whole export as text, a page of calls at a time (a CSV header even when empty)."""
     first = True

@@ -40,7 +40,8 @@ from aiohttp import web
 from .fakeupstream import FakeModel, FakeOpenRouter, create_fake_openrouter
 from .ledger import period_of
 from .money import usd_to_nanos
-from .store import SQLiteStore
+from .config import load_config
+from .store import Ledger, open_store
 
 FUNDING_KEY = "sk-or-v1-" + "d" * 48
 
@@ -265,9 +266,14 @@ async def run_load(api: str, tenant: Tenant, kinds: list[str], *, concurrency: i
     return seen
 
 
+async def _ledger(database: Path) -> Ledger:
+    """The drilled gateway's ledger, opened the way the gateway opens it."""
+    return await open_store(load_config(None, env={"WATTGATE_DATABASE__PATH": str(database)}))
+
+
 async def wait_for_holds(database: Path, timeout: float = 30) -> int:
     """Wait until the running gateway has settled every call (drains included)."""
-    store = SQLiteStore.open(database)
+    store = await _ledger(database)
     try:
         deadline = time.monotonic() + timeout
         while (held := await store.open_holds()) and time.monotonic() < deadline:
@@ -303,7 +309,7 @@ class Comparison:
 
 
 async def compare(fake: FakeOpenRouter, database: Path, tenant: Tenant) -> Comparison:
-    store = SQLiteStore.open(database)
+    store = await _ledger(database)
     try:
         rows: dict[str, int] = {}
         provisional = aggregate = 0
@@ -492,7 +498,6 @@ async def heap_growth(warmup: int, calls: int) -> dict[str, Any]:
     import tracemalloc
 
     from .app import create_app
-    from .config import load_config
     from .credentials import mint_credentials
     from .server import ClientLimits, ServerRunner
     from .views.state import gateway_key

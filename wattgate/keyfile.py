@@ -23,6 +23,7 @@ default passes. The hash key must be at least 16 bytes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -51,6 +53,19 @@ class Keys:
     @property
     def active_master_key(self) -> bytes:
         return self.master_keys[self.active_key_id]
+
+    def fingerprint(self) -> str:
+        """Names the hash key and the JWT secret without revealing either.
+
+        SHA-256 of a domain-separated, length-prefixed concatenation; the
+        ledger stores it (``Ledger.bind_keys``) so that a process holding other
+        keys is refused. The master sealing keys are left out: they rotate.
+        """
+        h = hashlib.sha256(b"wattgate keys fingerprint v1\0")
+        for part in (self.hash_key, self.jwt_secret.encode()):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        return "sha256:" + h.hexdigest()
 
 
 def _b64(data: bytes) -> str:
@@ -108,7 +123,7 @@ def _new_key_id(existing: Mapping[str, bytes]) -> str:
     return f"k{n}"
 
 
-def _fresh() -> dict:
+def _fresh() -> dict[str, Any]:
     return {
         "jwt_secret": secrets.token_urlsafe(48),
         "hash_key": _b64(secrets.token_bytes(32)),
@@ -118,7 +133,7 @@ def _fresh() -> dict:
     }
 
 
-def _write(path: Path, data: dict, *, replace: bool = True) -> bool:
+def _write(path: Path, data: dict[str, Any], *, replace: bool = True) -> bool:
     """Write the keys file atomically, mode 0600 from its first byte.
 
     With ``replace=False`` an existing file wins (two processes starting on an

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .money import nanos_to_json
-from .store import SQLiteStore
+from .store import Ledger
 from .store.records import Connection
 
 
@@ -63,7 +63,7 @@ def status_body(connection: Connection | None, spent_nanos: int,
     }
 
 
-async def status_of(store: SQLiteStore, connection: Connection | None, now: float) -> dict[str, Any]:
+async def status_of(store: Ledger, connection: Connection | None, now: float) -> dict[str, Any]:
     """A connection's ConnectionStatus for the period of ``now``, read from the store."""
     if connection is None:
         return status_body(None, 0)

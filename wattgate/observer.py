@@ -71,8 +71,11 @@ class _Rejections(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("wattgate_rate_limit_rejections",
                                      "Requests refused by a rate limit.", labels=["limit"])
-        for limiter in self._limiters:
-            family.add_metric([limiter.name], limiter.rejections)
+        counts: dict[str, int] = {}
+        for limiter in self._limiters:  # one series per limit, whoever counted it
+            counts[limiter.name] = counts.get(limiter.name, 0) + limiter.rejections
+        for name, count in counts.items():
+            family.add_metric([name], count)
         yield family
 
 

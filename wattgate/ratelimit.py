@@ -2,7 +2,8 @@
 
 Each key gets a bucket of ``per_minute`` tokens refilled continuously; a
 request takes one or is refused with the seconds until one is back. State is
-per process, which is what a single-process gateway needs.
+per process: the SQLite ledger's ``rate_take`` keeps these buckets (one server
+per database file); a fleet's limits are counted by its shared ledger.
 """
 
 from __future__ import annotations
@@ -14,12 +15,25 @@ from .errors import RateLimited
 
 class RateLimiter:
     def __init__(self, per_minute: int, *, name: str, max_keys: int = 100_000) -> None:
+        self.per_minute = per_minute
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.name = name
         self._buckets: dict[str, tuple[float, float]] = {}
         self._max_keys = max_keys
         self.rejections = 0
+
+    def try_take(self, key: str, *, now: float, take: bool = True) -> int | None:
+        """None when allowed (a token taken unless ``take`` is False), else the whole
+        seconds until a token is back (nothing taken): ``Ledger.rate_take``'s answer."""
+        try:
+            if take:
+                self.take(key, now=now)
+            else:
+                self.check(key, now=now)
+        except RateLimited as e:
+            return e.retry_after
+        return None
 
     def check(self, key: str, *, now: float) -> None:
         """Refuse (RateLimited) when ``key`` has no token left, without taking one.

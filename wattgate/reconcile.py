@@ -14,6 +14,11 @@ It also sweeps budget holds older than ``metering.hold_ttl_seconds``, and erases
 the funding keys of revoked connections (``revoke``, a deleted app's) and of
 typed-key grants expired or used up, once nothing of theirs can be corrected any
 more.
+
+This background work (``Reconciler.loop``) runs only in the process leading
+``LEAD_TASK`` (``Ledger.lead``): asked every ``LEAD_CHECK_SECONDS`` at most, so
+when the leader of a fleet dies another takes over within seconds, while each
+pass itself keeps ``metering.reconcile_interval``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ log = logging.getLogger("wattgate.reconcile")
 # How long a revocation may spend reconciling the connection's provisional rows
 # before it answers (rows still not final keep the key for the reconciler's passes).
 REVOKE_RECONCILE_SECONDS = 2.0
+# The background work's lead (``Ledger.lead``), and how often the loop asks for it.
+LEAD_TASK = "reconciler"
+LEAD_CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -198,9 +206,22 @@ class Reconciler:
             older_than=now - self.gw.config.metering_hold_ttl_seconds)
 
     async def loop(self) -> None:
+        """Pass after pass, each ``reconcile_interval`` after the last, while this
+        process leads the work; the lead is asked again at every tick."""
         interval = self.gw.config.metering_reconcile_interval
+        tick = min(LEAD_CHECK_SECONDS, interval)
+        clock = asyncio.get_running_loop().time  # real time, whatever ``gw.clock`` says
+        due = clock() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
+            try:
+                if not await self.gw.store.lead(LEAD_TASK):
+                    continue
+            except Exception as e:  # the database is down: ask again next tick
+                log.warning("cannot tell whether this process leads background work: %r", e)
+                continue
+            if clock() < due:
+                continue
             try:
                 swept = await self.sweep()
                 if swept:
@@ -212,6 +233,7 @@ class Reconciler:
                     log.info("erased the funding keys of revoked connections and ended grants")
             except Exception:
                 log.exception("reconciliation pass failed")
+            due = clock() + interval
 
 
 async def revoke(gw: Gateway, upstream: Upstream, connection: Connection) -> None:

@@ -51,9 +51,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import signal
+import socket
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,23 +275,43 @@ class ServerRunner(web.AppRunner):
                              loop=plain._loop, limits=self._limits, **plain._kwargs)
 
 
-async def _serve(app: web.Application, config: Config, ready: Callable[[], None]) -> None:
-    runner = ServerRunner(app, limits=ClientLimits.from_config(config), handle_signals=True,
-                          access_log=None, shutdown_timeout=config.server_shutdown_timeout)
+async def _serve(app: web.Application, config: Config, ready: Callable[[], None],
+                 sockets: Sequence[socket.socket] | None) -> None:
+    worker = sockets is not None
+    stop = asyncio.Event()
+    if worker:
+        # A worker of ``serve --workers``: the first SIGTERM drains it; more (the parent's
+        # and a service manager's) change nothing, so none cuts the drain short.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    runner = ServerRunner(app, limits=ClientLimits.from_config(config),
+                          handle_signals=not worker, access_log=None,
+                          shutdown_timeout=config.server_shutdown_timeout)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.server_host, config.server_port).start()
+        if sockets is None:
+            await web.TCPSite(runner, config.server_host, config.server_port).start()
+        else:
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
         ready()
-        while True:
-            await asyncio.sleep(3600)
+        if not worker:
+            while True:
+                await asyncio.sleep(3600)
+        await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def run(app: web.Application, config: Config, ready: Callable[[], None]) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (as ``web.run_app``)."""
+def run(app: web.Application, config: Config, ready: Callable[[], None], *,
+        sockets: Sequence[socket.socket] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (as ``web.run_app``).
+
+    ``sockets``: serve these listening sockets (a worker of ``serve --workers``,
+    which inherits them from its supervisor) instead of binding
+    ``server.host:server.port``.
+    """
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, config, ready))
+    main = loop.create_task(_serve(app, config, ready, sockets))
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)

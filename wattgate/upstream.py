@@ -4,6 +4,13 @@ Owns the process's one ``aiohttp.ClientSession`` (with a ``DummyCookieJar``,
 so upstream cookies never pass between users) and translates every upstream
 failure into wattgate's errors in one place, ``map_failure``. The price list
 from ``GET /models`` is cached and refreshed in the background.
+
+A metered call's upstream leg is ``Upstream.open_call``: it builds the request
+(the funding key, and only the whitelisted client headers), POSTs it within
+``first_byte_timeout`` and hands back an ``Answer`` (status, headers, the body
+as an async byte iterator read under the idle timeout). What the call does
+with the answer (tee, settle, drain) is ``calls.CallService``'s; this module
+never touches the ledger.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import logging
 import math
 import select
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
@@ -21,12 +28,24 @@ from typing import Any, Callable
 
 import aiohttp
 
+from . import attribution
 from .errors import BudgetExceeded, FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout, WattgateError
 from .metering import generation_charge
 from .money import usd_to_nanos
 from .pricing import PriceList
 
 log = logging.getLogger("wattgate.upstream")
+
+# Only these request headers reach the upstream: never the app's secret key,
+# x-wattfare-*, cookies or hop-by-hop headers. The client's attribution headers win
+# over the app's (attribution.py); each is made one safe line.
+FORWARD_REQUEST_HEADERS = ("Accept",)
+FORWARD_ATTRIBUTION_HEADERS = (attribution.REFERER, *attribution.TITLE_NAMES)
+MAX_ERROR_BODY = 64 * 1024
+
+# What reading an answer's body raises when the upstream cut it or went silent past
+# the idle timeout: the answer broke off (callers need not import aiohttp to catch it).
+BROKE_OFF: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -169,6 +188,50 @@ class FreshConnector(aiohttp.TCPConnector):
             connection.close()  # dropped, never returned to the pool
 
 
+class Answer:
+    """The upstream's answer to one metered call, once its status and headers came.
+
+    The body is read once, by ``chunks`` (as it arrives) or ``read`` (whole); either
+    raises one of ``BROKE_OFF`` when the answer breaks off. ``close`` drops the
+    connection (safe to repeat).
+    """
+
+    __slots__ = ("status", "headers", "generation", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+        # The id the upstream named the call by, as the ledger keeps it (an empty
+        # header is none: the id is then taken from the answer's own events).
+        self.generation: str | None = resp.headers.get("X-Generation-Id", "")[:200] or None
+
+    @property
+    def content_type(self) -> str:
+        return self._resp.content_type
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, never buffered (aiohttp's own iterator: no extra
+        frame per chunk)."""
+        return self._resp.content.iter_any()
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    async def failure(self, *, now: float) -> WattgateError:
+        """A non-200 answer as the error our client sees (``map_failure``); the error
+        body is read (bounded) and the connection closed."""
+        try:
+            body = await self._resp.content.read(MAX_ERROR_BODY)
+        except BROKE_OFF:
+            body = b""
+        self._resp.close()
+        return map_failure(self.status, body, self.headers, now=now)
+
+    def close(self) -> None:
+        self._resp.close()
+
+
 class Upstream:
     def __init__(self, base_url: str, *, key_check_path: str = "/key",
                  connect_timeout: float = 10.0, first_byte_timeout: float = 120.0,
@@ -209,6 +272,37 @@ class Upstream:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    async def open_call(self, path: str, payload: bytes, *, funding_key: str,
+                        client_headers: Mapping[str, str],
+                        credit: Mapping[str, str]) -> Answer:
+        """POST one metered call with the user's funding key; the answer once its status
+        and headers came, within ``first_byte_timeout`` (``UpstreamTimeout``), or
+        ``UpstreamError`` when the provider could not be reached.
+
+        ``client_headers``: the client's request headers, of which only the whitelisted
+        ones pass; ``credit``: the app's attribution headers the client did not set.
+        """
+        headers = {"Authorization": f"Bearer {funding_key}",
+                   "Content-Type": "application/json"}
+        for name in FORWARD_REQUEST_HEADERS:
+            if name in client_headers:
+                headers[name] = client_headers[name]
+        for name in FORWARD_ATTRIBUTION_HEADERS:
+            value = attribution.safe_value(client_headers.get(name, ""))
+            if value:
+                headers[name] = value
+        headers.update(credit)
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(self.first_byte_timeout):
+                resp = await self.session.post(self.url(path), data=payload, headers=headers)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout() from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"Could not reach the model provider "
+                                f"({type(e).__name__}).") from None
+        return Answer(resp)
 
     async def check_key(self, funding_key: str) -> None:
         """Raise FundingInvalid if the upstream refuses this key, UpstreamError if unreachable."""

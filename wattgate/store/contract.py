@@ -37,7 +37,11 @@ from typing import Protocol, runtime_checkable
 from .records import App, Connection, Grant, Hold, Usage
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
-__all__ = ["AdminSessionRow", "Ledger"]
+__all__ = ["AdminSessionRow", "Ledger", "StoreInUse"]
+
+class StoreInUse(Exception):
+    """Another gateway process already admits calls against this database (``claim``)."""
+
 
 # (csrf token, expires_at) of a signed-in console session.
 AdminSessionRow = tuple[str, float]

@@ -12,7 +12,7 @@ Admission against the cap is one synchronous check-and-add on the event loop
 (``SQLiteStore.admit``): spent (committed, from the ledger) + held here + the
 call's worst case ≤ the cap. No await separates the check from the add, so two
 calls can never both pass on the same room. This holds for one gateway process
-per database, which ``SQLiteStore.claim`` enforces with a lock file.
+per database, which ``SQLiteStore.claim`` enforces with a lock on the database file.
 
 Every hold has an id from one sequence for the ledger's whole life, whether
 its row is written at admission (a grant's) or later (a connection's): the
@@ -28,6 +28,8 @@ here touches SQL.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .records import Connection, Hold
 
@@ -123,7 +125,7 @@ class Meter:
         self.spent.clear()
 
 
-def _take(totals: dict, key: object, amount: int) -> None:
+def _take(totals: dict[Any, int], key: object, amount: int) -> None:
     left = totals.get(key, 0) - amount
     if left > 0:
         totals[key] = left

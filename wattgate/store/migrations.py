@@ -195,6 +195,24 @@ def m005_usage_dated_in_its_period(db: sqlite3.Connection) -> None:
     """)
 
 
+def m006_fleet_state(db: sqlite3.Connection) -> None:
+    # ``meta``: facts about the ledger itself (the keys fingerprint, ``bind_keys``).
+    # ``admin_sessions``: signed-in console sessions by their cookie's SHA-256, so a
+    # restart (or, on PostgreSQL, another process) keeps them.
+    _script(db, """
+    CREATE TABLE meta (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE admin_sessions (
+        session_hash TEXT PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at)
+    """)
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -208,13 +226,14 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m003_hold_generation,
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
+    m006_fleet_state,
 )
 
 
 def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
     """Run the migrations this database has not seen; returns the new version."""
     target = len(MIGRATIONS) if upto is None else upto
-    version = db.execute("PRAGMA user_version").fetchone()[0]
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version > len(MIGRATIONS):
         raise SchemaError(f"its schema version {version} is newer than this wattgate knows "
                           f"({len(MIGRATIONS)}); upgrade wattgate")

@@ -27,8 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected, Shortfall
+from .. import budget
+from ..errors import BudgetExceeded, ConsentRequired, GrantInvalid, KeysMismatch, NotConnected
+from ..ratelimit import RateLimiter
 from .audit import audit
+from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from .migrations import migrate
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -39,6 +42,8 @@ log = logging.getLogger("wattgate.store")
 Op = Callable[[sqlite3.Connection], Any]
 After = Callable[[Any], object]  # what it returns is ignored
 Queued = tuple[Op, "asyncio.Future[Any]", After | None]
+Row = tuple[Any, ...]  # a row as sqlite3 answers it, before it becomes a record
+Params = dict[str, Any] | tuple[Any, ...]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -81,7 +86,8 @@ class _Writer:
         db.execute("PRAGMA wal_autocheckpoint = 0")
         db.execute("PRAGMA busy_timeout = 0")  # on the loop: never wait for a lock
 
-    def run(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
+    def run(self, op: Callable[[sqlite3.Connection], T],
+            after: Callable[[T], object] | None = None) -> asyncio.Future[T]:
         """Queue ``op``; its future resolves after COMMIT.
 
         ``after(result)``, when given, runs on the event loop right after the
@@ -90,8 +96,8 @@ class _Writer:
         """
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((op, future, after))
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((op, future, after))  # typed per call above, Any in the queue
         if not self._scheduled and self._in_thread is None:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -230,10 +236,6 @@ class _Writer:
         self._executor.shutdown(wait=True)
 
 
-class StoreInUse(Exception):
-    """Another gateway process already admits calls against this database."""
-
-
 class _Done:
     """An awaitable that is already done (a release with nothing to write)."""
 
@@ -259,16 +261,32 @@ _GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_n
 
 
 class SQLiteStore(ReportsMixin):
-    """The store interface wattgate's domain code talks to (see wattgate.store)."""
+    """The embedded ledger: one database file, served by one gateway process.
 
-    def __init__(self, path: Path) -> None:
+    Implements ``contract.Ledger``; what is per process here (holds in the
+    meter, rate-limit buckets, the lead of background work) is correct because
+    ``claim`` lets one server admit calls against a file.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path, *, claim: bool = False) -> None:
         self.path = Path(path)
-        self._write_db = _connect(self.path)
+        self._lock_fd: int | None = None
+        self._spare_fds: list[int] = []  # see _discard
+        if claim:  # before any SQLite connection: a refused server never touches the file
+            self.claim()
+        try:
+            self._write_db = _connect(self.path)
+        except BaseException:
+            self._unlock()
+            raise
         try:
             migrate(self._write_db)
             self._read = _connect(self.path)
         except BaseException:
             self._write_db.close()
+            self._unlock()
             raise
         self._writer = _Writer(self._write_db, self.path)
         self._apps_epoch = 0
@@ -276,11 +294,13 @@ class SQLiteStore(ReportsMixin):
         self._note_hold_ids()
         self._seen_version: int | None = None
         self._version_fresh = False  # data_version read in this turn of the loop
-        self._lock_fd: int | None = None
+        self._limiters: dict[str, RateLimiter] = {}
 
     @classmethod
-    def open(cls, path: Path) -> "SQLiteStore":
-        return cls(path)
+    def open(cls, path: Path, *, claim: bool = False) -> "SQLiteStore":
+        """Open (creating and migrating) the ledger; ``claim``: as a server, taking
+        ``claim``'s lock before SQLite opens the file."""
+        return cls(path, claim=claim)
 
     async def close(self) -> None:
         await self._writer.close()
@@ -291,29 +311,59 @@ class SQLiteStore(ReportsMixin):
         self._writer.shutdown()
         self._read.close()
         self._write_db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        self._unlock()  # last: closing our fd of the file must not drop SQLite's locks
 
     def claim(self) -> None:
         """Become the one process that admits calls against this database.
 
         Holds of calls in flight live in the admitting process's memory (see
         ``meter``); a second gateway on the same ledger could not see them and
-        together they could pass a cap. So the gateway takes an exclusive lock
-        on ``<database>.lock`` for its lifetime; the kernel drops it when the
-        process dies, even by SIGKILL. CLI commands do not admit and need no lock.
+        together they could pass a cap. So the gateway takes an exclusive
+        ``flock`` on the database file itself for its lifetime: the lock belongs
+        to the file (its inode), so a second server reaching it by a symlink, a
+        hard link or another relative path is refused as surely as by the same
+        path. The kernel drops it when the process dies, even by SIGKILL. CLI
+        commands do not admit and take no lock (SQLite's own locks are POSIX
+        record locks, which ``flock`` never conflicts with on a local disk).
+
+        The descriptor stays open for the store's life and is closed after
+        SQLite's connections: closing any descriptor of a file drops every POSIX
+        lock the process holds on it, SQLite's included. Idempotent.
         """
+        if self._lock_fd is not None:
+            return
         import fcntl
-        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # O_CREAT as _connect would: owner-only from the first byte; an empty file is
+        # an empty SQLite database.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held, named = os.fstat(fd), os.stat(self.path)
         except OSError:
-            os.close(fd)
-            raise StoreInUse(f"another wattgate server is using {self.path}; one gateway "
-                             "process serves a database (its budget holds live in memory)") \
-                from None
+            self._discard(fd)
+            raise StoreInUse(f"another wattgate server is using the database {self.path} "
+                             "(through this path or another link to the same file); one "
+                             "process serves a SQLite ledger, since its budget holds live in "
+                             "memory") from None
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            self._discard(fd)  # replaced between open and lock: never serve an unlocked file
+            raise StoreInUse(f"the database file {self.path} was replaced while starting")
         self._lock_fd = fd
+
+    def _discard(self, fd: int) -> None:
+        """A descriptor of the file we will not lock through: closed now only if SQLite
+        has no connection open in this process (closing it would drop SQLite's locks)."""
+        if hasattr(self, "_write_db"):
+            self._spare_fds.append(fd)
+        else:
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+        while self._spare_fds:
+            os.close(self._spare_fds.pop())
 
     def _cache_ok(self) -> bool:
         """Whether the meter's cached rows may be used now (dropping them if stale).
@@ -352,16 +402,61 @@ class SQLiteStore(ReportsMixin):
     def commits(self) -> int:
         return self._writer.commits
 
-    def ping(self) -> bool:
+    async def ping(self) -> bool:
         """Whether the database answers: one trivial read, for health checks."""
         try:
             return self._one("SELECT 1") == (1,)
         except sqlite3.Error:
             return False
 
-    def holds_apps(self) -> bool:
+    async def holds_apps(self) -> bool:
         """Whether any app is registered (the keys file then holds secrets that matter)."""
         return self._one("SELECT 1 FROM apps LIMIT 1") is not None
+
+    async def bind_keys(self, fingerprint: str) -> None:
+        """Record the keys' fingerprint on first use; refuse (KeysMismatch) any other."""
+        def op(db: sqlite3.Connection) -> str:
+            db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('keys', :f)",
+                       {"f": fingerprint})
+            row = db.execute("SELECT value FROM meta WHERE name = 'keys'").fetchone()
+            return str(row[0])
+        row = self._one("SELECT value FROM meta WHERE name = 'keys'")
+        bound = str(row[0]) if row is not None else await self._writer.run(op)
+        if bound != fingerprint:
+            raise KeysMismatch(_KEYS_DIFFER.format(path=self.path))
+
+    # ---- fleet-wide state (one process serves a file: its memory is the fleet's) ----
+    async def rate_take(self, limiter: str, key: str, per_minute: int, *, now: float,
+                        take: bool = True) -> int | None:
+        """A token bucket per (limiter, key) in this process's memory (see ``claim``)."""
+        bucket = self._limiters.get(limiter)
+        if bucket is None or bucket.per_minute != per_minute:
+            bucket = self._limiters[limiter] = RateLimiter(per_minute, name=limiter)
+        return bucket.try_take(key, now=now, take=take)
+
+    async def open_admin_session(self, session_hash: str, csrf: str, *,
+                                 expires_at: float, now: float) -> None:
+        """In the ledger (not memory): a restart of the server keeps console sessions."""
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM admin_sessions WHERE expires_at <= :now", {"now": now})
+            db.execute("INSERT OR REPLACE INTO admin_sessions (session_hash, csrf, expires_at) "
+                       "VALUES (:h, :c, :x)", {"h": session_hash, "c": csrf, "x": expires_at})
+        await self._writer.run(op)
+
+    async def find_admin_session(self, session_hash: str, *,
+                                 now: float) -> AdminSessionRow | None:
+        row = self._one("SELECT csrf, expires_at FROM admin_sessions WHERE session_hash = :h "
+                        "AND expires_at > :now", {"h": session_hash, "now": now})
+        return (str(row[0]), float(row[1])) if row is not None else None
+
+    async def close_admin_session(self, session_hash: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM admin_sessions WHERE session_hash = :h", {"h": session_hash})
+        await self._writer.run(op)
+
+    async def lead(self, task: str) -> bool:
+        """Always: the one server of a database file (``claim``) runs its background work."""
+        return True
 
     def apps_version(self) -> tuple[int, int] | None:
         """Changes whenever apps may have changed: by this store or another process.
@@ -377,12 +472,13 @@ class SQLiteStore(ReportsMixin):
 
     def data_version(self) -> int:
         """Changes whenever another connection (another process, the writer) commits."""
-        return self._read.execute("PRAGMA data_version").fetchone()[0]
+        return int(self._read.execute("PRAGMA data_version").fetchone()[0])
 
-    def _one(self, sql: str, params: dict[str, Any] | tuple = ()) -> tuple | None:
-        return self._read.execute(sql, params).fetchone()
+    def _one(self, sql: str, params: Params = ()) -> Row | None:
+        row: Row | None = self._read.execute(sql, params).fetchone()
+        return row
 
-    def _all(self, sql: str, params: dict[str, Any] | tuple = ()) -> list[tuple]:
+    def _all(self, sql: str, params: Params = ()) -> list[Row]:
         return self._read.execute(sql, params).fetchall()
 
     # ---- apps -------------------------------------------------------------
@@ -635,15 +731,13 @@ class SQLiteStore(ReportsMixin):
         """
         cache = self._cache_ok()
         connection = self._connection_by_id(connection_id, cache)
-        if connection is None or not connection.connected:
+        if connection is None:
             raise NotConnected()
-        if connection.cap_nanos is not None:
-            spent = self._spent(connection_id, period, cache)
+        budget.check_connection(connection.state, connection.sealed_key)
+        if connection.cap_nanos is not None:  # no cap (the dev switch): no spend to read
             # Only this period's holds: a call admitted last month is last month's.
-            held = self._meter.held(connection_id, period)
-            if spent + held + amount_nanos > connection.cap_nanos:
-                raise BudgetExceeded(shortfall=Shortfall(amount_nanos, connection.cap_nanos,
-                                                         spent, held))
+            budget.check_cap(connection.cap_nanos, self._spent(connection_id, period, cache),
+                             self._meter.held(connection_id, period), amount_nanos)
         hold = Hold(self._meter.new_id(), connection_id, None, period, amount_nanos)
         self._meter.add(hold, now, expires_at)
         return hold
@@ -813,9 +907,8 @@ class SQLiteStore(ReportsMixin):
         """
         grants = now is not None and connection_id is None
         if self._one("SELECT 1 FROM connections WHERE state = ? AND sealed_key IS NOT NULL "
-                     "LIMIT 1", (REVOKED,)) is None and not (grants and self._one(
-                         "SELECT 1 FROM grants WHERE sealed_key IS NOT NULL "
-                         "AND (expires_at <= ? OR used >= requests) LIMIT 1", (now,))):
+                     "LIMIT 1", (REVOKED,)) is None and not (
+                         grants and _ended_grants(self._read, now)):
             return 0  # the usual case on each reconciler pass: no write, caches kept
         # Calls in flight in this process (a connection's hold has no row until the
         # upstream names its generation).
@@ -837,10 +930,11 @@ class SQLiteStore(ReportsMixin):
             if grants:
                 n += db.execute(
                     "UPDATE grants SET sealed_key = NULL WHERE sealed_key IS NOT NULL "
-                    "AND (expires_at <= :now OR used >= requests) "
+                    "AND grant_id IN (SELECT value FROM json_each(:ended)) "
                     "AND grant_id NOT IN (SELECT value FROM json_each(:busy)) "
                     + pending.format(col="grant_id", table="grants"),
-                    {"now": now, "busy": json.dumps(busy_grants), "since": since}).rowcount
+                    {"ended": json.dumps(_ended_grants(db, now)),
+                     "busy": json.dumps(busy_grants), "since": since}).rowcount
             return n
         return await self._writer.run(op, self._forget_connections)
 
@@ -879,7 +973,7 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> int:
             sql = ("SELECT hold_id, connection_id, grant_id, period, amount_nanos, "
                    "generation_id, app_id, model, created_at FROM holds")
-            params: tuple = ()
+            params: tuple[float, ...] = ()
             if older_than is not None:
                 sql += " WHERE created_at < ?"
                 params = (older_than,)
@@ -988,21 +1082,19 @@ class SQLiteStore(ReportsMixin):
         def op(db: sqlite3.Connection) -> tuple[Grant, Hold]:
             row = db.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?",
                              (token_hash,)).fetchone()
-            if row is None:
-                raise GrantInvalid()
-            grant = Grant(*row)
-            if grant.app_id != app_id or grant.expires_at <= now or grant.used >= grant.requests:
-                raise GrantInvalid()
-            if grant.max_nanos is not None and \
-                    grant.spent_nanos + grant.held_nanos + amount_nanos > grant.max_nanos:
-                raise GrantInvalid("The grant's dollar cap would be passed by this request.",
-                                   shortfall=Shortfall(amount_nanos, grant.max_nanos,
-                                                       grant.spent_nanos, grant.held_nanos))
+            found = Grant(*row) if row is not None else None
+            budget.check_grant(found, app_id, now, amount_nanos)
+            assert found is not None
+            grant = found
             if grant.connection_id is not None:
                 conn = db.execute("SELECT state, sealed_key FROM connections "
                                   "WHERE connection_id = ?", (grant.connection_id,)).fetchone()
-                if conn is None or conn[0] != ACTIVE or conn[1] is None:
-                    raise GrantInvalid("The connection funding this grant was revoked.")
+                try:
+                    budget.check_connection(*(conn or (None, None)))
+                except NotConnected:
+                    # Said as the grant's refusal: the app redeemed a grant, not a connection.
+                    raise GrantInvalid("The connection funding this grant was revoked.") \
+                        from None
             db.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + ? "
                        "WHERE grant_id = ?", (amount_nanos, grant.grant_id))
             db.execute("INSERT INTO holds (hold_id, connection_id, grant_id, period, "
@@ -1021,11 +1113,12 @@ class SQLiteStore(ReportsMixin):
             cache = self._cache_ok()
             connection = self._connection_by_id(grant.connection_id, cache)
             cap = connection.cap_nanos if connection is not None else None
-            spent = self._spent(grant.connection_id, period, cache)
-            held = self._meter.held(grant.connection_id, period)
-            if cap is not None and spent + held + amount_nanos > cap:
+            shortfall = budget.cap_refusal(cap, self._spent(grant.connection_id, period, cache),
+                                           self._meter.held(grant.connection_id, period),
+                                           amount_nanos)
+            if shortfall is not None:
                 await self.release(hold, refund_request=True)
-                raise BudgetExceeded(shortfall=Shortfall(amount_nanos, cap, spent, held))
+                raise BudgetExceeded(shortfall=shortfall)
         self._meter.add(hold, now, expires_at)
         return grant, hold
 
@@ -1059,6 +1152,19 @@ class SQLiteStore(ReportsMixin):
         await self._writer.run(op, self._forget_connections)
 
 
+_KEYS_DIFFER = ("the keys file differs from the one the ledger {path} was first used with: "
+                "use that keys file (or its WATTGATE_* key variables) on every process")
+
+
+def _ended_grants(db: sqlite3.Connection, now: float | None) -> list[int]:
+    """Ids of grants with a typed key that can never take a call again (the grant
+    rule's ``budget.grant_usable``, read in the transaction that erases them)."""
+    assert now is not None
+    return [g.grant_id for g in (Grant(*r) for r in db.execute(
+        f"SELECT {_GRANT_COLS} FROM grants WHERE sealed_key IS NOT NULL"))
+        if not budget.grant_usable(g, now)]
+
+
 def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
            period: str, nanos: int) -> None:
     if connection_id is not None:
@@ -1087,7 +1193,7 @@ def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
     return row[0], row[2], cost_nanos - row[3]
 
 
-def _usage(r: tuple) -> Usage:
+def _usage(r: Row) -> Usage:
     return Usage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
 
 

@@ -2,10 +2,11 @@
 
 Sign-in takes the admin token (keys file ``admin_token`` or
 ``WATTGATE_ADMIN_TOKEN``; not an app key), compared in constant time, with
-failed attempts rate-limited. A successful sign-in sets a random session id
-in an HttpOnly, SameSite=Strict cookie scoped to /admin; the server keeps
-only its SHA-256, in memory, with the session's CSRF token, so a restart signs
-everyone out. Every POST must carry that CSRF token in the form and, when the
+failed attempts rate-limited (``RL_ADMIN_LOGIN``, counted by the ledger). A
+successful sign-in sets a random session id in an HttpOnly, SameSite=Strict
+cookie scoped to /admin; the ledger keeps only its SHA-256, with the session's
+CSRF token (``Ledger.open_admin_session``), so whichever process of a fleet a
+request reaches knows the session, and a restart keeps it. Every POST must carry that CSRF token in the form and, when the
 browser sends an Origin, come from this host. Pages are sent with a CSP that
 allows no script, no framing and no referrer, and are never cached.
 
@@ -15,6 +16,7 @@ an app. The HTML lives in ``views.console``; the SQL in ``store.reports``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -34,8 +36,7 @@ from ..errors import RateLimited
 from ..gateway import Gateway
 from ..ledger import period_bounds, period_of
 from ..logs import user_hash
-from ..ratelimit import RateLimiter
-from ..store import REVOKED, App
+from ..store import REVOKED, App, Ledger
 from ..store.reports import DAY
 from . import console, metrics
 from .state import gateway_key, upstream_key
@@ -62,32 +63,32 @@ class AdminSession:
 
 
 class AdminSessions:
-    """Signed-in console sessions, by the SHA-256 of their cookie value."""
+    """Signed-in console sessions, kept by the ledger under their cookie's SHA-256
+    (the cookie itself is never stored: a copy of the ledger opens no console)."""
 
-    def __init__(self) -> None:
-        self._by_hash: dict[str, AdminSession] = {}
-        self.failed_logins = RateLimiter(10, name="RL_ADMIN_LOGIN")
+    def __init__(self, store: Ledger) -> None:
+        self._store = store
 
     @staticmethod
     def _key(cookie: str) -> str:
         return hashlib.sha256(cookie.encode()).hexdigest()
 
-    def open(self, now: float) -> tuple[str, AdminSession]:
-        self._by_hash = {k: s for k, s in self._by_hash.items() if s.expires_at > now}
+    async def open(self, now: float) -> tuple[str, AdminSession]:
         cookie = secrets.token_urlsafe(32)
         session = AdminSession(secrets.token_urlsafe(24), now + SESSION_SECONDS)
-        self._by_hash[self._key(cookie)] = session
+        await self._store.open_admin_session(self._key(cookie), session.csrf,
+                                             expires_at=session.expires_at, now=now)
         return cookie, session
 
-    def find(self, cookie: str | None, now: float) -> AdminSession | None:
+    async def find(self, cookie: str | None, now: float) -> AdminSession | None:
         if not cookie:
             return None
-        session = self._by_hash.get(self._key(cookie))
-        return session if session is not None and session.expires_at > now else None
+        row = await self._store.find_admin_session(self._key(cookie), now=now)
+        return AdminSession(*row) if row is not None and row[1] > now else None
 
-    def close(self, cookie: str | None) -> None:
+    async def close(self, cookie: str | None) -> None:
         if cookie:
-            self._by_hash.pop(self._key(cookie), None)
+            await self._store.close_admin_session(self._key(cookie))
 
 
 sessions_key = web.AppKey("admin_sessions", AdminSessions)
@@ -122,7 +123,8 @@ def signed_in(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
     """A console page: needs a live session; a POST also needs its CSRF token."""
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[gateway_key]
-        session = request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE), gw.clock())
+        session = await request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE),
+                                                       gw.clock())
         if session is None:
             if request.method == "GET":
                 return _see("/admin")
@@ -146,7 +148,8 @@ def signed_in(page: Page) -> Callable[[web.Request], Awaitable[web.StreamRespons
 
 async def home(request: web.Request) -> web.StreamResponse:
     gw = request.app[gateway_key]
-    session = request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE), gw.clock())
+    session = await request.app[sessions_key].find(request.cookies.get(SESSION_COOKIE),
+                                                   gw.clock())
     if session is None:
         return html_response(console.login())
     return await overview(request, gw, session)
@@ -160,20 +163,21 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = form.get("token")
     given = token.encode() if isinstance(token, str) else b""
-    peer, now = request.remote or "?", gw.clock()
+    peer = request.remote or "?"
     try:
         # Before the comparison: past the limit a right guess is refused like a wrong one,
         # so the 429s tell a guesser nothing.
-        sessions.failed_logins.check(peer, now=now)
+        await gw.limit("RL_ADMIN_LOGIN", peer, take=False)
     except RateLimited as e:
         response = html_response(console.login(
             f"Too many failed attempts; wait {e.retry_after} seconds."), 429)
         response.headers["Retry-After"] = str(e.retry_after)
         return response
     if not hmac.compare_digest(given, gw.keys.admin_token.encode()):
-        sessions.failed_logins.take(peer, now=now)
+        with contextlib.suppress(RateLimited):  # the last token went to a racing failure
+            await gw.limit("RL_ADMIN_LOGIN", peer)
         return html_response(console.login("That is not the admin token."), 401)
-    cookie, _ = sessions.open(gw.clock())
+    cookie, _ = await sessions.open(gw.clock())
     response = _see("/admin")
     response.set_cookie(SESSION_COOKIE, cookie, max_age=SESSION_SECONDS, path="/admin",
                         httponly=True, samesite="Strict",
@@ -182,7 +186,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request, gw: Gateway, session: AdminSession) -> web.StreamResponse:
-    request.app[sessions_key].close(request.cookies.get(SESSION_COOKIE))
+    await request.app[sessions_key].close(request.cookies.get(SESSION_COOKIE))
     response = _see("/admin")
     response.del_cookie(SESSION_COOKIE, path="/admin")
     return response
@@ -364,7 +368,7 @@ async def stylesheet(request: web.Request) -> web.Response:
 
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.check_token_file(app[gateway_key].config)  # refuse to start, not to scrape
-    app[sessions_key] = AdminSessions()
+    app[sessions_key] = AdminSessions(app[gateway_key].store)
     yield
 
 

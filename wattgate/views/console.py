@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from html import escape as e
 
+from .. import budget
 from ..charts import Series, legend, meter, shares, stacked_bars, usd_label
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
@@ -224,21 +225,13 @@ def _connections(csrf: str, app: App, rows: Sequence[ConnectionSpend],
             f'<th>Updated</th><th></th></tr></thead><tbody>{"".join(out)}</tbody></table>')
 
 
-def grant_state(g: Grant, now: float) -> str:
-    if g.used >= g.requests or (g.max_nanos is not None and g.spent_nanos >= g.max_nanos):
-        return "spent"
-    if g.expires_at <= now:
-        return "expired"
-    return "live"
-
-
 def _grants(grants: Sequence[Grant], users: dict[int, str], now: float) -> str:
     if not grants:
         return '<p class="empty">No one-time grants yet.</p>'
     badge = {"live": "ok", "spent": "off", "expired": "warn"}
     out = []
     for g in grants:
-        state = grant_state(g, now)
+        state = budget.grant_state(g, now)
         funded = e(users.get(g.connection_id, f"connection #{g.connection_id}")) \
             if g.connection_id is not None else '<span class="muted">typed key</span>'
         cap = "—" if g.max_nanos is None else usd_label(g.max_nanos)
@@ -279,7 +272,7 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                    f"{month.calls} calls")
              + _stat("Active connections", str(month.connections_active),
                      f"{len(connections)} in all")
-             + _stat("Live grants", str(sum(grant_state(g, now) == "live" for g in grants)),
+             + _stat("Live grants", str(sum(budget.grant_state(g, now) == "live" for g in grants)),
                      f"{len(grants)} in all")
              + _stat("Awaiting final cost", str(month.provisional), "provisional calls"))
     banner = f'<p class="flash" role="status">{e(notice)}</p>' if notice else ""

@@ -32,7 +32,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """For process supervisors: no auth, one trivial read, no upstream call."""
-    if not request.app[gateway_key].store.ping():
+    if not await request.app[gateway_key].store.ping():
         raise Unavailable("The database does not answer.")
     return json_response({"ok": True})
 
@@ -40,7 +40,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def create_session(request: web.Request) -> web.Response:
     gw = request.app[gateway_key]
     app = await gw.app_for_secret(secret_key_of(request))
-    gw.rl_sessions.take(app.app_id, now=gw.clock())
+    await gw.limit("RL_SESSIONS", app.app_id)
     body = await json_body(request)
     user = app_user_id(body.get("appUserId"))
     limit_usd, has_limit = None, False

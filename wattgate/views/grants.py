@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .. import budget
 from ..credentials import new_grant_token
 from ..errors import ConsentRequired, GrantInvalid, InvalidRequest, WattgateError
 from ..middleware import error_response
@@ -82,13 +83,10 @@ async def current(request: web.Request) -> web.Response:
     grant = await gw.store.get_grant(gw.hash(token))
     if grant is None or grant.app_id != app.app_id:
         raise GrantInvalid()
-    now = gw.clock()
     remaining = max(0, grant.requests - grant.used)
-    valid = remaining > 0 and grant.expires_at > now and \
-        (grant.max_nanos is None or grant.spent_nanos + grant.held_nanos < grant.max_nanos)
     return json_response({
         "requests": grant.requests, "used": grant.used, "remaining": remaining,
         "maxUsd": None if grant.max_nanos is None else nanos_to_json(grant.max_nanos),
         "spentUsd": nanos_to_json(grant.spent_nanos), "expiresAt": int(grant.expires_at),
-        "valid": valid,
+        "valid": budget.grant_state(grant, gw.clock()) == "live",
     })

@@ -1,0 +1,934 @@
+"""The ledger contract (``wattgate.store.contract.Ledger``), on every backend.
+
+A new engine passes this file or it is not a ledger. Every test here speaks
+only the contract's methods and the rows of ``wattgate.store.records`` (and
+the report rows the contract returns), never a backend's tables, files or
+caches: the ``ledger`` fixture runs each test on SQLite and on PostgreSQL (a
+fresh database of its own, ``tests/pg.py``), and ``place.open()`` opens
+another instance on the same ledger (another process, the CLI, a restart).
+
+Each scenario ends with ``consistent``: the audit (``check``) finds nothing,
+every connection's period aggregate equals the sum of its usage rows, and every
+grant's spent, held and used figures agree with its rows and holds.
+
+What a test is only run on PostgreSQL (``parametrize("ledger", ["postgresql"],
+indirect=True)``) is what SQLite does not promise: several OS processes
+admitting on one ledger, a token bucket or a console session shared between
+instances, leadership moving between instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import secrets
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wattgate.errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
+from wattgate.ledger import period_bounds, period_of
+from wattgate.store.contract import Ledger
+from wattgate.store.records import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Connection, Grant, Hold, Usage
+
+USD = 1_000_000_000
+T = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+PERIOD = period_of(T)  # "2027-01"
+NEXT = "2027-02"
+TTL = 900.0
+BACKENDS = ["sqlite", "postgresql"]
+
+
+# ---- opening a backend ---------------------------------------------------------
+
+async def open_at(kind: str, where: str) -> Ledger:
+    """A store on the ledger at ``where``: through ``open_store(config)`` once it takes
+    a config (the one way the gateway and the CLI open it), else the backend's own
+    ``open``."""
+    from wattgate import store as store_package
+
+    if inspect.iscoroutinefunction(store_package.open_store):
+        from wattgate.config import load_config
+
+        key = "WATTGATE_DATABASE__URL" if kind == "postgresql" else "WATTGATE_DATABASE__PATH"
+        opened: Ledger = await store_package.open_store(load_config(None, env={key: where}))
+        return opened
+    if kind == "sqlite":
+        from wattgate.store.sqlite import SQLiteStore
+
+        return SQLiteStore.open(Path(where))  # type: ignore[return-value]
+    from wattgate.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+
+    return await PostgresStore.open(where)  # type: ignore[no-any-return]
+
+
+@dataclasses.dataclass
+class Place:
+    """Where a test's ledger lives; every store opened on it is closed after the test."""
+
+    kind: str
+    where: str
+    opened: list[Ledger] = dataclasses.field(default_factory=list)
+    closed: set[int] = dataclasses.field(default_factory=set)
+
+    async def open(self) -> Ledger:
+        store = await open_at(self.kind, self.where)
+        self.opened.append(store)
+        return store
+
+    async def close(self, store: Ledger) -> None:
+        self.closed.add(id(store))
+        await store.close()
+
+    async def close_all(self) -> None:
+        for store in reversed(self.opened):
+            if id(store) not in self.closed:
+                await self.close(store)
+
+
+PLACE = pytest.StashKey[Place]()
+
+
+@pytest.fixture(params=BACKENDS)
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    if request.param == "sqlite":
+        place = Place("sqlite", str(tmp_path / "ledger.db"))
+    else:
+        place = Place("postgresql", request.getfixturevalue("pg_url"))
+    request.node.stash[PLACE] = place
+    try:
+        yield await place.open()
+    finally:
+        await place.close_all()
+
+
+@pytest.fixture
+def place(request: pytest.FixtureRequest, ledger: Ledger) -> Place:
+    """The test's ledger, to open more instances on it."""
+    return request.node.stash[PLACE]
+
+
+pg_only = pytest.mark.parametrize("ledger", ["postgresql"], indirect=True)
+
+
+# ---- helpers -------------------------------------------------------------------
+
+async def new_app(ledger: Ledger) -> App:
+    return await ledger.create_app("app" + secrets.token_hex(8), "Demo", "hash-" + secrets.token_hex(4),
+                                   ["http://localhost:3000"], now=T)
+
+
+async def funded(ledger: Ledger, app: App, user: str = "u", cap: int | None = 10 * USD,
+                 browser: str | None = "browser-1") -> Connection:
+    return await ledger.save_connection(app.app_id, user, state=ACTIVE, cap_nanos=cap,
+                                        sealed_key=f"v1.k1.sealed-{user}", browser_hash=browser,
+                                        now=T)
+
+
+def usage(gen: str, app: App, connection_id: int | None, cost: int, *, grant_id: int | None = None,
+          provisional: bool = False, at: float = T) -> Usage:
+    return Usage(gen, app.app_id, connection_id, grant_id, "openai/gpt-4o-mini", 10, 20, cost,
+                 provisional, "ok", 5, at)
+
+
+def billed(hold: Hold, app: App, gen: str, cost: int, **kw: Any) -> Usage:
+    return usage(gen, app, hold.connection_id, cost, grant_id=hold.grant_id, **kw)
+
+
+async def admit(ledger: Ledger, c: Connection, amount: int, period: str = PERIOD,
+                now: float = T) -> Hold:
+    return await ledger.admit(c.connection_id, period, amount, now=now, expires_at=now + TTL)
+
+
+async def connection_grant(ledger: Ledger, app: App, c: Connection, requests: int,
+                           max_nanos: int | None = None) -> Grant:
+    return await ledger.create_grant(app.app_id, "tok-" + secrets.token_hex(8), requests, max_nanos,
+                                     sealed_key=None, connection_id=c.connection_id, now=T,
+                                     expires_at=T + 600, approved_by=c.browser_hash)
+
+
+async def typed_grant(ledger: Ledger, app: App, requests: int,
+                      max_nanos: int | None = None) -> Grant:
+    return await ledger.create_grant(app.app_id, "tok-" + secrets.token_hex(8), requests, max_nanos,
+                                     sealed_key="v1.k1.typed", connection_id=None, now=T,
+                                     expires_at=T + 600)
+
+
+async def rows_of(ledger: Ledger, connection_id: int) -> list[Usage]:
+    return await ledger.recent_usage(connection_id, 100_000)
+
+
+async def consistent(ledger: Ledger, *apps: App, in_flight: bool = False) -> None:
+    """The ledger agrees with itself: the audit, and every aggregate against its rows."""
+    assert await ledger.check(now=T + 60, hold_ttl=TTL) == []
+    for app in apps:
+        lines = [line async for page in ledger.usage_lines(app.app_id) for line in page]
+        assert len({line.generation_id for line in lines}) == len(lines), "a call counted twice"
+        for c in await ledger.connections_for_app(app.app_id):
+            by_period: dict[str, int] = defaultdict(int)
+            for row in await rows_of(ledger, c.connection_id):
+                by_period[period_of(row.created_at)] += row.cost_nanos
+            for period in {PERIOD, NEXT, *by_period}:
+                assert await ledger.period_spent(c.connection_id, period) == by_period[period], \
+                    (c.connection_id, period)
+            if not in_flight:
+                assert await ledger.held(c.connection_id) == 0
+        for g in await ledger.grants_for_app(app.app_id):
+            assert g.spent_nanos == sum(line.cost_nanos for line in lines
+                                        if line.grant_id == g.grant_id), g
+            assert 0 <= g.used <= g.requests, g
+            if not in_flight:
+                assert g.held_nanos == 0, g
+    if not in_flight:
+        assert await ledger.open_holds() == 0
+
+
+async def eventually(predicate: Any, *, seconds: float = 5.0) -> bool:
+    """Poll ``predicate`` (async) until true or ``seconds`` pass (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        if await predicate():
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+# ---- basics ----------------------------------------------------------------------
+
+async def test_the_store_says_what_it_is_and_answers(ledger, request):
+    assert isinstance(ledger, Ledger)
+    assert ledger.kind == request.node.callspec.params["ledger"]
+    assert await ledger.ping() is True
+    assert await ledger.holds_apps() is False
+    await new_app(ledger)
+    assert await ledger.holds_apps() is True
+
+
+async def test_apps_origins_and_secrets_round_trip(ledger):
+    app = await ledger.create_app("app" + "a" * 16, "Demo", "h1",
+                                  ["https://a.example", "https://a.example", "http://localhost:3000"],
+                                  now=T)
+    assert set(app.origins) == {"https://a.example", "http://localhost:3000"}
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.name, got.secret_hash, got.created_at) == ("Demo", "h1", T)
+    assert [a.app_id for a in await ledger.list_apps()] == [app.app_id]
+    assert await ledger.set_app_secret(app.app_id, "h2")
+    assert (await ledger.get_app(app.app_id)).secret_hash == "h2"  # type: ignore[union-attr]
+    assert not await ledger.set_app_secret("app" + "0" * 16, "h3")
+    assert await ledger.set_origins(app.app_id, add=["https://b.example"], remove=["https://a.example"])
+    assert await ledger.origin_registered("https://b.example")
+    assert not await ledger.origin_registered("https://a.example")
+    assert await ledger.get_app("app" + "0" * 16) is None
+
+
+async def test_a_connection_is_keyed_by_app_and_user(ledger):
+    app = await new_app(ledger)
+    seen: list[int] = []
+
+    def seal(cid: int) -> str:
+        seen.append(cid)
+        return f"sealed-for-{cid}"
+    a = await ledger.save_connection(app.app_id, "u1", state=ACTIVE, cap_nanos=USD, sealed_key=None,
+                                     browser_hash="b", now=T, seal=seal)
+    assert seen == [a.connection_id] and a.sealed_key == f"sealed-for-{a.connection_id}"
+    again = await ledger.save_connection(app.app_id, "u1", state=ACTIVE, cap_nanos=2 * USD,
+                                         sealed_key=a.sealed_key, browser_hash="b", now=T + 1)
+    assert again.connection_id == a.connection_id
+    got = await ledger.get_connection(app.app_id, "u1")
+    assert got is not None and got.cap_nanos == 2 * USD and got.connected
+    assert (got.created_at, got.updated_at) == (T, T + 1)
+    assert [c.app_user_id for c in await ledger.connections_for_browser("b")] == ["u1"]
+    assert await ledger.get_connection_by_id(a.connection_id) == got
+    # A cap change based on a stale read of the key is refused.
+    assert await ledger.update_cap(a.connection_id, USD, expected_key="stale", now=T + 2) is None
+    updated = await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key, now=T + 2)
+    assert updated is not None and updated.cap_nanos == USD
+
+
+async def test_presence_rotates_at_once(ledger):
+    assert not await ledger.has_presence("p1")
+    await ledger.add_presence("p1", now=T)
+    await ledger.add_presence("p1", now=T)
+    await ledger.rotate_presence(["p1"], "p2", now=T + 1)
+    assert not await ledger.has_presence("p1") and await ledger.has_presence("p2")
+
+
+# ---- the cap under races -------------------------------------------------------
+
+async def test_racing_admissions_never_pass_the_cap(ledger):
+    """60 calls at once, each holding $0.70 of a $10 cap: exactly 14 fit, whatever the order."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=10 * USD)
+    amount = 7 * USD // 10
+
+    async def call() -> Hold | None:
+        try:
+            return await admit(ledger, c, amount)
+        except BudgetExceeded:
+            return None
+    holds = [h for h in await asyncio.gather(*(call() for _ in range(60))) if h is not None]
+    assert len(holds) == 14
+    assert len({h.hold_id for h in holds}) == 14
+    assert await ledger.held(c.connection_id) == await ledger.held(c.connection_id, PERIOD) == 14 * amount
+    assert await ledger.open_holds() == 14
+    # Half are billed less than held, half never reached the model.
+    results = await asyncio.gather(*(
+        ledger.settle(h, billed(h, app, f"g{i}", amount // 2), PERIOD) if i % 2 else ledger.release(h)
+        for i, h in enumerate(holds)))
+    assert results.count(True) == 7
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 7 * (amount // 2)
+    # What is left is all there again: a call of exactly the rest fits, one nano more does not.
+    rest = 10 * USD - 7 * (amount // 2)
+    with pytest.raises(BudgetExceeded):
+        await admit(ledger, c, rest + 1)
+    await ledger.release(await admit(ledger, c, rest))
+    await consistent(ledger, app)
+
+
+async def racer(kind: str, where: str, mode: str, target: str, app_id: str, tasks: int,
+                amount: int, tag: str) -> None:
+    """One OS process of ``test_racing_admissions_across_processes``: open a store, say
+    ready, wait for go, race ``tasks`` admissions, report and settle what it got."""
+    store = await open_at(kind, where)
+    loop = asyncio.get_running_loop()
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+
+    async def one() -> Hold | None:
+        try:
+            if mode == "cap":
+                return await store.admit(int(target), PERIOD, amount, now=T, expires_at=T + TTL)
+            return (await store.admit_grant(target, app_id, PERIOD, amount, now=T,
+                                            expires_at=T + TTL))[1]
+        except (BudgetExceeded, GrantInvalid):
+            return None
+    holds = [h for h in await asyncio.gather(*(one() for _ in range(tasks))) if h is not None]
+    print(json.dumps([h.hold_id for h in holds]), flush=True)
+    app = App(app_id, "", "", (), T)
+    for i, h in enumerate(holds):
+        assert await store.settle(h, billed(h, app, f"{tag}-{i}", amount), PERIOD)
+    await store.close()
+
+
+async def race_processes(place: Place, mode: str, target: str, app_id: str, *, processes: int,
+                         tasks: int, amount: int) -> list[int]:
+    """Run ``processes`` racers at once; the hold ids they were granted, all of them."""
+    here = Path(__file__).parent
+    root = Path(inspect.getfile(Ledger)).parents[2]
+    children = []
+    for n in range(processes):
+        code = (f"import sys, asyncio; sys.path[:0] = [{str(root)!r}, {str(here)!r}]\n"
+                "from test_store_contract import racer\n"
+                f"asyncio.run(racer({place.kind!r}, {place.where!r}, {mode!r}, {target!r}, "
+                f"{app_id!r}, {tasks}, {amount}, 'p{n}'))\n")
+        children.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
+    for child in children:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            _, err = await child.communicate()
+            raise AssertionError(f"a racer did not start: {line!r} {err.decode()[-2000:]}")
+    for child in children:  # all open and waiting: go at once
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+    ids: list[int] = []
+    for child in children:
+        out, err = await asyncio.wait_for(child.communicate(), 300)
+        assert child.returncode == 0, err.decode()[-2000:]
+        ids += json.loads(out.decode().splitlines()[-1])
+    return ids
+
+
+@pg_only
+async def test_racing_admissions_across_processes(ledger, place):
+    """Three OS processes, each with its own store, race 15 admissions each on one cap:
+    exactly as many pass as fit, and their settles are all counted."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=10 * USD)
+    amount = 6 * USD // 10
+    ids = await race_processes(place, "cap", str(c.connection_id), app.app_id, processes=3,
+                               tasks=15, amount=amount)
+    assert len(ids) == len(set(ids)) == 16  # 16 × $0.60 ≤ $10 < 17 × $0.60
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 16 * amount
+    await consistent(ledger, app)
+
+
+@pg_only
+async def test_a_grant_raced_across_processes_serves_exactly_its_count(ledger, place):
+    app = await new_app(ledger)
+    grant = await typed_grant(ledger, app, requests=11)
+    ids = await race_processes(place, "grant", grant.token_hash, app.app_id, processes=3,
+                               tasks=8, amount=USD // 100)
+    assert len(ids) == len(set(ids)) == 11
+    after = await ledger.get_grant_by_id(grant.grant_id)
+    assert after is not None
+    assert (after.used, after.held_nanos, after.spent_nanos) == (11, 0, 11 * (USD // 100))
+    await consistent(ledger, app)
+
+
+# ---- grants ----------------------------------------------------------------------
+
+async def test_racing_grant_admissions_use_exactly_its_requests(ledger):
+    app = await new_app(ledger)
+    grant = await typed_grant(ledger, app, requests=7)
+
+    async def call() -> Hold | None:
+        try:
+            return (await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, USD // 10,
+                                             now=T, expires_at=T + TTL))[1]
+        except GrantInvalid:
+            return None
+    holds = [h for h in await asyncio.gather(*(call() for _ in range(30))) if h is not None]
+    assert len(holds) == 7 and all(h.grant_id == grant.grant_id for h in holds)
+    g = await ledger.get_grant(grant.token_hash)
+    assert g is not None and (g.used, g.held_nanos) == (7, 7 * (USD // 10))
+    await consistent(ledger, app, in_flight=True)
+    # Two were refused upstream before any byte: their requests come back (the gateway
+    # never releases a grant's hold without the refund: ``check`` counts requests used
+    # against calls recorded and in flight); the rest are billed.
+    await ledger.release(holds[0], refund_request=True)
+    await ledger.release(holds[1], refund_request=True)
+    for i, h in enumerate(holds[2:]):
+        assert await ledger.settle(h, billed(h, app, f"gg{i}", USD // 20), PERIOD)
+    g = await ledger.get_grant(grant.token_hash)
+    assert g is not None and (g.used, g.held_nanos, g.spent_nanos) == (5, 0, 5 * (USD // 20))
+    # The two refunded requests can be used again, and no more.
+    for i in range(2):
+        _, h = await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 1, now=T,
+                                        expires_at=T + TTL)
+        await ledger.settle(h, billed(h, app, f"again{i}", 1), PERIOD)
+    with pytest.raises(GrantInvalid):
+        await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 1, now=T, expires_at=T + TTL)
+    g = await ledger.get_grant(grant.token_hash)
+    assert g is not None and (g.used, g.held_nanos) == (7, 0)
+    await consistent(ledger, app)
+
+
+async def test_a_grant_funded_by_a_connection_is_bounded_by_its_cap(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=5 * USD)
+    grant = await connection_grant(ledger, app, c, requests=20)
+    own = await admit(ledger, c, USD)  # the user's own call shares the cap
+
+    async def call() -> Hold | None:
+        try:
+            return (await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, USD, now=T,
+                                             expires_at=T + TTL))[1]
+        except (BudgetExceeded, GrantInvalid):
+            return None
+    holds = [h for h in await asyncio.gather(*(call() for _ in range(12))) if h is not None]
+    assert len(holds) == 4
+    assert all(h.connection_id == c.connection_id for h in holds)
+    assert await ledger.held(c.connection_id) == 5 * USD
+    g = await ledger.get_grant_by_id(grant.grant_id)
+    assert g is not None and g.used == 4  # a refused call uses no request
+    for i, h in enumerate(holds):
+        await ledger.settle(h, billed(h, app, f"cg{i}", USD), PERIOD)
+    await ledger.release(own)
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 4 * USD
+    g = await ledger.get_grant_by_id(grant.grant_id)
+    assert g is not None and g.spent_nanos == 4 * USD
+    await consistent(ledger, app)
+
+
+async def test_a_grants_dollar_cap_counts_what_is_held(ledger):
+    app = await new_app(ledger)
+    grant = await typed_grant(ledger, app, requests=10, max_nanos=3 * USD)
+    _, h1 = await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 2 * USD, now=T,
+                                     expires_at=T + TTL)
+    with pytest.raises(GrantInvalid):
+        await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 2 * USD, now=T,
+                                 expires_at=T + TTL)
+    await ledger.settle(h1, billed(h1, app, "d1", USD), PERIOD)
+    _, h2 = await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 2 * USD, now=T,
+                                     expires_at=T + TTL)
+    await ledger.release(h2, refund_request=True)
+    g = await ledger.get_grant_by_id(grant.grant_id)
+    assert g is not None and (g.used, g.spent_nanos, g.held_nanos) == (1, USD, 0)
+    await consistent(ledger, app)
+
+
+# ---- settle, sweep and reconcile in any order ------------------------------------
+
+async def named_hold(ledger: Ledger, app: App, c: Connection, gen: str, amount: int) -> Hold:
+    hold = await admit(ledger, c, amount)
+    named = ledger.note_generation(hold, gen, app.app_id, "openai/gpt-4o-mini")
+    assert named is not None
+    await named
+    return hold
+
+
+def rows_named(rows: list[Usage], gen: str) -> list[Usage]:
+    return [r for r in rows if r.generation_id == gen]
+
+
+@pytest.mark.parametrize("order", [
+    "settle,settle,sweep,correct",
+    "sweep,settle,settle,correct",
+    "sweep,correct,settle,sweep",
+    "settle_provisional,correct,correct,settle",
+    "settle_provisional,settle,correct,sweep",
+])
+async def test_settle_is_idempotent_in_any_order_with_sweep_and_correct(ledger, order):
+    """One call named upstream ($4 held, $3 billed, the upstream's figure $2.5): whatever
+    the order settle, the sweep and the reconciler reach it, its row exists once, and
+    its spend is the provisional estimate until a final figure replaces it, once."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    hold = await named_hold(ledger, app, c, "gen-x", 4 * USD)
+    final = {"settle": 3 * USD, "correct": 5 * USD // 2}
+    expected: int | None = None  # what the connection has spent after each step
+    provisional = False  # whether the call's row (once there) is provisional
+    for step in order.split(","):
+        if step == "settle":
+            await ledger.settle(hold, billed(hold, app, "gen-x", final["settle"]), PERIOD)
+            if expected is None or provisional:
+                expected = final["settle"]
+        elif step == "settle_provisional":
+            await ledger.settle(hold, billed(hold, app, "gen-x", 4 * USD, provisional=True), PERIOD)
+            expected = 4 * USD
+        elif step == "sweep":
+            await ledger.sweep_holds(older_than=T + 1)
+            if expected is None:
+                expected = 4 * USD  # a provisional row at the estimate
+        elif step == "correct":
+            corrected = await ledger.correct_usage("gen-x", final["correct"])
+            assert corrected == (expected is not None and provisional), step
+            if corrected:
+                expected = final["correct"]
+        [row] = rows_named(await rows_of(ledger, c.connection_id), "gen-x")
+        provisional = row.provisional
+        assert row.cost_nanos == expected, (step, row)
+        assert await ledger.period_spent(c.connection_id, PERIOD) == expected, step
+        assert await ledger.held(c.connection_id) == 0, step
+    assert not provisional  # every order here ends with a final figure
+    # A late settle or a late release of the same hold changes nothing.
+    assert not await ledger.settle(hold, billed(hold, app, "gen-x", 9 * USD), PERIOD)
+    await ledger.release(hold, refund_request=True)
+    assert await ledger.period_spent(c.connection_id, PERIOD) == expected
+    assert await ledger.provisional_count() == 0
+    await consistent(ledger, app)
+
+
+async def test_a_provisional_row_is_listed_for_reconciliation_until_corrected(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    hold = await admit(ledger, c, 2 * USD)
+    await ledger.settle(hold, billed(hold, app, "gen-p", 2 * USD, provisional=True), PERIOD)
+    assert await ledger.provisional_count() == 1
+    [(uid, row, period)] = await ledger.provisional_page(10)
+    assert (row.generation_id, row.provisional, period) == ("gen-p", True, PERIOD)
+    assert [u.generation_id for u in await ledger.provisional_of_connection(c.connection_id)] == ["gen-p"]
+    assert await ledger.correct_usage("gen-p", USD)
+    assert not await ledger.correct_usage("gen-p", 7 * USD)  # never twice
+    assert await ledger.provisional_count() == 0 and await ledger.provisional_page(10) == []
+    assert (uid, "gen-p") in [(i, u.generation_id) for i, u in await ledger.recent_final_usage(10)]
+    assert await ledger.period_spent(c.connection_id, PERIOD) == USD
+    await consistent(ledger, app)
+
+
+async def test_a_settle_whose_caller_is_cancelled_still_lands(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    g = await typed_grant(ledger, app, requests=2)
+    hold = await admit(ledger, c, 2 * USD)
+    _, ghold = await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, USD, now=T,
+                                        expires_at=T + TTL)
+    settling = ledger.settle(hold, billed(hold, app, "gen-c", USD), PERIOD)
+    releasing = ledger.release(ghold, refund_request=True)
+
+    async def caller(write: Any) -> None:
+        await write
+    callers = [asyncio.ensure_future(caller(settling)), asyncio.ensure_future(caller(releasing))]
+    await asyncio.sleep(0)
+    for task in callers:
+        task.cancel()
+    for task in callers:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def landed() -> bool:
+        grant = await ledger.get_grant_by_id(g.grant_id)
+        return (await ledger.period_spent(c.connection_id, PERIOD) == USD
+                and grant is not None and grant.used == 0 and await ledger.open_holds() == 0)
+    assert await eventually(landed)
+    assert [r.generation_id for r in await rows_of(ledger, c.connection_id)] == ["gen-c"]
+    await consistent(ledger, app)
+
+
+async def test_a_hold_no_longer_held_cannot_be_named(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    settled = await admit(ledger, c, USD)
+    await ledger.settle(settled, billed(settled, app, "gen-s", USD), PERIOD)
+    released = await admit(ledger, c, USD)
+    await ledger.release(released)
+    for hold in (settled, released):
+        assert ledger.note_generation(hold, "gen-late", app.app_id, "m") is None
+    assert await ledger.open_holds() == 0
+    assert [r.generation_id for r in await rows_of(ledger, c.connection_id)] == ["gen-s"]
+    await consistent(ledger, app)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_interleavings_never_pass_the_cap_nor_lose_a_debit(ledger, place, seed):
+    """Calls admitted, named, settled and released in random order on one instance,
+    while another instance (the CLI reconciling; on PostgreSQL another gateway too)
+    writes on the same connection: spent + held never passes the cap beyond what
+    bypassed admission, and every debit lands exactly once."""
+    import random
+
+    rnd = random.Random(seed)
+    cap = 30 * USD
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=cap)
+    other = await place.open()
+    instances = [ledger, other] if place.kind == "postgresql" else [ledger]
+    debited = refused = outside = 0
+
+    async def call(i: int) -> None:
+        nonlocal debited, refused
+        store = instances[i % len(instances)]
+        await asyncio.sleep(rnd.random() / 1000)
+        estimate = rnd.randint(1, 5) * USD
+        try:
+            hold = await store.admit(c.connection_id, PERIOD, estimate, now=T, expires_at=T + TTL)
+        except BudgetExceeded:
+            refused += 1
+            return
+        spent = await store.period_spent(c.connection_id, PERIOD)
+        assert spent + await store.held(c.connection_id) <= cap + outside
+        if rnd.random() < 0.5:
+            named = store.note_generation(hold, f"g{i}", app.app_id, "m")
+            assert named is not None
+            await named
+        await asyncio.sleep(rnd.random() / 500)
+        if rnd.random() < 0.2:
+            await store.release(hold)
+            return
+        cost = rnd.randint(0, estimate)
+        assert await store.settle(hold, billed(hold, app, f"g{i}", cost), PERIOD)
+        debited += cost
+
+    async def cli(i: int) -> None:
+        nonlocal debited, outside
+        await asyncio.sleep(rnd.random() / 100)
+        outside += USD // 10  # counted before its commit: the bound is never too tight
+        assert await other.settle(None, usage(f"cli{i}", app, c.connection_id, USD // 10), PERIOD)
+        debited += USD // 10
+
+    await asyncio.gather(*[call(i) for i in range(80)], *[cli(i) for i in range(5)])
+    assert refused > 0, "the cap was reached"
+    assert await ledger.period_spent(c.connection_id, PERIOD) == debited <= cap + outside
+    await consistent(ledger, app)
+
+
+# ---- revocation and key rotation -----------------------------------------------
+
+async def test_a_revocation_refuses_new_calls_and_ends_its_grants(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    grant = await connection_grant(ledger, app, c, requests=5)
+    running = await admit(ledger, c, USD)  # admitted before the revocation
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 1)
+    with pytest.raises(NotConnected):
+        await admit(ledger, c, 1)
+    with pytest.raises((GrantInvalid, NotConnected)):
+        await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, 1, now=T + 2,
+                                 expires_at=T + 2 + TTL)
+    ended = await ledger.get_grant_by_id(grant.grant_id)
+    assert ended is not None and ended.expires_at <= T + 1
+    with pytest.raises(ConsentRequired):  # a grant approved before, written after
+        await connection_grant(ledger, app, c, requests=1)
+    assert await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key,
+                                   now=T + 3) is None
+    await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 4)
+    after = await ledger.get_connection(app.app_id, c.app_user_id)
+    assert after is not None and after.state == REVOKED and not after.connected
+    # The call that was running finishes and is billed exactly, to this connection.
+    assert await ledger.settle(running, billed(running, app, "gen-r", USD // 2), PERIOD)
+    assert await ledger.period_spent(c.connection_id, PERIOD) == USD // 2
+    await consistent(ledger, app)
+
+
+async def test_re_seal_replaces_a_key_only_where_it_is_still_the_old_one(ledger):
+    app = await new_app(ledger)
+    a = await funded(ledger, app, "u1")
+    b = await funded(ledger, app, "u2")
+    g = await typed_grant(ledger, app, requests=1)
+    keys = await ledger.all_sealed_keys()
+    assert sorted(k[2] for k in keys) == sorted([a.sealed_key, b.sealed_key, g.sealed_key])
+    where = {k[2]: (k[0], k[1]) for k in keys}
+    assert where[a.sealed_key][1] == a.connection_id and where[g.sealed_key][1] == g.grant_id
+    changes = [(*where[a.sealed_key], a.sealed_key, "v1.k2.new-a"),
+               (*where[b.sealed_key], "v1.k1.changed-meanwhile", "v1.k2.new-b"),
+               (*where[g.sealed_key], g.sealed_key, "v1.k2.new-g")]
+    assert await ledger.replace_sealed_keys(changes) == 2  # type: ignore[arg-type]
+    assert (await ledger.get_connection(app.app_id, "u1")).sealed_key == "v1.k2.new-a"  # type: ignore[union-attr]
+    assert (await ledger.get_connection(app.app_id, "u2")).sealed_key == b.sealed_key  # type: ignore[union-attr]
+    assert (await ledger.get_grant_by_id(g.grant_id)).sealed_key == "v1.k2.new-g"  # type: ignore[union-attr]
+    assert await ledger.replace_sealed_keys(changes) == 0  # a second pass finds nothing old
+
+
+async def test_a_revoked_key_is_erased_once_no_call_can_need_it(ledger):
+    """Kept while a call of the connection is in flight or awaits its final cost
+    (a provisional row after ``since``); erased after, once."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    running = await admit(ledger, c, USD)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 1)
+    assert await ledger.erase_revoked_keys(since=T - 86400, now=T + 2) == 0
+    await ledger.settle(running, billed(running, app, "gen-e", USD, provisional=True), PERIOD)
+    assert await ledger.erase_revoked_keys(since=T - 86400, now=T + 3) == 0  # correctable
+    assert (await ledger.get_connection_by_id(c.connection_id)).sealed_key == c.sealed_key  # type: ignore[union-attr]
+    assert await ledger.erase_revoked_keys(since=T + 1, now=T + 4) == 1  # past its give-up
+    gone = await ledger.get_connection_by_id(c.connection_id)
+    assert gone is not None and gone.sealed_key is None and gone.state == REVOKED
+    assert all(k[2] != c.sealed_key for k in await ledger.all_sealed_keys())
+    assert await ledger.erase_revoked_keys(since=T + 1, now=T + 5) == 0
+    await consistent(ledger, app)
+
+
+# ---- ids, deletion, periods --------------------------------------------------------
+
+async def test_ids_are_never_reused_after_deletes_and_restarts(ledger, place):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    g = await connection_grant(ledger, app, c, requests=3)
+    h1 = await admit(ledger, c, USD)
+    _, h2 = await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, USD, now=T, expires_at=T + TTL)
+    await ledger.settle(h1, billed(h1, app, "gen-1", USD), PERIOD)
+    await ledger.release(h2, refund_request=True)
+    [(u1, _)] = await ledger.recent_final_usage(10)
+    assert await ledger.delete_app(app.app_id, now=T + 1)
+    # Every hold gone, the app deleted, the process restarted.
+    await place.close(ledger)
+    again = await place.open()
+    other = await new_app(again)
+    c2 = await funded(again, other)
+    g2 = await connection_grant(again, other, c2, requests=3)
+    h3 = await again.admit(c2.connection_id, PERIOD, USD, now=T, expires_at=T + TTL)
+    _, h4 = await again.admit_grant(g2.token_hash, other.app_id, PERIOD, USD, now=T,
+                                    expires_at=T + TTL)
+    await again.settle(h3, billed(h3, other, "gen-3", USD), PERIOD)
+    await again.settle(h4, billed(h4, other, "gen-4", USD), PERIOD)
+    assert c2.connection_id > c.connection_id
+    assert g2.grant_id > g.grant_id
+    assert min(h3.hold_id, h4.hold_id) > max(h1.hold_id, h2.hold_id)
+    assert h3.hold_id != h4.hold_id
+    assert min(i for i, row in await again.recent_final_usage(10) if row.app_id == other.app_id) > u1
+    await consistent(again, app, other)
+
+
+async def test_a_deleted_apps_spend_holds_and_rows_stay_its_own(ledger):
+    old = await new_app(ledger)
+    c = await funded(ledger, old, "alice")
+    grant = await connection_grant(ledger, old, c, requests=3)
+    await ledger.settle(None, usage("gen-old", old, c.connection_id, 3 * USD), PERIOD)
+    flying = await named_hold(ledger, old, c, "gen-flying", 2 * USD)
+    _, gflying = await ledger.admit_grant(grant.token_hash, old.app_id, PERIOD, USD, now=T,
+                                          expires_at=T + TTL)
+    assert await ledger.delete_app(old.app_id, now=T + 1)
+    assert (await ledger.get_app(old.app_id, deleted=True)).deleted_at == T + 1  # type: ignore[union-attr]
+    assert await ledger.get_app(old.app_id) is None
+    with pytest.raises(GrantInvalid):
+        await ledger.admit_grant(grant.token_hash, old.app_id, PERIOD, 1, now=T + 2,
+                                 expires_at=T + 2 + TTL)
+    # A new user of another app, even one with the same user name, starts at $0.
+    new = await new_app(ledger)
+    n = await funded(ledger, new, "alice", cap=10 * USD)
+    assert n.connection_id != c.connection_id
+    assert await ledger.period_spent(n.connection_id, PERIOD) == 0
+    assert await ledger.held(n.connection_id) == 0
+    assert await rows_of(ledger, n.connection_id) == []
+    await ledger.release(await admit(ledger, n, 10 * USD))  # the whole cap is its own
+    # The deleted app's calls in flight settle to its own connection and grant.
+    assert await ledger.settle(flying, billed(flying, old, "gen-flying", USD), PERIOD)
+    assert await ledger.settle(gflying, billed(gflying, old, "gen-gflying", USD), PERIOD)
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 5 * USD
+    assert await ledger.period_spent(n.connection_id, PERIOD) == 0
+    assert (await ledger.get_grant_by_id(grant.grant_id)).spent_nanos == USD  # type: ignore[union-attr]
+    spend = {s.connection.connection_id: s.spent_nanos
+             for s in await ledger.connection_spend(new.app_id, PERIOD)}
+    assert spend.get(n.connection_id, 0) == 0 and c.connection_id not in spend
+    start, end = period_bounds(PERIOD)
+    totals = await ledger.app_totals(start, end)
+    assert new.app_id not in totals or totals[new.app_id].cost_nanos == 0
+    assert await ledger.top_payers(start, end, app_id=new.app_id) == []
+    assert {p.app_user_id: p.cost_nanos
+            for p in await ledger.top_payers(start, end, app_id=old.app_id)} == {"alice": 5 * USD}
+    await consistent(ledger, old, new)
+
+
+async def test_a_call_belongs_to_the_period_it_was_admitted_in(ledger):
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=10 * USD)
+    _, end = period_bounds(PERIOD)
+    late = end - 1  # the last second of January
+    jan = await admit(ledger, c, 9 * USD, now=late)
+    named = await named_hold(ledger, app, c, "gen-jan-named", USD)
+    assert jan.period == named.period == PERIOD
+    # January's holds narrow January's cap only: February has all of its own.
+    assert await ledger.held(c.connection_id, PERIOD) == 10 * USD
+    assert await ledger.held(c.connection_id, NEXT) == 0
+    feb = await admit(ledger, c, 10 * USD, period=NEXT, now=end + 1)
+    with pytest.raises(BudgetExceeded):
+        await admit(ledger, c, 1, now=late)
+    # The January call ends in February: its row is January's, dated in January.
+    await ledger.settle(jan, billed(jan, app, "gen-jan", 4 * USD, at=late), PERIOD)
+    await ledger.sweep_holds(older_than=T + 1)  # the named one: a provisional row at its estimate
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 5 * USD
+    assert await ledger.period_spent(c.connection_id, NEXT) == 0
+    assert all(period_of(r.created_at) == PERIOD for r in await rows_of(ledger, c.connection_id))
+    await ledger.release(feb)
+    await consistent(ledger, app)
+
+
+async def test_holds_left_by_a_dead_process_are_swept_by_the_next(ledger, place):
+    """A process dies with calls in flight: the next one's sweep makes a named call a
+    provisional row at its estimate, gives a grant back the request of an unnamed one,
+    and leaves no hold behind."""
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    g = await typed_grant(ledger, app, requests=1)
+    await named_hold(ledger, app, c, "gen-crash", 2 * USD)
+    await admit(ledger, c, USD)
+    await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, USD, now=T, expires_at=T + TTL)
+    await place.close(ledger)  # as a crash leaves it: nothing settled or released
+    after = await place.open()
+    assert await after.sweep_holds() >= 2
+    assert await after.open_holds() == 0 and await after.held(c.connection_id) == 0
+    assert await after.period_spent(c.connection_id, PERIOD) == 2 * USD
+    [row] = await rows_of(after, c.connection_id)
+    assert (row.generation_id, row.provisional, row.cost_nanos) == ("gen-crash", True, 2 * USD)
+    grant = await after.get_grant_by_id(g.grant_id)
+    assert grant is not None and (grant.used, grant.held_nanos, grant.spent_nanos) == (0, 0, 0)
+    await consistent(after, app)
+
+
+@pg_only
+async def test_a_sweep_never_takes_a_living_process_holds(ledger, place):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    other = await place.open()
+    hold = await other.admit(c.connection_id, PERIOD, 2 * USD, now=T, expires_at=T + TTL)
+    await ledger.sweep_holds()  # the other process is alive: its hold is not ours to sweep
+    assert await ledger.held(c.connection_id) == 2 * USD
+    assert await other.settle(hold, billed(hold, app, "gen-alive", USD), PERIOD)
+    assert await ledger.period_spent(c.connection_id, PERIOD) == USD
+    await consistent(ledger, app)
+
+
+# ---- fleet-wide state --------------------------------------------------------------
+
+async def test_rate_take_is_a_token_bucket(ledger):
+    assert await ledger.rate_take("chat", "a:u", 3, now=T, take=False) is None  # a check only
+    for _ in range(3):
+        assert await ledger.rate_take("chat", "a:u", 3, now=T) is None
+    wait = await ledger.rate_take("chat", "a:u", 3, now=T)
+    assert isinstance(wait, int) and 0 < wait <= 20
+    assert await ledger.rate_take("chat", "a:other", 3, now=T) is None
+    assert await ledger.rate_take("sessions", "a:u", 3, now=T) is None
+    assert await ledger.rate_take("chat", "a:u", 3, now=T + 60) is None  # refilled
+
+
+@pg_only
+async def test_rate_take_is_one_bucket_for_every_instance(ledger, place):
+    other = await place.open()
+    assert await ledger.rate_take("chat", "a:u", 3, now=T) is None
+    assert await other.rate_take("chat", "a:u", 3, now=T) is None
+    assert await ledger.rate_take("chat", "a:u", 3, now=T) is None
+    assert await other.rate_take("chat", "a:u", 3, now=T) is not None
+    assert await ledger.rate_take("chat", "a:u", 3, now=T) is not None
+
+
+async def test_admin_sessions_open_find_expire_and_close(ledger):
+    await ledger.open_admin_session("s1", "csrf-1", expires_at=T + 60, now=T)
+    assert await ledger.find_admin_session("s1", now=T + 1) == ("csrf-1", T + 60)
+    assert await ledger.find_admin_session("s1", now=T + 61) is None
+    assert await ledger.find_admin_session("nope", now=T) is None
+    await ledger.open_admin_session("s2", "csrf-2", expires_at=T + 600, now=T)
+    await ledger.close_admin_session("s2")
+    assert await ledger.find_admin_session("s2", now=T) is None
+
+
+@pg_only
+async def test_an_admin_session_is_found_from_another_instance(ledger, place):
+    other = await place.open()
+    await ledger.open_admin_session("s1", "csrf-1", expires_at=T + 60, now=T)
+    assert await other.find_admin_session("s1", now=T) == ("csrf-1", T + 60)
+    await other.close_admin_session("s1")
+    assert await ledger.find_admin_session("s1", now=T) is None
+
+
+async def test_the_only_instance_leads(ledger):
+    """SQLite: one server per database file; PostgreSQL: nobody else holds the lead."""
+    assert await ledger.lead("reconciler") is True
+    assert await ledger.lead("reconciler") is True  # and keeps it
+    assert await ledger.lead("export") is True  # each task on its own
+
+
+@pg_only
+async def test_exactly_one_instance_leads_and_the_lead_moves_when_it_closes(ledger, place):
+    other = await place.open()
+    first = [await ledger.lead("reconciler"), await other.lead("reconciler")]
+    assert sorted(first) == [False, True]
+    assert [await ledger.lead("reconciler"), await other.lead("reconciler")] == first  # kept
+    leader, follower = (ledger, other) if first[0] else (other, ledger)
+    await place.close(leader)
+
+    async def took_over() -> bool:
+        return await follower.lead("reconciler")
+    assert await eventually(took_over, seconds=10)
+
+
+async def test_bind_keys_refuses_another_fingerprint(ledger, place):
+    from wattgate.errors import KeysMismatch  # type: ignore[attr-defined,unused-ignore]
+
+    await ledger.bind_keys("fingerprint-1")
+    await ledger.bind_keys("fingerprint-1")  # the same keys: fine, again
+    other = await place.open()
+    await other.bind_keys("fingerprint-1")
+    with pytest.raises(KeysMismatch):
+        await other.bind_keys("fingerprint-2")
+    with pytest.raises(KeysMismatch):
+        await ledger.bind_keys("fingerprint-2")
+
+
+async def test_apps_version_follows_another_instances_write_within_a_second(ledger, place):
+    app = await new_app(ledger)
+    c = await funded(ledger, app)
+    other = await place.open()
+    loop = asyncio.get_running_loop()
+    for change in ("revoke", "secret", "app"):
+        async def vouched() -> bool:
+            return ledger.apps_version() is not None
+        assert await eventually(vouched)
+        before = ledger.apps_version()
+        if change == "revoke":
+            await other.set_connection_state(c.connection_id, REVOKED, now=T + 1)
+        elif change == "secret":
+            await other.set_app_secret(app.app_id, "rotated")
+        else:
+            await new_app(other)
+        written = loop.time()
+
+        async def moved() -> bool:
+            return ledger.apps_version() != before
+        assert await eventually(moved, seconds=1.0), change
+        assert loop.time() - written <= 1.0, change
+        await asyncio.sleep(0)  # let the next turn of the loop settle the version
+    got = await ledger.get_connection(app.app_id, c.app_user_id)
+    assert got is not None and got.state == REVOKED
+    assert (await ledger.get_app(app.app_id)).secret_hash == "rotated"  # type: ignore[union-attr]

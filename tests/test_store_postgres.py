@@ -1,0 +1,400 @@
+"""What only the PostgreSQL store does: owner locks, leadership, NOTIFY, failing closed,
+racing processes, migrations. The ledger's common promises are in test_store_contract.py.
+
+Runs on a real server at ``WATTGATE_TEST_DATABASE_URL`` (a fresh database per
+module, dropped at the end); fails, never skips, when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from wattgate.errors import (BudgetExceeded, GrantInvalid, KeysMismatch, NotConnected,
+                             RateLimited, Unavailable)
+from wattgate.ratelimit import RateLimiter
+from wattgate.store.migrations import SchemaError
+from wattgate.store.postgres import PostgresStore
+from wattgate.store.records import ACTIVE, REVOKED, Usage
+
+SERVER = os.environ.get("WATTGATE_TEST_DATABASE_URL",
+                        "postgresql://postgres@127.0.0.1:5432/postgres")
+ROOT = Path(__file__).resolve().parent.parent
+PERIOD = "2026-03"
+NOW = 1772400000.0  # 2026-03-01T21:20:00Z
+
+
+def _url(name: str) -> str:
+    return SERVER.rsplit("/", 1)[0] + "/" + name
+
+
+async def _admin(sql: str) -> None:
+    con = await asyncpg.connect(SERVER)
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    name = "wg_pg_" + secrets.token_hex(6)
+    await _admin(f"CREATE DATABASE {name}")
+    try:
+        yield _url(name)
+    finally:
+        await _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def db_url() -> Iterator[str]:
+    name = "wg_pg_" + secrets.token_hex(6)
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    try:
+        yield _url(name)
+    finally:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def open_store(db_url: str) -> AsyncIterator:
+    stores: list[PostgresStore] = []
+
+    async def make(url: str | None = None) -> PostgresStore:
+        store = await PostgresStore.open(url or db_url, pool_size=4)
+        stores.append(store)
+        return store
+    yield make
+    for store in stores:
+        await store.close()
+
+
+async def _connected(store: PostgresStore, cap: int | None = 1_000) -> int:
+    app = "app-" + secrets.token_hex(4)
+    await store.create_app(app, "Demo", "hash", ["http://localhost:3000"], now=NOW)
+    connection = await store.save_connection(app, "alice", state=ACTIVE, cap_nanos=cap,
+                                             sealed_key="sealed", browser_hash="b", now=NOW)
+    return connection.connection_id
+
+
+def _usage(connection_id: int, app: str, gen: str, cost: int, *,
+           provisional: bool = False) -> Usage:
+    return Usage(gen, app, connection_id, None, "m", 1, 1, cost, provisional, "ok", 5, NOW)
+
+
+async def _until(predicate, what: str, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` (async) until true; fail naming ``what`` past ``within`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"{what} did not happen within {within} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_admission_holds_in_the_database_and_settle_counts_once(open_store) -> None:
+    a, b = await open_store(), await open_store()
+    cid = await _connected(a)
+    app = (await a.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    first = await a.admit(cid, PERIOD, 600, now=NOW, expires_at=NOW + 60)
+    # Another process sees the hold: the room left is 400, not 1000.
+    assert await b.held(cid, PERIOD) == 600
+    with pytest.raises(BudgetExceeded) as refused:
+        await b.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    assert refused.value.shortfall is not None and refused.value.shortfall.left == 400
+    await a.note_generation(first, "gen-1", app, "m")  # type: ignore[misc]
+    assert await a.settle(first, _usage(cid, app, "gen-1", 450), PERIOD) is True
+    assert await b.settle(first, _usage(cid, app, "gen-1", 450), PERIOD) is False
+    assert await b.period_spent(cid, PERIOD) == 450 and await b.open_holds() == 0
+    # A provisional figure, then the final one: the aggregate moves by the difference.
+    assert await a.settle(None, _usage(cid, app, "gen-2", 100, provisional=True), PERIOD)
+    assert await a.settle(None, _usage(cid, app, "gen-2", 130), PERIOD) is True
+    assert await b.period_spent(cid, PERIOD) == 580
+    assert await b.check(now=NOW, hold_ttl=600) == []
+    # A cap lowered below what was spent: the audit's cap check runs (any TTL, as a float).
+    await a.update_cap(cid, 100, expected_key="sealed", now=NOW + 1)
+    assert await b.check(now=NOW, hold_ttl=1e12) == []
+
+
+async def test_a_revoked_connection_admits_nothing(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store)
+    await store.set_connection_state(cid, REVOKED, now=NOW)
+    with pytest.raises(NotConnected):
+        await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+    await store.set_connection_state(cid, ACTIVE, now=NOW)  # revoked stays revoked
+    assert (await store.get_connection_by_id(cid)).state == REVOKED  # type: ignore[union-attr]
+
+
+async def test_grant_requests_exact_and_refunded_before_the_first_byte(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=10_000)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    await store.create_grant(app, "tok", 3, 1_000, sealed_key=None, connection_id=cid,
+                             now=NOW, expires_at=NOW + 3600, approved_by="b")
+    results = await asyncio.gather(
+        *(store.admit_grant("tok", app, PERIOD, 100, now=NOW, expires_at=NOW + 60)
+          for _ in range(6)), return_exceptions=True)
+    holds = [r[1] for r in results if isinstance(r, tuple)]
+    assert len(holds) == 3 and sum(isinstance(r, GrantInvalid) for r in results) == 3
+    await store.release(holds[0], refund_request=True)
+    grant = await store.get_grant("tok")
+    assert grant is not None and grant.used == 2 and grant.held_nanos == 200
+    assert await store.held(cid, PERIOD) == 200
+    assert await store.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_sweep_takes_only_the_holds_of_a_dead_process(open_store, db_url) -> None:
+    survivor = await open_store()
+    await survivor.sweep_holds()  # what earlier tests' closed stores left
+    doomed = await PostgresStore.open(db_url, pool_size=2)
+    cid = await _connected(survivor)
+    app = (await survivor.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    mine = await survivor.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60)
+    named = await doomed.admit(cid, PERIOD, 200, now=NOW, expires_at=NOW + 60)
+    await doomed.note_generation(named, "gen-dead", app, "m")  # type: ignore[misc]
+    await doomed.admit(cid, PERIOD, 300, now=NOW, expires_at=NOW + 60)  # never named
+    assert await survivor.sweep_holds() == 0  # both processes alive
+    doomed.close_now()  # as a kill: its sessions end, its owner lock with them
+
+    async def swept() -> bool:
+        return await survivor.sweep_holds() > 0
+    await _until(swept, "the dead process's holds being swept")
+    # The named call became a provisional row at its estimate; the unnamed one is gone;
+    # the survivor's own call in flight is untouched.
+    assert await survivor.held(cid, PERIOD) == 100
+    assert await survivor.period_spent(cid, PERIOD) == 200
+    assert [u.generation_id for u in await survivor.provisional_of_connection(cid)] == \
+        ["gen-dead"]
+    assert await survivor.settle(mine, _usage(cid, app, "gen-live", 90), PERIOD)
+    assert await survivor.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_sweep_by_age_takes_any_process_holds(open_store) -> None:
+    a, b = await open_store(), await open_store()
+    cid = await _connected(a)
+    await a.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60)
+    await a.admit(cid, PERIOD, 100, now=NOW + 500, expires_at=NOW + 560)
+    assert await b.sweep_holds(older_than=NOW + 100) == 1
+    assert await a.held(cid) == 100
+
+
+async def test_leadership_moves_when_the_leaders_connection_dies(open_store) -> None:
+    a, b = await open_store(), await open_store()
+    assert await a.lead("reconcile") is True
+    assert await a.lead("reconcile") is True
+    assert await b.lead("reconcile") is False
+    assert await b.lead("sweep") is True  # tasks are led independently
+    await _admin(f"SELECT pg_terminate_backend({a._life._con.get_server_pid()})")
+
+    async def b_leads() -> bool:
+        return await b.lead("reconcile")
+    await _until(b_leads, "another process taking the lead")
+    assert await a.lead("reconcile") is False  # a is back, but b leads now
+
+
+async def test_a_change_reaches_another_process_within_one_second(open_store) -> None:
+    writer, reader = await open_store(), await open_store()
+    cid = await _connected(writer)
+    before = reader.apps_version()
+    assert before is not None
+    await writer.update_cap(cid, 5, expected_key="sealed", now=NOW)
+
+    async def moved() -> bool:
+        return reader.apps_version() not in (before, None)
+    await _until(moved, "the cap change notification", within=1.0)
+
+
+async def test_no_freshness_vouched_while_the_listener_is_down(open_store) -> None:
+    store = await open_store()
+    before = store.apps_version()
+    await _admin(f"SELECT pg_terminate_backend({store._life._con.get_server_pid()})")
+
+    async def down() -> bool:
+        return store.apps_version() is None
+    await _until(down, "the listener's loss being noticed")
+
+    async def back() -> bool:
+        return store.apps_version() not in (None, before)
+    await _until(back, "the listener reconnecting")
+
+
+class _Gate:
+    """A loopback TCP relay to the real server that can be cut and restored."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.listen_port = 0
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.listen_port)
+        self.listen_port = self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+
+async def test_fails_closed_while_unreachable_and_recovers(open_store, db_url) -> None:
+    free = _url("x").split("@")[0] + "@127.0.0.1:1/postgres"
+    with pytest.raises(Unavailable):
+        await PostgresStore.open(free)
+    host, port = db_url.split("@")[1].split("/")[0].split(":")
+    gate = _Gate(host, int(port))
+    await gate.open()
+    via_gate = db_url.replace(f"{host}:{port}", f"127.0.0.1:{gate.listen_port}")
+    store = await open_store(via_gate)
+    cid = await _connected(store)
+    await gate.cut()
+    for _ in range(3):  # every operation refuses; nothing passes unmetered
+        with pytest.raises(Unavailable):
+            await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+    assert await store.ping() is False
+    assert store.apps_version() is None
+    await gate.open()  # the database is back on the same address
+
+    async def admits() -> bool:
+        try:
+            await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+        except Unavailable:
+            return False
+        return True
+    await _until(admits, "the pool reconnecting")
+    assert await store.ping() is True
+    await gate.cut()
+
+
+RACER = """
+import asyncio, json, sys
+from wattgate.errors import BudgetExceeded
+from wattgate.store.postgres import PostgresStore
+
+async def main(url, cid):
+    store = await PostgresStore.open(url, pool_size=4)
+    async def one():
+        try:
+            await store.admit(cid, "2026-03", 10, now=0.0, expires_at=60.0)
+            return 1
+        except BudgetExceeded:
+            return 0
+    won = sum(await asyncio.gather(*(one() for _ in range(40))))
+    await store.close()
+    print(json.dumps(won))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_admissions_racing_from_processes_never_pass_the_cap(open_store, db_url) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=250)  # room for exactly 25 calls of 10
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    racers = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RACER, db_url, str(cid), env=env,
+        stdout=subprocess.PIPE) for _ in range(3)]
+    won = [json.loads((await p.communicate())[0]) for p in racers]
+    assert all(p.returncode == 0 for p in racers)
+    assert sum(won) == 25 and await store.held(cid, PERIOD) == 250
+
+
+async def test_rate_limit_is_one_bucket_for_every_process(open_store) -> None:
+    """Two processes share one bucket that answers as the in-memory limiter does."""
+    a, b = await open_store(), await open_store()
+    reference = RateLimiter(2, name="chat")
+    key = "app:" + secrets.token_hex(4)
+    answers = []
+    for store, at, take in ((a, 0, True), (b, 0, True), (a, 0, False), (b, 10, True),
+                            (a, 29, True), (b, 30, True), (a, 31, True), (b, 95, True)):
+        try:
+            (reference.take if take else reference.check)(key, now=NOW + at)
+            expected = None
+        except RateLimited as e:
+            expected = e.retry_after
+        got = await store.rate_take("chat", key, 2, now=NOW + at, take=take)
+        assert got == expected, (at, take)
+        answers.append(got)
+    assert answers[:3] == [None, None, 30] and answers[-1] is None
+    assert await a.rate_take("chat", "app:other", 2, now=NOW) is None
+
+
+async def test_keys_fingerprint_binds_the_ledger(open_store) -> None:
+    a, b = await open_store(), await open_store()
+    fingerprint = "fp-" + secrets.token_hex(4)
+    with contextlib.suppress(KeysMismatch):  # the module's database may be bound already
+        await a.bind_keys(fingerprint)
+    await _admin_exec(a, "DELETE FROM meta")
+    await a.bind_keys(fingerprint)
+    await b.bind_keys(fingerprint)
+    with pytest.raises(KeysMismatch):
+        await b.bind_keys("other")
+
+
+async def _admin_exec(store: PostgresStore, sql: str) -> None:
+    async with store._con() as con:
+        await con.execute(sql)
+
+
+async def test_console_sessions_on_every_process(open_store) -> None:
+    a, b = await open_store(), await open_store()
+    await a.open_admin_session("s1", "csrf", expires_at=NOW + 60, now=NOW)
+    assert await b.find_admin_session("s1", now=NOW) == ("csrf", NOW + 60)
+    assert await b.find_admin_session("s1", now=NOW + 61) is None
+    await b.close_admin_session("s1")
+    assert await a.find_admin_session("s1", now=NOW) is None
+
+
+async def test_migrations_serialised_idempotent_and_newer_refused() -> None:
+    async with fresh_database() as url:
+        stores = await asyncio.gather(*(PostgresStore.open(url, pool_size=1) for _ in range(4)))
+        for store in stores:
+            await store.close()
+        again = await PostgresStore.open(url, pool_size=1)
+        await _admin_exec(again, "UPDATE wattgate_schema SET version = version + 1")
+        await again.close()
+        with pytest.raises(SchemaError):
+            await PostgresStore.open(url, pool_size=1)
+        con = await asyncpg.connect(url)
+        try:
+            assert await con.fetchval("SELECT COUNT(*) FROM wattgate_schema") == 1
+        finally:
+            await con.close()
+
+
+async def test_ids_are_never_reused(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store)
+    hold = await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+    await store.release(hold)
+    again = await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+    assert again.hold_id > hold.hold_id
