@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import asyncpg
@@ -61,6 +62,14 @@ SERVER_SETTINGS = {"statement_timeout": "5000", "lock_timeout": "2000",
 CONNECT_TIMEOUT = 5.0
 ACQUIRE_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
+# A write the database could not take (settle, release, a generation's name) is tried
+# again this often, doubling up to the second figure, until it lands: only this
+# process knows what its call cost.
+RETRY_FIRST, RETRY_MAX = 0.5, 5.0
+# How long a process's owner lock must stay free before a periodic sweep takes its
+# holds: a living process re-takes it within about a second of the server's return
+# (pg_lifeline's watchdog); a dead one never does.
+DEAD_OWNER_GRACE = 5.0
 
 # Every failure that means "the database cannot answer now".
 _DOWN: tuple[type[BaseException], ...] = (
@@ -100,6 +109,8 @@ class PostgresStore(PgReportsMixin):
         self.owner = lifeline.owner
         self._mine: set[int] = set()  # holds admitted here, not settled or released yet
         self._writes: set[asyncio.Task[Any]] = set()  # shielded writes still running
+        self._closing = False  # writes stop retrying: close() waits for them
+        self._dead_since: dict[int, float] = {}  # owner → when its lock was first seen free
 
     # ---- lifecycle ---------------------------------------------------------
     @classmethod
@@ -127,6 +138,7 @@ class PostgresStore(PgReportsMixin):
         return cls(pool, lifeline)
 
     async def close(self) -> None:
+        self._closing = True
         if self._writes:
             await asyncio.wait(list(self._writes))
         await self._life.close()
@@ -177,9 +189,45 @@ class PostgresStore(PgReportsMixin):
         finally:
             self._life.bump()  # this process need not wait for its own notification
 
-    def _shield(self, work: Awaitable[Any]) -> "asyncio.Future[Any]":
-        """Run ``work`` to its end whatever happens to the caller awaiting the result."""
-        task = asyncio.ensure_future(work)
+    def _shield(self, write: Callable[[], Awaitable[Any]]) -> "asyncio.Future[Any]":
+        """Run ``write()`` to its end whatever happens to the caller awaiting the result.
+
+        The caller learns how the first attempt went. One the database could not
+        take (``Unavailable``: down, restarting) is tried again in the background
+        until it lands, or until the store closes: each such write is idempotent
+        (settle on the generation id, release and a generation's name on the
+        hold), and this process alone knows what its call in flight cost.
+        """
+        first: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Retrieved here, so a first attempt nobody awaited is never reported at exit.
+        first.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def tell(result: Any = None, error: BaseException | None = None) -> None:
+            if not first.done():  # the caller may have been cancelled
+                if error is not None:
+                    first.set_exception(error)
+                else:
+                    first.set_result(result)
+
+        async def attempts() -> None:
+            delay = RETRY_FIRST
+            while True:
+                try:
+                    result = await write()
+                except Unavailable as e:
+                    tell(error=e)
+                    if self._closing:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                except BaseException as e:
+                    tell(error=e)
+                    raise
+                tell(result)
+                return
+
+        task = asyncio.ensure_future(attempts())
         self._writes.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:
@@ -187,7 +235,7 @@ class PostgresStore(PgReportsMixin):
             if not t.cancelled() and t.exception() is not None:
                 log.error("ledger write failed: %r", t.exception())
         task.add_done_callback(done)
-        return asyncio.shield(task)
+        return first
 
     async def ping(self) -> bool:
         try:
@@ -409,7 +457,7 @@ class PostgresStore(PgReportsMixin):
                 await con.execute("UPDATE holds SET generation_id = $1, app_id = $2, model = $3 "
                                   "WHERE hold_id = $4", generation_id, app_id, model[:200],
                                   hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
         async def write() -> bool:
@@ -440,7 +488,7 @@ class PostgresStore(PgReportsMixin):
             finally:
                 if hold is not None:
                     self._mine.discard(hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
         async def write() -> None:
@@ -451,11 +499,12 @@ class PostgresStore(PgReportsMixin):
                         await _refund_request(con, hold.grant_id)
             finally:
                 self._mine.discard(hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
-        """Holds created before ``older_than`` (any process's), or with None the holds of
-        every process that is gone (its owner lock free). A named hold becomes a
+        """Holds created before ``older_than`` (any process's) and those of a process
+        whose owner lock stayed free for ``DEAD_OWNER_GRACE``, or with None the holds
+        of every process that is gone (its owner lock free). A named hold becomes a
         provisional row at its estimate; an unnamed one is released, its request
         refunded. Each hold in its own transaction, under its owner's lock when
         the owner is judged dead, so a process coming back keeps its holds."""
@@ -463,14 +512,24 @@ class PostgresStore(PgReportsMixin):
             rows = await self._all("SELECT hold_id, owner FROM holds WHERE owner <> $1 "
                                    "ORDER BY hold_id", self.owner)
         else:
-            rows = await self._all("SELECT hold_id, NULL::bigint FROM holds "
-                                   "WHERE created_at < $1 ORDER BY hold_id", older_than)
+            # Expired holds, whoever owns them; and those of processes gone for
+            # DEAD_OWNER_GRACE (a periodic pass: a process restarting the moment the
+            # server returns keeps its own).
+            rows = await self._all(
+                "SELECT hold_id, CASE WHEN created_at < $1 THEN NULL ELSE owner END "
+                "FROM holds WHERE created_at < $1 OR owner <> $2 ORDER BY hold_id",
+                older_than, self.owner)
         swept = 0
         for hold_id, owner in rows:
             async with self._tx() as con:
-                if owner is not None and not await con.fetchval(
-                        "SELECT pg_try_advisory_xact_lock($1)", owner):
-                    continue  # its process is alive
+                if owner is not None:
+                    if not await con.fetchval("SELECT pg_try_advisory_xact_lock($1)", owner):
+                        self._dead_since.pop(owner, None)
+                        continue  # its process is alive
+                    if older_than is not None:
+                        since = self._dead_since.setdefault(owner, time.monotonic())
+                        if time.monotonic() - since < DEAD_OWNER_GRACE:
+                            continue
                 r = await con.fetchrow(
                     "DELETE FROM holds WHERE hold_id = $1 RETURNING connection_id, grant_id, "
                     "period, amount_nanos, generation_id, app_id, model, created_at", hold_id)
