@@ -434,18 +434,45 @@ class PostgresStore(PgReportsMixin):
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
-        async with self._tx() as con:
-            row = await con.fetchrow(_LOCK_CONNECTION, connection_id)
-            if row is None:
-                raise NotConnected()
-            budget.check_connection(row["state"], row["sealed_key"])
-            if row["cap_nanos"] is not None:
-                spent, held = await con.fetchrow(_SPENT_AND_HELD, connection_id, period)
-                budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
-            hold_id = await con.fetchval(_INSERT_HOLD, self.owner, connection_id, None,
-                                         row["app_id"], period, amount_nanos, now, expires_at)
+        inserting = False
+        try:
+            async with self._tx() as con:
+                row = await con.fetchrow(_LOCK_CONNECTION, connection_id)
+                if row is None:
+                    raise NotConnected()
+                budget.check_connection(row["state"], row["sealed_key"])
+                if row["cap_nanos"] is not None:
+                    spent, held = await con.fetchrow(_SPENT_AND_HELD, connection_id, period)
+                    budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
+                inserting = True
+                hold_id = await con.fetchval(_INSERT_HOLD, self.owner, connection_id, None,
+                                             row["app_id"], period, amount_nanos, now,
+                                             expires_at)
+        except Unavailable:
+            if inserting:
+                self._undo_lost_admission(now, amount_nanos)
+            raise
         self._mine.add(hold_id)
         return Hold(hold_id, connection_id, None, period, amount_nanos)
+
+    def _undo_lost_admission(self, created_at: float, amount_nanos: int) -> None:
+        """An admission cut off around its commit (the server went away) may have left
+        a hold that no call will settle: the caller was told 503. Once the server
+        answers again, drop any such hold of this process (identified by its
+        admission's moment and amount, never one this process still tracks) and
+        give a grant's request back."""
+        async def write() -> None:
+            async with self._tx() as con:
+                rows = await con.fetch(
+                    "SELECT hold_id, grant_id FROM holds WHERE owner = $1 AND created_at = $2 "
+                    "AND amount_nanos = $3 AND generation_id IS NULL",
+                    self.owner, created_at, amount_nanos)
+                for hold_id, grant_id in rows:
+                    if hold_id in self._mine:
+                        continue
+                    if await _drop_hold(con, hold_id) and grant_id is not None:
+                        await _refund_request(con, grant_id)
+        self._shield(write)
 
     def note_generation(self, hold: Hold, generation_id: str, app_id: str,
                         model: str) -> Awaitable[None] | None:
@@ -606,6 +633,18 @@ class PostgresStore(PgReportsMixin):
 
     async def admit_grant(self, token_hash: str, app_id: str, period: str, amount_nanos: int,
                           *, now: float, expires_at: float) -> tuple[Grant, Hold]:
+        writing: list[bool] = []  # the grant's request and hold were sent
+        try:
+            return await self._admit_grant(token_hash, app_id, period, amount_nanos, now=now,
+                                           expires_at=expires_at, writing=writing)
+        except Unavailable:
+            if writing:
+                self._undo_lost_admission(now, amount_nanos)
+            raise
+
+    async def _admit_grant(self, token_hash: str, app_id: str, period: str,
+                           amount_nanos: int, *, now: float, expires_at: float,
+                           writing: list[bool]) -> tuple[Grant, Hold]:
         async with self._tx() as con:
             # A grant's funding connection never changes: read it unlocked, then lock
             # connection before grant (the one order every admission uses).
@@ -633,6 +672,7 @@ class PostgresStore(PgReportsMixin):
                     spent, held = await con.fetchrow(_SPENT_AND_HELD, grant.connection_id,
                                                      period)
                     budget.check_cap(conn["cap_nanos"], spent, held, amount_nanos)
+            writing.append(True)
             await con.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + $1 "
                               "WHERE grant_id = $2", amount_nanos, grant.grant_id)
             hold_id = await con.fetchval(_INSERT_HOLD, self.owner, grant.connection_id,
