@@ -23,6 +23,7 @@ import pytest
 from wattgate.errors import (BudgetExceeded, GrantInvalid, KeysMismatch, NotConnected,
                              RateLimited, Unavailable)
 from wattgate.ratelimit import RateLimiter
+from wattgate.store import postgres as postgres_store
 from wattgate.store.migrations import SchemaError
 from wattgate.store.postgres import PostgresStore
 from wattgate.store.records import ACTIVE, REVOKED, Usage
@@ -294,6 +295,56 @@ async def test_fails_closed_while_unreachable_and_recovers(open_store, db_url) -
     assert await store.ping() is True
     await gate.cut()
 
+
+
+async def test_a_settle_the_database_could_not_take_lands_once_it_is_back(open_store,
+                                                                         db_url) -> None:
+    host, port = db_url.split("@")[1].split("/")[0].split(":")
+    gate = _Gate(host, int(port))
+    await gate.open()
+    store = await open_store(db_url.replace(f"{host}:{port}", f"127.0.0.1:{gate.listen_port}"))
+    direct = await open_store()
+    cid = await _connected(direct)
+    app = (await direct.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    hold = await store.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    await store.note_generation(hold, "gen-retried", app, "m")  # type: ignore[misc]
+    await gate.cut()  # the answer came, the ledger is gone: the call's cost is known here only
+    with pytest.raises(Unavailable):
+        await store.settle(hold, _usage(cid, app, "gen-retried", 420), PERIOD)
+    assert await direct.held(cid, PERIOD) == 500
+    await gate.open()
+
+    async def landed() -> bool:
+        return (await direct.period_spent(cid, PERIOD), await direct.held(cid, PERIOD)) \
+            == (420, 0)
+    await _until(landed, "the settle landing once the database answers again")
+    assert await direct.check(now=NOW, hold_ttl=600) == []
+    await gate.cut()
+
+
+async def test_the_periodic_sweep_takes_a_dead_process_holds_once_its_lock_stays_free(
+        open_store, db_url, monkeypatch) -> None:
+    monkeypatch.setattr(postgres_store, "DEAD_OWNER_GRACE", 0.3)
+    survivor, living = await open_store(), await open_store()
+    await survivor.sweep_holds()  # what earlier tests' closed stores left
+    doomed = await PostgresStore.open(db_url, pool_size=2)
+    cid = await _connected(survivor)
+    app = (await survivor.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    await living.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60)
+    named = await doomed.admit(cid, PERIOD, 200, now=NOW, expires_at=NOW + 60)
+    await doomed.note_generation(named, "gen-gone", app, "m")  # type: ignore[misc]
+    doomed.close_now()  # as a kill
+    none_expired = NOW - 3600
+    # A lock seen free for the first time may be a living process reconnecting: kept.
+    assert await survivor.sweep_holds(older_than=none_expired) == 0
+
+    async def swept() -> bool:
+        return await survivor.sweep_holds(older_than=none_expired) > 0
+    await _until(swept, "the dead process's holds being swept by a periodic pass")
+    assert await survivor.held(cid, PERIOD) == 100  # the living process's call in flight
+    assert [u.generation_id for u in await survivor.provisional_of_connection(cid)] == \
+        ["gen-gone"]
+    assert await survivor.check(now=NOW, hold_ttl=600) == []
 
 RACER = """
 import asyncio, json, sys
