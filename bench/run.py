@@ -7,7 +7,13 @@
 It starts on loopback a fake OpenRouter (``python -m wattgate.fakeupstream``),
 the bare pass-through proxy (``bench/bare_proxy.py``) and wattgate
 (``bench/wattgate_server.py``: ``create_app`` on a temporary database, one
-app, one connected user whose cap never trips). Each is its own process, and
+app, one connected user whose cap never trips) on each ledger: SQLite
+(``wattgate``), PostgreSQL (``wattgate-pg``) and PostgreSQL served by
+``wattgate serve --workers 2`` (``wattgate-pg×2``). PostgreSQL is
+``WATTGATE_BENCH_DATABASE_URL`` when set (a server the run may create databases
+on), else a throwaway cluster from the installed server binaries with the
+server's defaults but ``synchronous_commit=off`` (like SQLite's
+``synchronous=NORMAL``: no fsync per commit). ``--no-postgres`` leaves it out. Each is its own process, and
 so is every load generator: ``wrk`` for throughput and latency, the clients
 in ``bench/clients.py`` for first byte, large answers and bursts.
 
@@ -34,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +96,8 @@ class Server:
     chat_path: str = "/api/v1/chat/completions"
     auth: str = f"Bearer {FUNDING_KEY}"
     user: str = ""
-    db: Path | None = None
+    db: Path | None = None        # the SQLite ledger, when it is one
+    db_pid: int | None = None     # the PostgreSQL server's main process, when known
 
     @property
     def base(self) -> str:
@@ -169,11 +177,60 @@ def post_json(url: str, data: dict[str, Any], auth: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
+class Postgres:
+    """The PostgreSQL server the PostgreSQL gates use, and a fresh database per gate."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import pg  # tests/pg.py: the throwaway cluster the tests use
+
+        self.cluster = None
+        url = os.environ.get("WATTGATE_BENCH_DATABASE_URL", "").strip()
+        if not url:
+            bindir = pg.server_binaries()
+            if bindir is None:
+                raise RuntimeError("no PostgreSQL server binaries (apt-get install postgresql) "
+                                   "and no WATTGATE_BENCH_DATABASE_URL; or run --no-postgres")
+            self.cluster = pg.Cluster(bindir, settings="-c synchronous_commit=off "
+                                                       "-c max_connections=200")
+            self.cluster.start()
+            url = self.cluster.url
+        self.url = url
+        self.pid = self.cluster.postmaster_pid() if self.cluster else None
+        self._n = 0
+
+    def new_database(self) -> str:
+        import asyncio
+
+        import asyncpg
+
+        self._n += 1
+        name = f"wgbench_{os.getpid()}_{self._n}"
+
+        async def create() -> None:
+            con = await asyncpg.connect(self.url)
+            try:
+                await con.execute(f"DROP DATABASE IF EXISTS {name}")
+                await con.execute(f"CREATE DATABASE {name}")
+            finally:
+                await con.close()
+        asyncio.run(create())
+        parts = urllib.parse.urlsplit(self.url)
+        return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
 def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server,
-                   variant: str = "") -> Server:
+                   variant: str = "", *, database_url: str = "", workers: int = 1,
+                   db_pid: int | None = None) -> Server:
     """A wattgate on a fresh database with one app and one connected user.
 
-    ``variant`` names a prototype of ``bench/variants.py`` to apply first.
+    ``variant`` names a prototype of ``bench/variants.py`` to apply first;
+    ``database_url`` serves a PostgreSQL ledger instead of SQLite, by ``workers``
+    processes (``wattgate serve --workers``) when more than one.
     """
     db = fleet.tmp / f"{name}.db"
     env = {
@@ -185,15 +242,19 @@ def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server,
         # The per-user rate limit would refuse a load test after 30 calls; it
         # still runs on every call, with a bucket that never empties.
         "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000000",
+        "WATTGATE_DATABASE__URL": database_url,
     }
-    env.pop("WATTGATE_CONFIG", None)
     created = subprocess.run([PY, "-m", "wattgate", "apps", "create", "--name", "bench",
                               "--origin", "http://localhost:3000", "--json"],
                              cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                              text=True, check=True)
     secret = json.loads(created.stdout.strip().splitlines()[-1])["secretKey"]
-    server = fleet.start(name, port, [PY, str(BENCH / "wattgate_server.py")], env=env,
-                         ready_path="/healthz", auth=f"Bearer {secret}", user=USER, db=db)
+    argv = [PY, str(BENCH / "wattgate_server.py")]
+    if workers > 1:
+        argv = [PY, "-m", "wattgate", "serve", "--workers", str(workers)]
+    server = fleet.start(name, port, argv, env=env, ready_path="/healthz",
+                         auth=f"Bearer {secret}", user=USER,
+                         db=None if database_url else db, db_pid=db_pid)
     token = post_json(server.base + "/api/v1/sessions", {"appUserId": USER},
                       server.auth)["token"]
     post_json(server.base + "/api/v1/connections",
@@ -227,15 +288,35 @@ def headers_of(server: Server) -> dict[str, str]:
 
 # ---- measurements ----------------------------------------------------------------
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervisor's workers, a database's backends)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its descendants (all threads), in seconds."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(server: Server, *, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
     cpu0 = cpu_seconds(server.pid)
+    db0 = cpu_seconds(server.db_pid) if server.db_pid else 0.0
     env = {**os.environ, "BENCH_BODY": body(stream), "BENCH_AUTH": server.auth,
            "BENCH_USER": server.user}
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
@@ -249,6 +330,8 @@ def wrk(server: Server, *, conns: int, seconds: float, stream: bool) -> dict[str
     # CPU the server process spent per answered call: steadier than req/s on a
     # shared machine, since time the scheduler gives to others is not counted.
     r["cpu_us"] = (cpu_seconds(server.pid) - cpu0) * 1e6 / max(1, r["requests"])
+    if server.db_pid:  # the database server's share of each call
+        r["db_cpu_us"] = (cpu_seconds(server.db_pid) - db0) * 1e6 / max(1, r["requests"])
     r["errors"] = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors",
                                      "status_errors", "timeouts"))
     return r
@@ -341,6 +424,7 @@ class Plan:
     profile_seconds: float = 0
     steps_n: int = 1500         # calls per bench/steps.py run
     variant: str = ""           # a prototype of bench/variants.py, measured beside stock
+    postgres: bool = True       # also wattgate on PostgreSQL, one worker and two
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -396,8 +480,9 @@ def rotate(items: list[Server], k: int) -> list[Server]:
     return items[k:] + items[:k] if k % 2 == 0 else (items[k:] + items[:k])[::-1]
 
 
-def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) -> None:
-    ports = pick_ports(BASE_PORT + 1, 12)
+def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None,
+            pg: "Postgres | None") -> None:
+    ports = pick_ports(BASE_PORT + 1, 16)
     say(f"starting fake upstream, bare proxy and wattgate on 127.0.0.1:{ports[:3]}")
     fake = start_fake(fleet, "upstream", ports[0])
     direct = Server("direct", fake.port, fake.proc)
@@ -414,6 +499,12 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
         except RuntimeError as e:
             res.notes.append(f"prototype {v} not measured: {str(e).strip().splitlines()[-1]}")
             say(f"prototype {v} skipped")
+    if pg is not None:
+        say(f"wattgate on PostgreSQL, 1 and 2 workers, on 127.0.0.1:{ports[12:14]}")
+        gates.append(start_wattgate(fleet, "wattgate-pg", ports[12], fake,
+                                    database_url=pg.new_database(), db_pid=pg.pid))
+        gates.append(start_wattgate(fleet, "wattgate-pg×2", ports[13], fake,
+                                    database_url=pg.new_database(), workers=2, db_pid=pg.pid))
     for g in list(gates):
         why = proxy_ready(g)
         if why:
@@ -480,7 +571,7 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None) ->
     big = start_fake(fleet, "upstream-big", ports[6], "--pieces", str(max(plan.rss_sizes)),
                      "--piece-bytes", str(BIG_PIECE))
     big_targets = [start_bare(fleet, "bare", ports[7], big)]
-    for i, g in enumerate(gates):
+    for i, g in enumerate(g for g in gates if g.db is not None):  # the SQLite ones
         big_targets.append(start_wattgate(fleet, g.name, ports[8 + i], big,
                                           g.name.partition("+")[2]))
     for s in big_targets:
@@ -558,10 +649,25 @@ def report(res: Results, plan: Plan) -> str:
             ratio["wattgate"] >= 0.75 if "wattgate" in ratio else None)
     for mode, runs in res.throughput.items():
         v = {n: best_cpu(rs) for n, rs in runs.items()}
-        add(f"CPU per call, {mode}, 32 conns (µs, server process)",
+        add(f"CPU per call, {mode}, 32 conns (µs, server processes)",
             {n: f"{x:,.0f}" for n, x in v.items()},
             {g: f"{v['bare'] / v[g]:.2f}× (bare/this)" for g in gates if g in v},
             "(info)", None)
+    for mode, runs in res.throughput.items():
+        v = {n: best_cpu(rs) for n, rs in runs.items()}
+        if "wattgate" in v and "wattgate-pg" in v:
+            ratio = v["wattgate-pg"] / v["wattgate"]
+            add(f"CPU per metered call, {mode}: PostgreSQL ÷ SQLite (gateway process)",
+                {"wattgate": f"{v['wattgate']:,.0f} µs",
+                 "wattgate-pg": f"{v['wattgate-pg']:,.0f} µs"},
+                {"wattgate-pg": f"{ratio:.2f}×"}, "≤ 1.3×", ratio <= 1.3)
+        db = {n: min(r["db_cpu_us"] for r in rs) for n, rs in runs.items()
+              if all("db_cpu_us" in r for r in rs)}
+        if db:
+            add(f"database server's CPU per call, {mode} (µs, PostgreSQL backends)",
+                {n: f"{x:,.0f}" for n, x in db.items()},
+                {n: f"{(v[n] + x) / v['wattgate']:.2f}× SQLite's, with the server's"
+                 for n, x in db.items() if "wattgate" in v}, "(info)", None)
     for mode, runs in res.latency.items():
         for pct, limit in (("p50", 0.5), ("p99", 2.0)):
             v = {n: best_pct(rs, f"lat_{pct}_us") for n, rs in runs.items()}
@@ -592,13 +698,14 @@ def report(res: Results, plan: Plan) -> str:
             {n: f"{r['seconds']:.3f}" for n, r in b.items()},
             {g: f"{b['bare']['seconds'] / b[g]['seconds']:.2f}× bare's rate"
              for g in gates if g in b}, "(info)", None)
-        add("ledger transactions committed in that burst",
-            {g: f"{b[g]['commits']} for {b[g]['debits']} debits" for g in gates if g in b},
+        counted = [g for g in gates if "commits" in b.get(g, {})]  # SQLite's counter
+        add("ledger transactions committed in that burst (SQLite)",
+            {g: f"{b[g]['commits']} for {b[g]['debits']} debits" for g in counted},
             {g: f"{b[g]['debits'] / max(1, b[g]['commits']):.1f} debits/commit"
-             for g in gates if g in b}, "(info)", None)
-        add("ledger commits/s · debits/s in that burst",
+             for g in counted}, "(info)", None)
+        add("ledger commits/s · debits/s in that burst (SQLite)",
             {g: f"{b[g]['commits'] / b[g]['seconds']:,.0f} · "
-                f"{b[g]['debits'] / b[g]['seconds']:,.0f}" for g in gates if g in b},
+                f"{b[g]['debits'] / b[g]['seconds']:,.0f}" for g in counted},
             {}, "(info)", None)
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -621,6 +728,7 @@ def report(res: Results, plan: Plan) -> str:
                 cells = ", ".join(
                     f"{r['rps']:,.0f} req/s p50 {r['lat_p50_us'] / 1000:.2f} ms "
                     f"p99 {r['lat_p99_us'] / 1000:.2f} ms {r['cpu_us']:.0f} µs CPU/call"
+                    + (f" + {r['db_cpu_us']:.0f} µs database" if "db_cpu_us" in r else "")
                     + (f" ({r['errors']} errors)" if r["errors"] else "") for r in rs)
                 raw.append(f"- {kind}, {mode}, {name}: {cells}")
                 if any(r["errors"] for r in rs):
@@ -668,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="",
                         help="also measure wattgate with prototypes of bench/variants.py "
                         "(comma-separated names, at most 3)")
+    parser.add_argument("--no-postgres", action="store_true",
+                        help="leave out the PostgreSQL ledger (wattgate-pg, wattgate-pg×2)")
     parser.add_argument("--out", default=str(BENCH / "results.md"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -682,14 +792,23 @@ def main(argv: list[str] | None = None) -> int:
     plan.variant = args.variant
     if args.profile:
         plan.profile_seconds = 2 if args.quick else 8
+    plan.postgres = not args.no_postgres
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
     fleet = Fleet(tmp)
     res = Results(machine=machine())
     t0 = time.monotonic()
+    pg = None
     try:
-        measure(plan, fleet, res, tmp / "profiles" if args.profile else None)
+        if plan.postgres:
+            say("starting PostgreSQL")
+            pg = Postgres()
+            res.machine["PostgreSQL"] = ("WATTGATE_BENCH_DATABASE_URL" if pg.cluster is None
+                                         else "throwaway cluster, synchronous_commit=off")
+        measure(plan, fleet, res, tmp / "profiles" if args.profile else None, pg)
     finally:
         fleet.stop_all()
+        if pg is not None:
+            pg.close()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     res.machine["run took"] = f"{time.monotonic() - t0:.0f} s"

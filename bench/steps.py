@@ -107,7 +107,7 @@ async def measure(n: int) -> dict[str, Any]:
         payer = admission.identify("u1", None)
         connection = await admission.precheck(gw, app.app_id, payer)
         t = lap("identify payer + pre-check connection", t)
-        gw.rl_chat.take(f"{app.app_id}:{payer.rate_key}", now=time.time())
+        await gw.limit("RL_CHAT", f"{app.app_id}:{payer.rate_key}")
         t = lap("rate limit", t)
         req = read_request(REQUEST, default_max_tokens=4096)
         t = lap("parse body, check its fields", t)
@@ -138,7 +138,7 @@ async def measure(n: int) -> dict[str, Any]:
         t = lap("streamed only: read usage (11 events)", t)
         parse_json_body((ANSWER % (gen, MODEL, USAGE)).encode(), "gen-" + gen)
         t = lap("(read usage of a JSON answer, stream_whole_answers = false)", t)
-        row = usage_row(outcome, bill(outcome, planned.price, estimate), app_id=app.app_id,
+        row = usage_row(outcome, bill(outcome, estimate), app_id=app.app_id,
                         connection_id=admitted.connection_id, grant_id=None, model=model,
                         status="ok", started=now, now=time.time(),
                         admitted_at=admitted.admitted_at)

@@ -65,8 +65,13 @@ def server_binaries() -> Path | None:
 class Cluster:
     """A throwaway PostgreSQL cluster, owned by this test session."""
 
-    def __init__(self, bindir: Path) -> None:
+    # Tests want speed, not durability: no fsync at all.
+    TEST_SETTINGS = ("-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                     "-c max_connections=400")
+
+    def __init__(self, bindir: Path, settings: str = TEST_SETTINGS) -> None:
         self.bindir = bindir
+        self.settings = settings
         self.root = Path(tempfile.mkdtemp(prefix="wattgate-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -93,10 +98,13 @@ class Cluster:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
                   "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C")
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=400")
+                   + self.settings)
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
                   "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+
+    def postmaster_pid(self) -> int:
+        """The server's main process (its backends are its children)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
         if self.data.exists():

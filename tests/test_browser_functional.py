@@ -106,7 +106,7 @@ async def test_connect_chat_and_revoke_from_dashboard(demo: Demo, context: Brows
         " return r && r.textContent.length > 0 && !r.dataset.done; }")
     reply = page.locator(".msg.assistant").last
     await expect(reply).to_have_attribute("data-done", "1")
-    assert (await reply.text_content() or "").startswith("Metering is the quiet part")
+    assert (await reply.text_content() or "").startswith("You wrote 4 words: “What does metering mean?”.")
     # ... and the budget bar moves by what the call cost.
     await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")
     assert 0 < await bar_width(page) < 100
@@ -185,7 +185,7 @@ async def test_one_request_grant_is_used_up(demo: Demo, context: BrowserContext)
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
 
-    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    await expect(page.locator("#convert-result")).to_contain_text("“Rewrite this as a headline:")
     await expect(page.locator("#convert-notice")).to_have_text("Done. 0 requests left on this grant.")
     await page.click("#convert-again")
     await expect(page.locator("#convert-notice")).to_contain_text("Grant used up")
@@ -336,7 +336,7 @@ async def test_oauth_key_for_a_grant_is_limited_to_the_grants_dollar_cap(
         "OpenRouter itself also stops this key at $0.50 in total")
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
-    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    await expect(page.locator("#convert-result")).to_contain_text("“Rewrite this as a headline:")
     [made] = demo.fake.keys.values()
     assert (made.limit, made.usage_limit_type, made.label) == (Decimal("0.5"), None, "Demo Notes")
 
@@ -391,7 +391,7 @@ async def test_grant_paid_from_the_existing_connection_needs_no_key(
     await expect(popup.locator("#key")).to_be_hidden()
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
-    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    await expect(page.locator("#convert-result")).to_contain_text("“Rewrite this as a headline:")
     # The grant's call counts toward the connection's monthly spend.
     await page.evaluate("window.dispatchEvent(new Event('focus'))")
     await expect(page.locator("#spent")).not_to_have_text("$0.00 spent")

@@ -145,7 +145,7 @@ async def test_a_click_placed_by_the_opener_approves_no_grant(
     await expect(popup.locator("#approve")).to_be_disabled()  # re-armed by the choice
     async with popup.expect_event("close"):
         await click_closing(popup, "#approve")
-    await expect(page.locator("#convert-result")).to_contain_text("Metering is the quiet part")
+    await expect(page.locator("#convert-result")).to_contain_text("“Rewrite this as a headline:")
     assert len(posted) == 1
 
 

@@ -31,6 +31,7 @@ import pytest
 from fleet import App, Fleet, LedgerRow, Serve, differences, funding_key, restartable_cluster
 from wattgate import faults
 from wattgate.money import usd_to_nanos
+from wattgate.store.pg_lifeline import OWNER_GRACE
 
 pytestmark = pytest.mark.slow
 
@@ -238,9 +239,10 @@ async def test_kill_9_of_one_process_mid_load_others_serve_and_nothing_is_lost_o
     for p in survivors:
         assert seen[p.name]["connection_error"] == 0, (p.name, seen[p.name])
         assert seen[p.name]["200"] > served_at_kill[p.name], (p.name, seen[p.name])
-    # The dead process's holds are given back by the fleet itself (its session is gone).
+    # The dead process's holds are given back by the fleet itself: its session is gone,
+    # and after OWNER_GRACE unseen the leader's next pass sweeps them.
     every_user = [u for us in users.values() for u in us]
-    held = await fleet.wait_unheld(app, every_user, timeout=15)
+    held = await fleet.wait_unheld(app, every_user, timeout=OWNER_GRACE + 15)
     assert held == [], f"budget still held for {held}: the dead process's holds stay"
     await fleet.reconcile()
     ledger = await fleet.ledger(app)

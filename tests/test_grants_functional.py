@@ -175,7 +175,7 @@ async def test_redemption_through_openai_client(harness, stream):
             reply = await oa.chat.completions.create(
                 model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
             text = reply.choices[0].message.content
-        assert text.startswith("Metering is")
+        assert text.startswith("You wrote 1 word: “hi”.")
         with pytest.raises(openai.APIStatusError) as err:
             await oa.chat.completions.create(
                 model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "again"}])

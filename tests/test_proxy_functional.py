@@ -13,6 +13,7 @@ import pytest
 
 from conftest import FUNDING_KEY
 from wattgate.money import usd_to_nanos
+from wattgate.fakemodel import reply_words
 
 
 def client(h, app, user: str, **kw) -> openai.AsyncOpenAI:
@@ -33,7 +34,10 @@ async def test_non_streaming_call_is_metered_exactly(harness):
     async with client(harness, app, "alice") as oa:
         reply = await oa.chat.completions.create(
             model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}])
-    assert reply.choices[0].message.content.startswith("Metering is")
+    # The fake model answers the prompt, and bills one token per word it sent.
+    assert reply.choices[0].message.content == "".join(reply_words("Say hi"))
+    assert reply.choices[0].message.content.startswith("You wrote 2 words: “Say hi”.")
+    assert reply.usage.completion_tokens == len(reply.choices[0].message.content.split())
     charged = harness.fake.charged
     assert charged > 0
     status = await harness.status(app, "alice")
@@ -49,7 +53,7 @@ async def test_streaming_call_is_metered_exactly(harness):
             model="anthropic/claude-sonnet-4", stream=True,
             messages=[{"role": "user", "content": "Tell me about metering"}])
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-    assert "Metering is the quiet part" in text
+    assert text == "".join(reply_words("Tell me about metering"))  # the whole answer
     total = await ledger_total(harness)
     assert total == usd_to_nanos(harness.fake.charged) > 0
     status = await harness.status(app, "bob")

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from conftest import FUNDING_KEY
 
+from wattgate.fakemodel import reply_words
 from wattgate.sdk import (
     Wattfare,
     WattfareAuthError,
@@ -84,7 +85,8 @@ async def test_async_client_plain_and_streaming_are_billed_to_the_user(gw):
     async with gw.wf.user("user_123").openai() as client:
         reply = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
         text = reply.choices[0].message.content
-        assert text.startswith("Metering is the quiet part") and reply.usage.total_tokens > 0
+        assert text == "".join(reply_words("Say hello."))
+        assert reply.usage.completion_tokens == len(text.split()) and reply.usage.prompt_tokens > 0
         stream = await client.chat.completions.create(model="openai/gpt-4o-mini",
                                                       messages=HELLO, stream=True)
         pieces = [chunk.choices[0].delta.content async for chunk in stream

@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from pathlib import Path
 
 import asyncpg
@@ -23,7 +24,6 @@ import pytest
 from wattgate.errors import (BudgetExceeded, GrantInvalid, KeysMismatch, NotConnected,
                              RateLimited, Unavailable)
 from wattgate.ratelimit import RateLimiter
-from wattgate.store import postgres as postgres_store
 from wattgate.store.migrations import SchemaError
 from wattgate.store.postgres import PostgresStore
 from wattgate.store.records import ACTIVE, REVOKED, Usage
@@ -167,6 +167,8 @@ async def test_sweep_takes_only_the_holds_of_a_dead_process(open_store, db_url) 
     await doomed.admit(cid, PERIOD, 300, now=NOW, expires_at=NOW + 60)  # never named
     assert await survivor.sweep_holds() == 0  # both processes alive
     doomed.close_now()  # as a kill: its sessions end, its owner lock with them
+    assert await survivor.sweep_holds() == 0  # within the grace: maybe only reconnecting
+    survivor.owner_grace = 0.0  # the grace (15 s) has passed
 
     async def swept() -> bool:
         return await survivor.sweep_holds() > 0
@@ -322,30 +324,6 @@ async def test_a_settle_the_database_could_not_take_lands_once_it_is_back(open_s
     await gate.cut()
 
 
-async def test_the_periodic_sweep_takes_a_dead_process_holds_once_its_lock_stays_free(
-        open_store, db_url, monkeypatch) -> None:
-    monkeypatch.setattr(postgres_store, "DEAD_OWNER_GRACE", 0.3)
-    survivor, living = await open_store(), await open_store()
-    await survivor.sweep_holds()  # what earlier tests' closed stores left
-    doomed = await PostgresStore.open(db_url, pool_size=2)
-    cid = await _connected(survivor)
-    app = (await survivor.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
-    await living.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60)
-    named = await doomed.admit(cid, PERIOD, 200, now=NOW, expires_at=NOW + 60)
-    await doomed.note_generation(named, "gen-gone", app, "m")  # type: ignore[misc]
-    doomed.close_now()  # as a kill
-    none_expired = NOW - 3600
-    # A lock seen free for the first time may be a living process reconnecting: kept.
-    assert await survivor.sweep_holds(older_than=none_expired) == 0
-
-    async def swept() -> bool:
-        return await survivor.sweep_holds(older_than=none_expired) > 0
-    await _until(swept, "the dead process's holds being swept by a periodic pass")
-    assert await survivor.held(cid, PERIOD) == 100  # the living process's call in flight
-    assert [u.generation_id for u in await survivor.provisional_of_connection(cid)] == \
-        ["gen-gone"]
-    assert await survivor.check(now=NOW, hold_ttl=600) == []
-
 RACER = """
 import asyncio, json, sys
 from wattgate.errors import BudgetExceeded
@@ -449,3 +427,82 @@ async def test_ids_are_never_reused(open_store) -> None:
     await store.release(hold)
     again = await store.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
     assert again.hold_id > hold.hold_id
+
+
+async def _cut_lifeline(store: PostgresStore) -> Any:
+    """Terminate ``store``'s lifeline backend and keep it from reconnecting (as a
+    network outage of that one connection would); returns the way to let it back."""
+    connect = store._life._connect
+
+    async def refused() -> Any:
+        raise OSError("lifeline network cut by the test")
+    store._life._connect = refused
+    await _admin(f"SELECT pg_terminate_backend({store._life._con.get_server_pid()})")
+
+    async def down() -> bool:
+        return not store._life.up
+    await _until(down, "the lifeline's loss being noticed")
+
+    def restore() -> None:
+        store._life._connect = connect
+    return restore
+
+
+async def test_a_lifeline_outage_is_not_a_death_and_a_process_presumed_dead_restores(
+        open_store) -> None:
+    survivor, flaky = await open_store(), await open_store()
+    await survivor.sweep_holds()  # what earlier tests' closed stores left
+    cid = await _connected(survivor)
+    app = (await survivor.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    running = await flaky.admit(cid, PERIOD, 600, now=NOW, expires_at=NOW + 60)
+    let_back = await _cut_lifeline(flaky)
+    # While its lifeline is down the process admits nothing (its liveness is unvouched).
+    with pytest.raises(Unavailable):
+        await flaky.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+    # Its owner lock is free, but it was seen moments ago: its call still narrows the cap.
+    assert await survivor.sweep_holds() == 0
+    assert await survivor.held(cid, PERIOD) == 600
+    with pytest.raises(BudgetExceeded):
+        await survivor.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    # Gone longer than the grace: presumed dead, swept.
+    survivor.owner_grace = 0.0
+
+    async def swept() -> bool:
+        return await survivor.sweep_holds() > 0
+    await _until(swept, "the unseen process's holds being swept")
+    assert await survivor.held(cid, PERIOD) == 0
+    # It comes back, learns it was presumed dead, and puts its running call's hold back.
+    let_back()
+
+    async def restored() -> bool:
+        return await survivor.held(cid, PERIOD) == 600
+    await _until(restored, "the process restoring its swept hold")
+    with pytest.raises(BudgetExceeded):
+        await survivor.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    await flaky.note_generation(running, "gen-back", app, "m")  # type: ignore[misc]
+    assert await flaky.settle(running, _usage(cid, app, "gen-back", 550), PERIOD)
+    assert await survivor.held(cid, PERIOD) == 0 and await survivor.period_spent(cid, PERIOD) == 550
+    assert await flaky.admit(cid, PERIOD, 400, now=NOW, expires_at=NOW + 60)
+    assert await survivor.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_the_leaders_reconciler_frees_a_killed_process_holds(open_store, db_url) -> None:
+    from types import SimpleNamespace
+
+    from wattgate.reconcile import Reconciler
+
+    leader = await open_store()
+    await leader.sweep_holds()
+    leader.owner_grace = 0.0
+    killed = await PostgresStore.open(db_url, pool_size=2)
+    cid = await _connected(leader)
+    await killed.admit(cid, PERIOD, 700, now=NOW, expires_at=NOW + 60)
+    killed.close_now()  # kill -9: nothing released, its sessions end
+    gw = SimpleNamespace(store=leader, clock=lambda: NOW,
+                         config=SimpleNamespace(metering_hold_ttl_seconds=600.0))
+    reconciler = Reconciler(gw, None)  # type: ignore[arg-type]
+
+    async def freed() -> bool:
+        await reconciler.sweep()
+        return await leader.held(cid, PERIOD) == 0
+    await _until(freed, "the reconciler pass sweeping the killed process's holds")

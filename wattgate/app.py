@@ -26,7 +26,7 @@ from .middleware import error_middleware
 from .reconcile import LEAD_TASK, Reconciler
 from .store import StoreInUse
 from .upstream import Upstream
-from .views import control, grants, pages, proxy
+from .views import control, grants, health, pages, proxy
 from .views.apidoc import openapi_json
 from .views import admin
 from .views.state import calls_key, gateway_key, upstream_key
@@ -96,6 +96,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
 
     r = app.router
     r.add_get("/healthz", control.healthz)
+    r.add_get("/readyz", health.readyz)
     r.add_post("/api/v1/sessions", control.create_session)
     r.add_get("/api/v1/status", control.get_status)
     for method in ("GET", "POST", "DELETE", "OPTIONS"):  # others: 405 JSON

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from . import origins
+from . import __version__, origins
 from .config import Config, load_config
 from .credentials import mint_credentials
 from .errors import ConfigError
@@ -209,6 +209,7 @@ def cmd_keys(args: argparse.Namespace, config: Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wattgate", description=(
         "Self-hosted consent and metering gateway for AI spend."))
+    parser.add_argument("--version", action="version", version=f"wattgate {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML config file (default: $WATTGATE_CONFIG or "
                         "embedded defaults)")
@@ -272,11 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from pathlib import Path
 
-    from .demo import run
+    from .demo import PortBusy, run
 
     try:
         return run(data_dir=Path(args.data) if args.data else None, gateway_port=args.port,
                    app_port=args.app_port, fake_port=args.fake_port)
+    except PortBusy as e:
+        raise CommandError(f"cannot start the demo: {e.strerror}") from None
     except OSError as e:
         raise CommandError(f"cannot start the demo: {e}") from None
 

@@ -71,6 +71,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "workers", int, 1,
             "Gateway processes serving server.port (a supervisor restarts any that dies). "
             "More than 1 needs the PostgreSQL ledger (database.url).", 1, 64),
+    Setting("server", "trusted_proxies", list, [],
+            "Addresses or CIDR networks of the reverse proxies in front of the gateway "
+            "(e.g. [\"127.0.0.1\", \"::1\"]; in the environment, comma-separated). Only a "
+            "request from one of them has its X-Forwarded-For and X-Forwarded-Proto believed: "
+            "by the admin login limiter, /metrics access and the request log. Empty: no "
+            "proxy is trusted and those headers are ignored."),
     Setting("server", "keepalive_timeout", float, 75.0,
             "Seconds an idle connection (or one that has sent nothing yet) stays open.",
             0.1),
@@ -155,7 +161,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "format", str, "text",
             "text (logfmt: time= level= logger= msg= then the fields, values quoted as "
             "needed) or json (one object per line). "
-            "Either way there is one line per request: request id, route, status, "
+            "Either way there is one line per request: request id, client address, route, status, "
             "latency, app, user id hash, model, cost; never keys, tokens or prompts."),
     Setting("metrics", "enabled", bool, True, "Serve Prometheus metrics at GET /metrics."),
     Setting("metrics", "allow_remote", bool, False,
@@ -234,6 +240,13 @@ class Config:
 def _coerce(setting: Setting, raw: Any, *, origin: str) -> Any:
     t = setting.type
     value: Any
+    if t is list:
+        if isinstance(raw, str):
+            raw = [item for item in (part.strip() for part in raw.split(",")) if item]
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"{origin}: expected a list of strings, got {raw!r}")
+        check = _CHECKS.get(setting.name)
+        return check(list(raw), origin) if check else list(raw)
     if isinstance(raw, str) and t is not str:
         text = raw.strip()
         if t is bool:
@@ -306,6 +319,12 @@ def _postgres_url_or_empty(value: str, origin: str) -> str:
     return value.strip()
 
 
+def _networks(value: list[str], origin: str) -> list[str]:
+    from .clientaddr import parse_networks
+    parse_networks(value, origin)
+    return value
+
+
 def _file_path(value: str, origin: str) -> str:
     if not value.strip():
         raise ConfigError(f"{origin}: must name a file")
@@ -321,6 +340,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "upstream.key_check_path": _path_or_empty,
     "database.path": _file_path,
     "database.url": _postgres_url_or_empty,
+    "server.trusted_proxies": _networks,
 }
 
 
@@ -378,6 +398,8 @@ def example_toml() -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import errno
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -74,10 +76,22 @@ class Demo:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+class PortBusy(OSError):
+    """A port the demo was told to use is taken: names it and the flag that changes it."""
+
+
+def _listen(host: str, port: int, role: str = "", flag: str = "") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortBusy(e.errno, f"port {port} ({role}) is already in use on {host}: stop "
+                                    f"what is using it, or pick another with {flag} PORT") \
+                from None
+        raise
     sock.listen(128)
     sock.setblocking(False)
     return sock
@@ -96,26 +110,42 @@ async def _serve(app: web.Application, sock: socket.socket,
 async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app_port: int = 0,
                      fake_port: int = 0, chunk_delay: float = 0.04,
                      clock: Callable[[], float] = time.time,
-                     gateway_hostname: str | None = None) -> Demo:
+                     gateway_hostname: str | None = None, public_url: str | None = None,
+                     settings: Mapping[str, str] | None = None) -> Demo:
     """Start the three servers; ports 0 pick free ones. Call ``close()`` when done.
 
     ``clock`` is the gateway's (tests move it to expire tokens without sleeping).
     ``gateway_hostname`` names the gateway in its public URL (a LAN or staging
     name the browser resolves to this machine); it still listens on 127.0.0.1.
+    ``public_url`` is where browsers reach the gateway when something else serves it
+    there (a TLS reverse proxy); ``settings`` adds ``WATTGATE_*`` settings.
     """
     tmp = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="wattgate-demo-")) if data_dir is None else data_dir
     data.mkdir(parents=True, exist_ok=True)
     host = "127.0.0.1"
-    fake_sock, gw_sock, app_sock = (_listen(host, p) for p in (fake_port, gateway_port, app_port))
+    socks: list[socket.socket] = []
+    try:
+        for port, role, flag in ((fake_port, "the fake OpenRouter", "--fake-port"),
+                                 (gateway_port, "the gateway", "--port"),
+                                 (app_port, "the example app", "--app-port")):
+            socks.append(_listen(host, port, role, flag))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        if tmp:
+            shutil.rmtree(data, ignore_errors=True)
+        raise
+    fake_sock, gw_sock, app_sock = socks
     fake_url = f"http://{host}:{fake_sock.getsockname()[1]}"
     local_gateway_url = f"http://{host}:{gw_sock.getsockname()[1]}"
-    gateway_url = f"http://{gateway_hostname or host}:{gw_sock.getsockname()[1]}"
+    gateway_url = public_url.rstrip("/") if public_url else \
+        f"http://{gateway_hostname or host}:{gw_sock.getsockname()[1]}"
     # "localhost" is another site than 127.0.0.1, so the app never sees the gateway's cookies.
     app_url = f"http://localhost:{app_sock.getsockname()[1]}"
 
     fake = FakeOpenRouter(models={**MODELS, DEMO_MODEL: DEMO_PRICE}, chunk_delay=chunk_delay,
-                          pieces=24, record_calls=False)
+                          record_calls=False)  # answers restate the prompt (fakemodel)
     runners = [await _serve(create_fake_openrouter(fake), fake_sock)]
     config = load_config(None, env={
         "WATTGATE_DATABASE__PATH": str(data / "wattgate.db"),
@@ -123,6 +153,7 @@ async def start_demo(*, data_dir: Path | None = None, gateway_port: int = 0, app
         "WATTGATE_UPSTREAM__BASE_URL": fake_url + "/api/v1",
         "WATTGATE_OAUTH__AUTH_BASE": fake_url,
         "WATTGATE_OAUTH__API_BASE": fake_url + "/api/v1",
+        **(settings or {}),
     })
     gateway = create_app(config, clock=clock)
     runners.append(await _serve(gateway, gw_sock, ClientLimits.from_config(config)))
@@ -247,26 +278,41 @@ async def _deltas(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
                 yield piece
 
 
+def banner(demo: Demo) -> str:
+    """What ``wattgate demo`` prints: where to go, as app user and as operator."""
+    admin_token = demo.gateway[gateway_key].keys.admin_token
+    return (f"wattgate demo is running, offline:\n\n"
+            f"  Open the example app:  {demo.app_url}\n\n"
+            f"  gateway:               {demo.gateway_url}  (your dashboard: "
+            f"{demo.gateway_url}/account)\n"
+            f"  operator console:      {demo.gateway_url}/admin\n"
+            f"  console admin token:   {admin_token}\n"
+            f"  fake OpenRouter:       {demo.fake_url}\n"
+            f"  data:                  {demo.data_dir}"
+            f"{' (deleted on exit)' if demo._tmp else ''}\n\n"
+            f"Paste any key that starts with sk-or- in the consent popup, or use "
+            f"\"Connect with OpenRouter\". Ctrl-C stops.")
+
+
 def run(*, data_dir: Path | None, gateway_port: int, app_port: int, fake_port: int) -> int:
-    """The ``wattgate demo`` command: start, print where to go, run until Ctrl-C."""
+    """The ``wattgate demo`` command: start, print where to go, run until Ctrl-C or SIGTERM
+    (either way the servers stop and a temporary data folder is removed)."""
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         demo = await start_demo(data_dir=data_dir, gateway_port=gateway_port,
                                 app_port=app_port, fake_port=fake_port)
-        print(f"wattgate demo is running, offline:\n\n"
-              f"  Open the example app:  {demo.app_url}\n\n"
-              f"  gateway:               {demo.gateway_url}  (your dashboard: "
-              f"{demo.gateway_url}/account)\n"
-              f"  fake OpenRouter:       {demo.fake_url}\n"
-              f"  data:                  {demo.data_dir}"
-              f"{' (deleted on exit)' if demo._tmp else ''}\n\n"
-              f"Paste any key that starts with sk-or- in the consent popup, or use "
-              f"\"Connect with OpenRouter\". Ctrl-C stops.", flush=True)
         try:
-            await asyncio.Event().wait()
+            print(banner(demo), flush=True)
+            await stop.wait()
         finally:
             await demo.close()
+        print("wattgate demo stopped" + (f"; removed {demo.data_dir}" if demo._tmp else ""),
+              flush=True)
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were in place
         pass
     return 0

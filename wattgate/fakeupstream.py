@@ -68,9 +68,8 @@ from typing import Any
 
 from aiohttp import web
 
-WORDS = ("Metering is the quiet part of every AI feature: each token has a price, "
-         "and somebody pays it. Here the user does, within a cap they chose, and "
-         "the app never holds their key.").split(" ")
+from . import fakemodel
+
 
 
 IMAGE_TOKENS = 1_000        # prompt tokens billed per input image
@@ -163,7 +162,8 @@ class FakeOpenRouter:
     models: dict[str, FakeModel] = field(default_factory=lambda: dict(MODELS))
     chunk_delay: float = 0.0          # seconds between content chunks
     header_delay: float = 0.0         # seconds before a stream's response headers
-    pieces: int = 8                   # content chunks per answer
+    pieces: int | None = None         # content chunks per answer; None: the reply's words
+                                      # (fakemodel: the prompt restated and counted)
     piece_bytes: int | None = None    # pad each piece to this size (benchmark, big answers)
     keepalives: int = 1               # ": OPENROUTER PROCESSING" comments before data
     broke_keys: set[str] = field(default_factory=set)    # answer 402 (out of credits)
@@ -187,7 +187,7 @@ class FakeOpenRouter:
     close_after_response: bool = False  # drop the keep-alive connection after each answer
     retry_after: str | None = None    # Retry-After of a 429 (None: no header)
     empty_generation_header: bool = False  # X-Generation-Id sent empty (the id is in the body)
-    words: tuple[str, ...] = tuple(WORDS)  # the answer's text, a word per piece
+    words: tuple[str, ...] | None = None  # the answer's words instead of the reply's
     down: set[str] = field(default_factory=set)  # model ids or "model@Provider" endpoints
     charged: Decimal = Decimal(0)
     calls: list[Call] = field(default_factory=list)
@@ -316,7 +316,7 @@ def _json_answer(body: dict[str, Any]) -> str | None:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         return json.dumps(_instance(schema if isinstance(schema, dict) else {}))
     if fmt.get("type") == "json_object":
-        return json.dumps({"text": " ".join(WORDS[:8])})
+        return json.dumps({"text": "".join(fakemodel.reply_words(fakemodel.chat_prompt(body)))})
     return None
 
 
@@ -340,7 +340,7 @@ def _instance(schema: dict[str, Any]) -> Any:
         items = raw if isinstance(raw, dict) else {}
         return [_instance(items) for _ in range(max(1, schema.get("minItems", 1)))]
     if kind == "string":
-        return " ".join(WORDS[:3])
+        return "the fake model"
     if kind in ("integer", "number"):
         return schema.get("minimum", 1)
     if kind == "boolean":
@@ -545,14 +545,16 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         if own is not None:  # the key's own usage, against its own limit
             own.usage += cost
 
-    def output_plan(body: dict[str, Any], limit: Any) -> tuple[int, int]:
-        """(text pieces, reasoning tokens): the answer's length follows its limit, and a
-        reasoning budget is spent in full on top of it."""
+    def output_plan(body: dict[str, Any], limit: Any, prompt: str) -> tuple[list[str], bool,
+                                                                           int]:
+        """(text pieces, cut by the limit, reasoning tokens): the answer is the fake model's
+        reply cut at its limit, and a reasoning budget is spent in full on top of it."""
         reasoning = body.get("reasoning")
         if not isinstance(reasoning, dict):
             reasoning = {}
-        return max(1, min(fake.pieces, int(limit or 10**9))), \
-            int(reasoning.get("max_tokens") or 0)
+        pieces, cut = fakemodel.pieces_for(prompt, int(limit) if limit else None,
+                                           length=fake.pieces, words=fake.words)
+        return pieces, cut, int(reasoning.get("max_tokens") or 0)
 
     def web_results_of(body: dict[str, Any]) -> int:
         return sum(int(p.get("max_results", 5)) for p in body.get("plugins") or ()
@@ -571,16 +573,17 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         web_results = web_results_of(body)
         prompt_tokens = max(1, len(json.dumps(body.get("messages", ""))) // 4) \
             + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
-        n, thought = output_plan(body, body.get("max_completion_tokens")
-                                 or body.get("max_tokens"))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        pieces, cut, thought = output_plan(body, limit, fakemodel.chat_prompt(body))
         choices = max(1, int(body.get("n") or 1))
         json_answer = _json_answer(body)
         if json_answer is not None:  # the whole document, in n pieces, like a real model
+            n = max(1, min(fake.pieces or 8, int(limit or 10**9)))
             step = -(-len(json_answer) // n)
             pieces = [json_answer[i:i + step] for i in range(0, len(json_answer), step)]
-            n = len(pieces)
-        else:
-            pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
+            cut = False
+        n = len(pieces)
+        finish = "length" if cut else "stop"
         if fake.piece_bytes:
             pieces = [(p * (fake.piece_bytes // len(p) + 1))[:fake.piece_bytes] for p in pieces]
         completion_tokens = n * choices + thought
@@ -598,9 +601,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
             payload = ('{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
                        '"provider":%s,"choices":[%s],"usage":%s}'
                        % (gen, created, json.dumps(model_id), json.dumps(provider.name),
-                          ",".join('{"index":%d,"logprobs":null,"finish_reason":"stop",'
-                                   '"native_finish_reason":"stop","message":{"role":'
-                                   '"assistant","content":%s}}' % (c, text)
+                          ",".join('{"index":%d,"logprobs":null,"finish_reason":"%s",'
+                                   '"native_finish_reason":"%s","message":{"role":'
+                                   '"assistant","content":%s}}' % (c, finish, finish, text)
                                    for c in range(choices)), usage))
             return web.Response(text=payload, content_type="application/json",
                                 headers={"X-Generation-Id": fake.generation_header(gen)})
@@ -613,7 +616,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                '"created":%d,' % (gen, json.dumps(provider.name), json.dumps(model_id), created)
         try:
             return await stream(request, resp, wire, call, model, head=head, pieces=pieces,
-                                choices=choices, delay=delay, usage=usage)
+                                choices=choices, delay=delay, usage=usage, finish=finish)
         except ConnectionError:  # the client (a gateway killed mid-stream) is gone
             return resp
         finally:
@@ -660,7 +663,7 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
 
     async def stream(request: web.Request, resp: web.StreamResponse, wire: _Wire, call: Call,
                      model: FakeModel, *, head: str, pieces: list[str], choices: int,
-                     delay: float, usage: str) -> web.StreamResponse:
+                     delay: float, usage: str, finish: str = "stop") -> web.StreamResponse:
         n = len(pieces)
         if fake.header_delay:
             await asyncio.sleep(fake.header_delay)
@@ -691,9 +694,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
                 return resp
         for c in range(choices):
             await wire.write(resp, ("data: " + head + '"choices":[{"index":%d,"delta":'
-                                    '{"content":""},"finish_reason":"stop",'
-                                    '"native_finish_reason":"stop","logprobs":null}]}\n\n'
-                                    % c).encode())
+                                    '{"content":""},"finish_reason":"%s",'
+                                    '"native_finish_reason":"%s","logprobs":null}]}\n\n'
+                                    % (c, finish, finish)).encode())
         call.finished = True
         if model.behaviour != "no_usage":
             await wire.write(resp, ("data: " + head + '"choices":[],"usage":%s}\n\n'
@@ -721,8 +724,9 @@ def create_fake_openrouter(fake: FakeOpenRouter | None = None) -> web.Applicatio
         prompt_tokens = max(1, len(json.dumps([body.get("instructions"), body.get("input"),
                                                body.get("tools")])) // 4) \
             + IMAGE_TOKENS * images + WEB_RESULT_TOKENS * web_results
-        n, thought = output_plan(body, body.get("max_output_tokens"))
-        pieces = [fake.words[i % len(fake.words)] + " " for i in range(n)]
+        pieces, _, thought = output_plan(body, body.get("max_output_tokens"),
+                                         fakemodel.responses_prompt(body))
+        n = len(pieces)
         charge(request, call, provider, prompt=prompt_tokens, completion=n + thought,
                images=images, web_results=web_results)
         usage = fake.usage_text if fake.usage_text is not None else \
@@ -857,7 +861,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the fake OpenRouter on loopback.")
     parser.add_argument("--port", type=int, default=8788)
     parser.add_argument("--delay", type=float, default=0.0)
-    parser.add_argument("--pieces", type=int, default=8)
+    parser.add_argument("--pieces", type=int, default=None,
+                        help="chunks per answer (default: the reply to the prompt)")
     parser.add_argument("--piece-bytes", type=int, default=None)
     args = parser.parse_args()
     fake = FakeOpenRouter(chunk_delay=args.delay, pieces=args.pieces,

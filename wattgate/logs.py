@@ -2,7 +2,8 @@
 
 ``request_log_middleware`` (the outermost middleware) writes one line per
 request to the ``wattgate.access`` logger when the answer is done: request id
-(also sent back as ``X-Request-Id``), method, route, status, latency, and what
+(also sent back as ``X-Request-Id``), the client's address (and the scheme it
+used, behind a proxy of ``server.trusted_proxies``: ``clientaddr``), method, route, status, latency, and what
 the handler learned (``observer.RequestNote``): app, a keyed hash of the user
 id, model, cost. It also counts the request for ``/metrics``.
 
@@ -37,12 +38,13 @@ from .money import NANOS_PER_USD
 from .observer import RequestNote, open_note
 from .redaction import Redactor
 from .sessions import SessionCodec
+from .views.inputs import client_of
 from .views.state import gateway_key
 
 log = logging.getLogger("wattgate.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-FIELDS = ("request_id", "method", "route", "status", "latency_ms", "app", "user",
+FIELDS = ("request_id", "client", "scheme", "method", "route", "status", "latency_ms", "app", "user",
           "grant", "model", "cost_usd", "cost_state", "outcome")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 request_id_key = web.RequestKey("request_id", str)
@@ -112,10 +114,14 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
 
 def _write_line(request: web.Request, gw: Gateway, note: RequestNote, route: str,
                 status: int, request_id: str, started: float) -> None:
+    client = client_of(gw.config, request)
     fields: dict[str, Any] = {
-        "request_id": request_id, "method": request.method[:16], "route": route,
-        "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+        "request_id": request_id, "client": client.address, "method": request.method[:16],
+        "route": route, "status": status,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
     }
+    if client.scheme is not None:  # said by a trusted proxy: how the client reached it
+        fields["scheme"] = client.scheme
     # A refused credential names no one: a 401 line never repeats a claimed identity.
     app, user = _caller(request, gw.sessions, gw.clock()) if status != 401 else (None, None)
     app = note.app_id or app or request.match_info.get("app_id")  # console pages of an app

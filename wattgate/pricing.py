@@ -109,6 +109,10 @@ class PriceList:
         self._prices = prices
         self.loaded_at = now
 
+    def __len__(self) -> int:
+        """How many models have a known price (0 until loaded)."""
+        return len(self._prices)
+
     def stale(self, now: float) -> bool:
         return self.loaded_at is None or now - self.loaded_at >= self.ttl
 

@@ -185,8 +185,7 @@ class Ledger(Protocol):
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
         """Holds no living process will settle: those created before
-        ``older_than`` (and, on a shared ledger, those of a process gone for some
-        seconds), and with None every hold whose process is gone. A hold
+        ``older_than``, and with None every hold whose process is gone. A hold
         whose generation was named becomes a provisional row at its estimate;
         one never named is released (a grant's request given back)."""
 

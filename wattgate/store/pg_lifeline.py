@@ -13,8 +13,18 @@ One connection per store, outside the pool, for the store's whole life. On it:
 - leadership of background tasks: session advisory locks in wattgate's
   two-key space, gone with the connection.
 
+- the owner's heartbeat: its ``owners`` row's ``last_seen`` (the server's
+  clock), written on every ping. A free owner lock alone does not make a
+  process dead (its lifeline may be reconnecting): a sweep also waits until
+  it has not been seen for ``OWNER_GRACE``. A sweep deletes the row of the
+  owner it swept, so a process that comes back finds its row gone: it was
+  presumed dead (``presumed_dead``), and the store restores its holds.
+
 A watchdog pings the connection every second and reconnects it when it is
-gone (taking the owner lock again). It does not own the pool, the SQL of the
+gone (taking the owner lock again). A ping or a lead query that is merely slow
+(a loaded machine) is not a death: the connection is given up only when it
+fails, or answers nothing for ``DEAD_AFTER`` seconds; giving up a healthy
+connection would hand its leadership and owner lock to another process. It does not own the pool, the SQL of the
 ledger or any rule of money.
 """
 
@@ -31,12 +41,20 @@ from .pg_migrations import LOCK_SPACE
 
 log = logging.getLogger("wattgate.store")
 CHANNEL = "wattgate_changes"
-PING_EVERY = 1.0  # seconds: how stale "up" may be on a silent network failure
+PING_EVERY = 1.0  # seconds between pings
+DEAD_AFTER = 5.0  # seconds without an answer before the connection is given up
+OWNER_GRACE = 15.0  # seconds unseen (and its lock free) before a process is presumed dead
 
 
 _HOLDING = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
             "AND pid = pg_backend_pid() AND granted AND objsubid = 2 "
             "AND classid = $1::bigint::oid AND objid = $2::bigint::oid)")
+
+
+# The heartbeat; answers True when it had to insert the row (a sweep deleted it).
+_HEARTBEAT = ("INSERT INTO owners (owner, last_seen) "
+              "VALUES ($1, extract(epoch FROM clock_timestamp())) ON CONFLICT (owner) "
+              "DO UPDATE SET last_seen = EXCLUDED.last_seen RETURNING (xmax = 0)")
 
 
 def task_key(task: str) -> int:
@@ -54,6 +72,8 @@ class Lifeline:
         self._lock = asyncio.Lock()  # one query at a time on the connection
         self._leading: set[str] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self.presumed_dead = False  # swept while away: the store must restore its holds
+        self.on_presumed_dead: Callable[[], None] | None = None
 
     @property
     def up(self) -> bool:
@@ -74,6 +94,7 @@ class Lifeline:
         try:
             # The owner id is random: held by nobody else but a sweep checking it.
             await con.execute("SELECT pg_advisory_lock($1)", self.owner)
+            inserted = await con.fetchval(_HEARTBEAT, self.owner)
             await con.add_listener(CHANNEL, self._notified)
             con.add_termination_listener(self._ended)
         except BaseException:
@@ -82,6 +103,15 @@ class Lifeline:
         self._con = con
         self.generation += 1
         self.epoch += 1  # whatever changed while we were not listening
+        if inserted and self.generation > 1:
+            self._swept()
+
+    def _swept(self) -> None:
+        log.error("this process was presumed dead while its ledger connection was down "
+                  "and its budget holds were swept; restoring them")
+        self.presumed_dead = True
+        if self.on_presumed_dead is not None:
+            self.on_presumed_dead()
 
     def _notified(self, *_: Any) -> None:
         self.epoch += 1
@@ -95,7 +125,10 @@ class Lifeline:
             if self.up:
                 try:
                     async with self._lock:
-                        await self._con.fetchval("SELECT 1", timeout=PING_EVERY)
+                        inserted = await self._con.fetchval(_HEARTBEAT, self.owner,
+                                                            timeout=DEAD_AFTER)
+                    if inserted:  # cannot happen while the lock is held; if it did, react
+                        self._swept()
                     continue
                 except Exception as e:  # whatever way it failed, it is not vouched for
                     log.warning("ledger listener connection lost: %r", e)
@@ -124,7 +157,7 @@ class Lifeline:
         try:
             async with self._lock:
                 got = await self._con.fetchval(sql, LOCK_SPACE, task_key(task),
-                                               timeout=PING_EVERY)
+                                               timeout=DEAD_AFTER)
         except Exception:  # a dying connection fails in many ways: not leading
             self._drop()
             return False
@@ -146,6 +179,9 @@ class Lifeline:
         self._leading.clear()
         if con is not None and not con.is_closed():
             try:
+                # Gone for good: what it leaves may be swept at once, no grace.
+                await con.execute("DELETE FROM owners WHERE owner = $1", self.owner,
+                                  timeout=PING_EVERY)
                 await asyncio.wait_for(con.close(), PING_EVERY)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                     asyncio.TimeoutError):

@@ -141,8 +141,21 @@ async def m001_initial(con: Any) -> None:
     """)
 
 
+async def m002_owners(con: Any) -> None:
+    # Each living process's heartbeat (server clock, epoch seconds): a sweep takes a
+    # process's holds only once its owner lock is free AND it has not been seen for
+    # a grace period, so a lifeline reconnecting is not taken for a death.
+    await con.execute("""
+    CREATE TABLE owners (
+        owner     BIGINT PRIMARY KEY,
+        last_seen DOUBLE PRECISION NOT NULL
+    );
+    """)
+
+
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
+    m002_owners,
 )
 
 

@@ -15,7 +15,12 @@ Holds live in the database, so every process sees every call in flight:
   locked grants before periods. What the caller awaits is shielded.
 - Every hold names its owner, a random 63-bit id whose session advisory lock
   this store holds on its own connection (``pg_lifeline``); ``sweep_holds()``
-  takes only holds whose owner's lock nobody holds (a dead process).
+  takes only holds whose owner's lock nobody holds and that has not been seen
+  (its heartbeat) for ``OWNER_GRACE``: a dead process, not one whose lifeline
+  is reconnecting. While its lifeline is down a process admits nothing (503),
+  so no hold of it is younger than its last heartbeat; one that comes back
+  presumed dead re-inserts the holds of its calls still running before it
+  admits again (a swept unnamed hold no longer narrowed the cap).
 
 Failure is closed: any driver failure (server down, connection dropped,
 statement or lock timeout) becomes ``Unavailable`` (503), never a call passed
@@ -39,7 +44,6 @@ import dataclasses
 import logging
 import math
 import secrets
-import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import asyncpg
@@ -47,7 +51,7 @@ import asyncpg
 from .. import budget
 from ..errors import ConsentRequired, GrantInvalid, KeysMismatch, NotConnected, Unavailable
 from .pg_audit import audit
-from .pg_lifeline import Lifeline
+from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
 from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
@@ -66,10 +70,6 @@ COMMAND_TIMEOUT = 10.0
 # again this often, doubling up to the second figure, until it lands: only this
 # process knows what its call cost.
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0
-# How long a process's owner lock must stay free before a periodic sweep takes its
-# holds: a living process re-takes it within about a second of the server's return
-# (pg_lifeline's watchdog); a dead one never does.
-DEAD_OWNER_GRACE = 5.0
 
 # Every failure that means "the database cannot answer now".
 _DOWN: tuple[type[BaseException], ...] = (
@@ -107,10 +107,16 @@ class PostgresStore(PgReportsMixin):
         self._pool = pool
         self._life = lifeline
         self.owner = lifeline.owner
-        self._mine: set[int] = set()  # holds admitted here, not settled or released yet
+        # Holds admitted here, not settled or released yet: hold id → (Hold, app id,
+        # created_at, expires_at), and the generation each was named for, so they
+        # can be restored if another process presumed this one dead and swept them.
+        self._mine: dict[int, tuple[Hold, str | None, float, float]] = {}
+        self._names: dict[int, tuple[str, str, str]] = {}
+        self._restoring = asyncio.Lock()
+        self.owner_grace = OWNER_GRACE
+        lifeline.on_presumed_dead = self._restore_soon
         self._writes: set[asyncio.Task[Any]] = set()  # shielded writes still running
         self._closing = False  # writes stop retrying: close() waits for them
-        self._dead_since: dict[int, float] = {}  # owner → when its lock was first seen free
 
     # ---- lifecycle ---------------------------------------------------------
     @classmethod
@@ -434,6 +440,7 @@ class PostgresStore(PgReportsMixin):
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
+        await self._ready()
         inserting = False
         try:
             async with self._tx() as con:
@@ -452,8 +459,9 @@ class PostgresStore(PgReportsMixin):
             if inserting:
                 self._undo_lost_admission(now, amount_nanos)
             raise
-        self._mine.add(hold_id)
-        return Hold(hold_id, connection_id, None, period, amount_nanos)
+        hold = Hold(hold_id, connection_id, None, period, amount_nanos)
+        self._mine[hold_id] = (hold, row["app_id"], now, expires_at)
+        return hold
 
     def _undo_lost_admission(self, created_at: float, amount_nanos: int) -> None:
         """An admission cut off around its commit (the server went away) may have left
@@ -478,6 +486,7 @@ class PostgresStore(PgReportsMixin):
                         model: str) -> Awaitable[None] | None:
         if hold.hold_id not in self._mine:
             return None
+        self._names[hold.hold_id] = (generation_id, app_id, model[:200])
 
         async def write() -> None:
             async with self._con() as con:
@@ -487,7 +496,11 @@ class PostgresStore(PgReportsMixin):
         return self._shield(write)
 
     def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
+        if hold is not None:  # settled from now on: never to be restored
+            self._forget(hold.hold_id)
+
         async def write() -> bool:
+            await self._after_restoring()
             try:
                 async with self._tx() as con:
                     if hold is not None:
@@ -514,74 +527,129 @@ class PostgresStore(PgReportsMixin):
                     return True
             finally:
                 if hold is not None:
-                    self._mine.discard(hold.hold_id)
+                    self._forget(hold.hold_id)
         return self._shield(write)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
+        self._forget(hold.hold_id)
+
         async def write() -> None:
+            await self._after_restoring()
             try:
                 async with self._tx() as con:
                     dropped = await _drop_hold(con, hold.hold_id)
                     if dropped and refund_request and hold.grant_id is not None:
                         await _refund_request(con, hold.grant_id)
             finally:
-                self._mine.discard(hold.hold_id)
+                self._forget(hold.hold_id)
         return self._shield(write)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
-        """Holds created before ``older_than`` (any process's) and those of a process
-        whose owner lock stayed free for ``DEAD_OWNER_GRACE``, or with None the holds
-        of every process that is gone (its owner lock free). A named hold becomes a
-        provisional row at its estimate; an unnamed one is released, its request
-        refunded. Each hold in its own transaction, under its owner's lock when
-        the owner is judged dead, so a process coming back keeps its holds."""
-        if older_than is None:
-            rows = await self._all("SELECT hold_id, owner FROM holds WHERE owner <> $1 "
-                                   "ORDER BY hold_id", self.owner)
-        else:
-            # Expired holds, whoever owns them; and those of processes gone for
-            # DEAD_OWNER_GRACE (a periodic pass: a process restarting the moment the
-            # server returns keeps its own).
-            rows = await self._all(
-                "SELECT hold_id, CASE WHEN created_at < $1 THEN NULL ELSE owner END "
-                "FROM holds WHERE created_at < $1 OR owner <> $2 ORDER BY hold_id",
-                older_than, self.owner)
+        """Holds created before ``older_than`` (any process's), or with None the holds of
+        every process that is gone: its owner lock free AND unseen for ``owner_grace``
+        (a lifeline reconnecting is not a death). A named hold becomes a provisional
+        row at its estimate; an unnamed one is released, its request refunded. A dead
+        owner's holds are swept in one transaction under its owner lock, its
+        ``owners`` row deleted with them, so a process coming back meanwhile keeps
+        its holds, and one coming back later knows it was presumed dead."""
+        if older_than is not None:
+            rows = await self._all("SELECT hold_id FROM holds WHERE created_at < $1 "
+                                   "ORDER BY hold_id", older_than)
+            swept = 0
+            for (hold_id,) in rows:
+                async with self._tx() as con:
+                    swept += await _sweep_hold(con, hold_id)
+                self._forget(hold_id)
+            return swept
+        owners = await self._all(
+            "SELECT owner FROM holds WHERE owner <> $1 UNION "
+            "SELECT owner FROM owners WHERE owner <> $1 "
+            "AND last_seen < extract(epoch FROM clock_timestamp()) - $2",
+            self.owner, self.owner_grace)
         swept = 0
-        for hold_id, owner in rows:
+        for (owner,) in owners:
             async with self._tx() as con:
-                if owner is not None:
-                    if not await con.fetchval("SELECT pg_try_advisory_xact_lock($1)", owner):
-                        self._dead_since.pop(owner, None)
-                        continue  # its process is alive
-                    if older_than is not None:
-                        since = self._dead_since.setdefault(owner, time.monotonic())
-                        if time.monotonic() - since < DEAD_OWNER_GRACE:
-                            continue
-                r = await con.fetchrow(
-                    "DELETE FROM holds WHERE hold_id = $1 RETURNING connection_id, grant_id, "
-                    "period, amount_nanos, generation_id, app_id, model, created_at", hold_id)
-                if r is None:
-                    continue  # settled or released meanwhile
-                swept += 1
-                if r["grant_id"] is not None:
-                    await con.execute("UPDATE grants SET held_nanos = held_nanos - $1 "
-                                      "WHERE grant_id = $2", r["amount_nanos"], r["grant_id"])
-                if r["generation_id"] is None:  # never reached the model
-                    if r["grant_id"] is not None:
-                        await _refund_request(con, r["grant_id"])
-                    continue
-                inserted = await con.fetchval(
-                    "INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, "
-                    "model, prompt_tokens, completion_tokens, cost_nanos, provisional, status, "
-                    "latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7, TRUE, "
-                    "'swept', 0, $8) ON CONFLICT (generation_id) DO NOTHING RETURNING 1",
-                    r["generation_id"], r["app_id"] or "", r["connection_id"], r["grant_id"],
-                    r["period"], r["model"] or "", r["amount_nanos"], r["created_at"])
-                if inserted:
-                    await _debit(con, r["connection_id"], r["grant_id"], r["period"],
-                                 r["amount_nanos"])
-            self._mine.discard(hold_id)
+                if not await con.fetchval("SELECT pg_try_advisory_xact_lock($1)", owner):
+                    continue  # its process is alive
+                fresh = await con.fetchval(
+                    "SELECT last_seen >= extract(epoch FROM clock_timestamp()) - $2 "
+                    "FROM owners WHERE owner = $1 FOR UPDATE", owner, self.owner_grace)
+                if fresh:
+                    continue  # its lifeline is down, but not for long: wait
+                for (hold_id,) in await con.fetch("SELECT hold_id FROM holds WHERE owner = $1 "
+                                                  "ORDER BY hold_id", owner):
+                    swept += await _sweep_hold(con, hold_id)
+                await con.execute("DELETE FROM owners WHERE owner = $1", owner)
         return swept
+
+    # ---- presumed dead: restoring this process's holds ---------------------------
+    async def _ready(self) -> None:
+        """Admit only while this process is vouched alive and its holds are all there."""
+        if not self._life.up:
+            raise Unavailable("This gateway lost its ledger connection; try again shortly.")
+        if self._life.presumed_dead:
+            await self._restore_holds()
+
+    def _forget(self, hold_id: int) -> None:
+        self._mine.pop(hold_id, None)
+        self._names.pop(hold_id, None)
+
+    async def _after_restoring(self) -> None:
+        # A settle or release must not commit while a restoration may re-insert the
+        # very hold it drops (the restore's insert would not be visible to its delete).
+        if self._restoring.locked():
+            async with self._restoring:
+                pass
+
+    def _restore_soon(self) -> None:
+        task = asyncio.ensure_future(self._restore_holds())
+        self._writes.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._writes.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("restoring swept holds failed (retried at the next "
+                            "admission): %r", t.exception())
+        task.add_done_callback(done)
+
+    async def _restore_holds(self) -> None:
+        """Put back the holds of this process's running calls that a sweep took.
+
+        A swept named hold is a provisional row at its estimate already (it
+        narrows the cap as spend; the call's settle makes it final): left so.
+        Any other (unnamed when swept; its request refunded) is inserted again
+        with its own id, its grant's request and held amount taken again."""
+        async with self._restoring:
+            if not self._life.presumed_dead:
+                return
+            restored = 0
+            for hold_id, (hold, app_id, created_at, expires_at) in list(self._mine.items()):
+                name = self._names.get(hold_id)
+                async with self._tx() as con:
+                    if hold_id not in self._mine:
+                        continue  # settled or released meanwhile
+                    if await con.fetchval("SELECT 1 FROM holds WHERE hold_id = $1",
+                                          hold_id):
+                        continue
+                    if name is not None and await con.fetchval(
+                            "SELECT 1 FROM usage WHERE generation_id = $1", name[0]):
+                        continue
+                    await con.execute(
+                        "INSERT INTO holds (hold_id, owner, connection_id, grant_id, app_id, "
+                        "period, amount_nanos, generation_id, model, created_at, expires_at) "
+                        "OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                        "$10, $11)", hold_id, self.owner, hold.connection_id, hold.grant_id,
+                        name[1] if name else app_id, hold.period, hold.amount_nanos,
+                        name[0] if name else None, name[2] if name else None, created_at,
+                        expires_at)
+                    if hold.grant_id is not None:
+                        await con.execute("UPDATE grants SET used = used + 1, held_nanos = "
+                                          "held_nanos + $1 WHERE grant_id = $2",
+                                          hold.amount_nanos, hold.grant_id)
+                    restored += 1
+            self._life.presumed_dead = False
+            log.warning("restored %d budget holds swept while this process was presumed dead",
+                        restored)
 
     async def open_holds(self) -> int:
         row = await self._one("SELECT COUNT(*) FROM holds")
@@ -633,6 +701,7 @@ class PostgresStore(PgReportsMixin):
 
     async def admit_grant(self, token_hash: str, app_id: str, period: str, amount_nanos: int,
                           *, now: float, expires_at: float) -> tuple[Grant, Hold]:
+        await self._ready()
         writing: list[bool] = []  # the grant's request and hold were sent
         try:
             return await self._admit_grant(token_hash, app_id, period, amount_nanos, now=now,
@@ -678,12 +747,13 @@ class PostgresStore(PgReportsMixin):
             hold_id = await con.fetchval(_INSERT_HOLD, self.owner, grant.connection_id,
                                          grant.grant_id, grant.app_id, period, amount_nanos, now,
                                          expires_at)
-        self._mine.add(hold_id)
+        hold = Hold(hold_id, grant.connection_id, grant.grant_id, period, amount_nanos)
+        self._mine[hold_id] = (hold, grant.app_id, now, expires_at)
         grant = Grant(grant.grant_id, grant.app_id, grant.token_hash, grant.requests,
                       grant.used + 1, grant.max_nanos, grant.spent_nanos,
                       grant.held_nanos + amount_nanos, grant.sealed_key, grant.connection_id,
                       grant.created_at, grant.expires_at)
-        return grant, Hold(hold_id, grant.connection_id, grant.grant_id, period, amount_nanos)
+        return grant, hold
 
     # ---- presence ----------------------------------------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
@@ -844,6 +914,32 @@ RETURNING tokens, allowed
 
 def _usage(r: Any) -> Usage:
     return Usage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
+
+
+async def _sweep_hold(con: Any, hold_id: int) -> int:
+    """Take one hold no living process will settle; 1 if it was still there."""
+    r = await con.fetchrow(
+        "DELETE FROM holds WHERE hold_id = $1 RETURNING connection_id, grant_id, "
+        "period, amount_nanos, generation_id, app_id, model, created_at", hold_id)
+    if r is None:
+        return 0  # settled or released meanwhile
+    if r["grant_id"] is not None:
+        await con.execute("UPDATE grants SET held_nanos = held_nanos - $1 "
+                          "WHERE grant_id = $2", r["amount_nanos"], r["grant_id"])
+    if r["generation_id"] is None:  # never reached the model
+        if r["grant_id"] is not None:
+            await _refund_request(con, r["grant_id"])
+        return 1
+    inserted = await con.fetchval(
+        "INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, "
+        "model, prompt_tokens, completion_tokens, cost_nanos, provisional, status, "
+        "latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7, TRUE, "
+        "'swept', 0, $8) ON CONFLICT (generation_id) DO NOTHING RETURNING 1",
+        r["generation_id"], r["app_id"] or "", r["connection_id"], r["grant_id"],
+        r["period"], r["model"] or "", r["amount_nanos"], r["created_at"])
+    if inserted:
+        await _debit(con, r["connection_id"], r["grant_id"], r["period"], r["amount_nanos"])
+    return 1
 
 
 async def _drop_hold(con: Any, hold_id: int) -> bool:

@@ -39,6 +39,7 @@ from ..logs import user_hash
 from ..store import REVOKED, App, Ledger
 from ..store.reports import DAY
 from . import console, metrics
+from .inputs import client_of
 from .state import gateway_key, upstream_key
 
 log = logging.getLogger("wattgate.admin")  # what operators changed: an audit trail
@@ -163,7 +164,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = form.get("token")
     given = token.encode() if isinstance(token, str) else b""
-    peer = request.remote or "?"
+    peer = client_of(gw.config, request).address
     try:
         # Before the comparison: past the limit a right guess is refused like a wrong one,
         # so the 429s tell a guesser nothing.

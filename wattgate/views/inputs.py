@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
 
+from ..clientaddr import Client, ClientAddresses
+from ..config import Config
 from ..errors import AuthError, InvalidRequest
 from ..money import usd_to_nanos
 
@@ -21,6 +24,18 @@ MAX_JSON_DEPTH = 64  # a chat request nests ~6 deep; a tool's JSON schema rarely
 
 _BRACKETS_ONLY = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+@lru_cache(maxsize=8)
+def _client_addresses(trusted: tuple[str, ...]) -> ClientAddresses:
+    return ClientAddresses(trusted)
+
+
+def client_of(config: Config, request: web.Request) -> Client:
+    """The request's client (address, scheme), believing forwarded headers only from
+    ``server.trusted_proxies``: the one answer the limiter, /metrics and the log use."""
+    return _client_addresses(tuple(config.server_trusted_proxies)).client_of(
+        request.remote, request.headers)
 
 
 def bearer(request: web.Request) -> str:

@@ -3,8 +3,10 @@
 Who may read it (``[metrics]``): nobody when ``enabled = false`` (404); a
 client on the loopback interface; anyone when ``allow_remote = true``; or a
 client sending ``Authorization: Bearer`` with the token held in
-``token_file``. A request carrying ``Forwarded`` or ``X-Forwarded-For`` came
-through a reverse proxy, so its loopback peer address proves nothing: it needs
+``token_file``. Behind a proxy listed in ``server.trusted_proxies`` the client
+is the one its ``X-Forwarded-For`` names (``clientaddr``); a request carrying
+``Forwarded`` or ``X-Forwarded-For`` from any other peer came through a proxy
+we were not told of, so its loopback peer address proves nothing: it needs
 ``allow_remote`` or the token. Refusals use the API's error body.
 
 Values that need the database (holds open, reconciliation backlog) are read
@@ -14,7 +16,6 @@ here, at scrape time, with two indexed counts; nothing is read per request.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..config import Config
 from ..errors import AuthError, ConfigError, MetricsForbidden, NotFound
 from ..keyfile import check_strong
+from .inputs import client_of
 from .state import gateway_key
 
 
@@ -44,17 +46,17 @@ def check_token_file(config: Config) -> None:
         _token(config.metrics_token_file)
 
 
-def _is_loopback(request: web.Request) -> bool:
+def _is_loopback(config: Config, request: web.Request) -> bool:
+    client = client_of(config, request)
+    if client.proxied:
+        return client.is_loopback
     if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
         return False
-    try:
-        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
-    except ValueError:
-        return False
+    return client.is_loopback
 
 
 def _allowed(config: Config, request: web.Request) -> bool:
-    if config.metrics_allow_remote or _is_loopback(request):
+    if config.metrics_allow_remote or _is_loopback(config, request):
         return True
     if not config.metrics_token_file:
         return False
