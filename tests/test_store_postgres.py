@@ -298,6 +298,32 @@ async def test_fails_closed_while_unreachable_and_recovers(open_store, db_url) -
     await gate.cut()
 
 
+
+async def test_a_settle_the_database_could_not_take_lands_once_it_is_back(open_store,
+                                                                         db_url) -> None:
+    host, port = db_url.split("@")[1].split("/")[0].split(":")
+    gate = _Gate(host, int(port))
+    await gate.open()
+    store = await open_store(db_url.replace(f"{host}:{port}", f"127.0.0.1:{gate.listen_port}"))
+    direct = await open_store()
+    cid = await _connected(direct)
+    app = (await direct.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    hold = await store.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    await store.note_generation(hold, "gen-retried", app, "m")  # type: ignore[misc]
+    await gate.cut()  # the answer came, the ledger is gone: the call's cost is known here only
+    with pytest.raises(Unavailable):
+        await store.settle(hold, _usage(cid, app, "gen-retried", 420), PERIOD)
+    assert await direct.held(cid, PERIOD) == 500
+    await gate.open()
+
+    async def landed() -> bool:
+        return (await direct.period_spent(cid, PERIOD), await direct.held(cid, PERIOD)) \
+            == (420, 0)
+    await _until(landed, "the settle landing once the database answers again")
+    assert await direct.check(now=NOW, hold_ttl=600) == []
+    await gate.cut()
+
+
 RACER = """
 import asyncio, json, sys
 from wattgate.errors import BudgetExceeded

@@ -66,6 +66,10 @@ SERVER_SETTINGS = {"statement_timeout": "5000", "lock_timeout": "2000",
 CONNECT_TIMEOUT = 5.0
 ACQUIRE_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
+# A write the database could not take (settle, release, a generation's name) is tried
+# again this often, doubling up to the second figure, until it lands: only this
+# process knows what its call cost.
+RETRY_FIRST, RETRY_MAX = 0.5, 5.0
 
 # Every failure that means "the database cannot answer now".
 _DOWN: tuple[type[BaseException], ...] = (
@@ -116,6 +120,7 @@ class PostgresStore(PgReportsMixin):
         self.owner_grace = OWNER_GRACE
         lifeline.on_presumed_dead = self._restore_soon
         self._writes: set[asyncio.Task[Any]] = set()  # shielded writes still running
+        self._closing = False  # writes stop retrying: close() waits for them
 
     # ---- lifecycle ---------------------------------------------------------
     @classmethod
@@ -143,6 +148,7 @@ class PostgresStore(PgReportsMixin):
         return cls(pool, lifeline)
 
     async def close(self) -> None:
+        self._closing = True
         if self._writes:
             await asyncio.wait(list(self._writes))
         await self._life.close()
@@ -193,9 +199,45 @@ class PostgresStore(PgReportsMixin):
         finally:
             self._life.bump()  # this process need not wait for its own notification
 
-    def _shield(self, work: Awaitable[Any]) -> "asyncio.Future[Any]":
-        """Run ``work`` to its end whatever happens to the caller awaiting the result."""
-        task = asyncio.ensure_future(work)
+    def _shield(self, write: Callable[[], Awaitable[Any]]) -> "asyncio.Future[Any]":
+        """Run ``write()`` to its end whatever happens to the caller awaiting the result.
+
+        The caller learns how the first attempt went. One the database could not
+        take (``Unavailable``: down, restarting) is tried again in the background
+        until it lands, or until the store closes: each such write is idempotent
+        (settle on the generation id, release and a generation's name on the
+        hold), and this process alone knows what its call in flight cost.
+        """
+        first: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Retrieved here, so a first attempt nobody awaited is never reported at exit.
+        first.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def tell(result: Any = None, error: BaseException | None = None) -> None:
+            if not first.done():  # the caller may have been cancelled
+                if error is not None:
+                    first.set_exception(error)
+                else:
+                    first.set_result(result)
+
+        async def attempts() -> None:
+            delay = RETRY_FIRST
+            while True:
+                try:
+                    result = await write()
+                except Unavailable as e:
+                    tell(error=e)
+                    if self._closing:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                except BaseException as e:
+                    tell(error=e)
+                    raise
+                tell(result)
+                return
+
+        task = asyncio.ensure_future(attempts())
         self._writes.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:
@@ -203,7 +245,7 @@ class PostgresStore(PgReportsMixin):
             if not t.cancelled() and t.exception() is not None:
                 log.error("ledger write failed: %r", t.exception())
         task.add_done_callback(done)
-        return asyncio.shield(task)
+        return first
 
     async def ping(self) -> bool:
         try:
@@ -403,19 +445,46 @@ class PostgresStore(PgReportsMixin):
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
         await self._ready()
-        async with self._tx() as con:
-            row = await con.fetchrow(_LOCK_CONNECTION, connection_id)
-            if row is None:
-                raise NotConnected()
-            budget.check_connection(row["state"], row["sealed_key"])
-            if row["cap_nanos"] is not None:
-                spent, held = await con.fetchrow(_SPENT_AND_HELD, connection_id, period)
-                budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
-            hold_id = await con.fetchval(_INSERT_HOLD, self.owner, connection_id, None,
-                                         row["app_id"], period, amount_nanos, now, expires_at)
+        inserting = False
+        try:
+            async with self._tx() as con:
+                row = await con.fetchrow(_LOCK_CONNECTION, connection_id)
+                if row is None:
+                    raise NotConnected()
+                budget.check_connection(row["state"], row["sealed_key"])
+                if row["cap_nanos"] is not None:
+                    spent, held = await con.fetchrow(_SPENT_AND_HELD, connection_id, period)
+                    budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
+                inserting = True
+                hold_id = await con.fetchval(_INSERT_HOLD, self.owner, connection_id, None,
+                                             row["app_id"], period, amount_nanos, now,
+                                             expires_at)
+        except Unavailable:
+            if inserting:
+                self._undo_lost_admission(now, amount_nanos)
+            raise
         hold = Hold(hold_id, connection_id, None, period, amount_nanos)
         self._mine[hold_id] = (hold, row["app_id"], now, expires_at)
         return hold
+
+    def _undo_lost_admission(self, created_at: float, amount_nanos: int) -> None:
+        """An admission cut off around its commit (the server went away) may have left
+        a hold that no call will settle: the caller was told 503. Once the server
+        answers again, drop any such hold of this process (identified by its
+        admission's moment and amount, never one this process still tracks) and
+        give a grant's request back."""
+        async def write() -> None:
+            async with self._tx() as con:
+                rows = await con.fetch(
+                    "SELECT hold_id, grant_id FROM holds WHERE owner = $1 AND created_at = $2 "
+                    "AND amount_nanos = $3 AND generation_id IS NULL",
+                    self.owner, created_at, amount_nanos)
+                for hold_id, grant_id in rows:
+                    if hold_id in self._mine:
+                        continue
+                    if await _drop_hold(con, hold_id) and grant_id is not None:
+                        await _refund_request(con, grant_id)
+        self._shield(write)
 
     def note_generation(self, hold: Hold, generation_id: str, app_id: str,
                         model: str) -> Awaitable[None] | None:
@@ -428,7 +497,7 @@ class PostgresStore(PgReportsMixin):
                 await con.execute("UPDATE holds SET generation_id = $1, app_id = $2, model = $3 "
                                   "WHERE hold_id = $4", generation_id, app_id, model[:200],
                                   hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
         if hold is not None:  # settled from now on: never to be restored
@@ -463,7 +532,7 @@ class PostgresStore(PgReportsMixin):
             finally:
                 if hold is not None:
                     self._forget(hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
         self._forget(hold.hold_id)
@@ -477,7 +546,7 @@ class PostgresStore(PgReportsMixin):
                         await _refund_request(con, hold.grant_id)
             finally:
                 self._forget(hold.hold_id)
-        return self._shield(write())
+        return self._shield(write)
 
     async def sweep_holds(self, *, older_than: float | None = None) -> int:
         """Holds created before ``older_than`` (any process's), or with None the holds of
@@ -642,6 +711,18 @@ class PostgresStore(PgReportsMixin):
     async def admit_grant(self, token_hash: str, app_id: str, period: str, amount_nanos: int,
                           *, now: float, expires_at: float) -> tuple[Grant, Hold]:
         await self._ready()
+        writing: list[bool] = []  # the grant's request and hold were sent
+        try:
+            return await self._admit_grant(token_hash, app_id, period, amount_nanos, now=now,
+                                           expires_at=expires_at, writing=writing)
+        except Unavailable:
+            if writing:
+                self._undo_lost_admission(now, amount_nanos)
+            raise
+
+    async def _admit_grant(self, token_hash: str, app_id: str, period: str,
+                           amount_nanos: int, *, now: float, expires_at: float,
+                           writing: list[bool]) -> tuple[Grant, Hold]:
         async with self._tx() as con:
             # A grant's funding connection never changes: read it unlocked, then lock
             # connection before grant (the one order every admission uses).
@@ -669,6 +750,7 @@ class PostgresStore(PgReportsMixin):
                     spent, held = await con.fetchrow(_SPENT_AND_HELD, grant.connection_id,
                                                      period)
                     budget.check_cap(conn["cap_nanos"], spent, held, amount_nanos)
+            writing.append(True)
             await con.execute("UPDATE grants SET used = used + 1, held_nanos = held_nanos + $1 "
                               "WHERE grant_id = $2", amount_nanos, grant.grant_id)
             hold_id = await con.fetchval(_INSERT_HOLD, self.owner, grant.connection_id,
