@@ -444,7 +444,11 @@ async def kill_nine(calls: int, kill_after: float, seed: int, *,
                if (answered := fake.generations[g].answered_at) is None
                or answered > killed_at - grace]
     named_lost = sorted(set(after.unknown) - set(unnamed))
-    ok = (check[0] == 0 and held == 0 and after.open_holds == 0 and not after.mismatched
+    # SQLite: the restarted server sweeps every hold at start. PostgreSQL: the dead
+    # process's holds wait out OWNER_GRACE (a lifeline outage is not a death) and are
+    # swept by the next reconcile pass (the drill's, by hand): ``after.open_holds``.
+    settled = held == 0 or bool(database_url)
+    ok = (check[0] == 0 and settled and after.open_holds == 0 and not after.mismatched
           and not after.foreign and explained and not named_lost
           and after.ledger_nanos + after.unknown_nanos(fake) == after.charged_nanos
           and after.ledger_nanos == after.aggregate_nanos)
