@@ -26,6 +26,8 @@ rows, so this audit, run from another process, never sees them.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def audit(db: sqlite3.Connection, *, now: float, hold_ttl: float) -> list[str]:
@@ -84,25 +86,34 @@ def _caps(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
     return out
 
 
-def _grants(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
+# Each grant with what its rows say (the same SQL on both engines).
+GRANTS_SQL = (
+    "SELECT g.grant_id, g.requests, g.used, g.max_nanos, g.spent_nanos, g.held_nanos, "
+    "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
+    "(SELECT COUNT(*) FROM usage u WHERE u.grant_id = g.grant_id), "
+    "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id), "
+    "(SELECT COUNT(*) FROM holds h WHERE h.grant_id = g.grant_id) FROM grants g")
+
+
+def grant_findings(rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The sentences for ``GRANTS_SQL``'s rows that disagree with themselves."""
     out = []
-    for gid, requests, used, max_nanos, spent, held, rows, calls, holds, holding in db.execute(
-            "SELECT g.grant_id, g.requests, g.used, g.max_nanos, g.spent_nanos, g.held_nanos, "
-            "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
-            "(SELECT COUNT(*) FROM usage u WHERE u.grant_id = g.grant_id), "
-            "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id), "
-            "(SELECT COUNT(*) FROM holds h WHERE h.grant_id = g.grant_id) FROM grants g"):
-        if spent != rows or held != holds:
-            out.append(f"grant {gid}: spent {spent}/held {held} but rows sum to {rows} and "
+    for gid, requests, used, max_nanos, spent, held, costs, calls, holds, holding in rows:
+        if spent != costs or held != holds:
+            out.append(f"grant {gid}: spent {spent}/held {held} but rows sum to {costs} and "
                        f"holds to {holds}")
         if used != calls + holding:
             out.append(f"grant {gid}: {used} requests used but {calls} calls recorded and "
                        f"{holding} in flight")
         if calls + holding > requests:
             out.append(f"grant {gid}: {calls + holding} calls on {requests} requests")
-        if max_nanos is not None and rows > max_nanos:
-            out.append(f"grant {gid}: spent {rows} nano-USD on a cap of {max_nanos}")
+        if max_nanos is not None and costs > max_nanos:
+            out.append(f"grant {gid}: spent {costs} nano-USD on a cap of {max_nanos}")
     return out
+
+
+def _grants(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
+    return grant_findings(db.execute(GRANTS_SQL))
 
 
 def _missing(table: str) -> str:

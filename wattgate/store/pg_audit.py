@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .audit import GRANTS_SQL, grant_findings
+
 # The UTC year-month of an epoch timestamp column.
 _MONTH = "to_char(to_timestamp({col}) AT TIME ZONE 'UTC', 'YYYY-MM')"
 
@@ -67,25 +69,7 @@ async def _caps(con: Any, now: float, ttl: float) -> list[str]:
 
 
 async def _grants(con: Any, now: float, ttl: float) -> list[str]:
-    out = []
-    for gid, requests, used, max_nanos, spent, held, rows, calls, holds, holding in \
-            await con.fetch(
-            "SELECT g.grant_id, g.requests, g.used, g.max_nanos, g.spent_nanos, g.held_nanos, "
-            "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
-            "(SELECT COUNT(*) FROM usage u WHERE u.grant_id = g.grant_id), "
-            "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id), "
-            "(SELECT COUNT(*) FROM holds h WHERE h.grant_id = g.grant_id) FROM grants g"):
-        if spent != rows or held != holds:
-            out.append(f"grant {gid}: spent {spent}/held {held} but rows sum to {rows} and "
-                       f"holds to {holds}")
-        if used != calls + holding:
-            out.append(f"grant {gid}: {used} requests used but {calls} calls recorded and "
-                       f"{holding} in flight")
-        if calls + holding > requests:
-            out.append(f"grant {gid}: {calls + holding} calls on {requests} requests")
-        if max_nanos is not None and rows > max_nanos:
-            out.append(f"grant {gid}: spent {rows} nano-USD on a cap of {max_nanos}")
-    return out
+    return grant_findings(await con.fetch(GRANTS_SQL))
 
 
 def _missing(table: str) -> str:

@@ -7,15 +7,14 @@ so no read stays open for a whole download). Days and months are UTC.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .records import Connection
+from .records import CONNECTION_COLS, Connection
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
 _DAY = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-_CONNECTION_COLS = ("c.connection_id, c.app_id, c.app_user_id, c.state, c.cap_nanos, "
-                    "c.sealed_key, c.browser_hash, c.created_at, c.updated_at")
+_CONNECTION_COLS = ", ".join("c." + col for col in CONNECTION_COLS.split(", "))
 _PAYER_JOIN = "LEFT JOIN connections c ON c.connection_id = u.connection_id "
 _LIVE_APPS = "(SELECT app_id FROM apps WHERE deleted_at IS NULL)"
 
@@ -23,8 +22,7 @@ _LIVE_APPS = "(SELECT app_id FROM apps WHERE deleted_at IS NULL)"
 class PgReportsMixin:
     """Reporting reads of ``PostgresStore`` (which provides ``_all``)."""
 
-    async def _all(self, sql: str, *args: Any) -> list[Any]:
-        raise NotImplementedError
+    _all: Callable[..., Awaitable[list[Any]]]  # PostgresStore's point read
 
     async def daily_spend(self, since: float, until: float, *,
                           app_id: str | None = None) -> list[DaySpend]:

@@ -54,7 +54,8 @@ from .pg_audit import audit
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
-from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
+from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+                      Connection, Grant, Hold, Usage)
 
 log = logging.getLogger("wattgate.store")
 
@@ -88,12 +89,6 @@ _DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidCatalogNameError,  # 3D000
 )
 
-_USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
-               "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
-_CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
-                    "browser_hash, created_at, updated_at")
-_GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
-               "held_nanos, sealed_key, connection_id, created_at, expires_at")
 _NOTIFY = "SELECT pg_notify('wattgate_changes', '')"
 
 
@@ -344,23 +339,23 @@ class PostgresStore(PgReportsMixin):
 
     # ---- connections ---------------------------------------------------------
     async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:
-        row = await self._one(f"SELECT {_CONNECTION_COLS} FROM connections "
+        row = await self._one(f"SELECT {CONNECTION_COLS} FROM connections "
                               "WHERE app_id = $1 AND app_user_id = $2", app_id, app_user_id)
         return Connection(*row) if row else None
 
     async def get_connection_by_id(self, connection_id: int) -> Connection | None:
-        row = await self._one(f"SELECT {_CONNECTION_COLS} FROM connections "
+        row = await self._one(f"SELECT {CONNECTION_COLS} FROM connections "
                               "WHERE connection_id = $1", connection_id)
         return Connection(*row) if row else None
 
     async def connections_for_browser(self, browser_hash: str) -> list[Connection]:
         return [Connection(*r) for r in await self._all(
-            f"SELECT {_CONNECTION_COLS} FROM connections WHERE browser_hash = $1 "
+            f"SELECT {CONNECTION_COLS} FROM connections WHERE browser_hash = $1 "
             "ORDER BY updated_at DESC", browser_hash)]
 
     async def connections_for_app(self, app_id: str) -> list[Connection]:
         return [Connection(*r) for r in await self._all(
-            f"SELECT {_CONNECTION_COLS} FROM connections WHERE app_id = $1 "
+            f"SELECT {CONNECTION_COLS} FROM connections WHERE app_id = $1 "
             "ORDER BY updated_at DESC", app_id)]
 
     async def save_connection(self, app_id: str, app_user_id: str, *, state: str,
@@ -374,7 +369,7 @@ class PostgresStore(PgReportsMixin):
                 "ON CONFLICT (app_id, app_user_id) DO UPDATE SET state = EXCLUDED.state, "
                 "cap_nanos = EXCLUDED.cap_nanos, sealed_key = EXCLUDED.sealed_key, "
                 "browser_hash = EXCLUDED.browser_hash, updated_at = EXCLUDED.updated_at "
-                f"RETURNING {_CONNECTION_COLS}",
+                f"RETURNING {CONNECTION_COLS}",
                 app_id, app_user_id, state, cap_nanos, sealed_key, browser_hash, now)
             connection = Connection(*row)
             if seal is not None:
@@ -392,7 +387,7 @@ class PostgresStore(PgReportsMixin):
             row = await con.fetchrow(
                 "UPDATE connections SET cap_nanos = $1, updated_at = $2 WHERE connection_id = $3 "
                 "AND state = $4 AND sealed_key IS NOT DISTINCT FROM $5 "
-                f"RETURNING {_CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
+                f"RETURNING {CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
                 expected_key)
             return Connection(*row) if row else None
         result: Connection | None = await self._changed(write)
@@ -695,17 +690,17 @@ class PostgresStore(PgReportsMixin):
                      connection_id, now, expires_at)
 
     async def get_grant(self, token_hash: str) -> Grant | None:
-        row = await self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = $1",
+        row = await self._one(f"SELECT {GRANT_COLS} FROM grants WHERE token_hash = $1",
                               token_hash)
         return Grant(*row) if row else None
 
     async def get_grant_by_id(self, grant_id: int) -> Grant | None:
-        row = await self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE grant_id = $1", grant_id)
+        row = await self._one(f"SELECT {GRANT_COLS} FROM grants WHERE grant_id = $1", grant_id)
         return Grant(*row) if row else None
 
     async def grants_for_app(self, app_id: str) -> list[Grant]:
         return [Grant(*r) for r in await self._all(
-            f"SELECT {_GRANT_COLS} FROM grants WHERE app_id = $1 ORDER BY created_at DESC",
+            f"SELECT {GRANT_COLS} FROM grants WHERE app_id = $1 ORDER BY created_at DESC",
             app_id)]
 
     async def admit_grant(self, token_hash: str, app_id: str, period: str, amount_nanos: int,
@@ -733,7 +728,7 @@ class PostgresStore(PgReportsMixin):
             conn = None
             if funder[0] is not None:
                 conn = await con.fetchrow(_LOCK_CONNECTION, funder[0])
-            row = await con.fetchrow(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = $1 "
+            row = await con.fetchrow(f"SELECT {GRANT_COLS} FROM grants WHERE token_hash = $1 "
                                      "FOR UPDATE", token_hash)
             grant = Grant(*row) if row else None
             budget.check_grant(grant, app_id, now, amount_nanos)
@@ -801,7 +796,7 @@ class PostgresStore(PgReportsMixin):
     async def provisional_page(self, limit: int, *, after: int = 0,
                                since: float | None = None) -> list[tuple[int, Usage, str]]:
         rows = await self._all(
-            f"SELECT {_USAGE_COLS}, period, usage_id FROM usage WHERE provisional "
+            f"SELECT {USAGE_COLS}, period, usage_id FROM usage WHERE provisional "
             "AND generation_id NOT LIKE 'wg-%' AND usage_id > $1 "
             "AND ($2::double precision IS NULL OR created_at >= $2) ORDER BY usage_id LIMIT $3",
             after, since, limit)
@@ -809,14 +804,14 @@ class PostgresStore(PgReportsMixin):
 
     async def recent_final_usage(self, limit: int) -> list[tuple[int, Usage]]:
         rows = await self._all(
-            f"SELECT {_USAGE_COLS}, usage_id FROM usage WHERE NOT provisional "
+            f"SELECT {USAGE_COLS}, usage_id FROM usage WHERE NOT provisional "
             "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id DESC LIMIT $1", limit)
         return [(r[-1], _usage(r)) for r in rows]
 
     async def provisional_of_connection(self, connection_id: int,
                                         limit: int = 100) -> list[Usage]:
         rows = await self._all(
-            f"SELECT {_USAGE_COLS} FROM usage WHERE connection_id = $1 AND provisional "
+            f"SELECT {USAGE_COLS} FROM usage WHERE connection_id = $1 AND provisional "
             "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id LIMIT $2", connection_id, limit)
         return [_usage(r) for r in rows]
 
@@ -855,7 +850,7 @@ class PostgresStore(PgReportsMixin):
 
     async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]:
         rows = await self._all(
-            f"SELECT {_USAGE_COLS} FROM usage WHERE connection_id = $1 "
+            f"SELECT {USAGE_COLS} FROM usage WHERE connection_id = $1 "
             "ORDER BY created_at DESC, usage_id DESC LIMIT $2", connection_id, limit)
         return [_usage(r) for r in rows]
 

@@ -77,3 +77,13 @@ class Hold:
     grant_id: int | None
     period: str
     amount_nanos: int
+
+
+# The columns each row above is built from, in its fields' order (every backend
+# selects these, so ``Connection(*row)`` means the same on both).
+USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
+              "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
+CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
+                   "browser_hash, created_at, updated_at")
+GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
+              "held_nanos, sealed_key, connection_id, created_at, expires_at")

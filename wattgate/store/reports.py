@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .records import Connection
+from .records import CONNECTION_COLS, Connection
 
 T = TypeVar("T")
 DAY = 86400
@@ -79,8 +79,7 @@ class UsageLine:
     status: str
 
 
-_CONNECTION_COLS = ("c.connection_id, c.app_id, c.app_user_id, c.state, c.cap_nanos, "
-                    "c.sealed_key, c.browser_hash, c.created_at, c.updated_at")
+_CONNECTION_COLS = ", ".join("c." + col for col in CONNECTION_COLS.split(", "))
 
 # A grant's payer is the connection that funds it when there is one.
 _PAYER_JOIN = ("LEFT JOIN connections c ON c.connection_id = u.connection_id ")

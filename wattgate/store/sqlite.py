@@ -34,7 +34,8 @@ from .audit import audit
 from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from .migrations import migrate
-from .records import ACTIVE, REVOKED, App, Connection, Grant, Hold, Usage
+from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+                      Connection, Grant, Hold, Usage)
 from .reports import ReportsMixin  # the console's and exports' range reads
 
 T = TypeVar("T")
@@ -252,12 +253,6 @@ def _consume(future: asyncio.Future[Any]) -> None:
         log.error("background ledger write failed: %r", future.exception())
 
 
-_USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
-               "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
-_CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
-                    "browser_hash, created_at, updated_at")
-_GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
-               "held_nanos, sealed_key, connection_id, created_at, expires_at")
 
 
 class SQLiteStore(ReportsMixin):
@@ -583,7 +578,7 @@ class SQLiteStore(ReportsMixin):
         cache = self._cache_ok()
         if cache and (hit := self._meter.cached_connection(app_id, app_user_id)) is not None:
             return hit
-        row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections "
+        row = self._one(f"SELECT {CONNECTION_COLS} FROM connections "
                         "WHERE app_id = :a AND app_user_id = :u", {"a": app_id, "u": app_user_id})
         connection = Connection(*row) if row else None
         if cache and connection is not None:
@@ -596,7 +591,7 @@ class SQLiteStore(ReportsMixin):
     def _connection_by_id(self, connection_id: int, cache: bool) -> Connection | None:
         if cache and (hit := self._meter.connections.get(connection_id)) is not None:
             return hit
-        row = self._one(f"SELECT {_CONNECTION_COLS} FROM connections WHERE connection_id = ?",
+        row = self._one(f"SELECT {CONNECTION_COLS} FROM connections WHERE connection_id = ?",
                         (connection_id,))
         connection = Connection(*row) if row else None
         if cache and connection is not None:
@@ -614,12 +609,12 @@ class SQLiteStore(ReportsMixin):
         return spent
 
     async def connections_for_browser(self, browser_hash: str) -> list[Connection]:
-        rows = self._all(f"SELECT {_CONNECTION_COLS} FROM connections WHERE browser_hash = ? "
+        rows = self._all(f"SELECT {CONNECTION_COLS} FROM connections WHERE browser_hash = ? "
                          "ORDER BY updated_at DESC", (browser_hash,))
         return [Connection(*r) for r in rows]
 
     async def connections_for_app(self, app_id: str) -> list[Connection]:
-        rows = self._all(f"SELECT {_CONNECTION_COLS} FROM connections WHERE app_id = ? "
+        rows = self._all(f"SELECT {CONNECTION_COLS} FROM connections WHERE app_id = ? "
                          "ORDER BY updated_at DESC", (app_id,))
         return [Connection(*r) for r in rows]
 
@@ -641,7 +636,7 @@ class SQLiteStore(ReportsMixin):
                 "browser_hash, created_at, updated_at) VALUES (:a, :u, :s, :c, :k, :b, :t, :t) "
                 "ON CONFLICT (app_id, app_user_id) DO UPDATE SET state = :s, cap_nanos = :c, "
                 "sealed_key = :k, browser_hash = :b, updated_at = :t", params)
-            row = db.execute(f"SELECT {_CONNECTION_COLS} FROM connections "
+            row = db.execute(f"SELECT {CONNECTION_COLS} FROM connections "
                              "WHERE app_id = :a AND app_user_id = :u", params).fetchone()
             if seal is not None:
                 sealed = seal(row[0])
@@ -666,7 +661,7 @@ class SQLiteStore(ReportsMixin):
                  "k": expected_key}).rowcount
             if not changed:
                 return None
-            row = db.execute(f"SELECT {_CONNECTION_COLS} FROM connections "
+            row = db.execute(f"SELECT {CONNECTION_COLS} FROM connections "
                              "WHERE connection_id = ?", (connection_id,)).fetchone()
             return Connection(*row)
         return await self._writer.run(op, self._forget_connections)
@@ -864,7 +859,7 @@ class SQLiteStore(ReportsMixin):
     async def provisional_page(self, limit: int, *, after: int = 0,
                                since: float | None = None) -> list[tuple[int, Usage, str]]:
         rows = self._all(
-            f"SELECT {_USAGE_COLS}, period, usage_id FROM usage WHERE provisional = 1 "
+            f"SELECT {USAGE_COLS}, period, usage_id FROM usage WHERE provisional = 1 "
             "AND generation_id NOT LIKE 'wg-%' AND usage_id > :after "
             "AND created_at >= :since ORDER BY usage_id LIMIT :limit",
             {"after": after, "since": since if since is not None else float("-inf"),
@@ -874,7 +869,7 @@ class SQLiteStore(ReportsMixin):
     async def recent_final_usage(self, limit: int) -> list[tuple[int, Usage]]:
         """(usage id, row) of the latest final rows that name a real generation, newest first."""
         rows = self._all(
-            f"SELECT {_USAGE_COLS}, usage_id FROM usage WHERE provisional = 0 "
+            f"SELECT {USAGE_COLS}, usage_id FROM usage WHERE provisional = 0 "
             "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id DESC LIMIT ?", (limit,))
         return [(r[-1], _usage(r)) for r in rows]
 
@@ -882,7 +877,7 @@ class SQLiteStore(ReportsMixin):
                                         limit: int = 100) -> list[Usage]:
         """A connection's provisional rows that name a real generation, oldest first."""
         rows = self._all(
-            f"SELECT {_USAGE_COLS} FROM usage WHERE connection_id = ? AND provisional = 1 "
+            f"SELECT {USAGE_COLS} FROM usage WHERE connection_id = ? AND provisional = 1 "
             "AND generation_id NOT LIKE 'wg-%' ORDER BY usage_id LIMIT ?",
             (connection_id, limit))
         return [_usage(r) for r in rows]
@@ -1059,15 +1054,15 @@ class SQLiteStore(ReportsMixin):
         return await self._writer.run(op)
 
     async def get_grant(self, token_hash: str) -> Grant | None:
-        row = self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?", (token_hash,))
+        row = self._one(f"SELECT {GRANT_COLS} FROM grants WHERE token_hash = ?", (token_hash,))
         return Grant(*row) if row else None
 
     async def get_grant_by_id(self, grant_id: int) -> Grant | None:
-        row = self._one(f"SELECT {_GRANT_COLS} FROM grants WHERE grant_id = ?", (grant_id,))
+        row = self._one(f"SELECT {GRANT_COLS} FROM grants WHERE grant_id = ?", (grant_id,))
         return Grant(*row) if row else None
 
     async def grants_for_app(self, app_id: str) -> list[Grant]:
-        rows = self._all(f"SELECT {_GRANT_COLS} FROM grants WHERE app_id = ? "
+        rows = self._all(f"SELECT {GRANT_COLS} FROM grants WHERE app_id = ? "
                          "ORDER BY created_at DESC", (app_id,))
         return [Grant(*r) for r in rows]
 
@@ -1080,7 +1075,7 @@ class SQLiteStore(ReportsMixin):
         grant is funded by a connection, that connection's cap applies too.
         """
         def op(db: sqlite3.Connection) -> tuple[Grant, Hold]:
-            row = db.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE token_hash = ?",
+            row = db.execute(f"SELECT {GRANT_COLS} FROM grants WHERE token_hash = ?",
                              (token_hash,)).fetchone()
             found = Grant(*row) if row is not None else None
             budget.check_grant(found, app_id, now, amount_nanos)
@@ -1161,7 +1156,7 @@ def _ended_grants(db: sqlite3.Connection, now: float | None) -> list[int]:
     rule's ``budget.grant_usable``, read in the transaction that erases them)."""
     assert now is not None
     return [g.grant_id for g in (Grant(*r) for r in db.execute(
-        f"SELECT {_GRANT_COLS} FROM grants WHERE sealed_key IS NOT NULL"))
+        f"SELECT {GRANT_COLS} FROM grants WHERE sealed_key IS NOT NULL"))
         if not budget.grant_usable(g, now)]
 
 
