@@ -932,3 +932,163 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     got = await ledger.get_connection(app.app_id, c.app_user_id)
     assert got is not None and got.state == REVOKED
     assert (await ledger.get_app(app.app_id)).secret_hash == "rotated"  # type: ignore[union-attr]
+
+
+# ---- webhooks: the outbox ----------------------------------------------------------
+
+async def hooked(ledger: Ledger) -> App:
+    app = await new_app(ledger)
+    assert await ledger.set_webhook(app.app_id, "https://example.test/hook", "sealed-secret")
+    return app
+
+
+def events_of(events: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.type, json.loads(e.body)["data"]) for e in sorted(events, key=lambda e: e.event_id)]
+
+
+async def test_a_webhook_is_set_read_and_cleared(ledger):
+    app = await new_app(ledger)
+    assert await ledger.get_webhook(app.app_id) is None
+    assert not await ledger.set_webhook("no-such-app", "https://x.test/", "s")
+    assert await ledger.set_webhook(app.app_id, "https://x.test/h", "sealed")
+    hook = await ledger.get_webhook(app.app_id)
+    assert hook is not None and (hook.url, hook.sealed_secret) == ("https://x.test/h", "sealed")
+    assert await ledger.set_webhook(app.app_id, None, None)
+    assert await ledger.get_webhook(app.app_id) is None
+
+
+async def test_connection_changes_write_their_events_and_an_app_without_endpoint_none(ledger):
+    quiet = await new_app(ledger)
+    c0 = await funded(ledger, quiet)
+    await ledger.set_connection_state(c0.connection_id, REVOKED, now=T)
+    assert await ledger.recent_webhooks(quiet.app_id) == []
+
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "alice", cap=10 * USD)
+    await ledger.update_cap(c.connection_id, 25 * USD, expected_key=c.sealed_key, now=T + 1)
+    await ledger.update_cap(c.connection_id, 25 * USD, expected_key="stale", now=T + 2)  # refused
+    await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 3)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 4)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 5)  # already: nothing
+    events = await ledger.recent_webhooks(app.app_id)
+    assert events_of(events) == [
+        ("connection.created", {"appId": app.app_id, "appUserId": "alice", "capUsd": "10"}),
+        ("connection.cap_changed", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25",
+                                    "previousCapUsd": "10"}),
+        ("funding.invalid", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25"}),
+        ("connection.revoked", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25"}),
+    ]
+    assert len({e.public_id for e in events}) == 4
+    assert {e.stream for e in events} == {f"c{c.connection_id}"}
+    assert all(e.status == "pending" and e.attempts == 0 for e in events)
+    body = json.loads(events[-1].body)
+    assert set(body) == {"id", "type", "created", "data"} and body["created"] == int(T + 1)
+
+
+async def test_thresholds_are_written_by_the_settle_once_per_period_each(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "bob", cap=10 * USD)
+    for i, cost in enumerate([7 * USD, USD - 1]):  # 7.999999999: not yet 80 %
+        h = await admit(ledger, c, cost)
+        assert await ledger.settle(h, billed(h, app, f"t{i}", cost), PERIOD)
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    h = await admit(ledger, c, 1)  # exactly 8 dollars: 80 %
+    await ledger.settle(h, billed(h, app, "t2", 1), PERIOD)
+    h = await admit(ledger, c, USD)  # 9: nothing new
+    await ledger.settle(h, billed(h, app, "t3", USD), PERIOD)
+    h = await admit(ledger, c, USD)  # 10: 100 %
+    await ledger.settle(h, billed(h, app, "t4", USD), PERIOD)
+    await ledger.settle(h, billed(h, app, "t4", USD), PERIOD)  # a repeat: nothing
+    thresholds = [d for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+                  if t == "budget.threshold"]
+    assert thresholds == [
+        {"appId": app.app_id, "appUserId": "bob", "period": PERIOD, "percent": 80,
+         "capUsd": "10", "spentUsd": "8"},
+        {"appId": app.app_id, "appUserId": "bob", "period": PERIOD, "percent": 100,
+         "capUsd": "10", "spentUsd": "10"},
+    ]
+    # A new cap in the same period does not repeat them; the next period does.
+    c = await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key, now=T)
+    assert c is not None
+    h = await admit(ledger, c, 9 * USD)
+    await ledger.settle(h, billed(h, app, "t5", 9 * USD), PERIOD)
+    h = await admit(ledger, c, 16 * USD, period=NEXT)
+    await ledger.settle(h, billed(h, app, "t6", 16 * USD, at=T + 40 * 86400), NEXT)
+    types = [(t, d.get("period"), d.get("percent"))
+             for t, d in events_of(await ledger.recent_webhooks(app.app_id))]
+    assert types.count(("budget.threshold", PERIOD, 80)) == 1
+    assert types.count(("budget.threshold", PERIOD, 100)) == 1
+    assert ("budget.threshold", NEXT, 80) in types
+    await consistent(ledger, app)
+
+
+async def test_one_settle_past_both_lines_tells_both_in_order(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "carol", cap=USD)
+    h = await admit(ledger, c, USD)
+    await ledger.settle(h, billed(h, app, "big", USD), PERIOD)
+    assert [(t, d.get("percent")) for t, d in events_of(await ledger.recent_webhooks(app.app_id))] \
+        == [("connection.created", None), ("budget.threshold", 80), ("budget.threshold", 100)]
+
+
+async def test_a_grant_used_up_tells_once_when_its_last_call_settles(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "dan", cap=100 * USD)
+    g = await connection_grant(ledger, app, c, 2)
+    holds = [(await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, USD, now=T,
+                                       expires_at=T + TTL))[1] for _ in range(2)]
+    await ledger.settle(holds[0], billed(holds[0], app, "g1", USD // 2), PERIOD)
+    assert "grant.exhausted" not in [e.type for e in await ledger.recent_webhooks(app.app_id)]
+    await ledger.settle(holds[1], billed(holds[1], app, "g2", USD // 4), PERIOD)
+    typed = await typed_grant(ledger, app, 5, max_nanos=USD)
+    _, h = await ledger.admit_grant(typed.token_hash, app.app_id, PERIOD, USD, now=T,
+                                    expires_at=T + TTL)
+    await ledger.settle(h, billed(h, app, "g3", USD), PERIOD)  # its dollar cap spent
+    exhausted = [(e.stream, d) for e in await ledger.recent_webhooks(app.app_id)
+                 for t, d in [(e.type, json.loads(e.body)["data"])] if t == "grant.exhausted"]
+    assert sorted(exhausted, key=lambda x: x[1]["grantId"]) == [
+        (f"c{c.connection_id}", {"appId": app.app_id, "appUserId": "dan", "grantId": g.grant_id,
+                                 "requests": 2, "used": 2, "maxUsd": None, "spentUsd": "0.75"}),
+        (f"g{typed.grant_id}", {"appId": app.app_id, "appUserId": None,
+                                "grantId": typed.grant_id, "requests": 5, "used": 1,
+                                "maxUsd": "1", "spentUsd": "1"}),
+    ]
+
+
+async def test_claims_deliver_in_order_per_stream_and_lease_against_a_second_claimer(ledger, place):
+    app = await hooked(ledger)
+    a = await funded(ledger, app, "a")
+    b = await funded(ledger, app, "b")
+    await ledger.update_cap(a.connection_id, 20 * USD, expected_key=a.sealed_key, now=T)
+    other = await place.open()
+    first = await ledger.claim_webhooks(now=T, lease_until=T + 60)
+    assert [e.stream for e in first] == [f"c{a.connection_id}", f"c{b.connection_id}"]
+    assert [e.type for e in first] == ["connection.created"] * 2
+    assert all(e.attempts == 1 for e in first)
+    assert await other.claim_webhooks(now=T + 1, lease_until=T + 61) == []  # leased, in order
+    a_created = first[0]
+    await ledger.record_webhook(a_created.event_id, status="delivered", next_at=T + 1,
+                                code=204, error=None, now=T + 1)
+    await ledger.record_webhook(first[1].event_id, status="pending", next_at=T + 30,
+                                code=500, error=None, now=T + 1)
+    nxt = await other.claim_webhooks(now=T + 2, lease_until=T + 62)
+    assert [(e.stream, e.type) for e in nxt] == [(f"c{a.connection_id}", "connection.cap_changed")]
+    await other.record_webhook(nxt[0].event_id, status="delivered", next_at=T + 2, code=200,
+                               error=None, now=T + 2)
+    again = await other.claim_webhooks(now=T + 31, lease_until=T + 91)
+    assert [(e.public_id, e.attempts) for e in again] == [(first[1].public_id, 2)]
+    await other.record_webhook(again[0].event_id, status="failed", next_at=T + 31, code=None,
+                               error="timeout", now=T + 31)
+    recent = {e.public_id: e for e in await ledger.recent_webhooks(app.app_id)}
+    assert recent[a_created.public_id].status == "delivered"
+    assert recent[a_created.public_id].last_code == 204
+    assert recent[a_created.public_id].delivered_at == T + 1
+    failed = recent[first[1].public_id]
+    assert (failed.status, failed.attempts, failed.last_error) == ("failed", 2, "timeout")
+    # Resend: the same id and body, pending again from now; a pending one is not resent.
+    assert await ledger.resend_webhook(app.app_id, failed.public_id, now=T + 100)
+    assert not await ledger.resend_webhook(app.app_id, failed.public_id, now=T + 100)
+    assert not await ledger.resend_webhook("another-app", a_created.public_id, now=T + 100)
+    resent = await ledger.claim_webhooks(now=T + 100, lease_until=T + 160)
+    assert [(e.public_id, e.body, e.since) for e in resent] == \
+        [(failed.public_id, failed.body, T + 100)]

@@ -213,6 +213,37 @@ def m006_fleet_state(db: sqlite3.Connection) -> None:
     """)
 
 
+def m007_webhooks(db: sqlite3.Connection) -> None:
+    # An app's webhook endpoint and its sealed signing secret; the outbox of events,
+    # each written in the transaction of the change it tells (``store/outbox.py``).
+    # ``dedupe`` makes an event that must happen once (a threshold per period, a grant
+    # used up) a conflict the second time.
+    _script(db, """
+    ALTER TABLE apps ADD COLUMN webhook_url TEXT;
+    ALTER TABLE apps ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE webhook_events (
+        event_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        public_id    TEXT NOT NULL UNIQUE,
+        app_id       TEXT NOT NULL,
+        stream       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        dedupe       TEXT UNIQUE,
+        body         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_at      REAL NOT NULL,
+        since        REAL NOT NULL,
+        last_code    INTEGER,
+        last_error   TEXT,
+        delivered_at REAL
+    );
+    CREATE INDEX webhook_events_due ON webhook_events (status, next_at);
+    CREATE INDEX webhook_events_stream ON webhook_events (stream, event_id);
+    CREATE INDEX webhook_events_app ON webhook_events (app_id, event_id)
+    """)
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -227,6 +258,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
     m006_fleet_state,
+    m007_webhooks,
 )
 
 

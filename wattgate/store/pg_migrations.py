@@ -153,9 +153,43 @@ async def m002_owners(con: Any) -> None:
     """)
 
 
+async def m003_reserved(con: Any) -> None:
+    """Number 3 is another branch's (feat/policy or feat/pgperf); replaced at merge."""
+
+
+async def m004_webhooks(con: Any) -> None:
+    # The SQLite ledger's m007: an app's webhook endpoint, the outbox of its events.
+    await con.execute("""
+    ALTER TABLE apps ADD COLUMN webhook_url TEXT;
+    ALTER TABLE apps ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE webhook_events (
+        event_id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        public_id    TEXT NOT NULL UNIQUE,
+        app_id       TEXT NOT NULL,
+        stream       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        dedupe       TEXT UNIQUE,
+        body         TEXT NOT NULL,
+        created_at   DOUBLE PRECISION NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_at      DOUBLE PRECISION NOT NULL,
+        since        DOUBLE PRECISION NOT NULL,
+        last_code    INTEGER,
+        last_error   TEXT,
+        delivered_at DOUBLE PRECISION
+    );
+    CREATE INDEX webhook_events_due ON webhook_events (status, next_at);
+    CREATE INDEX webhook_events_stream ON webhook_events (stream, event_id);
+    CREATE INDEX webhook_events_app ON webhook_events (app_id, event_id);
+    """)
+
+
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
     m002_owners,
+    m003_reserved,
+    m004_webhooks,
 )
 
 

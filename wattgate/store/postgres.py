@@ -50,12 +50,13 @@ import asyncpg
 
 from .. import budget
 from ..errors import ConsentRequired, GrantInvalid, KeysMismatch, NotConnected, Unavailable
+from . import outbox
 from .pg_audit import audit
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
-from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      Connection, Grant, Hold, Usage)
+from .records import (ACTIVE, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED, USAGE_COLS,
+                      App, Connection, Grant, Hold, Usage, Webhook, WebhookEvent)
 
 log = logging.getLogger("wattgate.store")
 
@@ -363,6 +364,9 @@ class PostgresStore(PgReportsMixin):
                               browser_hash: str | None, now: float,
                               seal: Callable[[int], str] | None = None) -> Connection:
         async def write(con: Any) -> Connection:
+            before = await con.fetchrow(f"SELECT {CONNECTION_COLS} FROM connections "
+                                        "WHERE app_id = $1 AND app_user_id = $2 FOR UPDATE",
+                                        app_id, app_user_id)
             row = await con.fetchrow(
                 "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
                 "browser_hash, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
@@ -377,6 +381,8 @@ class PostgresStore(PgReportsMixin):
                 await con.execute("UPDATE connections SET sealed_key = $1 "
                                   "WHERE connection_id = $2", sealed, connection.connection_id)
                 connection = dataclasses.replace(connection, sealed_key=sealed)
+            await outbox.pg_connection_changed(con, Connection(*before) if before else None,
+                                               connection, now)
             return connection
         connection: Connection = await self._changed(write)
         return connection
@@ -384,12 +390,16 @@ class PostgresStore(PgReportsMixin):
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
                          expected_key: str | None, now: float) -> Connection | None:
         async def write(con: Any) -> Connection | None:
+            before = await _locked_connection(con, connection_id)
             row = await con.fetchrow(
                 "UPDATE connections SET cap_nanos = $1, updated_at = $2 WHERE connection_id = $3 "
                 "AND state = $4 AND sealed_key IS NOT DISTINCT FROM $5 "
                 f"RETURNING {CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
                 expected_key)
-            return Connection(*row) if row else None
+            after = Connection(*row) if row else None
+            if after is not None:
+                await outbox.pg_connection_changed(con, before, after, now)
+            return after
         result: Connection | None = await self._changed(write)
         return result
 
@@ -397,9 +407,13 @@ class PostgresStore(PgReportsMixin):
                                    now: float) -> None:
         """Revoked stays revoked; revoking ends the grants it funds (see SQLiteStore)."""
         async def write(con: Any) -> None:
-            await con.execute("UPDATE connections SET state = $1, updated_at = $2 "
-                              "WHERE connection_id = $3 AND (state != $4 OR $1 = $4)",
-                              state, now, connection_id, REVOKED)
+            before = await _locked_connection(con, connection_id)
+            row = await con.fetchrow("UPDATE connections SET state = $1, updated_at = $2 "
+                                     "WHERE connection_id = $3 AND (state != $4 OR $1 = $4) "
+                                     f"RETURNING {CONNECTION_COLS}",
+                                     state, now, connection_id, REVOKED)
+            if row is not None:
+                await outbox.pg_connection_changed(con, before, Connection(*row), now)
             if state == REVOKED:
                 await con.execute("UPDATE grants SET expires_at = LEAST(expires_at, $1) "
                                   "WHERE connection_id = $2", now, connection_id)
@@ -519,10 +533,21 @@ class PostgresStore(PgReportsMixin):
                         # (a swept hold's estimate); a final row is never counted twice.
                         if usage.provisional:
                             return False
-                        return await _correct(con, usage.generation_id, usage.cost_nanos,
-                                              usage.prompt_tokens, usage.completion_tokens)
-                    await _debit(con, usage.connection_id, usage.grant_id, period,
-                                 usage.cost_nanos)
+                        moved = await _correct(con, usage.generation_id, usage.cost_nanos,
+                                               usage.prompt_tokens, usage.completion_tokens)
+                        if moved is None:
+                            return False
+                        debited, difference = moved
+                        await outbox.pg_after_settle(con, usage.connection_id, debited.grant,
+                                                     period, debited.cap, debited.spent,
+                                                     difference, usage.created_at)
+                        return True
+                    debited = await _debit(con, usage.connection_id, usage.grant_id, period,
+                                           usage.cost_nanos)
+                    # The webhooks' step: statements only when a line was crossed.
+                    await outbox.pg_after_settle(con, usage.connection_id, debited.grant,
+                                                 period, debited.cap, debited.spent,
+                                                 usage.cost_nanos, usage.created_at)
                     return True
             finally:
                 if hold is not None:
@@ -759,6 +784,46 @@ class PostgresStore(PgReportsMixin):
                       grant.created_at, grant.expires_at)
         return grant, hold
 
+    # ---- webhooks (the outbox: store/outbox.py) ----------------------------------
+    async def set_webhook(self, app_id: str, url: str | None,
+                          sealed_secret: str | None) -> bool:
+        async with self._con() as con:
+            return await con.fetchval(outbox.pg(outbox.SET_WEBHOOK) + " RETURNING 1", url,
+                                      sealed_secret, app_id) is not None
+
+    async def get_webhook(self, app_id: str) -> Webhook | None:
+        row = await self._one(outbox.pg(outbox.GET_WEBHOOK), app_id)
+        return Webhook(*row) if row else None
+
+    async def claim_webhooks(self, *, now: float, lease_until: float,
+                             limit: int = 100) -> list[WebhookEvent]:
+        # SKIP LOCKED: another claimer's events are passed over, not waited for; an
+        # event after a locked head stays out (its head is still pending).
+        async with self._tx() as con:
+            rows = await con.fetch(outbox.pg(outbox.DUE).replace(
+                "ORDER BY event_id LIMIT $2", "ORDER BY event_id LIMIT $2 FOR UPDATE SKIP LOCKED"),
+                now, limit)
+            events = [outbox.event(r) for r in rows]
+            await con.executemany(outbox.pg(outbox.LEASE),
+                                  [(lease_until, e.event_id) for e in events])
+        return [dataclasses.replace(e, attempts=e.attempts + 1, next_at=lease_until)
+                for e in events]
+
+    async def record_webhook(self, event_id: int, *, status: str, next_at: float,
+                             code: int | None, error: str | None, now: float) -> None:
+        async with self._con() as con:
+            await con.execute(outbox.pg(outbox.RESULT), status, next_at, code, error,
+                              now if status == DELIVERED else None, event_id)
+
+    async def recent_webhooks(self, app_id: str, limit: int = 50) -> list[WebhookEvent]:
+        return [outbox.event(r) for r in await self._all(outbox.pg(outbox.RECENT), app_id,
+                                                          limit)]
+
+    async def resend_webhook(self, app_id: str, public_id: str, *, now: float) -> bool:
+        async with self._con() as con:
+            return await con.fetchval(outbox.pg(outbox.RESEND) + " RETURNING 1", now, now,
+                                      app_id, public_id) is not None
+
     # ---- presence ----------------------------------------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
         async with self._con() as con:
@@ -786,7 +851,7 @@ class PostgresStore(PgReportsMixin):
     # ---- reconciliation ------------------------------------------------------------
     async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
         async with self._tx() as con:
-            return await _correct(con, generation_id, cost_nanos, None, None)
+            return await _correct(con, generation_id, cost_nanos, None, None) is not None
 
     async def provisional_usage(self, limit: int = 100, *, after: int = 0,
                                 since: float | None = None) -> list[tuple[Usage, str]]:
@@ -955,33 +1020,57 @@ async def _drop_hold(con: Any, hold_id: int) -> bool:
     return row is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Debited:
+    """What a debit's own statements answered (``RETURNING``): the period's spend after
+    it and the connection's cap, the grant's counters; for the webhooks' thresholds."""
+
+    spent: int | None = None
+    cap: int | None = None
+    grant: Any = None
+
+
 async def _debit(con: Any, connection_id: int | None, grant_id: int | None, period: str,
-                 nanos: int) -> None:
+                 nanos: int) -> _Debited:
     # Grants before periods, always: the one lock order of every writer.
+    grant = None
     if grant_id is not None:
-        await con.execute("UPDATE grants SET spent_nanos = spent_nanos + $1 WHERE grant_id = $2",
-                          nanos, grant_id)
-    if connection_id is not None:
-        await con.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
-                          "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
-                          "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos",
-                          connection_id, period, nanos)
+        grant = await con.fetchrow(
+            "UPDATE grants SET spent_nanos = spent_nanos + $1 WHERE grant_id = $2 RETURNING "
+            "used, requests, max_nanos, spent_nanos, held_nanos, connection_id, app_id, "
+            "grant_id", nanos, grant_id)
+    if connection_id is None:
+        return _Debited(grant=grant)
+    row = await con.fetchrow(
+        "INSERT INTO periods (connection_id, period, spent_nanos) "
+        "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
+        "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos RETURNING spent_nanos, "
+        "(SELECT cap_nanos FROM connections WHERE connection_id = $1)",
+        connection_id, period, nanos)
+    return _Debited(row[0], row[1], grant)
+
+
+async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
+    row = await con.fetchrow(f"SELECT {CONNECTION_COLS} FROM connections "
+                             "WHERE connection_id = $1 FOR UPDATE", connection_id)
+    return Connection(*row) if row else None
 
 
 async def _correct(con: Any, generation_id: str, cost_nanos: int, prompt_tokens: int | None,
-                   completion_tokens: int | None) -> bool:
-    """Make a provisional row final at ``cost_nanos``, aggregates moved by the difference."""
+                   completion_tokens: int | None) -> tuple[_Debited, int] | None:
+    """Make a provisional row final at ``cost_nanos``, aggregates moved by the difference
+    (answered with what the debit answered); None when no provisional row has that id."""
     row = await con.fetchrow("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
                              "WHERE generation_id = $1 AND provisional FOR UPDATE", generation_id)
     if row is None:
-        return False
+        return None
     await con.execute("UPDATE usage SET cost_nanos = $1, provisional = FALSE, "
                       "prompt_tokens = COALESCE($2, prompt_tokens), "
                       "completion_tokens = COALESCE($3, completion_tokens) "
                       "WHERE generation_id = $4", cost_nanos, prompt_tokens, completion_tokens,
                       generation_id)
-    await _debit(con, row[0], row[1], row[2], cost_nanos - row[3])
-    return True
+    difference = cost_nanos - row[3]
+    return await _debit(con, row[0], row[1], row[2], difference), difference
 
 
 async def _refund_request(con: Any, grant_id: int) -> None:
