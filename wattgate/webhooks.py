@@ -26,11 +26,15 @@ import hmac
 import json
 import secrets
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
+if TYPE_CHECKING:
+    from .sealing import Sealer
+    from .store.contract import Ledger
+
 __all__ = ["EVENT_TYPES", "SIGNATURE_HEADER", "TOLERANCE", "SignatureError", "body_of",
-           "crossed_thresholds", "mint_secret", "new_event_id", "retry_delay", "sign", "usd",
+           "clear_endpoint", "crossed_thresholds", "mint_secret", "new_event_id", "retry_delay", "set_endpoint", "sign", "usd",
            "validate_url", "verify"]
 
 SIGNATURE_HEADER = "Wattgate-Signature"
@@ -171,3 +175,20 @@ def verify(secret: str, body: bytes | str, header: str | None, *, now: float,
     if not isinstance(event, dict) or not {"id", "type", "created", "data"} <= event.keys():
         raise SignatureError("signed body is not a wattgate event")
     return event
+
+
+async def set_endpoint(store: "Ledger", sealer: "Sealer", app_id: str, url: str) -> str | None:
+    """Point an app's webhooks at ``url`` with a new signing secret, returned (shown
+    once; stored sealed). None when no such live app; ValueError for a bad URL."""
+    from .sealing import webhook_aad
+
+    url = validate_url(url)
+    secret = mint_secret()
+    if not await store.set_webhook(app_id, url, sealer.seal(secret, aad=webhook_aad(app_id))):
+        return None
+    return secret
+
+
+async def clear_endpoint(store: "Ledger", app_id: str) -> bool:
+    """Stop an app's webhooks (events still pending then fail); False: no such app."""
+    return await store.set_webhook(app_id, None, None)
