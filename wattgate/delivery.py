@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -134,6 +135,8 @@ class Deliverer:
         except asyncio.TimeoutError:
             return None, f"no answer within {self.config.webhooks_timeout:g} s"
         except aiohttp.ClientConnectorError as e:
-            return None, f"cannot connect ({e.os_error.strerror or type(e.os_error).__name__})"
+            # The reason only (errno's words): the address is the URL's, never logged.
+            errno = e.os_error.errno
+            return None, f"cannot connect ({os.strerror(errno) if errno else 'no route'})"
         except aiohttp.ClientError as e:
             return None, f"the receiver's answer failed ({type(e).__name__})"
