@@ -384,3 +384,37 @@ async def test_two_processes_on_postgresql_send_each_event_once(make_pg_url, fak
     finally:
         for gw in gws:
             await gw.stop()
+
+
+async def test_console_forms_need_the_sessions_csrf_token(make_harness, receiver):
+    from test_admin_functional import close_consoles, sign_in  # noqa: F401 (its cleanup)
+
+    h = await make_harness(FAST)
+    app = await h.create_app()
+    c = await sign_in(h)
+    base = f"/admin/apps/{app.app_id}"
+    for data in ({"url": receiver.url}, {"url": receiver.url, "csrf": "forged"}):
+        r = await c.post(base + "/webhook", data)
+        assert r.status == 403 and "not sent by this console page" in r.text_body
+    assert await h.gw.store.get_webhook(app.app_id) is None
+    r = await c.post(base + "/webhook", {"url": "https://", "csrf": c.csrf})
+    assert r.status == 400 and "names no host" in r.text_body
+    r = await c.post(base + "/webhook", {"url": receiver.url, "csrf": c.csrf})
+    assert r.status == 200
+    secret = r.text_body.split('id="webhook-secret">')[1].split("<")[0]
+    await h.connect(app, "ivy")
+    [event] = await settled(h, app.app_id)
+    r = await c.post(f"{base}/webhooks/{event.public_id}/resend", {})
+    assert r.status == 403
+    r = await c.post(f"{base}/webhooks/{event.public_id}/resend", {"csrf": c.csrf})
+    assert r.status == 303 and r.headers["Location"].endswith("?webhook=resent#webhooks")
+    other = await h.create_app("Other")  # another app's console URL cannot resend it
+    r = await c.post(f"/admin/apps/{other.app_id}/webhooks/{event.public_id}/resend",
+                     {"csrf": c.csrf})
+    assert r.headers["Location"].endswith("?webhook=not-resent#webhooks")
+    await settled(h, app.app_id)
+    assert [e["id"] for e in receiver.events(secret)] == [event.public_id] * 2
+    r = await c.post(base + "/webhook/clear", {})
+    assert r.status == 403 and await h.gw.store.get_webhook(app.app_id) is not None
+    r = await c.post(base + "/webhook/clear", {"csrf": c.csrf})
+    assert r.status == 303 and await h.gw.store.get_webhook(app.app_id) is None

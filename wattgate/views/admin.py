@@ -22,13 +22,14 @@ import hmac
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export, reconcile
+from .. import export, reconcile, webhooks
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -287,12 +288,16 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
     if revoked:
         notice = (f"Revoked the connection of {revoked[0].app_user_id}: their next call is "
                   "refused with 402 not_connected until they connect again.")
+    hook = await gw.store.get_webhook(app.app_id)
     return html_response(console.app_detail(
         csrf=session.csrf, app=app, days=days, day_list=day_list,
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
         payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
         connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
-        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice))
+        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice,
+        webhook_url=hook.url if hook else None,
+        deliveries=await gw.store.recent_webhooks(app.app_id, 50),
+        webhook_notice=_webhook_notice(request.query)))
 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -335,6 +340,51 @@ async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> we
         log.info("console: revoked connection %d of app %s (user %s)", connection_id,
                  app.app_id, user_hash(gw.keys.hash_key, connection.app_user_id))
     return _see(f"/admin/apps/{app.app_id}?revoked={connection_id}#connections")
+
+
+# ---- webhooks: the endpoint, and the deliveries an operator can send again ----
+_WEBHOOK_NOTICES = {
+    "cleared": "Webhooks stopped: no new events are written; pending deliveries fail.",
+    "resent": "Queued for delivery again, with the same event id and body.",
+    "not-resent": "Not resent: that event is pending already (or no longer listed).",
+}
+
+
+def _webhook_notice(query: Any) -> str | None:
+    return _WEBHOOK_NOTICES.get(query.get("webhook", ""))
+
+
+async def set_webhook(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    try:
+        url = webhooks.validate_url(str((await request.post()).get("url", "")))
+    except ValueError as e:
+        return html_response(console.message("Webhook not set", str(e), csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}#webhooks"), 400)
+    secret = await webhooks.set_endpoint(gw.store, gw.sealer, app.app_id, url)
+    if secret is None:
+        raise web.HTTPNotFound()
+    log.warning("console: set the webhook endpoint of app %s (a new signing secret)", app.app_id)
+    return html_response(console.webhook_set(csrf=session.csrf, app=app, url=url, secret=secret))
+
+
+async def clear_webhook(request: web.Request, gw: Gateway,
+                        session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    await webhooks.clear_endpoint(gw.store, app.app_id)
+    log.warning("console: cleared the webhook endpoint of app %s", app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?webhook=cleared#webhooks")
+
+
+async def resend_webhook(request: web.Request, gw: Gateway,
+                         session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    event_id = request.match_info["event_id"]
+    resent = await gw.store.resend_webhook(app.app_id, event_id, now=gw.clock())
+    if resent:
+        log.info("console: resend of webhook event %s of app %s", event_id, app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?webhook={'resent' if resent else 'not-resent'}"
+                "#webhooks")
 
 
 async def usage_download(request: web.Request, gw: Gateway,
@@ -391,6 +441,9 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))
     r.add_get("/admin/apps/{app_id}/usage", signed_in(usage_download))
+    r.add_post("/admin/apps/{app_id}/webhook", signed_in(set_webhook))
+    r.add_post("/admin/apps/{app_id}/webhook/clear", signed_in(clear_webhook))
+    r.add_post("/admin/apps/{app_id}/webhooks/{event_id}/resend", signed_in(resend_webhook))
 
 
 __all__ = ["AdminSessions", "add_routes"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .. import budget
 from ..charts import Series
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
+from ..store.records import WebhookEvent
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
 from ..templates import month_name, render, when
 
@@ -23,9 +24,10 @@ DAY_CHOICES = (30, 90)
 STATE_BADGES = {ACTIVE: ("ok", "active"), REVOKED: ("off", "revoked"),
                 NEEDS_RECONNECT: ("warn", "needs reconnect")}
 GRANT_BADGES = {"live": "ok", "spent": "off", "expired": "warn"}
+DELIVERY_BADGES = {"delivered": "ok", "pending": "warn", "failed": "off"}
 
 __all__ = ["DAY_CHOICES", "app_detail", "apps_list", "confirm_rotation", "login", "message",
-           "month_name", "overview", "secret_shown", "when"]
+           "month_name", "overview", "secret_shown", "webhook_set", "when"]
 
 
 def _page(template: str, title: str, *, csrf: str | None, active: str = "",
@@ -72,7 +74,8 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                by_model: Sequence[Series], payers: Sequence[PayerSpend],
                connections: Sequence[ConnectionSpend], hashes: dict[int, str],
                grants: Sequence[Grant], totals: AppTotals | None, period: str, now: float,
-               notice: str | None = None) -> str:
+               webhook_url: str | None, deliveries: Sequence[WebhookEvent],
+               notice: str | None = None, webhook_notice: str | None = None) -> str:
     users = {r.connection.connection_id: r.connection.app_user_id for r in connections}
     rows = [GrantRow(g, budget.grant_state(g, now),
                      users.get(g.connection_id, f"connection #{g.connection_id}")
@@ -82,7 +85,14 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                  connection_count=len(connections), hashes=hashes, grants=rows,
                  live_grants=sum(r.state == "live" for r in rows),
                  month=totals or AppTotals(app.app_id, 0, 0, 0, 0), period=period,
-                 notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES)
+                 notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES,
+                 webhook_url=webhook_url, deliveries=deliveries, webhook_notice=webhook_notice,
+                 delivery_badges=DELIVERY_BADGES)
+
+
+def webhook_set(*, csrf: str, app: App, url: str, secret: str) -> str:
+    return _page("admin-webhook.html", "Webhook endpoint set", csrf=csrf, active="apps",
+                 app=app, url=url, secret=secret)
 
 
 def confirm_rotation(*, csrf: str, app: App) -> str:
