@@ -4,13 +4,12 @@ watch deliveries fail then succeed, resend one, stop sending. Screenshots in ``a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
 import pytest
 
 pytest.importorskip("playwright")
 from chromium import ARTIFACTS
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Page, expect
+from test_admin_browser import page  # noqa: F401 (a fixture: a 1200 × 900 page)
 from test_webhooks_functional import FAST, receiver, settled  # noqa: F401 (a fixture)
 
 from wattgate.sdk import verify_webhook
@@ -18,17 +17,8 @@ from wattgate.sdk import verify_webhook
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    ctx = await browser.new_context(viewport={"width": 1200, "height": 900})
-    ctx.set_default_timeout(10_000)
-    p = await ctx.new_page()
-    yield p
-    await ctx.close()
-
-
 async def test_set_an_endpoint_see_deliveries_resend_and_stop(make_harness, receiver,  # noqa: F811
-                                                                page: Page):
+                                                                page: Page):  # noqa: F811
     h = await make_harness({**FAST, "WATTGATE_WEBHOOKS__GIVE_UP": "5"})
     app = await h.create_app("Acme Notes", "https://notes.acme.example")
     ARTIFACTS.mkdir(exist_ok=True)
