@@ -981,8 +981,10 @@ async def test_connection_changes_write_their_events_and_an_app_without_endpoint
     assert len({e.public_id for e in events}) == 4
     assert {e.stream for e in events} == {f"c{c.connection_id}"}
     assert all(e.status == "pending" and e.attempts == 0 for e in events)
-    body = json.loads(events[-1].body)
+    assert [e.event_id for e in events] == sorted((e.event_id for e in events), reverse=True)
+    body = json.loads(events[-2].body)  # newest first: the cap's change, at T + 1
     assert set(body) == {"id", "type", "created", "data"} and body["created"] == int(T + 1)
+    assert body["id"] == events[-2].public_id and body["type"] == "connection.cap_changed"
 
 
 async def test_thresholds_are_written_by_the_settle_once_per_period_each(ledger):
