@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wattgate.webhooks")
 
 LEAD_TASK = "webhooks"
-PARALLEL = 16  # streams posted at once
+PARALLEL = 16  # events claimed and posted at once (one per stream)
 LEASE_MARGIN = 5.0  # seconds a claim outlasts the attempt's own timeout
 
 
@@ -75,19 +75,17 @@ class Deliverer:
     async def run_once(self) -> int:
         """One pass: claim what is due and post it; how many events were attempted."""
         now = self.gw.clock()
+        # No more than are posted at once: every claimed event is on the wire before
+        # its lease could end.
         events = await self.gw.store.claim_webhooks(
-            now=now, lease_until=now + self.config.webhooks_timeout + LEASE_MARGIN)
+            now=now, lease_until=now + self.config.webhooks_timeout + LEASE_MARGIN,
+            limit=PARALLEL)
         if not events:
             return 0
         hooks: dict[str, Webhook | None] = {}
         for app_id in {e.app_id for e in events}:
             hooks[app_id] = await self.gw.store.get_webhook(app_id)
-        gate = asyncio.Semaphore(PARALLEL)
-
-        async def one(event: WebhookEvent) -> None:
-            async with gate:
-                await self.deliver(event, hooks[event.app_id])
-        await asyncio.gather(*(one(e) for e in events))
+        await asyncio.gather(*(self.deliver(e, hooks[e.app_id]) for e in events))
         return len(events)
 
     async def deliver(self, event: WebhookEvent, hook: Webhook | None) -> None:
