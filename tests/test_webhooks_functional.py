@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from conftest import FUNDING_KEY, free_port
+from test_admin_functional import close_consoles, sign_in  # noqa: F401 (an autouse cleanup)
 from test_grants_functional import mint_grant, redeem
 from wattgate import webhooks
 from wattgate.faults import GatewayProcess
@@ -387,8 +388,6 @@ async def test_two_processes_on_postgresql_send_each_event_once(make_pg_url, fak
 
 
 async def test_console_forms_need_the_sessions_csrf_token(make_harness, receiver):
-    from test_admin_functional import close_consoles, sign_in  # noqa: F401 (its cleanup)
-
     h = await make_harness(FAST)
     app = await h.create_app()
     c = await sign_in(h)
