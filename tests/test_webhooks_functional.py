@@ -26,7 +26,7 @@ from test_admin_functional import close_consoles, sign_in  # noqa: F401 (an auto
 from test_grants_functional import mint_grant, redeem
 from wattgate import webhooks
 from wattgate.faults import GatewayProcess
-from wattgate.sdk import verify_webhook
+from wattgate.sdk import WattfareWebhookError, verify_webhook
 
 FAST = {"WATTGATE_WEBHOOKS__POLL_INTERVAL": "0.05", "WATTGATE_WEBHOOKS__TIMEOUT": "0.5",
         "WATTGATE_WEBHOOKS__RETRY_FIRST": "10", "WATTGATE_WEBHOOKS__GIVE_UP": "3600",
@@ -417,3 +417,55 @@ async def test_console_forms_need_the_sessions_csrf_token(make_harness, receiver
     assert r.status == 403 and await h.gw.store.get_webhook(app.app_id) is not None
     r = await c.post(base + "/webhook/clear", {"csrf": c.csrf})
     assert r.status == 303 and await h.gw.store.get_webhook(app.app_id) is None
+
+
+async def test_the_command_line_sets_and_clears_an_endpoint_beside_a_running_gateway(
+        make_harness, receiver):
+    import subprocess
+    import sys
+
+    h = await make_harness(FAST)
+    app = await h.create_app()
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "wattgate", "apps", *args],
+            env={**h.db.env, "PYTHONPATH": ":".join(sys.path)}, capture_output=True,
+            text=True, timeout=60, check=False)
+
+    for args, why in ((("set-webhook", app.app_id, "--url", "ftp://x.example/"),
+                       "must start with http:// or https://"),
+                      (("set-webhook", app.app_id, "--url", "https://u:p@x.example/"),
+                       "user name or password"),
+                      (("set-webhook", "app0000000000000000", "--url", receiver.url),
+                       "unknown app app0000000000000000"),
+                      (("clear-webhook", "app0000000000000000"), "unknown app")):
+        done = await cli(*args)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert done.stderr.startswith("wattgate: error: ") and why in done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert await h.gw.store.get_webhook(app.app_id) is None
+    done = await cli("set-webhook", app.app_id, "--url", receiver.url, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) == {"url", "secret"} and out["url"] == receiver.url
+    stored = await h.db.one("SELECT webhook_secret FROM apps WHERE app_id = ?", app.app_id)
+    assert out["secret"] not in str(stored)  # sealed at rest, like a funding key
+    await h.connect(app, "jo")
+    await settled(h, app.app_id)
+    [event] = receiver.events(out["secret"])
+    assert event["type"] == "connection.created"
+    done = await cli("set-webhook", app.app_id, "--url", receiver.url)  # a new secret
+    assert done.returncode == 0 and "shown once" in done.stdout
+    new_secret = done.stdout.split("signing secret: ")[1].split()[0]
+    assert new_secret != out["secret"]
+    await h.connect(app, "kim")
+    await settled(h, app.app_id)
+    headers, raw, _ = receiver.got[-1]
+    assert verify_webhook(raw, headers["Wattgate-Signature"], new_secret)["type"] \
+        == "connection.created"
+    with pytest.raises(WattfareWebhookError, match="does not match"):
+        verify_webhook(raw, headers["Wattgate-Signature"], out["secret"])
+    done = await cli("clear-webhook", app.app_id)
+    assert done.returncode == 0 and "cleared" in done.stdout
+    assert await h.gw.store.get_webhook(app.app_id) is None
