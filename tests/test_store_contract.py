@@ -1094,3 +1094,18 @@ async def test_claims_deliver_in_order_per_stream_and_lease_against_a_second_cla
     resent = await ledger.claim_webhooks(now=T + 100, lease_until=T + 160)
     assert [(e.public_id, e.body, e.since) for e in resent] == \
         [(failed.public_id, failed.body, T + 100)]
+
+
+async def test_old_delivered_and_failed_events_are_pruned_never_pending_ones(ledger):
+    app = await hooked(ledger)
+    for user in ("a", "b", "c"):
+        await funded(ledger, app, user)
+    first, second, third = sorted(await ledger.claim_webhooks(now=T, lease_until=T + 60),
+                                  key=lambda e: e.event_id)
+    await ledger.record_webhook(first.event_id, status="delivered", next_at=T, code=200,
+                                error=None, now=T)
+    await ledger.record_webhook(second.event_id, status="failed", next_at=T, code=500,
+                                error=None, now=T)
+    assert await ledger.prune_webhooks(before=T) == 0  # created at T: not before it
+    assert await ledger.prune_webhooks(before=T + 1) == 2
+    assert [e.public_id for e in await ledger.recent_webhooks(app.app_id)] == [third.public_id]

@@ -163,6 +163,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("webhooks", "give_up", float, 86400.0,
             "Seconds after an event (or its resend from the console) past which a delivery "
             "no receiver accepted is marked failed and no longer tried.", 1),
+    Setting("webhooks", "keep_days", int, 90,
+            "Days a delivered or failed webhook event stays listed (and resendable) before "
+            "it is deleted. At least 62, so an event that must happen once a month (a "
+            "threshold) is never told twice.", 62),
     Setting("webhooks", "poll_interval", float, 1.0,
             "Seconds between looks at the outbox for events due (by the one process of a "
             "fleet that leads webhook delivery).", 0.01),

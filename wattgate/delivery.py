@@ -13,7 +13,8 @@ mid-attempt leaves it leased, and it is tried again when the lease ends. A
 failed attempt (any other status, a redirect, which is never followed, a
 timeout, a refused connection) is tried again after ``webhooks.retry_first``
 seconds, doubling up to ``retry_max``, until ``give_up`` seconds after the
-event (or its resend) have passed; then it is marked failed.
+event (or its resend) have passed; then it is marked failed. Delivered and
+failed events are deleted after ``webhooks.keep_days``.
 
 Owns its own ``aiohttp.ClientSession`` (no cookie jar, its own timeouts): a
 receiver is the app's server, not the model's. Nothing of a delivery is logged
@@ -42,6 +43,7 @@ log = logging.getLogger("wattgate.webhooks")
 LEAD_TASK = "webhooks"
 PARALLEL = 16  # events claimed and posted at once (one per stream)
 LEASE_MARGIN = 5.0  # seconds a claim outlasts the attempt's own timeout
+PRUNE_EVERY = 3600.0  # seconds between deletions of events past webhooks.keep_days
 
 
 class Deliverer:
@@ -49,6 +51,7 @@ class Deliverer:
         self.gw = gw
         self.config = gw.config
         self.session: aiohttp.ClientSession | None = None
+        self._pruned_at: float | None = None
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.config.webhooks_timeout)
@@ -67,10 +70,24 @@ class Deliverer:
             try:
                 if await self.gw.store.lead(LEAD_TASK):
                     sent = await self.run_once()
+                    await self.prune()
             except Exception as e:  # the database is down: try again next tick
                 log.warning("webhook delivery pass failed: %r", e)
             if not sent:
                 await asyncio.sleep(self.config.webhooks_poll_interval)
+
+    async def prune(self) -> int:
+        """Once an hour: forget delivered and failed events past ``webhooks.keep_days``."""
+        now = self.gw.clock()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+            return 0
+        self._pruned_at = now
+        pruned = await self.gw.store.prune_webhooks(
+            before=now - self.config.webhooks_keep_days * 86400)
+        if pruned:
+            log.info("deleted %d webhook events older than %d days", pruned,
+                     self.config.webhooks_keep_days)
+        return pruned
 
     async def run_once(self) -> int:
         """One pass: claim what is due and post it; how many events were attempted."""

@@ -243,6 +243,9 @@ class Ledger(Protocol):
         """Deliver a delivered or failed event again (same id and body), from now;
         False when the app has no such event or it is pending already."""
 
+    async def prune_webhooks(self, *, before: float) -> int:
+        """Delete delivered and failed events created before ``before``; how many."""
+
     # ---- presence (the end user's browser) ---------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None: ...
 

@@ -40,6 +40,7 @@ RECENT = (f"SELECT {EVENT_COLS} FROM webhook_events WHERE app_id = ? "
           "ORDER BY event_id DESC LIMIT ?")
 RESEND = ("UPDATE webhook_events SET status = 'pending', next_at = ?, since = ? "
           "WHERE app_id = ? AND public_id = ? AND status <> 'pending'")
+PRUNE = "DELETE FROM webhook_events WHERE status <> 'pending' AND created_at < ?"
 SET_WEBHOOK = ("UPDATE apps SET webhook_url = ?, webhook_secret = ? WHERE app_id = ? "
                "AND deleted_at IS NULL")
 GET_WEBHOOK = ("SELECT app_id, webhook_url, webhook_secret FROM apps WHERE app_id = ? "

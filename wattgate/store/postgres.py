@@ -824,6 +824,9 @@ class PostgresStore(PgReportsMixin):
             return await con.fetchval(outbox.pg(outbox.RESEND) + " RETURNING 1", now, now,
                                       app_id, public_id) is not None
 
+    async def prune_webhooks(self, *, before: float) -> int:
+        return len(await self._all(outbox.pg(outbox.PRUNE) + " RETURNING 1", before))
+
     # ---- presence ----------------------------------------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
         async with self._con() as con:

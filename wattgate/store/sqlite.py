@@ -1190,6 +1190,11 @@ class SQLiteStore(ReportsMixin):
             return db.execute(outbox.RESEND, (now, now, app_id, public_id)).rowcount == 1
         return await self._writer.run(op)
 
+    async def prune_webhooks(self, *, before: float) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            return db.execute(outbox.PRUNE, (before,)).rowcount
+        return await self._writer.run(op)
+
     # ---- presence (the end user's browser, proven by an HttpOnly cookie) ---
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
         def op(db: sqlite3.Connection) -> None:
