@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .. import budget
 from ..charts import Series
+from ..rotation import previous_live_until, utc
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
 from ..templates import month_name, render, when
@@ -23,8 +24,12 @@ DAY_CHOICES = (30, 90)
 STATE_BADGES = {ACTIVE: ("ok", "active"), REVOKED: ("off", "revoked"),
                 NEEDS_RECONNECT: ("warn", "needs reconnect")}
 GRANT_BADGES = {"live": "ok", "spent": "off", "expired": "warn"}
+# How long the old secret key keeps working after a rotation: (form value, label).
+OVERLAPS = (("1h", "1 hour"), ("24h", "24 hours"), ("7d", "7 days"),
+            ("0", "No overlap: the old key stops at once (it leaked)"))
+DEFAULT_OVERLAP = "24h"
 
-__all__ = ["DAY_CHOICES", "app_detail", "apps_list", "confirm_rotation", "login", "message",
+__all__ = ["DAY_CHOICES", "DEFAULT_OVERLAP", "OVERLAPS", "app_detail", "apps_list", "confirm_rotation", "login", "message",
            "month_name", "overview", "secret_shown", "when"]
 
 
@@ -56,9 +61,11 @@ def apps_list(*, csrf: str, apps: Sequence[App], totals: dict[str, AppTotals],
                  period=period)
 
 
-def secret_shown(*, csrf: str, app: App, secret_key: str, created: bool) -> str:
+def secret_shown(*, csrf: str, app: App, secret_key: str, created: bool,
+                 previous_until: float | None = None) -> str:
     return _page("admin-secret.html", "App created" if created else "Secret key rotated",
-                 csrf=csrf, active="apps", app=app, secret_key=secret_key, created=created)
+                 csrf=csrf, active="apps", app=app, secret_key=secret_key, created=created,
+                 previous_until=None if previous_until is None else utc(previous_until))
 
 
 @dataclass(frozen=True)
@@ -72,21 +79,24 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                by_model: Sequence[Series], payers: Sequence[PayerSpend],
                connections: Sequence[ConnectionSpend], hashes: dict[int, str],
                grants: Sequence[Grant], totals: AppTotals | None, period: str, now: float,
-               notice: str | None = None) -> str:
+               notice: str | None = None, key_notice: str | None = None) -> str:
     users = {r.connection.connection_id: r.connection.app_user_id for r in connections}
     rows = [GrantRow(g, budget.grant_state(g, now),
                      users.get(g.connection_id, f"connection #{g.connection_id}")
                      if g.connection_id is not None else "") for g in grants]
+    until = previous_live_until(app.previous_secret_hash, app.previous_until, now)
     return _page("admin-app.html", app.name, csrf=csrf, active="apps", app=app, days=days,
                  day_list=day_list, by_model=by_model, payers=payers, connections=connections,
                  connection_count=len(connections), hashes=hashes, grants=rows,
                  live_grants=sum(r.state == "live" for r in rows),
                  month=totals or AppTotals(app.app_id, 0, 0, 0, 0), period=period,
-                 notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES)
+                 notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES,
+                 key_notice=key_notice, previous_until=None if until is None else utc(until))
 
 
 def confirm_rotation(*, csrf: str, app: App) -> str:
-    return _page("admin-rotate.html", "Rotate secret key", csrf=csrf, active="apps", app=app)
+    return _page("admin-rotate.html", "Rotate secret key", csrf=csrf, active="apps", app=app,
+                 overlaps=OVERLAPS, default_overlap=DEFAULT_OVERLAP)
 
 
 def message(title: str, text: str, *, csrf: str | None, back: str = "/admin") -> str:
