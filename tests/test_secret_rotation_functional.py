@@ -32,7 +32,8 @@ async def call(h, method: str, path: str, auth: str, *,  # type: ignore[no-untyp
         return r.status, json.loads(raw) if raw and r.content_type == "application/json" else None
 
 
-async def secret_works(h, secret: str, user: str = "u") -> dict[str, int]:  # type: ignore[no-untyped-def]
+async def secret_works(h, secret: str,  # type: ignore[no-untyped-def]
+                       user: str = "u") -> dict[str, int]:
     """The status of every endpoint an app's secret key authenticates (401: refused)."""
     out = {}
     out["status"], _ = await call(h, "GET", f"/status?appUserId={user}", secret)
@@ -106,7 +107,8 @@ async def test_old_secret_works_during_the_overlap_and_fails_a_second_after_it(h
     assert refused(await secret_works(h, app.secret_key))
     assert accepted(await secret_works(h, done.secret_key))
     # The user's connection and budget never noticed.
-    assert (await h.status(dataclasses.replace(app, secret_key=done.secret_key), "u"))["connected"] is True
+    rolled = dataclasses.replace(app, secret_key=done.secret_key)
+    assert (await h.status(rolled, "u"))["connected"] is True
 
 
 async def test_a_session_minted_with_the_old_secret_during_the_overlap_ends_with_it(harness):

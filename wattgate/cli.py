@@ -170,7 +170,7 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
         until = done.previous_until
         if args.json:
             print(json.dumps({"appId": app_id, "secretKey": done.secret_key,
-                              "previousValidUntil": None if until is None else rotation.iso(until)}))
+                              "previousValidUntil": until and rotation.iso(until)}))
         elif until is None:
             print(f"New secret key for {app_id} (shown once; the old one no longer works, "
                   f"nor do the session tokens it minted):\n  {done.secret_key}")
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "issue a new secret key, working at once; the old one keeps working for the "
         "overlap (default 24h), so backends can move to the new one without downtime"))
     rot.add_argument("app_id")
-    rot.add_argument("--overlap", default="24h", metavar="DURATION", help=(
+    rot.add_argument("--overlap", default=rotation.DEFAULT_OVERLAP, metavar="DURATION", help=(
         "how long the old secret key still works: e.g. 24h, 90m, 7d (at most 30d); 0 "
         "stops it at once, for a leaked key (default: 24h)"))
     rot.add_argument("--json", action="store_true")

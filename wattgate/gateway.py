@@ -141,9 +141,10 @@ class Gateway:
         if app is None:
             raise AuthError("The app of this session token no longer exists.")
         previous = app.previous_secret_hash
+        previous_tag = self.secret_tag(previous or _NO_PREVIOUS)  # the same work either way
         try:
             matching_secret(self.secret_tag(app.secret_hash),
-                            None if previous is None else self.secret_tag(previous),
+                            None if previous is None else previous_tag,
                             app.previous_until, session.secret_tag, now=self.clock())
         except AuthError:
             raise AuthError("Session token minted with a secret key that was rotated "

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import budget
+from .. import budget, rotation
 from ..charts import Series
-from ..rotation import previous_live_until, utc
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
 from ..templates import month_name, render, when
@@ -27,7 +26,7 @@ GRANT_BADGES = {"live": "ok", "spent": "off", "expired": "warn"}
 # How long the old secret key keeps working after a rotation: (form value, label).
 OVERLAPS = (("1h", "1 hour"), ("24h", "24 hours"), ("7d", "7 days"),
             ("0", "No overlap: the old key stops at once (it leaked)"))
-DEFAULT_OVERLAP = "24h"
+DEFAULT_OVERLAP = rotation.DEFAULT_OVERLAP
 
 __all__ = ["DAY_CHOICES", "DEFAULT_OVERLAP", "OVERLAPS", "app_detail", "apps_list", "confirm_rotation", "login", "message",
            "month_name", "overview", "secret_shown", "when"]
@@ -65,7 +64,7 @@ def secret_shown(*, csrf: str, app: App, secret_key: str, created: bool,
                  previous_until: float | None = None) -> str:
     return _page("admin-secret.html", "App created" if created else "Secret key rotated",
                  csrf=csrf, active="apps", app=app, secret_key=secret_key, created=created,
-                 previous_until=None if previous_until is None else utc(previous_until))
+                 previous_until=None if previous_until is None else rotation.utc(previous_until))
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,15 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
     rows = [GrantRow(g, budget.grant_state(g, now),
                      users.get(g.connection_id, f"connection #{g.connection_id}")
                      if g.connection_id is not None else "") for g in grants]
-    until = previous_live_until(app.previous_secret_hash, app.previous_until, now)
+    until = rotation.previous_live_until(app.previous_secret_hash, app.previous_until, now)
     return _page("admin-app.html", app.name, csrf=csrf, active="apps", app=app, days=days,
                  day_list=day_list, by_model=by_model, payers=payers, connections=connections,
                  connection_count=len(connections), hashes=hashes, grants=rows,
                  live_grants=sum(r.state == "live" for r in rows),
                  month=totals or AppTotals(app.app_id, 0, 0, 0, 0), period=period,
                  notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES,
-                 key_notice=key_notice, previous_until=None if until is None else utc(until))
+                 key_notice=key_notice,
+                 previous_until=None if until is None else rotation.utc(until))
 
 
 def confirm_rotation(*, csrf: str, app: App) -> str:
