@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import socket
@@ -173,12 +174,13 @@ def test_apps_list_and_origins(env):
     assert ok(env, "apps", "list", "--json") == []
 
 
-def test_rotate_secret_stops_the_old_key_at_once(env, server):
+def test_rotate_secret_with_overlap_0_stops_the_old_key_at_once(env, server):
     creds = create(env)
     connect(server, creds["secretKey"], "u")
     _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
-    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "0", "--json")
     assert rotated["appId"] == creds["appId"] and rotated["secretKey"] != creds["secretKey"]
+    assert rotated["previousValidUntil"] is None
     status, body = user_status(server, creds["secretKey"], "u")
     assert (status, body["error"]["code"]) == (401, "auth")
     status, body = user_status(server, rotated["secretKey"], "u")
@@ -186,6 +188,56 @@ def test_rotate_secret_stops_the_old_key_at_once(env, server):
     # Session tokens minted with the old secret end with it.
     status, body = http("GET", server + "/api/v1/connections", session["token"])
     assert (status, body["error"]["code"]) == (401, "auth")
+
+
+def test_rotate_secret_keeps_the_old_key_for_the_overlap_until_retired(env, server):
+    creds = create(env)
+    connect(server, creds["secretKey"], "u")
+    _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
+    before = time.time()
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")  # default: 24h
+    until = calendar.timegm(time.strptime(rotated["previousValidUntil"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert before + 86400 - 1 <= until <= time.time() + 86400 + 1
+    for secret in (creds["secretKey"], rotated["secretKey"]):  # both, while deploys roll
+        status, body = user_status(server, secret, "u")
+        assert status == 200 and body["connected"] is True
+    assert http("GET", server + "/api/v1/connections", session["token"])[0] == 200
+
+    assert ok(env, "apps", "retire-secret", creds["appId"], "--json") == {
+        "appId": creds["appId"], "retired": True}
+    status, body = user_status(server, creds["secretKey"], "u")  # the server: at once
+    assert (status, body["error"]["code"]) == (401, "auth")
+    status, body = http("GET", server + "/api/v1/connections", session["token"])
+    assert (status, body["error"]["code"]) == (401, "auth")
+    assert user_status(server, rotated["secretKey"], "u")[0] == 200
+    assert "nothing to retire" in ok(env, "apps", "retire-secret", creds["appId"])
+
+
+def test_rotate_secret_says_until_when_the_old_key_works_and_how_to_end_it(env):
+    creds = create(env)
+    out = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "90m")
+    assert "sk_live_" + creds["appId"] in out and "shown once" in out
+    assert " UTC" in out and f"wattgate apps retire-secret {creds['appId']}" in out
+    out = ok(env, "apps", "retire-secret", creds["appId"])
+    assert "retired the previous secret key" in out
+    out = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "0")
+    assert "no longer works" in out and "retire-secret" not in out
+
+
+@pytest.mark.parametrize("overlap", ["1w", "-1h", "31d", "soon"])
+def test_rotate_secret_refuses_a_bad_overlap_and_rotates_nothing(env, overlap):
+    creds = create(env)
+    assert_one_line_error(wattgate(env, "apps", "rotate-secret", creds["appId"],
+                                   f"--overlap={overlap}"), "--overlap")
+    assert "nothing to retire" in ok(env, "apps", "retire-secret", creds["appId"])
+
+
+def test_a_deleted_app_cannot_be_rotated_or_retired(env):
+    creds = create(env)
+    ok(env, "apps", "rotate-secret", creds["appId"])
+    ok(env, "apps", "delete", creds["appId"])
+    for command in ("rotate-secret", "retire-secret"):
+        assert_one_line_error(wattgate(env, "apps", command, creds["appId"]), "unknown app")
 
 
 def test_deleted_app_stops_at_once(env, server):
@@ -279,6 +331,7 @@ def test_bad_value_in_environment(env):
 
 @pytest.mark.parametrize("args", [
     ("apps", "rotate-secret", "app0000000000000000"), ("apps", "delete", "app0000000000000000"),
+    ("apps", "retire-secret", "app0000000000000000"),
     ("apps", "add-origin", "app0000000000000000", "https://x.example"),
     ("apps", "remove-origin", "nonsense", "https://x.example"),
 ])

@@ -229,6 +229,43 @@ async def test_apps_origins_and_secrets_round_trip(ledger):
     assert await ledger.get_app("app" + "0" * 16) is None
 
 
+async def test_a_rotation_with_overlap_keeps_exactly_one_previous_secret(ledger, place):
+    app = await ledger.create_app("app" + "b" * 16, "Roll", "h1", ["https://r.example"], now=T)
+    assert (app.previous_secret_hash, app.previous_until) == (None, None)
+    assert await ledger.set_app_secret(app.app_id, "h2", keep_previous_until=T + 100)
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h2", "h1", T + 100)
+    # A second rotation during the overlap: the oldest secret is dropped, never three.
+    assert await ledger.set_app_secret(app.app_id, "h3", keep_previous_until=T + 200)
+    other = await place.open()  # another process sees the same, in get and list
+    for seen in (await other.get_app(app.app_id), (await other.list_apps())[0]):
+        assert seen is not None and (seen.secret_hash, seen.previous_secret_hash,
+                                     seen.previous_until) == ("h3", "h2", T + 200)
+    assert await other.retire_previous_secret(app.app_id)
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h3", None, None)
+    assert not await ledger.retire_previous_secret(app.app_id)  # nothing left to retire
+    # An immediate rotation (a leaked secret) ends an overlap in progress too.
+    assert await ledger.set_app_secret(app.app_id, "h4", keep_previous_until=T + 300)
+    assert await ledger.set_app_secret(app.app_id, "h5")
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h5", None, None)
+    # Deleting an app during an overlap takes both secrets; nothing brings them back.
+    assert await ledger.set_app_secret(app.app_id, "h6", keep_previous_until=T + 400)
+    assert await ledger.delete_app(app.app_id, now=T + 1)
+    tomb = await ledger.get_app(app.app_id, deleted=True)
+    assert tomb is not None and (tomb.secret_hash, tomb.previous_secret_hash,
+                                 tomb.previous_until) == ("", None, None)
+    assert not await ledger.set_app_secret(app.app_id, "h7", keep_previous_until=T + 500)
+    assert not await ledger.retire_previous_secret(app.app_id)
+    tomb = await ledger.get_app(app.app_id, deleted=True)
+    assert tomb is not None and (tomb.secret_hash, tomb.previous_secret_hash) == ("", None)
+    assert not await ledger.retire_previous_secret("app" + "0" * 16)
+
+
 async def test_a_connection_is_keyed_by_app_and_user(ledger):
     app = await new_app(ledger)
     seen: list[int] = []
@@ -911,7 +948,7 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     c = await funded(ledger, app)
     other = await place.open()
     loop = asyncio.get_running_loop()
-    for change in ("revoke", "secret", "app"):
+    for change in ("revoke", "secret", "retire", "app"):
         async def vouched() -> bool:
             return ledger.apps_version() is not None
         assert await eventually(vouched)
@@ -919,7 +956,9 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
         if change == "revoke":
             await other.set_connection_state(c.connection_id, REVOKED, now=T + 1)
         elif change == "secret":
-            await other.set_app_secret(app.app_id, "rotated")
+            await other.set_app_secret(app.app_id, "rotated", keep_previous_until=T + 3600)
+        elif change == "retire":
+            assert await other.retire_previous_secret(app.app_id)
         else:
             await new_app(other)
         written = loop.time()
@@ -931,4 +970,6 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
         await asyncio.sleep(0)  # let the next turn of the loop settle the version
     got = await ledger.get_connection(app.app_id, c.app_user_id)
     assert got is not None and got.state == REVOKED
-    assert (await ledger.get_app(app.app_id)).secret_hash == "rotated"  # type: ignore[union-attr]
+    rotated = await ledger.get_app(app.app_id)
+    assert rotated is not None and (rotated.secret_hash, rotated.previous_secret_hash) == (
+        "rotated", None)

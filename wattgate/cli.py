@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from . import __version__, origins
+from . import __version__, origins, rotation
 from .config import Config, load_config
 from .credentials import mint_credentials
 from .errors import ConfigError
@@ -160,15 +160,41 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
         return 0
     app_id = args.app_id
     if args.apps_command == "rotate-secret":
-        creds = mint_credentials(app_id)
-
-        async def rotate(gw: Gateway) -> bool:
-            return await gw.store.set_app_secret(app_id, gw.hash(creds.secret))
-        if not _run(config, rotate):
+        try:
+            overlap = rotation.parse_overlap(args.overlap)
+        except ValueError as e:
+            raise CommandError(f"--overlap: {e}") from None
+        done = _run(config, lambda gw: rotation.rotate(gw, app_id, overlap))
+        if done is None:
             raise CommandError(f"unknown app {app_id}")
-        print(json.dumps({"appId": app_id, "secretKey": creds.secret_key}) if args.json
-              else f"New secret key for {app_id} (the old one no longer works):\n"
-                   f"  {creds.secret_key}")
+        until = done.previous_until
+        if args.json:
+            print(json.dumps({"appId": app_id, "secretKey": done.secret_key,
+                              "previousValidUntil": until and rotation.iso(until)}))
+        elif until is None:
+            print(f"New secret key for {app_id} (shown once; the old one no longer works, "
+                  f"nor do the session tokens it minted):\n  {done.secret_key}")
+        else:
+            print(f"New secret key for {app_id} (shown once; it works now):\n"
+                  f"  {done.secret_key}\n"
+                  f"The previous secret key keeps working until {rotation.utc(until)}: deploy "
+                  f"the new one, then end the overlap with\n"
+                  f"  wattgate apps retire-secret {app_id}")
+        return 0
+    if args.apps_command == "retire-secret":
+        async def retire(gw: Gateway) -> bool | None:
+            if await gw.store.get_app(app_id) is None:
+                return None
+            return await gw.store.retire_previous_secret(app_id)
+        retired = _run(config, retire)
+        if retired is None:
+            raise CommandError(f"unknown app {app_id}")
+        if args.json:
+            print(json.dumps({"appId": app_id, "retired": retired}))
+        else:
+            print(f"retired the previous secret key of {app_id}: it and its session tokens "
+                  "stop working now" if retired else
+                  f"{app_id} has no previous secret key: nothing to retire")
         return 0
     if args.apps_command == "delete":
         if not _run(config, lambda gw: gw.store.delete_app(app_id, now=time.time())):
@@ -232,10 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true")
     lst = apps_sub.add_parser("list", parents=[common], help="list apps")
     lst.add_argument("--json", action="store_true")
-    rot = apps_sub.add_parser("rotate-secret", parents=[common],
-                              help="issue a new secret key; the old one stops working")
+    rot = apps_sub.add_parser("rotate-secret", parents=[common], help=(
+        "issue a new secret key, working at once; the old one keeps working for the "
+        "overlap (default 24h), so backends can move to the new one without downtime"))
     rot.add_argument("app_id")
+    rot.add_argument("--overlap", default=rotation.DEFAULT_OVERLAP, metavar="DURATION", help=(
+        "how long the old secret key still works: e.g. 24h, 90m, 7d (at most 30d); 0 "
+        "stops it at once, for a leaked key (default: 24h)"))
     rot.add_argument("--json", action="store_true")
+    ret = apps_sub.add_parser("retire-secret", parents=[common], help=(
+        "end a rotation's overlap now: the previous secret key stops working"))
+    ret.add_argument("app_id")
+    ret.add_argument("--json", action="store_true")
     dele = apps_sub.add_parser("delete", parents=[common], help="delete an app")
     dele.add_argument("app_id")
     for name in ("add-origin", "remove-origin"):

@@ -213,6 +213,17 @@ def m006_fleet_state(db: sqlite3.Connection) -> None:
     """)
 
 
+def m009_previous_secret(db: sqlite3.Connection) -> None:
+    # Secret rotation with an overlap: the secret a rotation replaced, and until when
+    # (epoch seconds) it still authenticates. Written to run whatever migrations of
+    # other features come before it (a column already there is left alone).
+    have = {r[1] for r in db.execute("PRAGMA table_info(apps)")}
+    if "previous_secret_hash" not in have:
+        db.execute("ALTER TABLE apps ADD COLUMN previous_secret_hash TEXT")
+    if "previous_until" not in have:
+        db.execute("ALTER TABLE apps ADD COLUMN previous_until REAL")
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -227,6 +238,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
     m006_fleet_state,
+    m009_previous_secret,  # numbered for its place after feat/webhooks' and feat/policy's
 )
 
 

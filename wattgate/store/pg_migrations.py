@@ -153,9 +153,19 @@ async def m002_owners(con: Any) -> None:
     """)
 
 
+async def m006_previous_secret(con: Any) -> None:
+    # Secret rotation with an overlap (as SQLite's m009): the secret a rotation
+    # replaced, and until when (epoch seconds) it still authenticates.
+    await con.execute("""
+    ALTER TABLE apps ADD COLUMN IF NOT EXISTS previous_secret_hash TEXT;
+    ALTER TABLE apps ADD COLUMN IF NOT EXISTS previous_until DOUBLE PRECISION;
+    """)
+
+
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
     m002_owners,
+    m006_previous_secret,  # numbered for its place after the other features' migrations
 )
 
 

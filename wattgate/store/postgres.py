@@ -54,8 +54,8 @@ from .pg_audit import audit
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
-from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      Connection, Grant, Hold, Usage)
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+                      Connection, Grant, Hold, Usage, app_of)
 
 log = logging.getLogger("wattgate.store")
 
@@ -90,6 +90,7 @@ _DOWN: tuple[type[BaseException], ...] = (
 )
 
 _NOTIFY = "SELECT pg_notify('wattgate_changes', '')"
+_APP_COLS_A = ", ".join("a." + col for col in APP_COLS.split(", "))
 
 
 def unavailable(e: BaseException) -> Unavailable:
@@ -280,27 +281,37 @@ class PostgresStore(PgReportsMixin):
 
     async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
         async with self._con() as con:
-            row = await con.fetchrow("SELECT app_id, name, secret_hash, created_at, deleted_at "
-                                     "FROM apps WHERE app_id = $1", app_id)
+            row = await con.fetchrow(f"SELECT {APP_COLS} FROM apps WHERE app_id = $1", app_id)
             if row is None or (row[4] is not None and not deleted):
                 return None
             origins = tuple(r[0] for r in await con.fetch(
                 "SELECT origin FROM app_origins WHERE app_id = $1 ORDER BY origin", app_id))
-        return App(row[0], row[1], row[2], origins, row[3], row[4])
+        return app_of(row, origins)
 
     async def list_apps(self) -> list[App]:
         rows = await self._all(
-            "SELECT a.app_id, a.name, a.secret_hash, a.created_at, "
+            f"SELECT {_APP_COLS_A}, "
             "COALESCE(array_agg(o.origin ORDER BY o.origin) FILTER (WHERE o.origin IS NOT NULL), "
             "'{}') FROM apps a LEFT JOIN app_origins o ON o.app_id = a.app_id "
             "WHERE a.deleted_at IS NULL GROUP BY a.app_id ORDER BY a.created_at, a.app_id")
-        return [App(r[0], r[1], r[2], tuple(r[4]), r[3]) for r in rows]
+        return [app_of(r[:7], tuple(r[7])) for r in rows]
 
-    async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
+    async def set_app_secret(self, app_id: str, secret_hash: str, *,
+                             keep_previous_until: float | None = None) -> bool:
         async def write(con: Any) -> bool:
-            return await con.fetchval("UPDATE apps SET secret_hash = $1 WHERE app_id = $2 "
-                                      "AND deleted_at IS NULL RETURNING 1",
-                                      secret_hash, app_id) is not None
+            return await con.fetchval(
+                "UPDATE apps SET previous_secret_hash = CASE WHEN $3::float8 IS NULL THEN NULL "
+                "ELSE secret_hash END, previous_until = $3, secret_hash = $1 "
+                "WHERE app_id = $2 AND deleted_at IS NULL RETURNING 1",
+                secret_hash, app_id, keep_previous_until) is not None
+        return bool(await self._changed(write))
+
+    async def retire_previous_secret(self, app_id: str) -> bool:
+        async def write(con: Any) -> bool:
+            return await con.fetchval(
+                "UPDATE apps SET previous_secret_hash = NULL, previous_until = NULL "
+                "WHERE app_id = $1 AND deleted_at IS NULL "
+                "AND previous_secret_hash IS NOT NULL RETURNING 1", app_id) is not None
         return bool(await self._changed(write))
 
     async def delete_app(self, app_id: str, *, now: float) -> bool:
@@ -308,7 +319,8 @@ class PostgresStore(PgReportsMixin):
         ``SQLiteStore.delete_app``: rows and ids stay its own; keys wait for
         ``erase_revoked_keys``)."""
         async def write(con: Any) -> bool:
-            if await con.fetchval("UPDATE apps SET deleted_at = $2, secret_hash = '' "
+            if await con.fetchval("UPDATE apps SET deleted_at = $2, secret_hash = '', "
+                                  "previous_secret_hash = NULL, previous_until = NULL "
                                   "WHERE app_id = $1 AND deleted_at IS NULL RETURNING 1",
                                   app_id, now) is None:
                 return False

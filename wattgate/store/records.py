@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 ACTIVE = "active"
 REVOKED = "revoked"
@@ -17,6 +19,10 @@ class App:
     origins: tuple[str, ...]
     created_at: float
     deleted_at: float | None = None  # a deleted app's tombstone keeps its history
+    # The secret replaced by a rotation with overlap: it authenticates too while the
+    # clock is before ``previous_until`` (UTC epoch seconds), until retired.
+    previous_secret_hash: str | None = None
+    previous_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,5 +91,15 @@ USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tok
               "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
 CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
                    "browser_hash, created_at, updated_at")
+APP_COLS = ("app_id, name, secret_hash, created_at, deleted_at, previous_secret_hash, "
+            "previous_until")
+
+
+def app_of(row: Sequence[Any], origins: tuple[str, ...]) -> App:
+    """An ``App`` from a row of ``APP_COLS`` and its origins (either backend's row)."""
+    app_id, name, secret_hash, created_at, deleted_at, previous, until = row
+    return App(app_id, name, secret_hash, origins, created_at, deleted_at, previous, until)
+
+
 GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
               "held_nanos, sealed_key, connection_id, created_at, expires_at")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export, reconcile
+from .. import export, reconcile, rotation
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -287,8 +287,12 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
     if revoked:
         notice = (f"Revoked the connection of {revoked[0].app_user_id}: their next call is "
                   "refused with 402 not_connected until they connect again.")
+    key_notice = {"1": "The previous secret key no longer works, nor do the session tokens "
+                       "it minted.",
+                  "0": "There was no previous secret key to retire."
+                  }.get(request.query.get("retired", ""))
     return html_response(console.app_detail(
-        csrf=session.csrf, app=app, days=days, day_list=day_list,
+        csrf=session.csrf, app=app, days=days, day_list=day_list, key_notice=key_notice,
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
         payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
         connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
@@ -297,14 +301,35 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
     app = await _app(request, gw)
-    if request.method == "GET":  # breaking every backend's key deserves a second click
+    if request.method == "GET":  # changing every backend's key deserves a second click
         return html_response(console.confirm_rotation(csrf=session.csrf, app=app))
-    creds = mint_credentials(app.app_id)
-    await gw.store.set_app_secret(app.app_id, gw.hash(creds.secret))
-    log.warning("console: rotated the secret key of app %s; the old key no longer works",
-                app.app_id)
+    choice = str((await request.post()).get("overlap", console.DEFAULT_OVERLAP))
+    try:
+        overlap = rotation.parse_overlap(choice)
+    except ValueError as e:
+        return html_response(console.message("Secret key not rotated", str(e),
+                                             csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}"), 400)
+    done = await rotation.rotate(gw, app.app_id, overlap)
+    if done is None:  # deleted since the page was read
+        raise web.HTTPNotFound()
+    if done.previous_until is None:
+        log.warning("console: rotated the secret key of app %s; the old key no longer works",
+                    app.app_id)
+    else:
+        log.warning("console: rotated the secret key of app %s; the old key works until %s",
+                    app.app_id, rotation.utc(done.previous_until))
     return html_response(console.secret_shown(csrf=session.csrf, app=app,
-                                              secret_key=creds.secret_key, created=False))
+                                              secret_key=done.secret_key, created=False,
+                                              previous_until=done.previous_until))
+
+
+async def retire_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    retired = await gw.store.retire_previous_secret(app.app_id)
+    if retired:
+        log.warning("console: retired the previous secret key of app %s", app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?retired={int(retired)}#keys")
 
 
 async def change_origin(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -387,6 +412,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/apps/{app_id}", signed_in(app_page))
     r.add_get("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
+    r.add_post("/admin/apps/{app_id}/retire-secret", signed_in(retire_secret))
     r.add_post("/admin/apps/{app_id}/origins", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))

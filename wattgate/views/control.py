@@ -39,7 +39,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def create_session(request: web.Request) -> web.Response:
     gw = request.app[gateway_key]
-    app = await gw.app_for_secret(secret_key_of(request))
+    secret_key = secret_key_of(request)
+    app = await gw.app_for_secret(secret_key)
     await gw.limit("RL_SESSIONS", app.app_id)
     body = await json_body(request)
     user = app_user_id(body.get("appUserId"))
@@ -57,7 +58,7 @@ async def create_session(request: web.Request) -> web.Response:
             has_limit = True
             limit_usd = None if nanos is None else nanos_to_usd(nanos)
     token, expires_at = gw.sessions.mint(app.app_id, user, limit_usd, has_limit, now=gw.clock(),
-                                         secret_tag=gw.secret_tag(app))
+                                         secret_tag=gw.session_tag_of(secret_key))
     return json_response({"token": token, "expiresAt": expires_at})
 
 
