@@ -35,7 +35,8 @@ import pytest
 from wattgate.errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
 from wattgate.ledger import period_bounds, period_of
 from wattgate.store.contract import Ledger
-from wattgate.store.records import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Connection, Grant, Hold, Usage
+from wattgate.store.records import (ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Connection,
+                                   Grant, Hold, Usage)
 
 USD = 1_000_000_000
 T = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -227,6 +228,26 @@ async def test_apps_origins_and_secrets_round_trip(ledger):
     assert await ledger.origin_registered("https://b.example")
     assert not await ledger.origin_registered("https://a.example")
     assert await ledger.get_app("app" + "0" * 16) is None
+
+
+async def test_an_apps_policy_round_trips_exactly_and_clears(ledger, place):
+    app = await new_app(ledger)
+    assert app.policy == AppPolicy() and (await ledger.get_app(app.app_id)).policy.empty
+    # Amounts far past a float's 53 bits and a nano-dollar: kept exactly.
+    policy = AppPolicy(("openai/*", "anthropic/claude-3.5-sonnet"), 123_456_789_012_345_678,
+                       4096, 1)
+    saved = await ledger.set_app_policy(app.app_id, policy)
+    assert saved is not None and saved.policy == policy and saved.secret_hash == app.secret_hash
+    assert (await ledger.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    assert [a.policy for a in await ledger.list_apps()] == [policy]
+    reopened = await place.open()  # another process, the CLI, a restart
+    assert (await reopened.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    cleared = await ledger.set_app_policy(app.app_id, AppPolicy())
+    assert cleared is not None and cleared.policy == AppPolicy()
+    assert [a.policy for a in await reopened.list_apps()] == [AppPolicy()]
+    assert await ledger.set_app_policy("app" + "0" * 16, policy) is None  # no such app
+    await ledger.delete_app(app.app_id, now=T)
+    assert await ledger.set_app_policy(app.app_id, policy) is None  # nor a deleted one
 
 
 async def test_a_connection_is_keyed_by_app_and_user(ledger):
@@ -911,7 +932,7 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     c = await funded(ledger, app)
     other = await place.open()
     loop = asyncio.get_running_loop()
-    for change in ("revoke", "secret", "app"):
+    for change in ("revoke", "secret", "app", "policy"):
         async def vouched() -> bool:
             return ledger.apps_version() is not None
         assert await eventually(vouched)
@@ -920,6 +941,8 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
             await other.set_connection_state(c.connection_id, REVOKED, now=T + 1)
         elif change == "secret":
             await other.set_app_secret(app.app_id, "rotated")
+        elif change == "policy":
+            await other.set_app_policy(app.app_id, AppPolicy(max_tokens=100))
         else:
             await new_app(other)
         written = loop.time()
@@ -931,4 +954,6 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
         await asyncio.sleep(0)  # let the next turn of the loop settle the version
     got = await ledger.get_connection(app.app_id, c.app_user_id)
     assert got is not None and got.state == REVOKED
-    assert (await ledger.get_app(app.app_id)).secret_hash == "rotated"  # type: ignore[union-attr]
+    got_app = await ledger.get_app(app.app_id)
+    assert got_app is not None and got_app.secret_hash == "rotated"
+    assert got_app.policy == AppPolicy(max_tokens=100)  # another instance's policy, read here

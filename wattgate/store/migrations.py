@@ -213,6 +213,19 @@ def m006_fleet_state(db: sqlite3.Connection) -> None:
     """)
 
 
+def _m007_reserved(db: sqlite3.Connection) -> None:
+    # Number 7 belongs to another branch's migration (issue 17); this no-op keeps
+    # m008's place until that one is merged in its stead.
+    pass
+
+
+def m008_app_policy(db: sqlite3.Connection) -> None:
+    # An app's policy (``records.AppPolicy.to_text``: allowed models, the largest cap a
+    # user may approve, the largest output bound of a call, the suggested cap), as
+    # JSON with integer nano-dollars; NULL: no policy.
+    _script(db, "ALTER TABLE apps ADD COLUMN policy TEXT")
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -227,6 +240,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
     m006_fleet_state,
+    _m007_reserved,
+    m008_app_policy,
 )
 
 

@@ -54,7 +54,7 @@ from .pg_audit import audit
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
-from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App, AppPolicy,
                       Connection, Grant, Hold, Usage)
 
 log = logging.getLogger("wattgate.store")
@@ -280,21 +280,22 @@ class PostgresStore(PgReportsMixin):
 
     async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
         async with self._con() as con:
-            row = await con.fetchrow("SELECT app_id, name, secret_hash, created_at, deleted_at "
-                                     "FROM apps WHERE app_id = $1", app_id)
+            row = await con.fetchrow("SELECT app_id, name, secret_hash, created_at, deleted_at, "
+                                     "policy FROM apps WHERE app_id = $1", app_id)
             if row is None or (row[4] is not None and not deleted):
                 return None
             origins = tuple(r[0] for r in await con.fetch(
                 "SELECT origin FROM app_origins WHERE app_id = $1 ORDER BY origin", app_id))
-        return App(row[0], row[1], row[2], origins, row[3], row[4])
+        return App(row[0], row[1], row[2], origins, row[3], row[4], AppPolicy.from_text(row[5]))
 
     async def list_apps(self) -> list[App]:
         rows = await self._all(
             "SELECT a.app_id, a.name, a.secret_hash, a.created_at, "
             "COALESCE(array_agg(o.origin ORDER BY o.origin) FILTER (WHERE o.origin IS NOT NULL), "
-            "'{}') FROM apps a LEFT JOIN app_origins o ON o.app_id = a.app_id "
+            "'{}'), a.policy FROM apps a LEFT JOIN app_origins o ON o.app_id = a.app_id "
             "WHERE a.deleted_at IS NULL GROUP BY a.app_id ORDER BY a.created_at, a.app_id")
-        return [App(r[0], r[1], r[2], tuple(r[4]), r[3]) for r in rows]
+        return [App(r[0], r[1], r[2], tuple(r[4]), r[3], None, AppPolicy.from_text(r[5]))
+                for r in rows]
 
     async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
         async def write(con: Any) -> bool:
@@ -332,6 +333,13 @@ class PostgresStore(PgReportsMixin):
                                   [(app_id, o) for o in remove])
             return True
         return bool(await self._changed(write))
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        async def write(con: Any) -> bool:
+            return await con.fetchval("UPDATE apps SET policy = $1 WHERE app_id = $2 "
+                                      "AND deleted_at IS NULL RETURNING 1",
+                                      policy.to_text(), app_id) is not None
+        return await self.get_app(app_id) if await self._changed(write) else None
 
     async def origin_registered(self, origin: str) -> bool:
         return await self._one("SELECT 1 FROM app_origins WHERE origin = $1 LIMIT 1",

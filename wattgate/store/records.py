@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 ACTIVE = "active"
 REVOKED = "revoked"
 NEEDS_RECONNECT = "needs_reconnect"
+
+
+@dataclass(frozen=True)
+class AppPolicy:
+    """What the app's operator allows its calls and its users' caps (``wattgate/policy.py``
+    holds the rules; this is only the stored data). None or empty: no limit."""
+
+    models: tuple[str, ...] = ()  # model id patterns, lower case; empty: every model
+    max_cap_nanos: int | None = None  # the largest monthly cap a user may approve
+    max_tokens: int | None = None  # the largest output bound of one call
+    suggested_cap_nanos: int | None = None  # preselected in the consent popup
+
+    @property
+    def empty(self) -> bool:
+        return self == AppPolicy()
+
+    def to_text(self) -> str | None:
+        """The stored form (JSON, amounts as integer nano-dollars); None when empty."""
+        if self.empty:
+            return None
+        return json.dumps({"models": list(self.models), "max_cap_nanos": self.max_cap_nanos,
+                           "max_tokens": self.max_tokens,
+                           "suggested_cap_nanos": self.suggested_cap_nanos})
+
+    @classmethod
+    def from_text(cls, text: str | None) -> AppPolicy:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(tuple(data.get("models") or ()), data.get("max_cap_nanos"),
+                   data.get("max_tokens"), data.get("suggested_cap_nanos"))
 
 
 @dataclass(frozen=True)
@@ -17,6 +49,7 @@ class App:
     origins: tuple[str, ...]
     created_at: float
     deleted_at: float | None = None  # a deleted app's tombstone keeps its history
+    policy: AppPolicy = field(default_factory=AppPolicy)
 
 
 @dataclass(frozen=True)

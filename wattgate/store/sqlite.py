@@ -34,7 +34,7 @@ from .audit import audit
 from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from .migrations import migrate
-from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App, AppPolicy,
                       Connection, Grant, Hold, Usage)
 from .reports import ReportsMixin  # the console's and exports' range reads
 
@@ -494,13 +494,13 @@ class SQLiteStore(ReportsMixin):
 
     async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
         """The app, or None; a deleted app's tombstone only when ``deleted`` (for its history)."""
-        row = self._one("SELECT app_id, name, secret_hash, created_at, deleted_at FROM apps "
-                        "WHERE app_id = ?", (app_id,))
+        row = self._one("SELECT app_id, name, secret_hash, created_at, deleted_at, policy "
+                        "FROM apps WHERE app_id = ?", (app_id,))
         if row is None or (row[4] is not None and not deleted):
             return None
         origins = tuple(r[0] for r in self._all(
             "SELECT origin FROM app_origins WHERE app_id = ? ORDER BY origin", (app_id,)))
-        return App(row[0], row[1], row[2], origins, row[3], row[4])
+        return App(row[0], row[1], row[2], origins, row[3], row[4], AppPolicy.from_text(row[5]))
 
     async def list_apps(self) -> list[App]:
         apps = []
@@ -567,6 +567,17 @@ class SQLiteStore(ReportsMixin):
             return await self._writer.run(op)
         finally:
             self._apps_epoch += 1
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE apps SET policy = :p WHERE app_id = :a "
+                              "AND deleted_at IS NULL",
+                              {"p": policy.to_text(), "a": app_id}).rowcount == 1
+        try:
+            changed = await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
+        return await self.get_app(app_id) if changed else None
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any app registered this origin (answers CORS preflights)."""
