@@ -39,7 +39,8 @@ from .config import load_config
 from .credentials import mint_credentials
 from .fakeupstream import MODELS, FakeModel, FakeOpenRouter, create_fake_openrouter
 from .server import ClientLimits, ServerRunner
-from .views.pages import STATIC, page_data, render
+from .templates import render
+from .views.pages import STATIC
 from .views.state import gateway_key
 
 APP_NAME = "Demo Notes"
@@ -193,7 +194,7 @@ def example_app(demo: Demo) -> web.Application:
                   "user": user, "model": DEMO_MODEL}
         response = web.Response(text=render("demo-app.html", app_name=APP_NAME, user=user,
                                             gateway=demo.gateway_url,
-                                            config_html=page_data(config)),
+                                            config=config),
                                 content_type="text/html")
         response.set_cookie(USER_COOKIE, user, httponly=True, samesite="Lax", path="/")
         return response

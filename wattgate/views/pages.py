@@ -8,7 +8,7 @@
 - ``/sdk/client.js``: the client SDK, the same file as ``js/client.js``.
 - ``/static/…``: the pages' CSS and scripts (no third-party assets).
 
-Pages are server-rendered shells; their small scripts do the origin
+Pages are server-rendered shells (Jinja2 templates, ``wattgate.templates``); their small scripts do the origin
 handshake and call the JSON endpoints (``views.account``, ``views.control``).
 The session token never travels in a URL the server sees: it arrives in the
 fragment or by ``postMessage``. Every page is sent with a strict CSP, no
@@ -17,11 +17,8 @@ framing and no referrer. Not here: what the JSON endpoints decide.
 
 from __future__ import annotations
 
-import html
-import json
 import re
 from decimal import Decimal, InvalidOperation
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +28,12 @@ from ..credentials import parse_publishable_key
 from ..errors import AuthError
 from ..gateway import Gateway
 from ..store import App
+from ..templates import render
 from . import account
 from .state import gateway_key
 
 PACKAGE = Path(__file__).resolve().parent.parent
 STATIC = PACKAGE / "static"
-TEMPLATES = PACKAGE / "templates"
 
 # Only these files are served from /static; the demo app's files are not the gateway's.
 STATIC_FILES = {
@@ -68,38 +65,6 @@ def page_headers(gw: Gateway) -> dict[str, str]:
         "Cache-Control": "no-store",
         "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
     }
-
-
-@cache
-def _template(name: str) -> str:
-    return (TEMPLATES / name).read_text(encoding="utf-8")
-
-
-_SLOT = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-LOGO = ('<svg class="bolt" viewBox="0 0 24 24" aria-hidden="true">'
-        '<path d="M13 2 4 14h7l-1 8 9-12h-7z"/></svg>')
-
-
-def render(name: str, **values: Any) -> str:
-    """Fill ``{{ slot }}``s, HTML-escaped unless the slot name ends in ``_html``.
-
-    Every page may use ``{{ head_html }}`` (the shared ``<head>`` lines) and
-    ``{{ logo_html }}``.
-    """
-    values.setdefault("head_html", _template("_head.html"))
-    values.setdefault("logo_html", LOGO)
-
-    def fill(m: re.Match[str]) -> str:
-        key = m.group(1)
-        value = values[key]
-        return str(value) if key.endswith("_html") else html.escape(str(value))
-    return _SLOT.sub(fill, _template(name))
-
-
-def page_data(data: dict[str, Any]) -> str:
-    """JSON for a ``<script type="application/json">`` block (never closes the tag)."""
-    return json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e") \
-        .replace("&", "\\u0026")
 
 
 def _page(gw: Gateway, body: str, status: int = 200) -> web.Response:
@@ -162,7 +127,7 @@ async def _consent_page(request: web.Request, flow: str) -> web.Response:
     origins = ", ".join(_display_origin(o) for o in app.origins) or "no registered site"
     return _page(gw, render("consent.html", title=title, flow=flow, app_name=app.name,
                             app_initials=_initials(app.name), app_origins=origins, ask=ask,
-                            data_html=page_data(data)))
+                            data=data))
 
 
 def _grant_request(gw: Gateway, request: web.Request) -> dict[str, Any] | None:
