@@ -368,3 +368,42 @@ async def test_the_popup_context_carries_the_policy(harness):
         body = await r.json()
     assert body["app"]["policy"] == {"models": ["openai/*"], "maxCapUsd": 20,
                                      "maxTokens": 500, "suggestedCapUsd": 7.5}
+
+
+# ---- the console -------------------------------------------------------------------
+
+async def test_the_console_sets_shows_and_clears_the_policy(harness):
+    from test_admin_functional import sign_in
+
+    app = await harness.create_app()
+    console = await sign_in(harness)
+    try:
+        base = f"/admin/apps/{app.app_id}"
+        r = await console.post(base + "/policy", {
+            "csrf": console.csrf, "models": "OpenAI/*\r\nanthropic/claude-3.5-sonnet",
+            "max_cap": "25.50", "suggested_cap": "10", "max_tokens": "800"})
+        assert r.status == 303 and r.headers["Location"] == base + "?policy=saved#policy"
+        got = await harness.gw.store.get_app(app.app_id)
+        assert got.policy == make_policy(models=["openai/*", "anthropic/claude-3.5-sonnet"],
+                                         max_cap_usd="25.50", suggested_cap_usd="10",
+                                         max_tokens=800)
+        status, page = await console.page(base + "?policy=saved")
+        assert status == 200 and "Policy saved" in page
+        assert "openai/*\nanthropic/claude-3.5-sonnet</textarea>" in page
+        assert 'name="max_cap" inputmode="decimal" value="25.5"' in page
+        assert 'value="800"' in page
+        # Bad input changes nothing and says why; a forged form (no CSRF token) neither.
+        for form, words in (({"max_cap": "5", "suggested_cap": "6"}, "must not be above"),
+                            ({"max_tokens": "lots"}, "whole number"),
+                            ({"models": "<script>x</script>"}, "model pattern")):
+            r = await console.post(base + "/policy", {"csrf": console.csrf, **form})
+            assert r.status == 400 and words in r.text_body and "<script>x" not in r.text_body
+        r = await console.post(base + "/policy", {"csrf": "forged", "clear": "1"})
+        assert r.status == 403
+        assert (await harness.gw.store.get_app(app.app_id)).policy == got.policy
+        r = await console.post(base + "/policy", {"csrf": console.csrf, "clear": "1",
+                                                 "max_cap": "3"})
+        assert r.status == 303
+        assert (await harness.gw.store.get_app(app.app_id)).policy == AppPolicy()
+    finally:
+        await console.http.close()
