@@ -52,7 +52,7 @@ from .money import format_usd, nanos_to_json, usd_to_nanos
 from .store import AppPolicy
 
 __all__ = ["check_cap", "check_grant_cap", "check_request", "default_max_tokens", "describe",
-           "make_policy", "model_allowed", "normalize_pattern"]
+           "make_policy", "model_allowed", "normalize_pattern", "summary"]
 
 MAX_PATTERNS = 100
 # What model ids are made of (OpenRouter's, aliases like ``~vendor/x`` and variants
@@ -124,6 +124,19 @@ def describe(policy: AppPolicy) -> dict[str, Any]:
             "maxTokens": policy.max_tokens, "suggestedCapUsd": usd(policy.suggested_cap_nanos)}
 
 
+def summary(policy: AppPolicy, *, grant: bool = False) -> list[str]:
+    """The limits in words, for the person asked to approve (the consent popup)."""
+    lines = []
+    if policy.max_cap_nanos is not None:
+        top = format_usd(policy.max_cap_nanos)
+        lines.append(f"Grants of at most {top}" if grant else f"Caps of at most {top} a month")
+    if policy.models:
+        lines.append("Only these models: " + ", ".join(policy.models))
+    if policy.max_tokens is not None:
+        lines.append(f"Answers of at most {policy.max_tokens:,} tokens")
+    return lines
+
+
 # ---- calls ---------------------------------------------------------------------------
 def default_max_tokens(policy: AppPolicy, default: int) -> int:
     """The answer limit sent when a request sets none: the gateway's, within the policy."""
@@ -138,9 +151,9 @@ def check_request(policy: AppPolicy, req: ChatRequest) -> ChatRequest:
     """
     for model in req.models:
         if not model_allowed(policy, model):
-            where = "model" if model == req.model else "models (a fallback)"
+            where = "" if model == req.model else " in models (a fallback)"
             raise PolicyRefused(
-                f"model {model[:100]!r} in {where} is not allowed by this app's policy "
+                f"Model {model[:100]!r}{where} is not allowed by this app's policy "
                 f"(allowed: {', '.join(policy.models)}).")
     bound = policy.max_tokens
     if bound is None or req.endpoint.output_limit is None:
@@ -177,8 +190,8 @@ def check_cap(policy: AppPolicy, cap_nanos: int | None, *, kept: bool = False) -
     top = policy.max_cap_nanos
     if top is None or kept or (cap_nanos is not None and cap_nanos <= top):
         return
-    asked = "an unlimited cap" if cap_nanos is None else \
-        f"a monthly cap of {format_usd(cap_nanos, round_up=True)}"
+    asked = "An unlimited cap" if cap_nanos is None else \
+        f"A monthly cap of {format_usd(cap_nanos, round_up=True)}"
     raise PolicyRefused(f"{asked} is above this app's policy: at most {format_usd(top)} "
                         "a month.")
 
@@ -189,9 +202,9 @@ def check_grant_cap(policy: AppPolicy, max_nanos: int | None) -> None:
     if top is None:
         return
     if max_nanos is None:
-        raise PolicyRefused(f"this app's policy needs a grant to name its dollar cap (maxUsd), "
+        raise PolicyRefused(f"This app's policy needs a grant to name its dollar cap (maxUsd), "
                             f"at most {format_usd(top)}.")
     if max_nanos > top:
-        raise PolicyRefused(f"a grant of {format_usd(max_nanos, round_up=True)} is above this "
+        raise PolicyRefused(f"A grant of {format_usd(max_nanos, round_up=True)} is above this "
                             f"app's policy: at most {format_usd(top)}.")
 
