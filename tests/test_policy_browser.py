@@ -108,3 +108,16 @@ async def test_an_apps_request_above_its_own_bound_is_preselected_at_the_bound(
     await expect(popup.locator("#cap-hint")).to_contain_text("asked for $1.00")
     await expect(popup.locator("#limits")).to_contain_text("Caps of at most $0.50 a month")
     await expect(popup.locator("#limits")).not_to_contain_text("models")
+
+
+async def test_a_grant_beyond_the_apps_bound_cannot_be_approved(
+        demo: Demo, context: BrowserContext) -> None:
+    await set_policy(demo, max_cap_usd="0.25")  # the demo's grant asks for $0.50
+    page = await context.new_page()
+    await page.goto(demo.app_url)
+    popup = await open_popup(page, "#convert")
+    await expect(popup.locator("#blocked")).to_contain_text(
+        "asked for a grant of $0.50, beyond its own limit of $0.25")
+    await expect(popup.locator("#limits")).to_contain_text("Grants of at most $0.25")
+    await expect(popup.locator("#approve")).to_be_disabled()
+    await both_shots(popup, "policy-grant-blocked.png")
