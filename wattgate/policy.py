@@ -19,13 +19,15 @@ The rules:
   is made of the characters model ids use (ASCII letters, digits, ``._-:/~@+``):
   one with spaces, control characters or look-alike letters is refused, never
   read as a near match. An empty list allows every model. ``openrouter/auto``
-  lets OpenRouter pick any model: allow it only if any model will do.
-- **Output.** ``max_tokens`` bounds the output of one answer as the hold counts
-  it: the answer's limit (``max_tokens``, ``max_completion_tokens``,
-  ``max_output_tokens``) plus the ``reasoning.max_tokens`` budget. A request
-  that sets a limit above it is refused; one that sets none is sent with the
-  policy's bound (less its reasoning budget), or the gateway's default when
-  that is lower: clamped, never refused.
+  and presets (``@preset/…``) let OpenRouter pick the model: allow them only if
+  any model will do.
+- **Output.** ``max_tokens`` bounds the output of each answer (each of ``n``
+  choices) as the hold counts it: the answer's limit (``max_tokens``,
+  ``max_completion_tokens``, ``max_output_tokens``) plus the
+  ``reasoning.max_tokens`` budget. A request that sets a limit above it is
+  refused; one that sets none is sent with the policy's bound (less its
+  reasoning budget), or the gateway's default when that is lower: clamped,
+  never refused.
 - **Caps.** No cap above ``max_cap`` (nor unlimited) can be approved, set or
   raised: in the consent popup, through ``POST /api/v1/connections``, on the
   user's ``/account`` page, or as a grant's dollar cap (a grant must then name
