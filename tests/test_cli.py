@@ -24,6 +24,7 @@ from wattgate.sealing import Sealer, connection_aad, key_id_of
 from wattgate.store import SQLiteStore
 
 ORIGIN = "http://localhost:3000"
+NO_POLICY = {"models": [], "maxCapUsd": None, "maxTokens": None, "suggestedCapUsd": None}
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, deadline: float = 60.0) -> None:
@@ -163,7 +164,7 @@ def test_apps_list_and_origins(env):
     app_id = creds["appId"]
     [row] = ok(env, "apps", "list", "--json")
     assert row == {"appId": app_id, "name": "Listed", "publishableKey": f"pk_live_{app_id}",
-                   "origins": [ORIGIN]}
+                   "origins": [ORIGIN], "policy": NO_POLICY}
     assert "sk_live" not in json.dumps(row)
     ok(env, "apps", "add-origin", app_id, "HTTPS://App.Example.com:443/")
     assert ok(env, "apps", "list", "--json")[0]["origins"] == ["http://localhost:3000",
@@ -244,6 +245,61 @@ def test_deleted_app_stops_at_once(env, server):
     creds = create(env)
     ok(env, "apps", "delete", creds["appId"])
     assert user_status(server, creds["secretKey"], "u")[0] == 401
+
+
+# ---- apps set-policy -----------------------------------------------------------
+
+def test_set_policy_round_trip_binds_a_running_server(env, server):
+    creds = create(env)
+    app_id = creds["appId"]
+    connect(server, creds["secretKey"], "u", cap=10)
+    set_ = ok(env, "apps", "set-policy", app_id, "--models", "OpenAI/*", "fake/flat-2c",
+              "--max-cap", "20", "--max-tokens", "300", "--suggested-cap", "7.50", "--json")
+    wanted = {"models": ["openai/*", "fake/flat-2c"], "maxCapUsd": 20, "maxTokens": 300,
+              "suggestedCapUsd": 7.5}
+    assert set_ == {"appId": app_id, "policy": wanted}
+    assert ok(env, "apps", "list", "--json")[0]["policy"] == wanted
+    assert ok(env, "apps", "show", app_id, "--json")["policy"] == wanted
+    shown = ok(env, "apps", "show", app_id)
+    assert "openai/*, fake/flat-2c" in shown and "$20.00 a month" in shown
+    assert "300 per call" in shown and "$7.50" in shown
+    # Options given replace those limits only; "none" removes one; --models alone, all.
+    partial = ok(env, "apps", "set-policy", app_id, "--max-tokens", "none", "--models", "--json")
+    assert partial["policy"] == {**wanted, "models": [], "maxTokens": None}
+    ok(env, "apps", "set-policy", app_id, "--models", "openai/*", "--max-tokens", "300")
+
+    def chat(model: str, **extra: Any) -> tuple[int, Any]:
+        return http("POST", server + "/api/v1/chat/completions", creds["secretKey"],
+                    {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra},
+                    {"x-wattfare-user": "u"})
+    deadline = time.monotonic() + 5  # the server sees another process's commit within 1 s
+    while (answer := chat("anthropic/claude-sonnet-4"))[0] != 403 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, body = answer
+    assert (status, body["error"]["code"]) == (403, "policy_violation"), body
+    assert "anthropic/claude-sonnet-4" in body["error"]["message"]
+    assert chat("openai/gpt-4o-mini")[0] == 200
+    status, body = chat("openai/gpt-4o-mini", max_tokens=301)
+    assert status == 403 and "max_tokens 301" in body["error"]["message"]
+    assert ok(env, "apps", "set-policy", app_id, "--clear", "--json")["policy"] == NO_POLICY
+    deadline = time.monotonic() + 5
+    while chat("anthropic/claude-sonnet-4")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--max-cap", "5", "--suggested-cap", "6"), "must not be above the max cap"),
+    (("--max-cap", "0"), "more than $0"),
+    (("--max-cap", "ten"), "amount of USD"),
+    (("--max-tokens", "many"), "whole number"),
+    (("--max-tokens", "0"), "max tokens"),
+    (("--models", "open ai/*"), "model pattern"),
+])
+def test_set_policy_refuses_bad_input_in_one_line(env, args, words):
+    app_id = create(env)["appId"]
+    assert_one_line_error(wattgate(env, "apps", "set-policy", app_id, *args), words)
+    assert ok(env, "apps", "show", app_id, "--json")["policy"] == NO_POLICY
 
 
 # ---- keys rotate -------------------------------------------------------------
@@ -334,6 +390,8 @@ def test_bad_value_in_environment(env):
     ("apps", "retire-secret", "app0000000000000000"),
     ("apps", "add-origin", "app0000000000000000", "https://x.example"),
     ("apps", "remove-origin", "nonsense", "https://x.example"),
+    ("apps", "set-policy", "app0000000000000000", "--clear"),
+    ("apps", "show", "app0000000000000000"),
 ])
 def test_unknown_app(env, args):
     assert_one_line_error(wattgate(env, *args), "unknown app")

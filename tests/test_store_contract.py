@@ -35,7 +35,8 @@ import pytest
 from wattgate.errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
 from wattgate.ledger import period_bounds, period_of
 from wattgate.store.contract import Ledger
-from wattgate.store.records import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Connection, Grant, Hold, Usage
+from wattgate.store.records import (ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Connection,
+                                   Grant, Hold, Usage)
 
 USD = 1_000_000_000
 T = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -264,6 +265,24 @@ async def test_a_rotation_with_overlap_keeps_exactly_one_previous_secret(ledger,
     tomb = await ledger.get_app(app.app_id, deleted=True)
     assert tomb is not None and (tomb.secret_hash, tomb.previous_secret_hash) == ("", None)
     assert not await ledger.retire_previous_secret("app" + "0" * 16)
+async def test_an_apps_policy_round_trips_exactly_and_clears(ledger, place):
+    app = await new_app(ledger)
+    assert app.policy == AppPolicy() and (await ledger.get_app(app.app_id)).policy.empty
+    # Amounts far past a float's 53 bits and a nano-dollar: kept exactly.
+    policy = AppPolicy(("openai/*", "anthropic/claude-3.5-sonnet"), 123_456_789_012_345_678,
+                       4096, 1)
+    saved = await ledger.set_app_policy(app.app_id, policy)
+    assert saved is not None and saved.policy == policy and saved.secret_hash == app.secret_hash
+    assert (await ledger.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    assert [a.policy for a in await ledger.list_apps()] == [policy]
+    reopened = await place.open()  # another process, the CLI, a restart
+    assert (await reopened.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    cleared = await ledger.set_app_policy(app.app_id, AppPolicy())
+    assert cleared is not None and cleared.policy == AppPolicy()
+    assert [a.policy for a in await reopened.list_apps()] == [AppPolicy()]
+    assert await ledger.set_app_policy("app" + "0" * 16, policy) is None  # no such app
+    await ledger.delete_app(app.app_id, now=T)
+    assert await ledger.set_app_policy(app.app_id, policy) is None  # nor a deleted one
 
 
 async def test_a_connection_is_keyed_by_app_and_user(ledger):
@@ -948,7 +967,7 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     c = await funded(ledger, app)
     other = await place.open()
     loop = asyncio.get_running_loop()
-    for change in ("revoke", "secret", "retire", "app"):
+    for change in ("revoke", "secret", "retire", "app", "policy"):
         async def vouched() -> bool:
             return ledger.apps_version() is not None
         assert await eventually(vouched)
@@ -959,6 +978,8 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
             await other.set_app_secret(app.app_id, "rotated", keep_previous_until=T + 3600)
         elif change == "retire":
             assert await other.retire_previous_secret(app.app_id)
+        elif change == "policy":
+            await other.set_app_policy(app.app_id, AppPolicy(max_tokens=100))
         else:
             await new_app(other)
         written = loop.time()
@@ -973,3 +994,4 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     rotated = await ledger.get_app(app.app_id)
     assert rotated is not None and (rotated.secret_hash, rotated.previous_secret_hash) == (
         "rotated", None)
+    assert rotated.policy == AppPolicy(max_tokens=100)  # another instance's policy, read here

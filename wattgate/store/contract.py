@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from .records import App, Connection, Grant, Hold, Usage
+from .records import App, AppPolicy, Connection, Grant, Hold, Usage
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
 __all__ = ["AdminSessionRow", "Ledger", "StoreInUse"]
@@ -130,6 +130,11 @@ class Ledger(Protocol):
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any live app registered this origin (CORS preflights)."""
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        """Replace a live app's policy (``AppPolicy()`` clears it) in one transaction;
+        the app as now stored, or None when no such live app. Moves ``apps_version``
+        on every process, like any app change: the next call anywhere is judged by it."""
 
     # ---- connections -------------------------------------------------------
     async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:

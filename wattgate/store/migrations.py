@@ -222,6 +222,17 @@ def m009_previous_secret(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE apps ADD COLUMN previous_secret_hash TEXT")
     if "previous_until" not in have:
         db.execute("ALTER TABLE apps ADD COLUMN previous_until REAL")
+def _m007_reserved(db: sqlite3.Connection) -> None:
+    # Number 7 belongs to another branch's migration (issue 17); this no-op keeps
+    # m008's place until that one is merged in its stead.
+    pass
+
+
+def m008_app_policy(db: sqlite3.Connection) -> None:
+    # An app's policy (``records.AppPolicy.to_text``: allowed models, the largest cap a
+    # user may approve, the largest output bound of a call, the suggested cap), as
+    # JSON with integer nano-dollars; NULL: no policy.
+    _script(db, "ALTER TABLE apps ADD COLUMN policy TEXT")
 
 
 def _script(db: sqlite3.Connection, sql: str) -> None:
@@ -238,6 +249,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
     m006_fleet_state,
+    _m007_reserved,
+    m008_app_policy,
     m009_previous_secret,  # numbered for its place after feat/webhooks' and feat/policy's
 )
 

@@ -160,11 +160,27 @@ async def m006_previous_secret(con: Any) -> None:
     ALTER TABLE apps ADD COLUMN IF NOT EXISTS previous_secret_hash TEXT;
     ALTER TABLE apps ADD COLUMN IF NOT EXISTS previous_until DOUBLE PRECISION;
     """)
+async def _m003_reserved(con: Any) -> None:
+    # Numbers 3 and 4 belong to other branches' migrations (issue 17); these no-ops
+    # keep m005's place until those are merged in their stead.
+    pass
+
+
+async def _m004_reserved(con: Any) -> None:
+    pass
+
+
+async def m005_app_policy(con: Any) -> None:
+    # An app's policy as JSON (``records.AppPolicy.to_text``); NULL: no policy.
+    await con.execute("ALTER TABLE apps ADD COLUMN policy TEXT")
 
 
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
     m002_owners,
+    _m003_reserved,
+    _m004_reserved,
+    m005_app_policy,
     m006_previous_secret,  # numbered for its place after the other features' migrations
 )
 

@@ -55,6 +55,7 @@ from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+                      AppPolicy,
                       Connection, Grant, Hold, Usage, app_of)
 
 log = logging.getLogger("wattgate.store")
@@ -294,7 +295,7 @@ class PostgresStore(PgReportsMixin):
             "COALESCE(array_agg(o.origin ORDER BY o.origin) FILTER (WHERE o.origin IS NOT NULL), "
             "'{}') FROM apps a LEFT JOIN app_origins o ON o.app_id = a.app_id "
             "WHERE a.deleted_at IS NULL GROUP BY a.app_id ORDER BY a.created_at, a.app_id")
-        return [app_of(r[:7], tuple(r[7])) for r in rows]
+        return [app_of(r[:8], tuple(r[8])) for r in rows]
 
     async def set_app_secret(self, app_id: str, secret_hash: str, *,
                              keep_previous_until: float | None = None) -> bool:
@@ -344,6 +345,13 @@ class PostgresStore(PgReportsMixin):
                                   [(app_id, o) for o in remove])
             return True
         return bool(await self._changed(write))
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        async def write(con: Any) -> bool:
+            return await con.fetchval("UPDATE apps SET policy = $1 WHERE app_id = $2 "
+                                      "AND deleted_at IS NULL RETURNING 1",
+                                      policy.to_text(), app_id) is not None
+        return await self.get_app(app_id) if await self._changed(write) else None
 
     async def origin_registered(self, origin: str) -> bool:
         return await self._one("SELECT 1 FROM app_origins WHERE origin = $1 LIMIT 1",

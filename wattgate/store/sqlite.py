@@ -35,6 +35,7 @@ from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from .migrations import migrate
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
+                      AppPolicy,
                       Connection, Grant, Hold, Usage, app_of)
 from .reports import ReportsMixin  # the console's and exports' range reads
 
@@ -581,6 +582,17 @@ class SQLiteStore(ReportsMixin):
             return await self._writer.run(op)
         finally:
             self._apps_epoch += 1
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE apps SET policy = :p WHERE app_id = :a "
+                              "AND deleted_at IS NULL",
+                              {"p": policy.to_text(), "a": app_id}).rowcount == 1
+        try:
+            changed = await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
+        return await self.get_app(app_id) if changed else None
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any app registered this origin (answers CORS preflights)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export, reconcile, rotation
+from .. import export, policy, reconcile, rotation
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -36,7 +37,7 @@ from ..errors import RateLimited
 from ..gateway import Gateway
 from ..ledger import period_bounds, period_of
 from ..logs import user_hash
-from ..store import REVOKED, App, Ledger
+from ..store import REVOKED, App, AppPolicy, Ledger
 from ..store.reports import DAY
 from . import console, metrics
 from .inputs import client_of
@@ -296,7 +297,37 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
         payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
         connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
-        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice))
+        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice,
+        policy_notice="Policy saved: the next call on every gateway process is judged by it."
+        if request.query.get("policy") == "saved" else None))
+
+
+async def set_policy(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    """The app's policy from the console's form (``wattgate.policy`` says what it means)."""
+    app = await _app(request, gw)
+    form = await request.post()
+
+    def field(name: str) -> str | None:
+        value = str(form.get(name, "")).strip()
+        return value or None
+    try:
+        if form.get("clear"):
+            wanted = AppPolicy()
+        else:
+            tokens = field("max_tokens")
+            if tokens is not None and not tokens.isdigit():
+                raise ValueError("the largest output per call must be a whole number of tokens")
+            wanted = policy.make_policy(
+                models=str(form.get("models", "")).replace(",", "\n").split(),
+                max_cap_usd=field("max_cap"), max_tokens=None if tokens is None else int(tokens),
+                suggested_cap_usd=field("suggested_cap"))
+    except ValueError as e:
+        return html_response(console.message("Policy not changed", str(e), csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}#policy"), 400)
+    await gw.store.set_app_policy(app.app_id, wanted)
+    log.info("console: set the policy of app %s: %s", app.app_id,
+             json.dumps(policy.describe(wanted)))
+    return _see(f"/admin/apps/{app.app_id}?policy=saved#policy")
 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -413,6 +444,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/retire-secret", signed_in(retire_secret))
+    r.add_post("/admin/apps/{app_id}/policy", signed_in(set_policy))
     r.add_post("/admin/apps/{app_id}/origins", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))

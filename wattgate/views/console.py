@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from .. import budget, rotation
 from ..charts import Series
-from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
+from ..money import nanos_to_usd
+from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Grant
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
 from ..templates import month_name, render, when
 
@@ -78,7 +79,8 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                by_model: Sequence[Series], payers: Sequence[PayerSpend],
                connections: Sequence[ConnectionSpend], hashes: dict[int, str],
                grants: Sequence[Grant], totals: AppTotals | None, period: str, now: float,
-               notice: str | None = None, key_notice: str | None = None) -> str:
+               notice: str | None = None, key_notice: str | None = None,
+               policy_notice: str | None = None) -> str:
     users = {r.connection.connection_id: r.connection.app_user_id for r in connections}
     rows = [GrantRow(g, budget.grant_state(g, now),
                      users.get(g.connection_id, f"connection #{g.connection_id}")
@@ -91,7 +93,17 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                  month=totals or AppTotals(app.app_id, 0, 0, 0, 0), period=period,
                  notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES,
                  key_notice=key_notice,
-                 previous_until=None if until is None else rotation.utc(until))
+                 previous_until=None if until is None else rotation.utc(until),
+                 policy_form=policy_form(app.policy), policy_notice=policy_notice)
+
+
+def policy_form(policy: AppPolicy) -> dict[str, str]:
+    """The policy as the console's form shows it (amounts exact, in USD)."""
+    def usd(nanos: int | None) -> str:
+        return "" if nanos is None else format(nanos_to_usd(nanos).normalize(), "f")
+    return {"models": "\n".join(policy.models), "max_cap": usd(policy.max_cap_nanos),
+            "suggested_cap": usd(policy.suggested_cap_nanos),
+            "max_tokens": "" if policy.max_tokens is None else str(policy.max_tokens)}
 
 
 def confirm_rotation(*, csrf: str, app: App) -> str:

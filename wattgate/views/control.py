@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import consent, reconcile
+from .. import consent, policy, reconcile
 from ..credentials import new_presence_value
 from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
@@ -196,6 +196,10 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
                             has_funding_key=key is not None, user_present=user_present,
                             allow_unlimited=gw.config.dev_allow_unlimited)
+    # The app's largest cap, judged here whatever the page sent; a cap approved before
+    # the bound was lowered stands while nothing changes.
+    policy.check_cap(app.policy, change.cap_nanos, kept=change.keep_key and existing is not None
+                     and change.cap_nanos == existing.cap_nanos)
     if change.needs_key_check:
         assert key is not None
         await request.app[upstream_key].check_key(key)
