@@ -506,3 +506,117 @@ async def test_the_leaders_reconciler_frees_a_killed_process_holds(open_store, d
         await reconciler.sweep()
         return await leader.held(cid, PERIOD) == 0
     await _until(freed, "the reconciler pass sweeping the killed process's holds")
+
+
+async def test_a_cached_connection_is_dropped_on_another_process_change(open_store) -> None:
+    """get_connection answers from memory until a change is notified, by any process."""
+    writer, reader = await open_store(), await open_store()
+    cid = await _connected(writer)
+    app = (await writer.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    first = await reader.get_connection(app, "alice")
+    assert first is not None and first.connected
+    assert await reader.get_connection(app, "alice") is first  # no read: nothing changed
+    await writer.set_connection_state(cid, REVOKED, now=NOW)
+
+    async def revoked_seen() -> bool:
+        c = await reader.get_connection(app, "alice")
+        return c is not None and not c.connected
+    await _until(revoked_seen, "the revocation reaching the other process's cache")
+    with pytest.raises(NotConnected):  # and admission re-checks in the database regardless
+        await reader.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+
+
+async def test_no_connection_is_cached_while_the_listener_is_down(open_store, db_url) -> None:
+    store = await open_store()
+    cid = await _connected(store)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    await store.get_connection(app, "alice")
+    store._life.close_now()  # the listener gone for good: no change can be heard
+    assert store.apps_version() is None
+    # A change this process cannot hear about: written straight into the database.
+    con = await asyncpg.connect(db_url)
+    try:
+        await con.execute("UPDATE connections SET cap_nanos = 7 WHERE connection_id = $1", cid)
+    finally:
+        await con.close()
+    c = await store.get_connection(app, "alice")
+    assert c is not None and c.cap_nanos == 7
+
+
+async def test_settles_group_commit_each_caller_told_its_own_answer(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    holds = [await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+             for _ in range(40)]
+    # Queued in one loop turn: 40 calls, a duplicate of one of them, and one
+    # final figure for a generation recorded provisionally by the same batch.
+    settles = [store.settle(h, _usage(cid, app, f"gc{i}", 3), PERIOD)
+               for i, h in enumerate(holds)]
+    settles.append(store.settle(None, _usage(cid, app, "gc0", 3), PERIOD))
+    settles.append(store.settle(None, _usage(cid, app, "gp", 5, provisional=True), PERIOD))
+    settles.append(store.settle(None, _usage(cid, app, "gp", 4), PERIOD))
+    results = await asyncio.gather(*settles)
+    assert results == [True] * 40 + [False, True, True]
+    assert await store.period_spent(cid, PERIOD) == 40 * 3 + 4
+    assert await store.held(cid) == 0
+    assert len(await store.recent_usage(cid, 100)) == 41  # 40 calls, "gp" once, no twin
+
+
+async def test_one_bad_settle_in_a_batch_fails_alone(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    good = [store.settle(None, _usage(cid, app, f"ok{i}", 2), PERIOD) for i in range(5)]
+    bad = store.settle(None, _usage(cid, app, "too-big", 2**70), PERIOD)  # no BIGINT holds it
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert results[:5] == [True] * 5
+    assert isinstance(results[5], Exception)
+    assert await store.period_spent(cid, PERIOD) == 10
+
+
+async def test_a_settle_outlives_its_cancelled_caller(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    hold = await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+
+    async def caller() -> bool:
+        return await store.settle(hold, _usage(cid, app, "cancelled", 6), PERIOD)
+    task = asyncio.ensure_future(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def settled() -> bool:
+        return await store.period_spent(cid, PERIOD) == 6
+    await _until(settled, "the cancelled caller's settle committing")
+    assert await store.held(cid) == 0
+
+
+async def test_rate_takes_queued_together_stay_exact_across_processes(open_store) -> None:
+    """Takes group-committed in one transaction still count one by one, fleet-wide."""
+    a, b = await open_store(), await open_store()
+    takes = [s.rate_take("chat", "app:burst", 10, now=NOW) for s in (a, b) for _ in range(25)]
+    takes += [a.rate_take("chat", "app:calm", 10, now=NOW)]
+    results = await asyncio.gather(*takes)
+    assert sum(r is None for r in results[:50]) == 10
+    assert results[50] is None  # another key's bucket is its own
+
+
+async def test_an_admission_outlives_its_cancelled_caller_and_holds_nothing(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+
+    async def caller() -> None:
+        await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+    task = asyncio.ensure_future(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def released() -> bool:
+        return not store._writes and await store.held(cid) == 0
+    await _until(released, "the unowned hold being released")
