@@ -83,6 +83,9 @@ COMMAND_TIMEOUT = 10.0
 # again this often, doubling up to the second figure, until it lands: only this
 # process knows what its call cost.
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0
+# How long a statement whose client went away may still run, and commit, on the
+# server (its statement_timeout, plus a margin): an admission in doubt is undone after.
+IN_DOUBT_FOR = int(SERVER_SETTINGS["statement_timeout"]) / 1000 + 1.0
 
 # Every failure that means "the database cannot answer now".
 _DOWN: tuple[type[BaseException], ...] = (
@@ -134,6 +137,9 @@ class PostgresStore(PgReportsMixin):
         # created_at, expires_at), and the generation each was named for, so they
         # can be restored if another process presumed this one dead and swept them.
         self._mine: dict[int, tuple[Hold, str | None, float, float]] = {}
+        # Admissions queued or sent and not answered yet, by (created_at, amount): an
+        # undo of a lost one never takes a hold one of them may own.
+        self._admitting: dict[tuple[float, int], int] = {}
         self._names: dict[int, tuple[str, str, str]] = {}
         self._restoring = asyncio.Lock()
         self.owner_grace = OWNER_GRACE
@@ -494,17 +500,16 @@ class PostgresStore(PgReportsMixin):
         """One ``wattgate_admit`` (migration 3: lock, read, compare, hold), group-committed
         with the admissions queued beside it; the rules' words come from ``budget``."""
         await self._ready()
+        key = (now, amount_nanos)
+        self._admitting[key] = self._admitting.get(key, 0) + 1
         fut = self._admits.put((connection_id, period, amount_nanos, now, expires_at))
+        fut.add_done_callback(lambda f: self._admitted(f, key))
         try:
             row = await asyncio.shield(fut)
         except asyncio.CancelledError:
             # The admission goes on: a hold nobody will own is released at once.
-            fut.add_done_callback(
-                lambda f: self._release_unowned(f, connection_id, period, amount_nanos, now))
-            raise
-        except InDoubt:
-            # Sent, and the database went away before it answered: it may have committed.
-            self._undo_lost_admission(now, amount_nanos)
+            fut.add_done_callback(lambda f: self._release_unowned(f, connection_id, period,
+                                                                  amount_nanos))
             raise
         hold_id = row["hold_id"]
         if not row["known"]:
@@ -515,37 +520,50 @@ class PostgresStore(PgReportsMixin):
             budget.check_connection(row["state"], row["sealed_key"])
             budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
             raise AssertionError("wattgate_admit refused a call budget admits")
-        hold = Hold(hold_id, connection_id, None, period, amount_nanos)
-        self._mine[hold_id] = (hold, row["app_id"], now, expires_at)
+        hold = Hold(hold_id, connection_id, None, period, amount_nanos)  # in _mine already
         if budget.cap_refusal(row["cap_nanos"], spent, held, amount_nanos) is not None:
             # Never expected (a contract test pins the two together): fail closed.
             await self.release(hold)
             raise AssertionError("wattgate_admit held a call budget refuses")
         return hold
 
+    def _admitted(self, fut: "asyncio.Future[Any]", key: tuple[float, int]) -> None:
+        left = self._admitting.pop(key) - 1
+        if left:
+            self._admitting[key] = left
+        if not fut.cancelled() and isinstance(fut.exception(), InDoubt):
+            # Sent, and the database went away before it answered: it may commit yet.
+            self._undo_lost_admission(*key)
+
     def _release_unowned(self, fut: "asyncio.Future[Any]", connection_id: int, period: str,
-                         amount_nanos: int, now: float) -> None:
-        if fut.cancelled():
-            return
-        e = fut.exception()
-        if isinstance(e, InDoubt):
-            self._undo_lost_admission(now, amount_nanos)
-        if e is not None or fut.result()["hold_id"] is None:
+                         amount_nanos: int) -> None:
+        if fut.cancelled() or fut.exception() is not None or fut.result()["hold_id"] is None:
             return
         self.release(Hold(fut.result()["hold_id"], connection_id, None, period, amount_nanos))
 
     def _undo_lost_admission(self, created_at: float, amount_nanos: int) -> None:
         """An admission cut off around its commit (the server went away) may have left
         a hold that no call will settle: the caller was told 503. Once the server
-        answers again, drop any such hold of this process (identified by its
-        admission's moment and amount, never one this process still tracks) and
-        give a grant's request back."""
+        answers again and the cut-off statement can no longer be running
+        (``IN_DOUBT_FOR``: a backend whose client left still commits a statement
+        that was waiting for a lock), drop any such hold of this process (identified
+        by its admission's moment and amount, never one this process owns or is
+        still admitting) and give a grant's request back."""
+        settled_at = asyncio.get_running_loop().time() + IN_DOUBT_FOR
+
         async def write() -> None:
+            loop = asyncio.get_running_loop()
+            while not self._closing and loop.time() < settled_at:
+                await asyncio.sleep(min(0.5, settled_at - loop.time()))
             async with self._tx() as con:
                 rows = await con.fetch(
                     "SELECT hold_id, grant_id FROM holds WHERE owner = $1 AND created_at = $2 "
                     "AND amount_nanos = $3 AND generation_id IS NULL",
                     self.owner, created_at, amount_nanos)
+                if (created_at, amount_nanos) in self._admitting:
+                    # One like it is in flight: never drop a live hold (a lost one
+                    # narrows the cap until the hold TTL's sweep takes it).
+                    return
                 for hold_id, grant_id in rows:
                     if hold_id in self._mine:
                         continue
@@ -557,7 +575,12 @@ class PostgresStore(PgReportsMixin):
         c, p, a, n, e = (list(col) for col in zip(*items))
         rows = await con.fetch(_ADMIT, c, p, a, self.owner, n, e)
         by_item = {r["i"]: r for r in rows}
-        return [by_item[k] for k in range(1, len(items) + 1)]
+        answers = [by_item[k] for k in range(1, len(items) + 1)]
+        for (connection_id, period, amount, now, expires), row in zip(items, answers):
+            if row["hold_id"] is not None:  # this process's before any caller runs on
+                hold = Hold(row["hold_id"], connection_id, None, period, amount)
+                self._mine[hold.hold_id] = (hold, row["app_id"], now, expires)
+        return answers
 
     @staticmethod
     async def _rate_batch(con: Any, items: list[tuple[Any, ...]]) -> list[Any]:
