@@ -2,7 +2,7 @@
 
 Holds live in the database, so every process sees every call in flight:
 
-- ``admit`` is one call of ``wattgate_admit`` (migration 2): the connection
+- ``admit`` is one call of ``wattgate_admit`` (migration 3): the connection
   row ``SELECT … FOR UPDATE``, then its period's spent and held (statements
   of their own, new snapshots, so they see every hold committed before the
   lock was granted), the cap inequality of ``budget.cap_refusal``, the hold's
