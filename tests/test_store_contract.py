@@ -349,6 +349,43 @@ async def test_racing_admissions_never_pass_the_cap(ledger):
     await consistent(ledger, app)
 
 
+@pytest.mark.parametrize("cap, spent, held, amount", [
+    (10 * USD, 0, 0, 10 * USD),              # exactly the cap, nothing spent
+    (10 * USD, 3 * USD, 2 * USD, 5 * USD),   # spent + held + amount == cap
+    (10 * USD, 3 * USD, 2 * USD, 5 * USD + 1),  # one nano over
+    (10 * USD, 10 * USD, 0, 1),              # spent up to the cap
+    (0, 0, 0, 0),                            # a zero cap, a free call
+    (0, 0, 0, 1),
+    (None, 9 * USD, 0, 10**17),              # no cap (the dev switch)
+])
+async def test_admission_decides_as_budget_cap_refusal_at_the_boundary(ledger, cap, spent, held,
+                                                                        amount):
+    """Each backend performs the check-and-hold (PostgreSQL inside ``wattgate_admit``), but
+    what it decides must be ``budget.cap_refusal``'s: same inequality, same numbers."""
+    from wattgate import budget
+
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=cap)
+    if spent:
+        h = await ledger.admit(c.connection_id, PERIOD, spent, now=T, expires_at=T + TTL) \
+            if cap is None or spent <= cap else None
+        assert h is not None
+        assert await ledger.settle(h, billed(h, app, "spent", spent), PERIOD) is True
+    if held:
+        await admit(ledger, c, held)
+    expected = budget.cap_refusal(cap, spent, held, amount)
+    if expected is None:
+        hold = await admit(ledger, c, amount)
+        assert hold.amount_nanos == amount
+        assert await ledger.held(c.connection_id, PERIOD) == held + amount
+    else:
+        with pytest.raises(BudgetExceeded) as refused:
+            await admit(ledger, c, amount)
+        assert refused.value.shortfall == expected
+        assert await ledger.held(c.connection_id, PERIOD) == held
+    await consistent(ledger, app, in_flight=True)
+
+
 async def racer(kind: str, where: str, mode: str, target: str, app_id: str, tasks: int,
                 amount: int, tag: str) -> None:
     """One OS process of ``test_racing_admissions_across_processes``: open a store, say
