@@ -538,9 +538,12 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None,
     for r in range(2):
         for g in (gates if r == 0 else gates[::-1]):
             v = g.name.partition("+")[2]
-            out = subprocess.run([PY, str(BENCH / "steps.py"), "--n", str(plan.steps_n),
-                                  "--variant", v], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=300)
+            argv = [PY, str(BENCH / "steps.py"), "--n", str(plan.steps_n), "--variant", v]
+            if g.name == "wattgate-pg" and pg is not None:  # the ledger in-process: one worker
+                argv += ["--database-url", pg.new_database()]
+            elif g.name.startswith("wattgate-pg"):
+                continue
+            out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
             if out.returncode != 0:
                 res.notes.append(f"bench/steps.py failed for {g.name}: "
                                  f"{out.stderr.strip().splitlines()[-1:]}")

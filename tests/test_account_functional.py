@@ -42,7 +42,7 @@ async def test_dashboard_lists_recaps_and_revokes_this_browsers_connections(harn
     assert FUNDING_KEY not in text and "sealed" not in text
     assert body["recognized"] is True
     [conn] = body["connections"]
-    assert conn["app"] == {"name": "Notes", "origin": "http://localhost:3000"}
+    assert conn["app"] == {"name": "Notes", "origin": "http://localhost:3000", "maxCapUsd": None}
     assert conn["status"]["limits"] == {"monthlyUsd": 5} and conn["calls"] == []
 
     url = f"{harness.api}/account/connections/{conn['id']}"

@@ -33,11 +33,12 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     await ctx.close()
 
 
-async def chat(h, app, user: str, model: str, *, stream: bool = False) -> tuple[int, dict]:
+async def chat(h, app, user: str, model: str, *, stream: bool = False,
+               secret: str | None = None) -> tuple[int, dict]:
     async with h.http.post(h.api + "/chat/completions",
                            json={"model": model, "stream": stream,
                                  "messages": [{"role": "user", "content": "Summarise my notes"}]},
-                           headers={"Authorization": f"Bearer {app.secret_key}",
+                           headers={"Authorization": f"Bearer {secret or app.secret_key}",
                                     "x-wattfare-user": user}) as r:
         if r.content_type == "application/json":
             return r.status, await r.json()
@@ -124,16 +125,42 @@ async def test_sign_in_see_spend_revoke_connection(make_harness, page: Page):
     assert (status, body["error"]["code"]) == (402, "not_connected")
     assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200  # others unaffected
 
-    # Rotating the secret asks first, then shows the new key once; the old one stops working.
+    # Rotating the secret asks first (how long the old key may keep working: 24 hours
+    # unless told), then shows the new key once; the old one works until retired.
     await page.goto(f"{h.url}/admin/apps/{notes.app_id}")
     await page.get_by_role("link", name="Rotate secret key").click()
     await expect(page.get_by_role("heading", name="Rotate the secret key of Acme Notes?")) \
         .to_be_visible()
+    await expect(page.get_by_label("The current key keeps working for")).to_have_value("24h")
     await page.screenshot(path=str(ARTIFACTS / "admin-rotate-confirm.png"))
     await page.get_by_role("button", name="Rotate the secret key now").click()
     new_secret = (await page.locator("#secret-key").text_content()).strip()
+    await expect(page.locator("#previous-until")).to_contain_text("keeps working until")
     await page.screenshot(path=str(ARTIFACTS / "admin-secret-shown.png"))
     assert new_secret.startswith(f"sk_live_{notes.app_id}_") and new_secret != notes.secret_key
+    assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200  # the old one, rolling
+    old_secret, notes.secret_key = notes.secret_key, new_secret
+    assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200
+
+    await page.get_by_role("link", name="Continue to the app").click()
+    await expect(page.locator("#previous-secret")).to_contain_text("valid until")
+    await page.locator("#keys").scroll_into_view_if_needed()
+    await page.screenshot(path=str(ARTIFACTS / "admin-previous-secret.png"))
+    await page.get_by_role("button", name="Retire the previous secret key now").click()
+    await expect(page.locator("#keys").get_by_role("status")).to_contain_text(
+        "The previous secret key no longer works")
+    await expect(page.locator("#previous-secret")).to_have_count(0)
+    await page.locator("#keys").scroll_into_view_if_needed()
+    await page.screenshot(path=str(ARTIFACTS / "admin-secret-retired.png"))
+    status, body = await chat(h, notes, "eli", "fake/flat-2c", secret=old_secret)
+    assert (status, body["error"]["code"]) == (401, "auth")
+    assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200
+
+    # A leaked key: no overlap, the old one stops at once.
+    await page.get_by_role("link", name="Rotate secret key").click()
+    await page.get_by_label("The current key keeps working for").select_option("0")
+    await page.get_by_role("button", name="Rotate the secret key now").click()
+    await expect(page.locator("#previous-until")).to_contain_text("stopped working just now")
     assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 401
-    notes.secret_key = new_secret
+    notes.secret_key = (await page.locator("#secret-key").text_content()).strip()
     assert (await chat(h, notes, "eli", "fake/flat-2c"))[0] == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import aiohttp
 import pytest
@@ -132,8 +133,10 @@ async def test_create_rotate_and_origins(harness):
     status, confirm = await c.page(f"/admin/apps/{app.app_id}/rotate-secret")
     assert status == 200 and "stops working at once" in confirm
     assert await harness.gw.app_for_secret(secret)  # asking is not rotating
-    r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf})
+    r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf,
+                                                                 "overlap": "0"})
     new = secret_in(r.text_body)
+    assert "stopped working just now" in r.text_body
     assert new != secret
     async with harness.http.get(harness.api + "/models",
                                 headers={"Authorization": f"Bearer {secret}"}) as resp:
@@ -182,3 +185,86 @@ async def test_sign_out_ends_the_session(harness):
     c = await sign_in(harness)
     assert (await c.post("/admin/logout", {"csrf": c.csrf})).status == 303
     assert (await c.page("/admin/apps"))[0] == 303
+
+
+async def models_status(h, secret: str) -> int:  # type: ignore[no-untyped-def]
+    async with h.http.get(h.api + "/models", headers={"Authorization": f"Bearer {secret}"}) as r:
+        return r.status
+
+
+async def test_rotate_with_an_overlap_then_retire_from_the_app_page(harness):
+    h = harness
+    c = await sign_in(h)
+    r = await c.post("/admin/apps", {"name": "Roll", "csrf": c.csrf,
+                                     "origins": "https://roll.example"})
+    old = secret_in(r.text_body)
+    app = (await h.gw.store.list_apps())[0]
+    _, detail = await c.page(f"/admin/apps/{app.app_id}")
+    assert "Previous secret key" not in detail and "/retire-secret" not in detail
+    _, confirm = await c.page(f"/admin/apps/{app.app_id}/rotate-secret")
+    assert '<option value="24h" selected>' in confirm  # the default: roll, do not break
+    r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf})
+    new = secret_in(r.text_body)
+    until = (await h.gw.store.get_app(app.app_id)).previous_until
+    shown = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    assert until == pytest.approx(h.clock() + 86400, abs=1)
+    assert f"keeps working until <b>{shown}</b>" in r.text_body
+    assert await models_status(h, old) == 200 and await models_status(h, new) == 200
+
+    _, detail = await c.page(f"/admin/apps/{app.app_id}")
+    assert f"valid until <b>{shown}</b>" in detail
+    retire = f'<form method="post" action="/admin/apps/{app.app_id}/retire-secret"'
+    assert retire in detail and new not in detail and old not in detail
+    # Without the session's CSRF token, or from another site: refused, nothing retired.
+    assert (await c.post(f"/admin/apps/{app.app_id}/retire-secret", {})).status == 403
+    r = await c.post(f"/admin/apps/{app.app_id}/retire-secret", {"csrf": c.csrf},
+                     Origin="https://evil.example")
+    assert r.status == 403
+    assert await models_status(h, old) == 200
+    r = await c.post(f"/admin/apps/{app.app_id}/retire-secret", {"csrf": c.csrf})
+    assert r.status == 303
+    assert await models_status(h, old) == 401 and await models_status(h, new) == 200
+    _, detail = await c.page(r.headers["Location"])
+    assert "The previous secret key no longer works" in detail
+    assert "Previous secret key" not in detail
+    r = await c.post(f"/admin/apps/{app.app_id}/retire-secret", {"csrf": c.csrf})
+    _, detail = await c.page(r.headers["Location"])
+    assert "no previous secret key to retire" in detail
+
+
+async def test_the_app_page_stops_showing_the_previous_key_at_its_deadline(harness):
+    h = harness
+    c = await sign_in(h)
+    app = await h.create_app()
+    r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf,
+                                                                 "overlap": "1h"})
+    assert r.status == 200 and "keeps working until" in r.text_body
+    _, detail = await c.page(f"/admin/apps/{app.app_id}")
+    assert "Previous secret key" in detail
+    h.clock.advance(3601)
+    _, detail = await c.page(f"/admin/apps/{app.app_id}")
+    assert "Previous secret key" not in detail
+    assert await models_status(h, app.secret_key) == 401
+
+
+@pytest.mark.parametrize("overlap", ["1w", "forever", "-5", "9999999d"])
+async def test_a_bad_overlap_rotates_nothing(harness, overlap):
+    c = await sign_in(harness)
+    app = await harness.create_app()
+    r = await c.post(f"/admin/apps/{app.app_id}/rotate-secret", {"csrf": c.csrf,
+                                                                 "overlap": overlap})
+    assert r.status == 400 and "overlap" in r.text_body and "sk_live_" not in r.text_body
+    assert await models_status(harness, app.secret_key) == 200
+    assert (await harness.gw.store.get_app(app.app_id)).previous_secret_hash is None
+
+
+async def test_a_deleted_app_cannot_be_rotated_or_retired_from_the_console(harness):
+    c = await sign_in(harness)
+    app = await harness.create_app()
+    await harness.gw.store.set_app_secret(app.app_id, "x" * 64,
+                                          keep_previous_until=harness.clock() + 3600)
+    await harness.gw.store.delete_app(app.app_id, now=harness.clock())
+    for action in ("rotate-secret", "retire-secret"):
+        r = await c.post(f"/admin/apps/{app.app_id}/{action}", {"csrf": c.csrf})
+        assert r.status == 404 and "sk_live_" not in r.text_body
+    assert await models_status(harness, app.secret_key) == 401

@@ -1,9 +1,8 @@
 """The call service without HTTP on our side: a fake client sink, a real ledger, and the
 fake OpenRouter on loopback as the only stand-in.
 
-Every test runs against the ``ledger`` fixture: one function that opens a store, so
-the same tests run on another backend by swapping it (or the shared fixture of
-``tests/conftest.py`` replacing it).
+Every test runs against the ``ledger`` fixture: SQLite, or PostgreSQL with
+``--backend postgresql`` (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +39,15 @@ CAP_USD = 1000
 
 
 @pytest.fixture
-async def ledger(tmp_path) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
-    """The store under test: swap this one function to run the file on another backend."""
-    store = SQLiteStore.open(tmp_path / "calls.db")
+async def ledger(tmp_path, backend, request) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
+    """The store under test: SQLite, or with ``--backend postgresql`` a fresh PostgreSQL
+    database (the same tests, the group-committed hot path under them)."""
+    if backend == "postgresql":
+        from wattgate.store.postgres import PostgresStore
+
+        store: Any = await PostgresStore.open(request.getfixturevalue("make_pg_url")())
+    else:
+        store = SQLiteStore.open(tmp_path / "calls.db")
     yield store
     await store.close()
 
@@ -114,6 +119,10 @@ class World:
     async def no_hold_left(self) -> None:
         """What a user would see as budget stuck in flight: none, anywhere."""
         await self.service.close()  # background drains settle first
+        # PostgreSQL: an admission whose caller left is released once its batch answers
+        # (and a settle lands) in the store's own background writes: wait for them.
+        while getattr(self.store, "_writes", None):
+            await asyncio.wait(list(self.store._writes))
         assert await self.store.held(self.connection_id) == 0
         assert await self.store.open_holds() == 0
 

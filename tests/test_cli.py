@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from wattgate.sealing import Sealer, connection_aad, key_id_of
 from wattgate.store import SQLiteStore
 
 ORIGIN = "http://localhost:3000"
+NO_POLICY = {"models": [], "maxCapUsd": None, "maxTokens": None, "suggestedCapUsd": None}
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, deadline: float = 60.0) -> None:
@@ -162,7 +164,7 @@ def test_apps_list_and_origins(env):
     app_id = creds["appId"]
     [row] = ok(env, "apps", "list", "--json")
     assert row == {"appId": app_id, "name": "Listed", "publishableKey": f"pk_live_{app_id}",
-                   "origins": [ORIGIN]}
+                   "origins": [ORIGIN], "policy": NO_POLICY}
     assert "sk_live" not in json.dumps(row)
     ok(env, "apps", "add-origin", app_id, "HTTPS://App.Example.com:443/")
     assert ok(env, "apps", "list", "--json")[0]["origins"] == ["http://localhost:3000",
@@ -173,12 +175,13 @@ def test_apps_list_and_origins(env):
     assert ok(env, "apps", "list", "--json") == []
 
 
-def test_rotate_secret_stops_the_old_key_at_once(env, server):
+def test_rotate_secret_with_overlap_0_stops_the_old_key_at_once(env, server):
     creds = create(env)
     connect(server, creds["secretKey"], "u")
     _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
-    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "0", "--json")
     assert rotated["appId"] == creds["appId"] and rotated["secretKey"] != creds["secretKey"]
+    assert rotated["previousValidUntil"] is None
     status, body = user_status(server, creds["secretKey"], "u")
     assert (status, body["error"]["code"]) == (401, "auth")
     status, body = user_status(server, rotated["secretKey"], "u")
@@ -188,10 +191,115 @@ def test_rotate_secret_stops_the_old_key_at_once(env, server):
     assert (status, body["error"]["code"]) == (401, "auth")
 
 
+def test_rotate_secret_keeps_the_old_key_for_the_overlap_until_retired(env, server):
+    creds = create(env)
+    connect(server, creds["secretKey"], "u")
+    _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
+    before = time.time()
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")  # default: 24h
+    until = calendar.timegm(time.strptime(rotated["previousValidUntil"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert before + 86400 - 1 <= until <= time.time() + 86400 + 1
+    for secret in (creds["secretKey"], rotated["secretKey"]):  # both, while deploys roll
+        status, body = user_status(server, secret, "u")
+        assert status == 200 and body["connected"] is True
+    assert http("GET", server + "/api/v1/connections", session["token"])[0] == 200
+
+    assert ok(env, "apps", "retire-secret", creds["appId"], "--json") == {
+        "appId": creds["appId"], "retired": True}
+    status, body = user_status(server, creds["secretKey"], "u")  # the server: at once
+    assert (status, body["error"]["code"]) == (401, "auth")
+    status, body = http("GET", server + "/api/v1/connections", session["token"])
+    assert (status, body["error"]["code"]) == (401, "auth")
+    assert user_status(server, rotated["secretKey"], "u")[0] == 200
+    assert "nothing to retire" in ok(env, "apps", "retire-secret", creds["appId"])
+
+
+def test_rotate_secret_says_until_when_the_old_key_works_and_how_to_end_it(env):
+    creds = create(env)
+    out = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "90m")
+    assert "sk_live_" + creds["appId"] in out and "shown once" in out
+    assert " UTC" in out and f"wattgate apps retire-secret {creds['appId']}" in out
+    out = ok(env, "apps", "retire-secret", creds["appId"])
+    assert "retired the previous secret key" in out
+    out = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "0")
+    assert "no longer works" in out and "retire-secret" not in out
+
+
+@pytest.mark.parametrize("overlap", ["1w", "-1h", "31d", "soon"])
+def test_rotate_secret_refuses_a_bad_overlap_and_rotates_nothing(env, overlap):
+    creds = create(env)
+    assert_one_line_error(wattgate(env, "apps", "rotate-secret", creds["appId"],
+                                   f"--overlap={overlap}"), "--overlap")
+    assert "nothing to retire" in ok(env, "apps", "retire-secret", creds["appId"])
+
+
+def test_a_deleted_app_cannot_be_rotated_or_retired(env):
+    creds = create(env)
+    ok(env, "apps", "rotate-secret", creds["appId"])
+    ok(env, "apps", "delete", creds["appId"])
+    for command in ("rotate-secret", "retire-secret"):
+        assert_one_line_error(wattgate(env, "apps", command, creds["appId"]), "unknown app")
+
+
 def test_deleted_app_stops_at_once(env, server):
     creds = create(env)
     ok(env, "apps", "delete", creds["appId"])
     assert user_status(server, creds["secretKey"], "u")[0] == 401
+
+
+# ---- apps set-policy -----------------------------------------------------------
+
+def test_set_policy_round_trip_binds_a_running_server(env, server):
+    creds = create(env)
+    app_id = creds["appId"]
+    connect(server, creds["secretKey"], "u", cap=10)
+    set_ = ok(env, "apps", "set-policy", app_id, "--models", "OpenAI/*", "fake/flat-2c",
+              "--max-cap", "20", "--max-tokens", "300", "--suggested-cap", "7.50", "--json")
+    wanted = {"models": ["openai/*", "fake/flat-2c"], "maxCapUsd": 20, "maxTokens": 300,
+              "suggestedCapUsd": 7.5}
+    assert set_ == {"appId": app_id, "policy": wanted}
+    assert ok(env, "apps", "list", "--json")[0]["policy"] == wanted
+    assert ok(env, "apps", "show", app_id, "--json")["policy"] == wanted
+    shown = ok(env, "apps", "show", app_id)
+    assert "openai/*, fake/flat-2c" in shown and "$20.00 a month" in shown
+    assert "300 per call" in shown and "$7.50" in shown
+    # Options given replace those limits only; "none" removes one; --models alone, all.
+    partial = ok(env, "apps", "set-policy", app_id, "--max-tokens", "none", "--models", "--json")
+    assert partial["policy"] == {**wanted, "models": [], "maxTokens": None}
+    ok(env, "apps", "set-policy", app_id, "--models", "openai/*", "--max-tokens", "300")
+
+    def chat(model: str, **extra: Any) -> tuple[int, Any]:
+        return http("POST", server + "/api/v1/chat/completions", creds["secretKey"],
+                    {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra},
+                    {"x-wattfare-user": "u"})
+    deadline = time.monotonic() + 5  # the server sees another process's commit within 1 s
+    while (answer := chat("anthropic/claude-sonnet-4"))[0] != 403 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, body = answer
+    assert (status, body["error"]["code"]) == (403, "policy_violation"), body
+    assert "anthropic/claude-sonnet-4" in body["error"]["message"]
+    assert chat("openai/gpt-4o-mini")[0] == 200
+    status, body = chat("openai/gpt-4o-mini", max_tokens=301)
+    assert status == 403 and "max_tokens 301" in body["error"]["message"]
+    assert ok(env, "apps", "set-policy", app_id, "--clear", "--json")["policy"] == NO_POLICY
+    deadline = time.monotonic() + 5
+    while chat("anthropic/claude-sonnet-4")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--max-cap", "5", "--suggested-cap", "6"), "must not be above the max cap"),
+    (("--max-cap", "0"), "more than $0"),
+    (("--max-cap", "ten"), "amount of USD"),
+    (("--max-tokens", "many"), "whole number"),
+    (("--max-tokens", "0"), "max tokens"),
+    (("--models", "open ai/*"), "model pattern"),
+])
+def test_set_policy_refuses_bad_input_in_one_line(env, args, words):
+    app_id = create(env)["appId"]
+    assert_one_line_error(wattgate(env, "apps", "set-policy", app_id, *args), words)
+    assert ok(env, "apps", "show", app_id, "--json")["policy"] == NO_POLICY
 
 
 # ---- keys rotate -------------------------------------------------------------
@@ -279,8 +387,11 @@ def test_bad_value_in_environment(env):
 
 @pytest.mark.parametrize("args", [
     ("apps", "rotate-secret", "app0000000000000000"), ("apps", "delete", "app0000000000000000"),
+    ("apps", "retire-secret", "app0000000000000000"),
     ("apps", "add-origin", "app0000000000000000", "https://x.example"),
     ("apps", "remove-origin", "nonsense", "https://x.example"),
+    ("apps", "set-policy", "app0000000000000000", "--clear"),
+    ("apps", "show", "app0000000000000000"),
 ])
 def test_unknown_app(env, args):
     assert_one_line_error(wattgate(env, *args), "unknown app")

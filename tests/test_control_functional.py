@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import calendar
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -49,7 +48,7 @@ def forged_token(h, **changes: Any) -> str:  # type: ignore[no-untyped-def]
     secret_hash = h.gw.hash(parse_secret_key(app.secret_key)[1])
     claims = {"iss": h.url, "aud": AUDIENCE, "iat": now, "exp": now + 600, "jti": "x",
               "appId": app.app_id, "appUserId": "user_1", "limits": None,
-              "sv": h.gw.secret_tag(SimpleNamespace(secret_hash=secret_hash))}
+              "sv": h.gw.secret_tag(secret_hash)}
     claims.update(changes)
     key = changes.pop("_key", None) or h.gw.keys.jwt_secret
     claims.pop("_key", None)

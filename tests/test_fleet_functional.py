@@ -17,6 +17,7 @@ happen to a server other tests share; terminating sessions with
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import random
 import time
@@ -174,7 +175,8 @@ async def test_rotate_secret_refuses_the_old_key_on_every_process_within_a_secon
     for p in fleet.processes:  # every process has verified (and may cache) the old key
         for _ in range(2 * p.workers):
             assert (await fleet.chat(app, user="alice", via=p)).status == 200
-    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--json")
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--overlap", "0",
+                                "--json")
     assert code == 0, out
     new = json.loads(out.splitlines()[-1])["secretKey"]
     assert new != app.secret_key
@@ -184,6 +186,75 @@ async def test_rotate_secret_refuses_the_old_key_on_every_process_within_a_secon
             old = await fleet.chat(app, user="alice", via=p)
             assert (old.status, old.code) == (401, "auth"), (p.name, old.body)
             assert (await fleet.chat(new, user="alice", via=p)).status == 200, p.name
+
+
+async def connections_status(fleet: Fleet, token: str, via: Serve) -> int:
+    assert fleet.http is not None
+    async with fleet.http.get(via.api + "/connections",
+                              headers={"Authorization": f"Bearer {token}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def test_a_rolled_secret_works_on_every_process_until_retired_or_its_deadline(
+        make_fleet):
+    fleet = await make_fleet()
+    app = await fleet.create_app()
+    await fleet.connect(app, "alice", cap_usd=10)
+    old_token = await fleet.session(app, "alice", via=fleet.processes[0])
+    for p in fleet.processes:  # every process has verified (and may cache) the old key
+        for _ in range(2 * p.workers):
+            assert (await fleet.chat(app, user="alice", via=p)).status == 200
+
+    async def everywhere(secret: str, token: str | None, expect: int) -> None:
+        for p in fleet.processes:
+            for _ in range(2 * p.workers):
+                answer = await fleet.chat(secret, user="alice", via=p)
+                assert answer.status == expect, (p.name, answer.body)
+                if token is not None:
+                    assert await connections_status(fleet, token, p) == expect, p.name
+
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--overlap", "1h",
+                                "--json")
+    assert code == 0, out
+    b = json.loads(out.splitlines()[-1])["secretKey"]
+    await asyncio.sleep(1.0)
+    await everywhere(app.secret_key, old_token, 200)  # both work while deploys roll
+    await everywhere(b, None, 200)
+    code, out = await fleet.cli("apps", "retire-secret", app.app_id)
+    assert code == 0, out
+    await asyncio.sleep(1.0)
+    await everywhere(app.secret_key, old_token, 401)
+    await everywhere(b, None, 200)
+
+    # A short overlap on the real clock: B works on every process until its deadline,
+    # then on none (no process's cache lets it live on).
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--overlap", "4s",
+                                "--json")
+    assert code == 0, out
+    rolled = json.loads(out.splitlines()[-1])
+    c = rolled["secretKey"]
+    until = calendar.timegm(time.strptime(rolled["previousValidUntil"], "%Y-%m-%dT%H:%M:%SZ"))
+    b_token = await fleet.session(App(app.app_id, b), "alice", via=fleet.processes[2])
+    await everywhere(b, b_token, 200)
+    assert time.time() < until, "the fleet was too slow to check the overlap"
+    await asyncio.sleep(until + 1 - time.time())
+    await everywhere(b, b_token, 401)
+    await everywhere(c, None, 200)
+
+    # Deleted during an overlap: neither secret works anywhere.
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--json")
+    assert code == 0, out
+    d = json.loads(out.splitlines()[-1])["secretKey"]
+    await asyncio.sleep(1.0)
+    await everywhere(c, None, 200)
+    code, out = await fleet.cli("apps", "delete", app.app_id)
+    assert code == 0, out
+    await asyncio.sleep(1.0)
+    await everywhere(c, None, 401)
+    await everywhere(d, None, 401)
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id)
+    assert code == 1 and "unknown app" in out, out
 
 
 # ---- a process dies -------------------------------------------------------------

@@ -56,6 +56,13 @@ async def test_first_schema_upgrades_with_rows_intact(tmp_path):
         # The new tables work on the upgraded file.
         await store.add_presence("b", now=1.0)
         assert await store.has_presence("b")
+        # An old app has no previous secret; it can be rolled with an overlap.
+        assert (app.secret_hash, app.previous_secret_hash, app.previous_until) == (
+            "hash", None, None)
+        assert await store.set_app_secret(APP, "hash2", keep_previous_until=9.0)
+        rolled = await store.get_app(APP)
+        assert rolled is not None and (rolled.previous_secret_hash, rolled.previous_until) == (
+            "hash", 9.0)
     finally:
         await store.close()
 
@@ -186,3 +193,18 @@ async def test_version_3_upgrades_with_rows_intact_and_ids_never_come_back(tmp_p
                 "holds_by_connection"} <= indexes
     finally:
         await store.close()
+
+
+def test_the_previous_secret_migration_runs_whatever_came_before_it(tmp_path):
+    # m009 may land after other features' migrations or before them: a column already
+    # there (its run on a branch, say) is left alone, and it never fails twice.
+    from wattgate.store.migrations import m009_previous_secret
+
+    db = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        migrate(db)
+        m009_previous_secret(db)
+        columns = [r[1] for r in db.execute("PRAGMA table_info(apps)")]
+        assert columns.count("previous_secret_hash") == 1 and columns.count("previous_until") == 1
+    finally:
+        db.close()

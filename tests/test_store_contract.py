@@ -35,7 +35,8 @@ import pytest
 from wattgate.errors import BudgetExceeded, ConsentRequired, GrantInvalid, NotConnected
 from wattgate.ledger import period_bounds, period_of
 from wattgate.store.contract import Ledger
-from wattgate.store.records import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Connection, Grant, Hold, Usage
+from wattgate.store.records import (ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Connection,
+                                   Grant, Hold, Usage)
 
 USD = 1_000_000_000
 T = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -229,6 +230,61 @@ async def test_apps_origins_and_secrets_round_trip(ledger):
     assert await ledger.get_app("app" + "0" * 16) is None
 
 
+async def test_a_rotation_with_overlap_keeps_exactly_one_previous_secret(ledger, place):
+    app = await ledger.create_app("app" + "b" * 16, "Roll", "h1", ["https://r.example"], now=T)
+    assert (app.previous_secret_hash, app.previous_until) == (None, None)
+    assert await ledger.set_app_secret(app.app_id, "h2", keep_previous_until=T + 100)
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h2", "h1", T + 100)
+    # A second rotation during the overlap: the oldest secret is dropped, never three.
+    assert await ledger.set_app_secret(app.app_id, "h3", keep_previous_until=T + 200)
+    other = await place.open()  # another process sees the same, in get and list
+    for seen in (await other.get_app(app.app_id), (await other.list_apps())[0]):
+        assert seen is not None and (seen.secret_hash, seen.previous_secret_hash,
+                                     seen.previous_until) == ("h3", "h2", T + 200)
+    assert await other.retire_previous_secret(app.app_id)
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h3", None, None)
+    assert not await ledger.retire_previous_secret(app.app_id)  # nothing left to retire
+    # An immediate rotation (a leaked secret) ends an overlap in progress too.
+    assert await ledger.set_app_secret(app.app_id, "h4", keep_previous_until=T + 300)
+    assert await ledger.set_app_secret(app.app_id, "h5")
+    got = await ledger.get_app(app.app_id)
+    assert got is not None and (got.secret_hash, got.previous_secret_hash,
+                                got.previous_until) == ("h5", None, None)
+    # Deleting an app during an overlap takes both secrets; nothing brings them back.
+    assert await ledger.set_app_secret(app.app_id, "h6", keep_previous_until=T + 400)
+    assert await ledger.delete_app(app.app_id, now=T + 1)
+    tomb = await ledger.get_app(app.app_id, deleted=True)
+    assert tomb is not None and (tomb.secret_hash, tomb.previous_secret_hash,
+                                 tomb.previous_until) == ("", None, None)
+    assert not await ledger.set_app_secret(app.app_id, "h7", keep_previous_until=T + 500)
+    assert not await ledger.retire_previous_secret(app.app_id)
+    tomb = await ledger.get_app(app.app_id, deleted=True)
+    assert tomb is not None and (tomb.secret_hash, tomb.previous_secret_hash) == ("", None)
+    assert not await ledger.retire_previous_secret("app" + "0" * 16)
+async def test_an_apps_policy_round_trips_exactly_and_clears(ledger, place):
+    app = await new_app(ledger)
+    assert app.policy == AppPolicy() and (await ledger.get_app(app.app_id)).policy.empty
+    # Amounts far past a float's 53 bits and a nano-dollar: kept exactly.
+    policy = AppPolicy(("openai/*", "anthropic/claude-3.5-sonnet"), 123_456_789_012_345_678,
+                       4096, 1)
+    saved = await ledger.set_app_policy(app.app_id, policy)
+    assert saved is not None and saved.policy == policy and saved.secret_hash == app.secret_hash
+    assert (await ledger.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    assert [a.policy for a in await ledger.list_apps()] == [policy]
+    reopened = await place.open()  # another process, the CLI, a restart
+    assert (await reopened.get_app(app.app_id)).policy == policy  # type: ignore[union-attr]
+    cleared = await ledger.set_app_policy(app.app_id, AppPolicy())
+    assert cleared is not None and cleared.policy == AppPolicy()
+    assert [a.policy for a in await reopened.list_apps()] == [AppPolicy()]
+    assert await ledger.set_app_policy("app" + "0" * 16, policy) is None  # no such app
+    await ledger.delete_app(app.app_id, now=T)
+    assert await ledger.set_app_policy(app.app_id, policy) is None  # nor a deleted one
+
+
 async def test_a_connection_is_keyed_by_app_and_user(ledger):
     app = await new_app(ledger)
     seen: list[int] = []
@@ -291,6 +347,43 @@ async def test_racing_admissions_never_pass_the_cap(ledger):
         await admit(ledger, c, rest + 1)
     await ledger.release(await admit(ledger, c, rest))
     await consistent(ledger, app)
+
+
+@pytest.mark.parametrize("cap, spent, held, amount", [
+    (10 * USD, 0, 0, 10 * USD),              # exactly the cap, nothing spent
+    (10 * USD, 3 * USD, 2 * USD, 5 * USD),   # spent + held + amount == cap
+    (10 * USD, 3 * USD, 2 * USD, 5 * USD + 1),  # one nano over
+    (10 * USD, 10 * USD, 0, 1),              # spent up to the cap
+    (0, 0, 0, 0),                            # a zero cap, a free call
+    (0, 0, 0, 1),
+    (None, 9 * USD, 0, 10**17),              # no cap (the dev switch)
+])
+async def test_admission_decides_as_budget_cap_refusal_at_the_boundary(ledger, cap, spent, held,
+                                                                        amount):
+    """Each backend performs the check-and-hold (PostgreSQL inside ``wattgate_admit``), but
+    what it decides must be ``budget.cap_refusal``'s: same inequality, same numbers."""
+    from wattgate import budget
+
+    app = await new_app(ledger)
+    c = await funded(ledger, app, cap=cap)
+    if spent:
+        h = await ledger.admit(c.connection_id, PERIOD, spent, now=T, expires_at=T + TTL) \
+            if cap is None or spent <= cap else None
+        assert h is not None
+        assert await ledger.settle(h, billed(h, app, "spent", spent), PERIOD) is True
+    if held:
+        await admit(ledger, c, held)
+    expected = budget.cap_refusal(cap, spent, held, amount)
+    if expected is None:
+        hold = await admit(ledger, c, amount)
+        assert hold.amount_nanos == amount
+        assert await ledger.held(c.connection_id, PERIOD) == held + amount
+    else:
+        with pytest.raises(BudgetExceeded) as refused:
+            await admit(ledger, c, amount)
+        assert refused.value.shortfall == expected
+        assert await ledger.held(c.connection_id, PERIOD) == held
+    await consistent(ledger, app, in_flight=True)
 
 
 async def racer(kind: str, where: str, mode: str, target: str, app_id: str, tasks: int,
@@ -911,7 +1004,7 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     c = await funded(ledger, app)
     other = await place.open()
     loop = asyncio.get_running_loop()
-    for change in ("revoke", "secret", "app"):
+    for change in ("revoke", "secret", "retire", "app", "policy"):
         async def vouched() -> bool:
             return ledger.apps_version() is not None
         assert await eventually(vouched)
@@ -919,7 +1012,11 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
         if change == "revoke":
             await other.set_connection_state(c.connection_id, REVOKED, now=T + 1)
         elif change == "secret":
-            await other.set_app_secret(app.app_id, "rotated")
+            await other.set_app_secret(app.app_id, "rotated", keep_previous_until=T + 3600)
+        elif change == "retire":
+            assert await other.retire_previous_secret(app.app_id)
+        elif change == "policy":
+            await other.set_app_policy(app.app_id, AppPolicy(max_tokens=100))
         else:
             await new_app(other)
         written = loop.time()
@@ -931,7 +1028,10 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
         await asyncio.sleep(0)  # let the next turn of the loop settle the version
     got = await ledger.get_connection(app.app_id, c.app_user_id)
     assert got is not None and got.state == REVOKED
-    assert (await ledger.get_app(app.app_id)).secret_hash == "rotated"  # type: ignore[union-attr]
+    rotated = await ledger.get_app(app.app_id)
+    assert rotated is not None and (rotated.secret_hash, rotated.previous_secret_hash) == (
+        "rotated", None)
+    assert rotated.policy == AppPolicy(max_tokens=100)  # another instance's policy, read here
 
 
 # ---- webhooks: the outbox ----------------------------------------------------------
@@ -1031,6 +1131,88 @@ async def test_one_settle_past_both_lines_tells_both_in_order(ledger):
     await ledger.settle(h, billed(h, app, "big", USD), PERIOD)
     assert [(t, d.get("percent")) for t, d in events_of(await ledger.recent_webhooks(app.app_id))] \
         == [("connection.created", None), ("budget.threshold", 80), ("budget.threshold", 100)]
+
+
+async def test_concurrent_settles_crossing_a_line_together_tell_it_once(ledger):
+    """Settles in flight together (PostgreSQL: one ``wattgate_settle`` batch, the
+    period's aggregate moved once for all of them; SQLite: one writer's batch)."""
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "erin", cap=10 * USD)
+    first = [await admit(ledger, c, USD // 2) for _ in range(15)]  # 7.5: under 80 %
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"a{i}", USD // 2), PERIOD)
+                           for i, h in enumerate(first)))
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    crossing = [await admit(ledger, c, USD // 10) for _ in range(24)]  # 7.5 → 9.9
+    assert all(await asyncio.gather(*(ledger.settle(h, billed(h, app, f"b{i}", USD // 10),
+                                                    PERIOD) for i, h in enumerate(crossing))))
+    told = [(t, d) for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+            if t == "budget.threshold"]
+    assert [d["percent"] for _, d in told] == [80]
+    spent = told[0][1]["spentUsd"]
+    assert 8 <= float(spent) <= 9.9 and told[0][1]["capUsd"] == "10"
+    # The last line, crossed by many at once; and again: nothing more.
+    last = [await admit(ledger, c, USD // 100) for _ in range(10)]  # 9.9 → 10.0
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"c{i}", USD // 100), PERIOD)
+                           for i, h in enumerate(last)))
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"c{i}", USD // 100), PERIOD)
+                           for i, h in enumerate(last)))  # repeats: counted never again
+    percents = [d["percent"] for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+                if t == "budget.threshold"]
+    assert percents == [80, 100]
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 10 * USD
+    await consistent(ledger, app)
+
+
+async def test_a_final_figure_replacing_a_provisional_one_tells_the_line_it_crosses(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "fay", cap=10 * USD)
+    h = await admit(ledger, c, 7 * USD)
+    await ledger.settle(h, billed(h, app, "p1", 7 * USD, provisional=True), PERIOD)
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    assert await ledger.settle(None, billed(h, app, "p1", 9 * USD), PERIOD)  # +2: 9 dollars
+    assert not await ledger.settle(None, billed(h, app, "p1", 9 * USD), PERIOD)  # final: once
+    h = await admit(ledger, c, USD // 2)
+    await ledger.settle(h, billed(h, app, "p2", USD // 2, provisional=True), PERIOD)
+    assert await ledger.settle(None, billed(h, app, "p2", USD // 4), PERIOD)  # down: nothing
+    told = [d for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+            if t == "budget.threshold"]
+    assert told == [{"appId": app.app_id, "appUserId": "fay", "period": PERIOD, "percent": 80,
+                     "capUsd": "10", "spentUsd": "9"}]
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 9 * USD + USD // 4
+    await consistent(ledger, app)
+
+
+async def test_event_bodies_are_the_python_rendering_byte_for_byte(ledger):
+    """Whichever backend (or SQL function) wrote it, a body is ``webhooks.body_of``'s:
+    the receiver's signature is over these bytes. Escapes, non-ASCII user ids, a cap
+    at the ledger's largest amount (no overflow, no digit rounded away)."""
+    from wattgate.webhooks import body_of
+    app = await hooked(ledger)
+    user = 'zoë "q" \\ \t\u0001'
+    big = 10 ** 18  # a billion dollars: the largest amount the ledger takes
+    c = await funded(ledger, app, user, cap=big)
+    h = await admit(ledger, c, big - 199_999_999_999_999_999)  # 800000000.000000001
+    await ledger.settle(h, billed(h, app, "big", big - 199_999_999_999_999_999,
+                                  at=T + 0.75), PERIOD)
+    g = await connection_grant(ledger, app, c, 1, max_nanos=USD)
+    _, gh = await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, 3, now=T,
+                                     expires_at=T + TTL)
+    await ledger.settle(gh, billed(gh, app, "g", 3), PERIOD)
+    events = await ledger.recent_webhooks(app.app_id)
+    assert {e.type for e in events} == {"connection.created", "budget.threshold",
+                                        "grant.exhausted"}
+    for e in events:
+        parsed = json.loads(e.body)
+        assert e.body == body_of(e.public_id, e.type, e.created_at, parsed["data"])
+        assert parsed["data"]["appUserId"] == user
+        assert e.public_id.startswith("evt_") and len(e.public_id) == 28
+        int(e.public_id[4:], 16)
+    threshold = next(json.loads(e.body) for e in events if e.type == "budget.threshold")
+    assert threshold["created"] == int(T)
+    assert threshold["data"]["spentUsd"] == "800000000.000000001"
+    assert threshold["data"]["capUsd"] == "1000000000"
+    grant = next(json.loads(e.body)["data"] for e in events if e.type == "grant.exhausted")
+    assert (grant["spentUsd"], grant["maxUsd"]) == ("0.000000003", "1")
 
 
 async def test_a_grant_used_up_tells_once_when_its_last_call_settles(ledger):

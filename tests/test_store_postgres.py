@@ -506,3 +506,348 @@ async def test_the_leaders_reconciler_frees_a_killed_process_holds(open_store, d
         await reconciler.sweep()
         return await leader.held(cid, PERIOD) == 0
     await _until(freed, "the reconciler pass sweeping the killed process's holds")
+
+
+async def test_a_cached_connection_is_dropped_on_another_process_change(open_store) -> None:
+    """get_connection answers from memory until a change is notified, by any process."""
+    writer, reader = await open_store(), await open_store()
+    cid = await _connected(writer)
+    app = (await writer.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    first = await reader.get_connection(app, "alice")
+    assert first is not None and first.connected
+    assert await reader.get_connection(app, "alice") is first  # no read: nothing changed
+    await writer.set_connection_state(cid, REVOKED, now=NOW)
+
+    async def revoked_seen() -> bool:
+        c = await reader.get_connection(app, "alice")
+        return c is not None and not c.connected
+    await _until(revoked_seen, "the revocation reaching the other process's cache")
+    with pytest.raises(NotConnected):  # and admission re-checks in the database regardless
+        await reader.admit(cid, PERIOD, 1, now=NOW, expires_at=NOW + 60)
+
+
+async def test_no_connection_is_cached_while_the_listener_is_down(open_store, db_url) -> None:
+    store = await open_store()
+    cid = await _connected(store)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    await store.get_connection(app, "alice")
+    store._life.close_now()  # the listener gone for good: no change can be heard
+    assert store.apps_version() is None
+    # A change this process cannot hear about: written straight into the database.
+    con = await asyncpg.connect(db_url)
+    try:
+        await con.execute("UPDATE connections SET cap_nanos = 7 WHERE connection_id = $1", cid)
+    finally:
+        await con.close()
+    c = await store.get_connection(app, "alice")
+    assert c is not None and c.cap_nanos == 7
+
+
+async def test_settles_group_commit_each_caller_told_its_own_answer(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    holds = [await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+             for _ in range(40)]
+    # Queued in one loop turn: 40 calls, a duplicate of one of them, and one
+    # final figure for a generation recorded provisionally by the same batch.
+    settles = [store.settle(h, _usage(cid, app, f"gc{i}", 3), PERIOD)
+               for i, h in enumerate(holds)]
+    settles.append(store.settle(None, _usage(cid, app, "gc0", 3), PERIOD))
+    settles.append(store.settle(None, _usage(cid, app, "gp", 5, provisional=True), PERIOD))
+    settles.append(store.settle(None, _usage(cid, app, "gp", 4), PERIOD))
+    results = await asyncio.gather(*settles)
+    assert results == [True] * 40 + [False, True, True]
+    assert await store.period_spent(cid, PERIOD) == 40 * 3 + 4
+    assert await store.held(cid) == 0
+    assert len(await store.recent_usage(cid, 100)) == 41  # 40 calls, "gp" once, no twin
+
+
+async def test_one_bad_settle_in_a_batch_fails_alone(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    good = [store.settle(None, _usage(cid, app, f"ok{i}", 2), PERIOD) for i in range(5)]
+    bad = store.settle(None, _usage(cid, app, "too-big", 2**70), PERIOD)  # no BIGINT holds it
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert results[:5] == [True] * 5
+    assert isinstance(results[5], Exception)
+    assert await store.period_spent(cid, PERIOD) == 10
+
+
+async def test_a_settle_outlives_its_cancelled_caller(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+    app = (await store.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    hold = await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+
+    async def caller() -> bool:
+        return await store.settle(hold, _usage(cid, app, "cancelled", 6), PERIOD)
+    task = asyncio.ensure_future(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def settled() -> bool:
+        return await store.period_spent(cid, PERIOD) == 6
+    await _until(settled, "the cancelled caller's settle committing")
+    assert await store.held(cid) == 0
+
+
+async def test_rate_takes_queued_together_stay_exact_across_processes(open_store) -> None:
+    """Takes group-committed in one transaction still count one by one, fleet-wide."""
+    a, b = await open_store(), await open_store()
+    takes = [s.rate_take("chat", "app:burst", 10, now=NOW) for s in (a, b) for _ in range(25)]
+    takes += [a.rate_take("chat", "app:calm", 10, now=NOW)]
+    results = await asyncio.gather(*takes)
+    assert sum(r is None for r in results[:50]) == 10
+    assert results[50] is None  # another key's bucket is its own
+
+
+async def test_an_admission_outlives_its_cancelled_caller_and_holds_nothing(open_store) -> None:
+    store = await open_store()
+    cid = await _connected(store, cap=None)
+
+    async def caller() -> None:
+        await store.admit(cid, PERIOD, 10, now=NOW, expires_at=NOW + 60)
+    task = asyncio.ensure_future(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def released() -> bool:
+        return not store._writes and await store.held(cid) == 0
+    await _until(released, "the unowned hold being released")
+
+
+# ---- group commit under failure, the connection cache, migration 3 ----------------
+
+async def _gated(db_url: str) -> tuple[_Gate, str]:
+    host, port = db_url.split("@")[1].split("/")[0].split(":")
+    gate = _Gate(host, int(port))
+    await gate.open()
+    return gate, db_url.replace(f"{host}:{port}", f"127.0.0.1:{gate.listen_port}")
+
+
+@contextlib.asynccontextmanager
+async def _row_locked(db_url: str, sql: str, *args: Any) -> AsyncIterator[None]:
+    """Another session holding a row lock (``sql``: a SELECT … FOR UPDATE) until exit."""
+    con = await asyncpg.connect(db_url)
+    try:
+        async with con.transaction():
+            await con.execute(sql, *args)
+            yield
+    finally:
+        await con.close()
+
+
+async def _waiting(function: str) -> None:
+    """Until a statement calling ``function`` waits on a row lock on the server."""
+    async def waits() -> bool:
+        con = await asyncpg.connect(SERVER)
+        try:
+            return bool(await con.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE $1)", f"%{function}(%"))
+        finally:
+            await con.close()
+    await _until(waits, f"a batch of {function} waiting on the locked row")
+
+
+async def test_admissions_cut_mid_batch_commit_unanswered_and_are_undone(
+        open_store, db_url) -> None:
+    """A batch of admissions sent, then the database out of reach while the server still
+    runs it (waiting for a row lock): the server commits with no one to answer. Every
+    caller hears 503, each on its own; the orphaned holds are dropped once the statement
+    can no longer be running, and the cap then admits exactly what it has room for."""
+    direct = await open_store()
+    cid = await _connected(direct, cap=1_000)
+    gate, via_gate = await _gated(db_url)
+    store = await open_store(via_gate)
+    async with _row_locked(db_url, "SELECT 1 FROM connections WHERE connection_id = $1 "
+                           "FOR UPDATE", cid):
+        calls = [asyncio.ensure_future(store.admit(cid, PERIOD, 100, now=NOW + i,
+                                                   expires_at=NOW + 60)) for i in range(5)]
+        await _waiting("wattgate_admit_many")
+        await gate.cut()
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(a, Unavailable) for a in answers), answers
+        await gate.open()
+        await asyncio.sleep(0.8)  # the database answers again; the orphan still waits
+    # The lock is gone: the orphaned statement commits the five holds, no caller owning them.
+
+    async def orphaned() -> bool:
+        return await direct.held(cid, PERIOD) == 500
+    await _until(orphaned, "the unanswered batch committing on the server")
+
+    async def undone() -> bool:
+        return await direct.held(cid, PERIOD) == 0
+    await _until(undone, "the process dropping the holds of its admissions in doubt",
+                 within=15.0)
+    won = 0
+    for i in range(11):
+        try:
+            await store.admit(cid, PERIOD, 100, now=NOW + 10 + i, expires_at=NOW + 60)
+            won += 1
+        except BudgetExceeded:
+            pass
+    assert won == 10 and await direct.held(cid, PERIOD) == 1_000
+    assert await direct.check(now=NOW, hold_ttl=600) == []
+    await gate.cut()
+
+
+async def test_settles_cut_mid_batch_land_exactly_once(open_store, db_url) -> None:
+    """A batch of settles (and a duplicate) sent, the database cut off while the server
+    runs it, which commits unanswered: every caller hears 503, the retries land again
+    on the generation ids, and each call is counted once, none lost."""
+    direct = await open_store()
+    cid = await _connected(direct, cap=None)
+    app = (await direct.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    assert await direct.settle(None, _usage(cid, app, "first", 1), PERIOD)  # the period row
+    gate, via_gate = await _gated(db_url)
+    store = await open_store(via_gate)
+    holds = [await store.admit(cid, PERIOD, 50, now=NOW, expires_at=NOW + 60)
+             for _ in range(6)]
+    async with _row_locked(db_url, "SELECT 1 FROM periods WHERE connection_id = $1 "
+                           "FOR UPDATE", cid):
+        settles = [asyncio.ensure_future(store.settle(h, _usage(cid, app, f"cut{i}", 10 + i),
+                                                      PERIOD))  # type: ignore[arg-type]
+                   for i, h in enumerate(holds)]
+        settles.append(asyncio.ensure_future(
+            store.settle(None, _usage(cid, app, "cut0", 10), PERIOD)))  # type: ignore[arg-type]
+        await _waiting("wattgate_settle")
+        await gate.cut()
+        answers = await asyncio.gather(*settles, return_exceptions=True)
+        assert all(isinstance(a, Unavailable) for a in answers), answers
+        await gate.open()
+
+    async def landed() -> bool:
+        return not store._writes and await direct.held(cid) == 0
+    await _until(landed, "the retried settles landing", within=20.0)
+    assert await direct.period_spent(cid, PERIOD) == 1 + sum(10 + i for i in range(6))
+    rows = await direct.recent_usage(cid, 100)
+    assert sorted(r.generation_id for r in rows) == sorted(["first"] + [f"cut{i}"
+                                                                        for i in range(6)])
+    assert await direct.check(now=NOW, hold_ttl=600) == []
+    await gate.cut()
+
+
+async def test_one_bad_admission_in_a_batch_fails_alone(open_store) -> None:
+    """Queued in one loop turn: one admission the server cannot take fails on its own;
+    the batch is run again item by item and the cap holds to the nano."""
+    store = await open_store()
+    cid = await _connected(store, cap=1_000)
+    calls = [store.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60) for _ in range(6)]
+    calls.append(store.admit(cid, PERIOD, 2**64, now=NOW, expires_at=NOW + 60))  # no BIGINT
+    calls += [store.admit(cid, PERIOD, 100, now=NOW, expires_at=NOW + 60) for _ in range(6)]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(answers[6], Exception) and not isinstance(answers[6], Unavailable)
+    rest = answers[:6] + answers[7:]
+    assert sum(not isinstance(a, BaseException) for a in rest) == 10
+    assert sum(isinstance(a, BudgetExceeded) for a in rest) == 2
+    assert await store.held(cid, PERIOD) == 1_000
+    assert len({a.hold_id for a in rest if not isinstance(a, BaseException)}) == 10
+
+
+CAP_LOWERER = """
+import asyncio, sys
+from wattgate.store.postgres import PostgresStore
+
+async def main(url, cid):
+    store = await PostgresStore.open(url, pool_size=1)
+    await store.update_cap(cid, 100, expected_key="sealed", now=0.0)
+    print("lowered", flush=True)
+    await store.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_a_cap_lowered_by_another_process_is_seen_within_a_second(open_store,
+                                                                         db_url) -> None:
+    """The connection cache of one process is dropped by the NOTIFY of another OS process:
+    within 1 s its answers carry the lowered cap, and what the old cap allowed is refused."""
+    reader = await open_store()
+    cid = await _connected(reader, cap=10_000)
+    app = (await reader.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+    cached = await reader.get_connection(app, "alice")
+    assert cached is not None and cached.cap_nanos == 10_000
+    assert await reader.get_connection(app, "alice") is cached  # served from memory
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CAP_LOWERER, db_url, str(cid),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"lowered"
+    loop = asyncio.get_running_loop()
+    lowered_at = loop.time()
+
+    async def seen() -> bool:
+        c = await reader.get_connection(app, "alice")
+        return c is not None and c.cap_nanos == 100
+    await _until(seen, "the lowered cap reaching the other process's cache", within=1.0)
+    assert loop.time() - lowered_at < 1.0
+    with pytest.raises(BudgetExceeded):
+        await reader.admit(cid, PERIOD, 500, now=NOW, expires_at=NOW + 60)
+    await proc.wait()
+    assert proc.returncode == 0
+
+
+OLD_OWNER = 4242
+
+
+async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> None:
+    """A ledger a previous version serves (schema 2), with calls in flight on a living
+    process, takes migration 3 under it: the old holds narrow the new admission function's
+    cap, are not swept while their owner lives, and settle and sweep as before after."""
+    from wattgate.store.pg_migrations import MIGRATIONS, migrate, schema_version
+
+    async with fresh_database() as url:
+        old = await asyncpg.connect(url)
+        try:
+            assert await migrate(old, upto=2) == 2
+            # The previous version's process: its owner lock held, its heartbeat, its rows.
+            await old.execute("SELECT pg_advisory_lock($1)", OLD_OWNER)
+            await old.execute("INSERT INTO owners (owner, last_seen) "
+                              "VALUES ($1, extract(epoch FROM clock_timestamp()))", OLD_OWNER)
+            await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+                              "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
+            cid = await old.fetchval(
+                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
+                "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
+                "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+            await old.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
+                              "VALUES ($1, $2, 200)", cid, PERIOD)
+            await old.execute("INSERT INTO usage (generation_id, app_id, connection_id, "
+                              "period, model, prompt_tokens, completion_tokens, cost_nanos, "
+                              "provisional, status, latency_ms, created_at) VALUES ('gen-past', "
+                              "'app-old', $1, $2, 'm', 1, 1, 200, FALSE, 'ok', 5, $3)",
+                              cid, PERIOD, NOW)
+            for gen in ("gen-named", None):
+                await old.execute(
+                    "INSERT INTO holds (owner, connection_id, app_id, period, amount_nanos, "
+                    "generation_id, model, created_at, expires_at) VALUES ($1, $2, "
+                    "'app-old', $3, 300, $4, 'm', $5, $6)", OLD_OWNER, cid, PERIOD, gen, NOW,
+                    NOW + 600)
+
+            new = await open_store(url)
+            assert await schema_version(old) == len(MIGRATIONS)  # 3 and every later one
+            with pytest.raises(BudgetExceeded):  # 200 spent + 600 held + 201 > 1000
+                await new.admit(cid, PERIOD, 201, now=NOW, expires_at=NOW + 60)
+            hold = await new.admit(cid, PERIOD, 200, now=NOW, expires_at=NOW + 60)
+            assert await new.sweep_holds() == 0  # their process lives
+        finally:
+            await old.close()  # it dies: its owner lock is gone
+        new.owner_grace = 0.0
+
+        async def swept() -> bool:
+            return await new.sweep_holds() == 2
+        await _until(swept, "the dead previous-version process's holds being swept")
+        # Its named call became a provisional row at its estimate; the final figure corrects it.
+        assert await new.period_spent(cid, PERIOD) == 500
+        assert await new.settle(None, _usage(cid, "app-old", "gen-named", 250), PERIOD)
+        assert await new.settle(hold, _usage(cid, "app-old", "gen-new", 150), PERIOD)
+        assert await new.period_spent(cid, PERIOD) == 200 + 250 + 150
+        assert await new.held(cid) == 0
+        assert await new.check(now=NOW, hold_ttl=600) == []

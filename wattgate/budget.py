@@ -23,6 +23,12 @@ def cap_refusal(cap_nanos: int | None, spent: int, held: int, amount: int) -> Sh
     ``spent`` is the period's committed debits, ``held`` the worst cases of
     every call in flight admitted in the same period, on every process. None
     when the call fits (or the connection has no cap: the dev switch).
+
+    The PostgreSQL ledger evaluates this same inequality inside its admission
+    function (``wattgate_admit``, ``store/pg_migrations.py``) so that a check
+    and its hold are one round trip; it returns the numbers and the refusal
+    is worded here. ``test_admission_decides_as_budget_cap_refusal_at_the_boundary``
+    (``tests/test_store_contract.py``) fails if the two ever disagree.
     """
     if cap_nanos is None or spent + held + amount <= cap_nanos:
         return None

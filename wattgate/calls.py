@@ -14,8 +14,9 @@ The path of one call (each step's module in brackets):
 1. authenticate the app's secret key [gateway]; identify the payer from
    ``x-wattfare-user`` / ``x-wattfare-grant`` [admission]; RL_CHAT [ratelimit];
 2. read the body (only now: an unknown app or payer never makes us read it):
-   every field that can raise the bill is priced into the worst case or
-   refused, ``max_tokens`` injected when absent, OpenRouter's
+   every model it may be billed at and its output bound judged by the app's
+   policy [policy]; every field that can raise the bill is priced into the
+   worst case or refused, ``max_tokens`` injected when absent, OpenRouter's
    ``provider.max_price`` set to the rates the hold assumed [estimate,
    pricing, headroom];
 3. admit: one atomic hold against the cap or grant, or the call fitted to
@@ -49,7 +50,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import admission, attribution, headroom
+from . import admission, attribution, headroom, policy
 from .assemble import Assembler, ResponseAssembler
 from .errors import BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError
 from .estimate import RESPONSES, ChatRequest, Endpoint, Plan, read_request
@@ -115,10 +116,12 @@ class CallService:
         await gw.limit("RL_CHAT", f"{app.app_id}:{payer.rate_key}")
         raw = await ask.read_body()
         config = gw.config
-        req = read_request(raw, default_max_tokens=config.metering_default_max_tokens,
+        # The app's policy, from the app already in hand: no ledger read, no lock.
+        default_max = policy.default_max_tokens(app.policy, config.metering_default_max_tokens)
+        req = read_request(raw, default_max_tokens=default_max,
                            max_price=config.upstream_send_max_price, endpoint=endpoint)
-        pricing = headroom.Pricing(await self.upstream.price_list(),
-                                   config.metering_default_max_tokens,
+        req = policy.check_request(app.policy, req)
+        pricing = headroom.Pricing(await self.upstream.price_list(), default_max,
                                    config.upstream_stream_whole_answers,
                                    config.upstream_send_max_price)
         req, plan, admitted, fitted = await self.admit_within_budget(

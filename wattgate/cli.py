@@ -16,11 +16,13 @@ import sys
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from . import __version__, origins
+from . import __version__, origins, policy, rotation
 from .config import Config, load_config
 from .credentials import mint_credentials
 from .errors import ConfigError
 from .gateway import Gateway, open_gateway
+from .money import format_usd, nanos_to_usd
+from .store import App, AppPolicy
 
 
 class CommandError(Exception):
@@ -146,10 +148,11 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
                   f"  secretKey:      {creds.secret_key}\n"
                   "The secret key is shown once; store it in your backend's secrets.")
         return 0
+    if args.apps_command in ("set-policy", "show"):
+        return cmd_app_policy(args, config)
     if args.apps_command == "list":
         apps = _run(config, lambda gw: gw.store.list_apps())
-        rows = [{"appId": a.app_id, "name": a.name, "publishableKey": f"pk_live_{a.app_id}",
-                 "origins": list(a.origins)} for a in apps]
+        rows = [_app_json(a) for a in apps]
         if args.json:
             print(json.dumps(rows))
         elif not rows:
@@ -160,15 +163,41 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
         return 0
     app_id = args.app_id
     if args.apps_command == "rotate-secret":
-        creds = mint_credentials(app_id)
-
-        async def rotate(gw: Gateway) -> bool:
-            return await gw.store.set_app_secret(app_id, gw.hash(creds.secret))
-        if not _run(config, rotate):
+        try:
+            overlap = rotation.parse_overlap(args.overlap)
+        except ValueError as e:
+            raise CommandError(f"--overlap: {e}") from None
+        done = _run(config, lambda gw: rotation.rotate(gw, app_id, overlap))
+        if done is None:
             raise CommandError(f"unknown app {app_id}")
-        print(json.dumps({"appId": app_id, "secretKey": creds.secret_key}) if args.json
-              else f"New secret key for {app_id} (the old one no longer works):\n"
-                   f"  {creds.secret_key}")
+        until = done.previous_until
+        if args.json:
+            print(json.dumps({"appId": app_id, "secretKey": done.secret_key,
+                              "previousValidUntil": until and rotation.iso(until)}))
+        elif until is None:
+            print(f"New secret key for {app_id} (shown once; the old one no longer works, "
+                  f"nor do the session tokens it minted):\n  {done.secret_key}")
+        else:
+            print(f"New secret key for {app_id} (shown once; it works now):\n"
+                  f"  {done.secret_key}\n"
+                  f"The previous secret key keeps working until {rotation.utc(until)}: deploy "
+                  f"the new one, then end the overlap with\n"
+                  f"  wattgate apps retire-secret {app_id}")
+        return 0
+    if args.apps_command == "retire-secret":
+        async def retire(gw: Gateway) -> bool | None:
+            if await gw.store.get_app(app_id) is None:
+                return None
+            return await gw.store.retire_previous_secret(app_id)
+        retired = _run(config, retire)
+        if retired is None:
+            raise CommandError(f"unknown app {app_id}")
+        if args.json:
+            print(json.dumps({"appId": app_id, "retired": retired}))
+        else:
+            print(f"retired the previous secret key of {app_id}: it and its session tokens "
+                  "stop working now" if retired else
+                  f"{app_id} has no previous secret key: nothing to retire")
         return 0
     if args.apps_command == "set-webhook":
         from . import webhooks
@@ -204,6 +233,70 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
     if not _run(config, lambda gw: gw.store.set_origins(app_id, add, remove)):
         raise CommandError(f"unknown app {app_id}")
     print(f"{'added' if add else 'removed'} origin {origin} for {app_id}")
+    return 0
+
+
+def _app_json(app: App) -> dict[str, Any]:
+    return {"appId": app.app_id, "name": app.name, "publishableKey": f"pk_live_{app.app_id}",
+            "origins": list(app.origins), "policy": policy.describe(app.policy)}
+
+
+def _usd_text(nanos: int | None) -> str | None:
+    return None if nanos is None else str(nanos_to_usd(nanos))
+
+
+def _optional(value: str | None) -> str | None:
+    """An option's value, where ``none`` removes that limit."""
+    return None if value is None or value.strip().lower() == "none" else value
+
+
+def cmd_app_policy(args: argparse.Namespace, config: Config) -> int:
+    """``apps show APP_ID`` and ``apps set-policy APP_ID [--models P ...] [--max-cap USD]
+    [--max-tokens N|none] [--suggested-cap USD] [--clear]``: options given replace those
+    limits, the others stay (``--clear`` first removes them all)."""
+    app_id = args.app_id
+
+    async def apply(gw: Gateway) -> App:
+        app = await gw.store.get_app(app_id)
+        if app is None:
+            raise CommandError(f"unknown app {app_id}")
+        if args.apps_command == "show":
+            return app
+        current = AppPolicy() if args.clear else app.policy
+        tokens = current.max_tokens
+        if args.max_tokens is not None:
+            raw = _optional(args.max_tokens)
+            try:
+                tokens = None if raw is None else int(raw)
+            except ValueError:
+                raise CommandError("--max-tokens must be a whole number or none") from None
+        try:
+            wanted = policy.make_policy(
+                models=current.models if args.models is None else args.models,
+                max_cap_usd=_usd_text(current.max_cap_nanos) if args.max_cap is None
+                else _optional(args.max_cap),
+                max_tokens=tokens,
+                suggested_cap_usd=_usd_text(current.suggested_cap_nanos) if args.suggested_cap is None
+                else _optional(args.suggested_cap))
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        saved = await gw.store.set_app_policy(app_id, wanted)
+        if saved is None:
+            raise CommandError(f"unknown app {app_id}")
+        return saved
+    app = _run(config, apply)
+    if args.json:
+        print(json.dumps(_app_json(app) if args.apps_command == "show"
+                         else {"appId": app.app_id, "policy": policy.describe(app.policy)}))
+        return 0
+    p = app.policy
+    print(f"{app.app_id}  {app.name}  {' '.join(app.origins)}\n"
+          f"  models:        {', '.join(p.models) or 'any'}\n"
+          f"  max cap:       "
+          f"{'none' if p.max_cap_nanos is None else format_usd(p.max_cap_nanos) + ' a month'}\n"
+          f"  max tokens:    {'none' if p.max_tokens is None else f'{p.max_tokens} per call'}\n"
+          f"  suggested cap: "
+          f"{'none' if p.suggested_cap_nanos is None else format_usd(p.suggested_cap_nanos)}")
     return 0
 
 
@@ -254,10 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true")
     lst = apps_sub.add_parser("list", parents=[common], help="list apps")
     lst.add_argument("--json", action="store_true")
-    rot = apps_sub.add_parser("rotate-secret", parents=[common],
-                              help="issue a new secret key; the old one stops working")
+    rot = apps_sub.add_parser("rotate-secret", parents=[common], help=(
+        "issue a new secret key, working at once; the old one keeps working for the "
+        "overlap (default 24h), so backends can move to the new one without downtime"))
     rot.add_argument("app_id")
+    rot.add_argument("--overlap", default=rotation.DEFAULT_OVERLAP, metavar="DURATION", help=(
+        "how long the old secret key still works: e.g. 24h, 90m, 7d (at most 30d); 0 "
+        "stops it at once, for a leaked key (default: 24h)"))
     rot.add_argument("--json", action="store_true")
+    ret = apps_sub.add_parser("retire-secret", parents=[common], help=(
+        "end a rotation's overlap now: the previous secret key stops working"))
+    ret.add_argument("app_id")
+    ret.add_argument("--json", action="store_true")
     hook = apps_sub.add_parser("set-webhook", parents=[common], help=(
         "send the app's budget events to URL, signed with a new secret (printed once)"))
     hook.add_argument("app_id", metavar="APP_ID")
@@ -268,6 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     unhook.add_argument("app_id", metavar="APP_ID")
     dele = apps_sub.add_parser("delete", parents=[common], help="delete an app")
     dele.add_argument("app_id")
+    show = apps_sub.add_parser("show", parents=[common], help="an app, its origins and policy")
+    show.add_argument("app_id")
+    show.add_argument("--json", action="store_true")
+    pol = apps_sub.add_parser("set-policy", parents=[common], help=(
+        "limit an app's models, output tokens and users' caps (options given replace "
+        "those limits; none removes one)"))
+    pol.add_argument("app_id")
+    pol.add_argument("--models", nargs="*", metavar="PATTERN", help=(
+        "allowed model ids; * is any run of characters but / (openai/*); none given: any"))
+    pol.add_argument("--max-cap", metavar="USD", help="the largest monthly cap a user may "
+                     "approve")
+    pol.add_argument("--max-tokens", metavar="N", help="the largest output bound of one call")
+    pol.add_argument("--suggested-cap", metavar="USD", help="the cap the consent popup "
+                     "preselects (at most --max-cap)")
+    pol.add_argument("--clear", action="store_true", help="remove every limit first")
+    pol.add_argument("--json", action="store_true")
     for name in ("add-origin", "remove-origin"):
         p = apps_sub.add_parser(name, parents=[common], help=f"{name.split('-')[0]} an origin")
         p.add_argument("app_id")

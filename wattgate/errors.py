@@ -9,6 +9,7 @@ status and the reference API's ``code``; the error middleware in
     ├── AuthError            401 auth
     ├── ConsentRequired      403 consent_required   (wattgate addition)
     ├── MetricsForbidden     403 forbidden          (wattgate addition, /metrics only)
+    ├── PolicyRefused        403 policy_violation   (wattgate addition, the app's policy)
     ├── NotFound             404 not_found          (wattgate addition)
     ├── MethodNotAllowed     405 method_not_allowed (wattgate addition)
     ├── RequestTimeout       408 request_timeout    (wattgate addition)
@@ -74,6 +75,14 @@ class MetricsForbidden(WattgateError):
     code = "forbidden"
     default_message = ("/metrics is served to loopback clients only; set [metrics] "
                        "allow_remote or token_file to scrape it from elsewhere.")
+
+
+class PolicyRefused(WattgateError):
+    """The app's own policy (``wattgate.policy``) forbids this model, length or cap."""
+
+    status = 403
+    code = "policy_violation"
+    default_message = "Not allowed by this app's policy."
 
 
 class NotFound(WattgateError):

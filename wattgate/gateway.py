@@ -48,8 +48,9 @@ class Gateway:
     sessions: SessionCodec = field(init=False)
     limits: dict[str, Limit] = field(init=False)
     observer: Observer = field(init=False)  # metrics and request-log hooks
-    # presented secret key → (app, store.apps_version() when verified)
-    _verified: dict[str, tuple[App, object]] = field(
+    # presented secret key → (app, store.apps_version() when verified, None for the
+    # current secret or the deadline of the previous one)
+    _verified: dict[str, tuple[App, object, float | None]] = field(
         init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,37 +98,82 @@ class Gateway:
     async def app_for_secret(self, secret_key: str) -> App:
         """The app a secret key belongs to, or AuthError.
 
-        Verified keys are kept in memory until apps may have changed: this
-        store's own app writes and any commit by another process (the CLI
-        rotating a secret) invalidate them, so a rotation takes effect on the
-        very next request without a database read per call.
+        The key may be the app's current secret, or the previous one while the
+        clock is before its deadline (a rotation with overlap; see
+        ``matching_secret``). Verified keys are kept in memory until apps may
+        have changed: this store's own app writes and any commit by another
+        process (the CLI rotating or retiring a secret) invalidate them, so a
+        change takes effect on the very next request without a database read
+        per call; a previous secret's deadline is checked against the clock on
+        every call, cached or not.
         """
         version = self.store.apps_version()
         cached = self._verified.get(secret_key)
         if cached is not None and version is not None and cached[1] == version:
-            return cached[0]
+            known, _, until = cached
+            if until is None or self.clock() < until:
+                return known
+            raise AuthError("Invalid secret key.")
         app_id, secret = parse_secret_key(secret_key)
         app = await self.store.get_app(app_id)
-        if app is None or not same_hash(app.secret_hash, self.hash(secret)):
+        if app is None:
             raise AuthError("Invalid secret key.")
+        until = matching_secret(app.secret_hash, app.previous_secret_hash, app.previous_until,
+                                self.hash(secret), now=self.clock())
         if version is not None:
             if len(self._verified) >= 1024:
                 self._verified.clear()
-            self._verified[secret_key] = (app, version)
+            self._verified[secret_key] = (app, version, until)
         return app
 
-    def secret_tag(self, app: App) -> str:
-        """A short tag of the app's current secret, carried by its session tokens."""
-        return keyed_hash(self.keys.hash_key, "session-tag:" + app.secret_hash)[:16]
+    def secret_tag(self, secret_hash: str) -> str:
+        """A short tag of one of the app's secrets, carried by the session tokens it mints."""
+        return keyed_hash(self.keys.hash_key, "session-tag:" + secret_hash)[:16]
+
+    def session_tag_of(self, secret_key: str) -> str:
+        """The tag of a (verified) secret key: a session token minted with it lives as
+        long as that secret does, the previous one's included."""
+        return self.secret_tag(self.hash(parse_secret_key(secret_key)[1]))
 
     async def session_for_token(self, token: str) -> tuple[Session, App]:
         session = self.sessions.verify(token, now=self.clock())
         app = await self.store.get_app(session.app_id)
         if app is None:
             raise AuthError("The app of this session token no longer exists.")
-        if not same_hash(session.secret_tag, self.secret_tag(app)):
-            raise AuthError("Session token minted before the app's secret key was rotated.")
+        previous = app.previous_secret_hash
+        previous_tag = self.secret_tag(previous or _NO_PREVIOUS)  # the same work either way
+        try:
+            matching_secret(self.secret_tag(app.secret_hash),
+                            None if previous is None else previous_tag,
+                            app.previous_until, session.secret_tag, now=self.clock())
+        except AuthError:
+            raise AuthError("Session token minted with a secret key that was rotated "
+                            "or retired.") from None
         return session, app
+
+
+# Compared against when an app has no previous secret, so that both comparisons
+# always run and take the same time whichever secret (if any) matches.
+_NO_PREVIOUS = "-" * 64
+
+
+def matching_secret(current: str, previous: str | None, previous_until: float | None,
+                    presented: str, *, now: float) -> float | None:
+    """Which of an app's secrets ``presented`` is (hashes, or session tags of them):
+    None for the current one; the deadline for the previous one while ``now`` is
+    before it; else ``AuthError``.
+
+    Both are compared, in constant time, whatever the first answers: how long
+    this takes does not say which one matched.
+    """
+    is_current = same_hash(current, presented)
+    is_previous = same_hash(previous or _NO_PREVIOUS, presented)
+    live = previous is not None and previous_until is not None and now < previous_until
+    if is_current and current:
+        return None
+    if is_previous and live:
+        return previous_until
+    raise AuthError("Invalid secret key.")
 
 
 def _cause(e: BaseException) -> str:

@@ -242,12 +242,23 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "app": {"type": "object", "properties": {"appId": {"type": "string"},
                                                      "name": {"type": "string"},
-                                                     "origins": {"type": "array"}}},
+                                                     "origins": {"type": "array"},
+                                                     "policy": _ref("AppPolicy")}},
             "requestedLimit": {"type": ["object", "null"]},
             "status": _ref("ConnectionStatus"),
             "returning": {"type": "boolean"},
             "allowUnlimited": {"type": "boolean"},
         },
+    },
+    "AppPolicy": {
+        "type": "object", "description": (
+            "The app's policy (docs/operations.md): allowed model patterns (empty: any), "
+            "the largest monthly cap a user may approve, the largest output bound of a "
+            "call, the cap the popup suggests; null: no limit."),
+        "properties": {"models": {"type": "array", "items": {"type": "string"}},
+                       "maxCapUsd": {"type": ["number", "null"]},
+                       "maxTokens": {"type": ["integer", "null"]},
+                       "suggestedCapUsd": {"type": ["number", "null"]}},
     },
     "OAuthExchange": {
         "type": "object", "required": ["code", "codeVerifier"],
@@ -300,7 +311,7 @@ def _metered_op(summary: str, answer: str, schema: str, event: str | None, reque
         content["text/event-stream"] = {"schema": _ref(event)}
     return _op(summary, SECRET,
                {"200": {"description": answer, "headers": ANSWER_HEADERS, "content": content},
-                **_errors(400, 401, 402, 413, 429, 502, 504)},
+                **_errors(400, 401, 402, 403, 413, 429, 502, 504)},
                body=_body(_ref(request)), parameters=[USER_HEADER, GRANT_HEADER], op_id=op_id)
 
 

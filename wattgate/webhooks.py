@@ -78,7 +78,8 @@ def body_of(event_id: str, event_type: str, created: float,
             data: Mapping[str, Any]) -> str:
     """The body sent for an event, byte for byte the same on every attempt."""
     return json.dumps({"id": event_id, "type": event_type, "created": int(created),
-                       "data": dict(data)}, separators=(",", ":"))
+                       "data": dict(data)}, separators=(",", ":"),
+                      ensure_ascii=False)
 
 
 def crossed_thresholds(cap_nanos: int | None, before: int, after: int) -> list[int]:

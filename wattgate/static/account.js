@@ -125,6 +125,9 @@ function card(conn) {
       el("span", { class: "badge " + conn.state }, label)),
     active ? budget(conn.status) : null,
     actions,
+    active && conn.app.maxCapUsd != null
+      ? el("p", { class: "hint max-cap" }, `${conn.app.name} allows a cap of at most ${fmtUsd(conn.app.maxCapUsd)} a month.`)
+      : null,
     message,
     calls(conn.calls));
 }

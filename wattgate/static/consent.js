@@ -10,6 +10,9 @@ const data = JSON.parse(document.getElementById("wg-data").textContent);
 const $ = (id) => document.getElementById(id);
 const flow = data.flow;
 const app = data.app;
+const policy = app.policy || {};
+const maxCap = policy.maxCapUsd ?? null;  // the largest monthly cap the app allows
+const withinMax = (usd) => (usd == null || maxCap == null || usd <= maxCap ? usd : maxCap);
 
 let token = null;         // the session token: from the fragment or the handshake, never a query
 let openerOrigin = null;  // the verified origin of the page that opened this window
@@ -141,12 +144,20 @@ function ready() {
   if (flow === "connect") {
     const requested = context.requestedLimit ? context.requestedLimit.monthlyUsd : null;
     const current = status.connected && status.limits ? status.limits.monthlyUsd : null;
-    const cap = current ?? requested;
+    // The app's own policy: its largest cap bounds the choice, its suggestion comes first
+    // when the app asked for nothing (the gateway enforces the bound whatever is sent).
+    const cap = current ?? withinMax(requested) ?? policy.suggestedCapUsd;
     $("cap").value = cap == null ? "" : String(cap);
+    if (maxCap != null) $("cap").max = String(maxCap);
     $("cap").disabled = false;
     const parts = [];
     if (requested != null) parts.push(`${app.name} asked for ${fmtUsd(requested)} a month.`);
-    parts.push("You can choose any amount; the app can never spend more in a calendar month.");
+    if (maxCap != null) {
+      parts.push(`Choose any amount up to ${fmtUsd(maxCap)}, the most ${app.name} allows; ` +
+        "the app can never spend more in a calendar month.");
+    } else {
+      parts.push("You can choose any amount; the app can never spend more in a calendar month.");
+    }
     $("cap-hint").textContent = parts.join(" ");
     if (returning) {
       $("returning").hidden = false;
@@ -159,6 +170,12 @@ function ready() {
       $("returning").querySelector(".note").textContent =
         `${app.name} is already connected from another browser. Enter your key to approve changes here.`;
     }
+  }
+  if (flow === "grant" && maxCap != null && (data.grant.maxUsd == null || data.grant.maxUsd > maxCap)) {
+    block(`${app.name} asked for a grant ${data.grant.maxUsd == null ? "with no dollar cap" :
+      "of " + fmtUsd(data.grant.maxUsd)}, beyond its own limit of ${fmtUsd(maxCap)}. ` +
+      "This request cannot be approved.");
+    return;
   }
   if (returning) {
     // Spending from the existing budget is a choice the user makes, never a default.
@@ -332,6 +349,13 @@ $("consent-form").addEventListener("submit", async (event) => {
     const cap = capUsd();
     if (cap == null) {
       showError("Enter a monthly cap in dollars, for example 5.");
+      $("cap").focus();
+      return;
+    }
+    const kept = context.status.connected && context.status.limits &&
+      context.status.limits.monthlyUsd === cap;
+    if (maxCap != null && cap > maxCap && !kept) {
+      showError(`${app.name} allows a cap of at most ${fmtUsd(maxCap)} a month.`);
       $("cap").focus();
       return;
     }

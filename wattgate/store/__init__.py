@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .contract import AdminSessionRow, Ledger, StoreInUse
-from .records import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Connection, Grant, Hold, Usage
+from .records import (ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Connection, Grant,
+                      Hold, Usage)
 from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["ACTIVE", "NEEDS_RECONNECT", "REVOKED", "AdminSessionRow", "App", "Connection",
+__all__ = ["ACTIVE", "NEEDS_RECONNECT", "REVOKED", "AdminSessionRow", "App", "AppPolicy", "Connection",
            "Grant", "Hold", "Ledger", "SQLiteStore", "StoreInUse", "Usage", "open_store"]
 
 

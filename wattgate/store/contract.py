@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from .records import App, Connection, Grant, Hold, Usage, Webhook, WebhookEvent
+from .records import App, AppPolicy, Connection, Grant, Hold, Usage, Webhook, WebhookEvent
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
 __all__ = ["AdminSessionRow", "Ledger", "StoreInUse"]
@@ -103,11 +103,24 @@ class Ledger(Protocol):
     async def list_apps(self) -> list[App]:
         """Apps not deleted, oldest first."""
 
-    async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
-        """Replace a live app's secret hash; False when no such live app."""
+    async def set_app_secret(self, app_id: str, secret_hash: str, *,
+                             keep_previous_until: float | None = None) -> bool:
+        """Make ``secret_hash`` a live app's secret, in one transaction; False when no
+        such live app.
+
+        ``keep_previous_until`` None: the replaced secret stops at once, and so
+        does a previous one still in its overlap. A time (epoch seconds): the
+        replaced secret becomes the previous one, authenticating until then;
+        a previous one it had (a second rotation during an overlap) is dropped:
+        an app holds at most two secrets.
+        """
+
+    async def retire_previous_secret(self, app_id: str) -> bool:
+        """End a live app's overlap now: its previous secret stops authenticating.
+        False when no live app had one."""
 
     async def delete_app(self, app_id: str, *, now: float) -> bool:
-        """In one transaction: tombstone the app (secret and origins gone), revoke
+        """In one transaction: tombstone the app (both secrets and origins gone), revoke
         its connections, end its grants. Its rows and ids stay its own forever;
         its in-flight calls settle to its own connections and grants."""
 
@@ -117,6 +130,11 @@ class Ledger(Protocol):
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any live app registered this origin (CORS preflights)."""
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        """Replace a live app's policy (``AppPolicy()`` clears it) in one transaction;
+        the app as now stored, or None when no such live app. Moves ``apps_version``
+        on every process, like any app change: the next call anywhere is judged by it."""
 
     # ---- connections -------------------------------------------------------
     async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:

@@ -244,6 +244,24 @@ def m007_webhooks(db: sqlite3.Connection) -> None:
     """)
 
 
+def m008_app_policy(db: sqlite3.Connection) -> None:
+    # An app's policy (``records.AppPolicy.to_text``: allowed models, the largest cap a
+    # user may approve, the largest output bound of a call, the suggested cap), as
+    # JSON with integer nano-dollars; NULL: no policy.
+    _script(db, "ALTER TABLE apps ADD COLUMN policy TEXT")
+
+
+def m009_previous_secret(db: sqlite3.Connection) -> None:
+    # Secret rotation with an overlap: the secret a rotation replaced, and until when
+    # (epoch seconds) it still authenticates. Written to run whatever migrations of
+    # other features come before it (a column already there is left alone).
+    have = {r[1] for r in db.execute("PRAGMA table_info(apps)")}
+    if "previous_secret_hash" not in have:
+        db.execute("ALTER TABLE apps ADD COLUMN previous_secret_hash TEXT")
+    if "previous_until" not in have:
+        db.execute("ALTER TABLE apps ADD COLUMN previous_until REAL")
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -259,6 +277,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m005_usage_dated_in_its_period,
     m006_fleet_state,
     m007_webhooks,
+    m008_app_policy,
+    m009_previous_secret,
 )
 
 

@@ -3,9 +3,11 @@
 Both backends' SQL for it lives here, written once with ``?`` placeholders
 (``pg`` numbers them for asyncpg): what a change writes (``emit_*``; nothing at
 all when the app has no endpoint: the ``INSERT … SELECT`` finds no app row),
-what a settle writes when it crosses 80 % or 100 % of the cap or uses a grant up
-(``*_after_settle``, only then: no statement on an ordinary settle beyond the
-period aggregate's ``RETURNING``), and what the deliverer claims and records.
+what a SQLite settle writes when it crosses 80 % or 100 % of the cap or uses a
+grant up (``sqlite_after_settle``, only then), and what the deliverer claims and
+records. PostgreSQL's settle writes the same events, same dedupe keys, same
+bodies byte for byte, inside its group-committed ``wattgate_settle`` (migration 4,
+``pg_migrations.m004_webhooks``): no round trip more.
 
 An event of a stream (a connection ``c<id>``, a grant with no connection
 ``g<id>``) is claimed only when no earlier event of its stream is still pending:
@@ -161,24 +163,3 @@ async def pg_connection_changed(con: Any, before: Connection | None,
         assert after is not None
         await emit_pg(con, after.app_id, stream_of(after.connection_id), event_type, data, now)
 
-
-async def pg_after_settle(con: Any, connection_id: int | None, grant_row: Any, period: str, cap: int | None,
-                          spent_after: int | None, moved: int, now: float) -> None:
-    """The settle's webhook step on PostgreSQL: ``spent_after`` and ``cap`` come back
-    from the period aggregate's upsert and ``grant_row`` from the grant's update
-    (``RETURNING``), so an ordinary settle sends nothing more; only a crossing
-    (rare) reads the user and writes the outbox row."""
-    if connection_id is not None and cap is not None and spent_after is not None:
-        crossed = webhooks.crossed_thresholds(cap, spent_after - moved, spent_after)
-        if crossed:
-            user = await con.fetchrow(pg(_USER), connection_id)
-            for percent in crossed:
-                await con.execute(pg(_EMIT), *_threshold(user, connection_id, period, cap,
-                                                         spent_after, percent, now))
-    if grant_row is not None:
-        g = tuple(grant_row)
-        if (g[0] >= g[1] and g[4] == 0) or (g[2] is not None and g[3] >= g[2]):
-            user = await con.fetchrow(pg(_USER), g[5]) if g[5] is not None else None
-            params = _exhausted(grant_row["grant_id"], g, user, now)
-            if params is not None:
-                await con.execute(pg(_EMIT), *params)

@@ -2,17 +2,24 @@
 
 Holds live in the database, so every process sees every call in flight:
 
-- ``admit`` is one transaction: the connection row ``SELECT … FOR UPDATE``,
-  then its period's spent and held (a second statement, so it sees every hold
-  committed before the lock was granted), the rules of ``wattgate.budget``
-  applied in Python, then the hold's row. Two admissions
-  on one connection queue on its row lock, so no two can pass on the same
-  room. ``admit_grant`` locks the funding connection's row before the grant's
-  (one fixed order, so two admissions never deadlock).
-- ``settle`` is one transaction, idempotent on the generation id
-  (``INSERT … ON CONFLICT DO NOTHING``); a final figure replaces a provisional
-  one and moves the aggregates by the difference. Aggregates are always
-  locked grants before periods. What the caller awaits is shielded.
+- ``admit`` is one call of ``wattgate_admit`` (migration 3): the connection
+  row ``SELECT … FOR UPDATE``, then its period's spent and held (statements
+  of their own, new snapshots, so they see every hold committed before the
+  lock was granted), the cap inequality of ``budget.cap_refusal``, the hold's
+  row. Python words any refusal from the numbers it returns, with
+  ``budget``. Two admissions on one connection queue on its row lock, so no
+  two can pass on the same room. ``admit_grant`` locks the funding
+  connection's row before the grant's (one fixed order, so two admissions
+  never deadlock).
+- ``settle`` is one call of ``wattgate_settle``, idempotent on the generation
+  id (``INSERT … ON CONFLICT DO NOTHING``); a final figure replaces a
+  provisional one and moves the aggregates by the difference. Aggregates are
+  always locked grants before periods. What the caller awaits survives its
+  cancellation.
+- The metered path's round trips are group-committed (``pg_batch``):
+  admissions, rate-limit takes, notes and settles queued while one of their
+  kind is in flight go to the server as one call, each caller told its own
+  answer. One call, one round trip when alone; many calls, one when busy.
 - Every hold names its owner, a random 63-bit id whose session advisory lock
   this store holds on its own connection (``pg_lifeline``); ``sweep_holds()``
   takes only holds whose owner's lock nobody holds and that has not been seen
@@ -25,8 +32,12 @@ Holds live in the database, so every process sees every call in flight:
 Failure is closed: any driver failure (server down, connection dropped,
 statement or lock timeout) becomes ``Unavailable`` (503), never a call passed
 unmetered; the pool opens new connections by itself when the server is back.
-No row is cached: ``apps_version`` only tells callers whether what *they*
-derived may be kept (change notification, see ``pg_lifeline``).
+One kind of row is cached: ``get_connection``'s answers, each kept under the
+``apps_version`` it was read at, so any notified change (by any process: every
+write to a connection notifies, ``_changed``) drops them all, and none is used
+while the listener is down (``apps_version()`` None). Admission re-reads the
+connection's state and cap under its lock regardless. Pool connections keep
+no session state, so asyncpg's reset query after each release is skipped.
 
 Driver: asyncpg, chosen by ``bench/pg_driver.py`` on this workload (admit +
 note + settle, 32 tasks on one cap, pool of 8, PostgreSQL 15 on a shared 2-core
@@ -52,11 +63,13 @@ from .. import budget
 from ..errors import ConsentRequired, GrantInvalid, KeysMismatch, NotConnected, Unavailable
 from . import outbox
 from .pg_audit import audit
+from .pg_batch import GroupCommit, InDoubt
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_reports import PgReportsMixin
-from .records import (ACTIVE, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED, USAGE_COLS,
-                      App, Connection, Grant, Hold, Usage, Webhook, WebhookEvent)
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+                      USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
+                      WebhookEvent, app_of)
 
 log = logging.getLogger("wattgate.store")
 
@@ -72,6 +85,9 @@ COMMAND_TIMEOUT = 10.0
 # again this often, doubling up to the second figure, until it lands: only this
 # process knows what its call cost.
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0
+# How long a statement whose client went away may still run, and commit, on the
+# server (its statement_timeout, plus a margin): an admission in doubt is undone after.
+IN_DOUBT_FOR = int(SERVER_SETTINGS["statement_timeout"]) / 1000 + 1.0
 
 # Every failure that means "the database cannot answer now".
 _DOWN: tuple[type[BaseException], ...] = (
@@ -91,6 +107,19 @@ _DOWN: tuple[type[BaseException], ...] = (
 )
 
 _NOTIFY = "SELECT pg_notify('wattgate_changes', '')"
+_APP_COLS_A = ", ".join("a." + col for col in APP_COLS.split(", "))
+
+
+CONNECTION_CACHE_SIZE = 10_000  # get_connection's answers kept at most (then all dropped)
+
+
+async def _no_reset(con: Any) -> None:
+    """Pool connections keep no session state: nothing to reset (see ``open``)."""
+
+
+def _down(e: BaseException) -> Unavailable | None:
+    """``e`` as the store's ``Unavailable`` when it means the database cannot answer now."""
+    return unavailable(e) if isinstance(e, _DOWN) else None
 
 
 def unavailable(e: BaseException) -> Unavailable:
@@ -111,12 +140,25 @@ class PostgresStore(PgReportsMixin):
         # created_at, expires_at), and the generation each was named for, so they
         # can be restored if another process presumed this one dead and swept them.
         self._mine: dict[int, tuple[Hold, str | None, float, float]] = {}
+        # Admissions queued or sent and not answered yet, by (created_at, amount): an
+        # undo of a lost one never takes a hold one of them may own.
+        self._admitting: dict[tuple[float, int], int] = {}
         self._names: dict[int, tuple[str, str, str]] = {}
         self._restoring = asyncio.Lock()
         self.owner_grace = OWNER_GRACE
         lifeline.on_presumed_dead = self._restore_soon
         self._writes: set[asyncio.Task[Any]] = set()  # shielded writes still running
         self._closing = False  # writes stop retrying: close() waits for them
+        self._settles: GroupCommit[bool] = GroupCommit(
+            self._settle_batch, self._con, _down, self._writes, idempotent=True)
+        self._notes: GroupCommit[None] = GroupCommit(
+            self._note_batch, self._con, _down, self._writes, idempotent=True)
+        self._admits: GroupCommit[Any] = GroupCommit(
+            self._admit_batch, self._con, _down, self._writes, idempotent=False)
+        self._rates: GroupCommit[Any] = GroupCommit(
+            self._rate_batch, self._con, _down, self._writes, idempotent=False)
+        # get_connection's answers, each under the apps_version it was read at.
+        self._connections: dict[tuple[str, str], tuple[Any, Connection | None]] = {}
 
     # ---- lifecycle ---------------------------------------------------------
     @classmethod
@@ -126,9 +168,14 @@ class PostgresStore(PgReportsMixin):
             return asyncpg.connect(url, timeout=CONNECT_TIMEOUT,
                                    server_settings=SERVER_SETTINGS)
         try:
+            # No pool connection ever changes session state (no session advisory
+            # locks, LISTEN, SET or cursors: those live on the lifeline), so the
+            # reset round trip after every release is skipped; asyncpg still
+            # rolls back a transaction left open.
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT, server_settings=SERVER_SETTINGS)
+                command_timeout=COMMAND_TIMEOUT, server_settings=SERVER_SETTINGS,
+                reset=_no_reset)
         except _DOWN as e:
             raise unavailable(e) from e
         try:
@@ -281,27 +328,37 @@ class PostgresStore(PgReportsMixin):
 
     async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
         async with self._con() as con:
-            row = await con.fetchrow("SELECT app_id, name, secret_hash, created_at, deleted_at "
-                                     "FROM apps WHERE app_id = $1", app_id)
+            row = await con.fetchrow(f"SELECT {APP_COLS} FROM apps WHERE app_id = $1", app_id)
             if row is None or (row[4] is not None and not deleted):
                 return None
             origins = tuple(r[0] for r in await con.fetch(
                 "SELECT origin FROM app_origins WHERE app_id = $1 ORDER BY origin", app_id))
-        return App(row[0], row[1], row[2], origins, row[3], row[4])
+        return app_of(row, origins)
 
     async def list_apps(self) -> list[App]:
         rows = await self._all(
-            "SELECT a.app_id, a.name, a.secret_hash, a.created_at, "
+            f"SELECT {_APP_COLS_A}, "
             "COALESCE(array_agg(o.origin ORDER BY o.origin) FILTER (WHERE o.origin IS NOT NULL), "
             "'{}') FROM apps a LEFT JOIN app_origins o ON o.app_id = a.app_id "
             "WHERE a.deleted_at IS NULL GROUP BY a.app_id ORDER BY a.created_at, a.app_id")
-        return [App(r[0], r[1], r[2], tuple(r[4]), r[3]) for r in rows]
+        return [app_of(r[:8], tuple(r[8])) for r in rows]
 
-    async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
+    async def set_app_secret(self, app_id: str, secret_hash: str, *,
+                             keep_previous_until: float | None = None) -> bool:
         async def write(con: Any) -> bool:
-            return await con.fetchval("UPDATE apps SET secret_hash = $1 WHERE app_id = $2 "
-                                      "AND deleted_at IS NULL RETURNING 1",
-                                      secret_hash, app_id) is not None
+            return await con.fetchval(
+                "UPDATE apps SET previous_secret_hash = CASE WHEN $3::float8 IS NULL THEN NULL "
+                "ELSE secret_hash END, previous_until = $3, secret_hash = $1 "
+                "WHERE app_id = $2 AND deleted_at IS NULL RETURNING 1",
+                secret_hash, app_id, keep_previous_until) is not None
+        return bool(await self._changed(write))
+
+    async def retire_previous_secret(self, app_id: str) -> bool:
+        async def write(con: Any) -> bool:
+            return await con.fetchval(
+                "UPDATE apps SET previous_secret_hash = NULL, previous_until = NULL "
+                "WHERE app_id = $1 AND deleted_at IS NULL "
+                "AND previous_secret_hash IS NOT NULL RETURNING 1", app_id) is not None
         return bool(await self._changed(write))
 
     async def delete_app(self, app_id: str, *, now: float) -> bool:
@@ -309,7 +366,8 @@ class PostgresStore(PgReportsMixin):
         ``SQLiteStore.delete_app``: rows and ids stay its own; keys wait for
         ``erase_revoked_keys``)."""
         async def write(con: Any) -> bool:
-            if await con.fetchval("UPDATE apps SET deleted_at = $2, secret_hash = '' "
+            if await con.fetchval("UPDATE apps SET deleted_at = $2, secret_hash = '', "
+                                  "previous_secret_hash = NULL, previous_until = NULL "
                                   "WHERE app_id = $1 AND deleted_at IS NULL RETURNING 1",
                                   app_id, now) is None:
                 return False
@@ -334,15 +392,35 @@ class PostgresStore(PgReportsMixin):
             return True
         return bool(await self._changed(write))
 
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        async def write(con: Any) -> bool:
+            return await con.fetchval("UPDATE apps SET policy = $1 WHERE app_id = $2 "
+                                      "AND deleted_at IS NULL RETURNING 1",
+                                      policy.to_text(), app_id) is not None
+        return await self.get_app(app_id) if await self._changed(write) else None
+
     async def origin_registered(self, origin: str) -> bool:
         return await self._one("SELECT 1 FROM app_origins WHERE origin = $1 LIMIT 1",
                                origin) is not None
 
     # ---- connections ---------------------------------------------------------
     async def get_connection(self, app_id: str, app_user_id: str) -> Connection | None:
+        """Cached until the next change notification (every write to a connection
+        notifies: ``_changed``); not at all while the lifeline is down."""
+        version = self.apps_version()
+        key = (app_id, app_user_id)
+        if version is not None:
+            cached = self._connections.get(key)
+            if cached is not None and cached[0] == version:
+                return cached[1]
         row = await self._one(f"SELECT {CONNECTION_COLS} FROM connections "
                               "WHERE app_id = $1 AND app_user_id = $2", app_id, app_user_id)
-        return Connection(*row) if row else None
+        connection = Connection(*row) if row else None
+        if version is not None:  # the version read before: a change meanwhile drops it
+            if len(self._connections) >= CONNECTION_CACHE_SIZE:
+                self._connections.clear()
+            self._connections[key] = (version, connection)
+        return connection
 
     async def get_connection_by_id(self, connection_id: int) -> Connection | None:
         row = await self._one(f"SELECT {CONNECTION_COLS} FROM connections "
@@ -453,41 +531,73 @@ class PostgresStore(PgReportsMixin):
 
     async def admit(self, connection_id: int, period: str, amount_nanos: int, *,
                     now: float, expires_at: float) -> Hold:
+        """One ``wattgate_admit`` (migration 3: lock, read, compare, hold), group-committed
+        with the admissions queued beside it; the rules' words come from ``budget``."""
         await self._ready()
-        inserting = False
+        key = (now, amount_nanos)
+        self._admitting[key] = self._admitting.get(key, 0) + 1
+        fut = self._admits.put((connection_id, period, amount_nanos, now, expires_at))
+        fut.add_done_callback(lambda f: self._admitted(f, key))
         try:
-            async with self._tx() as con:
-                row = await con.fetchrow(_LOCK_CONNECTION, connection_id)
-                if row is None:
-                    raise NotConnected()
-                budget.check_connection(row["state"], row["sealed_key"])
-                if row["cap_nanos"] is not None:
-                    spent, held = await con.fetchrow(_SPENT_AND_HELD, connection_id, period)
-                    budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
-                inserting = True
-                hold_id = await con.fetchval(_INSERT_HOLD, self.owner, connection_id, None,
-                                             row["app_id"], period, amount_nanos, now,
-                                             expires_at)
-        except Unavailable:
-            if inserting:
-                self._undo_lost_admission(now, amount_nanos)
+            row = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The admission goes on: a hold nobody will own is released at once.
+            fut.add_done_callback(lambda f: self._release_unowned(f, connection_id, period,
+                                                                  amount_nanos))
             raise
-        hold = Hold(hold_id, connection_id, None, period, amount_nanos)
-        self._mine[hold_id] = (hold, row["app_id"], now, expires_at)
+        hold_id = row["hold_id"]
+        if not row["known"]:
+            raise NotConnected()
+        spent, held = int(row["spent"]), int(row["held"])
+        if hold_id is None:
+            # Refused there: worded here, by the rules of budget.
+            budget.check_connection(row["state"], row["sealed_key"])
+            budget.check_cap(row["cap_nanos"], spent, held, amount_nanos)
+            raise AssertionError("wattgate_admit refused a call budget admits")
+        hold = Hold(hold_id, connection_id, None, period, amount_nanos)  # in _mine already
+        if budget.cap_refusal(row["cap_nanos"], spent, held, amount_nanos) is not None:
+            # Never expected (a contract test pins the two together): fail closed.
+            await self.release(hold)
+            raise AssertionError("wattgate_admit held a call budget refuses")
         return hold
+
+    def _admitted(self, fut: "asyncio.Future[Any]", key: tuple[float, int]) -> None:
+        left = self._admitting.pop(key) - 1
+        if left:
+            self._admitting[key] = left
+        if not fut.cancelled() and isinstance(fut.exception(), InDoubt):
+            # Sent, and the database went away before it answered: it may commit yet.
+            self._undo_lost_admission(*key)
+
+    def _release_unowned(self, fut: "asyncio.Future[Any]", connection_id: int, period: str,
+                         amount_nanos: int) -> None:
+        if fut.cancelled() or fut.exception() is not None or fut.result()["hold_id"] is None:
+            return
+        self.release(Hold(fut.result()["hold_id"], connection_id, None, period, amount_nanos))
 
     def _undo_lost_admission(self, created_at: float, amount_nanos: int) -> None:
         """An admission cut off around its commit (the server went away) may have left
         a hold that no call will settle: the caller was told 503. Once the server
-        answers again, drop any such hold of this process (identified by its
-        admission's moment and amount, never one this process still tracks) and
-        give a grant's request back."""
+        answers again and the cut-off statement can no longer be running
+        (``IN_DOUBT_FOR``: a backend whose client left still commits a statement
+        that was waiting for a lock), drop any such hold of this process (identified
+        by its admission's moment and amount, never one this process owns or is
+        still admitting) and give a grant's request back."""
+        settled_at = asyncio.get_running_loop().time() + IN_DOUBT_FOR
+
         async def write() -> None:
+            loop = asyncio.get_running_loop()
+            while not self._closing and loop.time() < settled_at:
+                await asyncio.sleep(min(0.5, settled_at - loop.time()))
             async with self._tx() as con:
                 rows = await con.fetch(
                     "SELECT hold_id, grant_id FROM holds WHERE owner = $1 AND created_at = $2 "
                     "AND amount_nanos = $3 AND generation_id IS NULL",
                     self.owner, created_at, amount_nanos)
+                if (created_at, amount_nanos) in self._admitting:
+                    # One like it is in flight: never drop a live hold (a lost one
+                    # narrows the cap until the hold TTL's sweep takes it).
+                    return
                 for hold_id, grant_id in rows:
                     if hold_id in self._mine:
                         continue
@@ -495,64 +605,56 @@ class PostgresStore(PgReportsMixin):
                         await _refund_request(con, grant_id)
         self._shield(write)
 
+    async def _admit_batch(self, con: Any, items: list[tuple[Any, ...]]) -> list[Any]:
+        c, p, a, n, e = (list(col) for col in zip(*items))
+        rows = await con.fetch(_ADMIT, c, p, a, self.owner, n, e)
+        by_item = {r["i"]: r for r in rows}
+        answers = [by_item[k] for k in range(1, len(items) + 1)]
+        for (connection_id, period, amount, now, expires), row in zip(items, answers):
+            if row["hold_id"] is not None:  # this process's before any caller runs on
+                hold = Hold(row["hold_id"], connection_id, None, period, amount)
+                self._mine[hold.hold_id] = (hold, row["app_id"], now, expires)
+        return answers
+
+    @staticmethod
+    async def _rate_batch(con: Any, items: list[tuple[Any, ...]]) -> list[Any]:
+        rows = await con.fetch(_RATE_TAKE, *[list(col) for col in zip(*items)])
+        by_item = {r["i"]: r for r in rows}
+        return [by_item[k] for k in range(1, len(items) + 1)]
+
     def note_generation(self, hold: Hold, generation_id: str, app_id: str,
                         model: str) -> Awaitable[None] | None:
+        """Group-committed: the notes queued in one loop turn are one UPDATE."""
         if hold.hold_id not in self._mine:
             return None
         self._names[hold.hold_id] = (generation_id, app_id, model[:200])
-
-        async def write() -> None:
-            async with self._con() as con:
-                await con.execute("UPDATE holds SET generation_id = $1, app_id = $2, model = $3 "
-                                  "WHERE hold_id = $4", generation_id, app_id, model[:200],
-                                  hold.hold_id)
-        return self._shield(write)
+        item = (hold.hold_id, generation_id, app_id, model[:200])
+        return self._shield(lambda: self._notes.put(item))
 
     def settle(self, hold: Hold | None, usage: Usage, period: str) -> Awaitable[bool]:
+        """Group-committed: the settles queued while one is in flight are one call of
+        ``wattgate_settle`` (one transaction), each caller told its own answer."""
         if hold is not None:  # settled from now on: never to be restored
             self._forget(hold.hold_id)
+        item = (hold.hold_id if hold is not None else None, usage.generation_id, usage.app_id,
+                usage.connection_id, usage.grant_id, period, usage.model,
+                usage.prompt_tokens, usage.completion_tokens, usage.cost_nanos,
+                usage.provisional, usage.status, usage.latency_ms, usage.created_at)
 
         async def write() -> bool:
             await self._after_restoring()
-            try:
-                async with self._tx() as con:
-                    if hold is not None:
-                        await _drop_hold(con, hold.hold_id)
-                    usage_id = await con.fetchval(
-                        "INSERT INTO usage (generation_id, app_id, connection_id, grant_id, "
-                        "period, model, prompt_tokens, completion_tokens, cost_nanos, "
-                        "provisional, status, latency_ms, created_at) VALUES ($1, $2, $3, $4, "
-                        "$5, $6, $7, $8, $9, $10, $11, $12, $13) "
-                        "ON CONFLICT (generation_id) DO NOTHING RETURNING usage_id",
-                        usage.generation_id, usage.app_id, usage.connection_id, usage.grant_id,
-                        period, usage.model, usage.prompt_tokens, usage.completion_tokens,
-                        usage.cost_nanos, usage.provisional, usage.status, usage.latency_ms,
-                        usage.created_at)
-                    if usage_id is None:
-                        # Recorded already: a final figure replaces a provisional one
-                        # (a swept hold's estimate); a final row is never counted twice.
-                        if usage.provisional:
-                            return False
-                        moved = await _correct(con, usage.generation_id, usage.cost_nanos,
-                                               usage.prompt_tokens, usage.completion_tokens)
-                        if moved is None:
-                            return False
-                        debited, difference = moved
-                        await outbox.pg_after_settle(con, usage.connection_id, debited.grant,
-                                                     period, debited.cap, debited.spent,
-                                                     difference, usage.created_at)
-                        return True
-                    debited = await _debit(con, usage.connection_id, usage.grant_id, period,
-                                           usage.cost_nanos)
-                    # The webhooks' step: statements only when a line was crossed.
-                    await outbox.pg_after_settle(con, usage.connection_id, debited.grant,
-                                                 period, debited.cap, debited.spent,
-                                                 usage.cost_nanos, usage.created_at)
-                    return True
-            finally:
-                if hold is not None:
-                    self._forget(hold.hold_id)
+            return await self._settles.put(item)
         return self._shield(write)
+
+    @staticmethod
+    async def _settle_batch(con: Any, items: list[tuple[Any, ...]]) -> list[bool]:
+        counted = await con.fetchval(_SETTLE, *[list(c) for c in zip(*items)])
+        return [bool(c) for c in counted]
+
+    @staticmethod
+    async def _note_batch(con: Any, items: list[tuple[Any, ...]]) -> list[None]:
+        await con.execute(_NOTE, *[list(c) for c in zip(*items)])
+        return [None] * len(items)
 
     def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
         self._forget(hold.hold_id)
@@ -854,7 +956,7 @@ class PostgresStore(PgReportsMixin):
     # ---- reconciliation ------------------------------------------------------------
     async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
         async with self._tx() as con:
-            return await _correct(con, generation_id, cost_nanos, None, None) is not None
+            return await _correct(con, generation_id, cost_nanos, None, None)
 
     async def provisional_usage(self, limit: int = 100, *, after: int = 0,
                                 since: float | None = None) -> list[tuple[Usage, str]]:
@@ -925,9 +1027,10 @@ class PostgresStore(PgReportsMixin):
     # ---- fleet-wide state --------------------------------------------------------
     async def rate_take(self, limiter: str, key: str, per_minute: int, *, now: float,
                         take: bool = True) -> int | None:
-        """The token bucket of ``ratelimit.RateLimiter``, in one atomic UPSERT."""
-        row = await self._one(_RATE_TAKE, limiter, key, float(per_minute), now,
-                              1.0 if take else 0.0)
+        """The token bucket of ``ratelimit.RateLimiter``, one atomic UPSERT in
+        ``wattgate_rate_take``, group-committed with the takes queued beside it."""
+        row = await self._rates.put((limiter, key, float(per_minute), now,
+                                     1.0 if take else 0.0))
         if row["allowed"]:
             return None
         return max(1, math.ceil((1.0 - float(row["tokens"])) / (per_minute / 60.0)))
@@ -967,21 +1070,19 @@ _SPENT_AND_HELD = (
     "        WHERE connection_id = $1 AND period = $2), "
     "       (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds "
     "        WHERE connection_id = $1 AND period = $2)")
+_SETTLE = ("SELECT wattgate_settle($1::bigint[], $2::text[], $3::text[], $4::bigint[], "
+           "$5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], "
+           "$11::boolean[], $12::text[], $13::bigint[], $14::double precision[])")
+_NOTE = ("UPDATE holds h SET generation_id = n.generation_id, app_id = n.app_id, "
+         "model = n.model FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) "
+         "AS n(hold_id, generation_id, app_id, model) WHERE h.hold_id = n.hold_id")
 _INSERT_HOLD = (
     "INSERT INTO holds (owner, connection_id, grant_id, app_id, period, amount_nanos, "
     "created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING hold_id")
-# $1 limiter, $2 key, $3 capacity (per minute), $4 now, $5 tokens to take (1 or 0).
-_RATE_TAKE = """
-INSERT INTO rate_buckets AS b (limiter, key, tokens, updated_at, allowed)
-VALUES ($1, $2, CASE WHEN $3 >= 1 THEN $3 - $5 ELSE $3 END, $4, $3 >= 1)
-ON CONFLICT (limiter, key) DO UPDATE SET
-    tokens = LEAST($3, b.tokens + GREATEST(0, $4 - b.updated_at) * $3 / 60.0)
-             - CASE WHEN LEAST($3, b.tokens + GREATEST(0, $4 - b.updated_at) * $3 / 60.0) >= 1
-                    THEN $5 ELSE 0 END,
-    updated_at = GREATEST(b.updated_at, $4),
-    allowed = LEAST($3, b.tokens + GREATEST(0, $4 - b.updated_at) * $3 / 60.0) >= 1
-RETURNING tokens, allowed
-"""
+_ADMIT = ("SELECT * FROM wattgate_admit_many($1::bigint[], $2::text[], $3::bigint[], "
+          "$4::bigint, $5::double precision[], $6::double precision[])")
+_RATE_TAKE = ("SELECT * FROM wattgate_rate_take($1::text[], $2::text[], "
+              "$3::double precision[], $4::double precision[], $5::double precision[])")
 
 
 def _usage(r: Any) -> Usage:
@@ -1023,34 +1124,17 @@ async def _drop_hold(con: Any, hold_id: int) -> bool:
     return row is not None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Debited:
-    """What a debit's own statements answered (``RETURNING``): the period's spend after
-    it and the connection's cap, the grant's counters; for the webhooks' thresholds."""
-
-    spent: int | None = None
-    cap: int | None = None
-    grant: Any = None
-
-
 async def _debit(con: Any, connection_id: int | None, grant_id: int | None, period: str,
-                 nanos: int) -> _Debited:
+                 nanos: int) -> None:
     # Grants before periods, always: the one lock order of every writer.
-    grant = None
     if grant_id is not None:
-        grant = await con.fetchrow(
-            "UPDATE grants SET spent_nanos = spent_nanos + $1 WHERE grant_id = $2 RETURNING "
-            "used, requests, max_nanos, spent_nanos, held_nanos, connection_id, app_id, "
-            "grant_id", nanos, grant_id)
-    if connection_id is None:
-        return _Debited(grant=grant)
-    row = await con.fetchrow(
-        "INSERT INTO periods (connection_id, period, spent_nanos) "
-        "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
-        "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos RETURNING spent_nanos, "
-        "(SELECT cap_nanos FROM connections WHERE connection_id = $1)",
-        connection_id, period, nanos)
-    return _Debited(row[0], row[1], grant)
+        await con.execute("UPDATE grants SET spent_nanos = spent_nanos + $1 WHERE grant_id = $2",
+                          nanos, grant_id)
+    if connection_id is not None:
+        await con.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
+                          "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
+                          "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos",
+                          connection_id, period, nanos)
 
 
 async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
@@ -1060,20 +1144,19 @@ async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
 
 
 async def _correct(con: Any, generation_id: str, cost_nanos: int, prompt_tokens: int | None,
-                   completion_tokens: int | None) -> tuple[_Debited, int] | None:
-    """Make a provisional row final at ``cost_nanos``, aggregates moved by the difference
-    (answered with what the debit answered); None when no provisional row has that id."""
+                   completion_tokens: int | None) -> bool:
+    """Make a provisional row final at ``cost_nanos``, aggregates moved by the difference."""
     row = await con.fetchrow("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
                              "WHERE generation_id = $1 AND provisional FOR UPDATE", generation_id)
     if row is None:
-        return None
+        return False
     await con.execute("UPDATE usage SET cost_nanos = $1, provisional = FALSE, "
                       "prompt_tokens = COALESCE($2, prompt_tokens), "
                       "completion_tokens = COALESCE($3, completion_tokens) "
                       "WHERE generation_id = $4", cost_nanos, prompt_tokens, completion_tokens,
                       generation_id)
-    difference = cost_nanos - row[3]
-    return await _debit(con, row[0], row[1], row[2], difference), difference
+    await _debit(con, row[0], row[1], row[2], cost_nanos - row[3])
+    return True
 
 
 async def _refund_request(con: Any, grant_id: int) -> None:

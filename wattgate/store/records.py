@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 ACTIVE = "active"
 REVOKED = "revoked"
 NEEDS_RECONNECT = "needs_reconnect"
+
+
+@dataclass(frozen=True)
+class AppPolicy:
+    """What the app's operator allows its calls and its users' caps (``wattgate/policy.py``
+    holds the rules; this is only the stored data). None or empty: no limit."""
+
+    models: tuple[str, ...] = ()  # model id patterns, lower case; empty: every model
+    max_cap_nanos: int | None = None  # the largest monthly cap a user may approve
+    max_tokens: int | None = None  # the largest output bound of one call
+    suggested_cap_nanos: int | None = None  # preselected in the consent popup
+
+    @property
+    def empty(self) -> bool:
+        return self == AppPolicy()
+
+    def to_text(self) -> str | None:
+        """The stored form (JSON, amounts as integer nano-dollars); None when empty."""
+        if self.empty:
+            return None
+        return json.dumps({"models": list(self.models), "max_cap_nanos": self.max_cap_nanos,
+                           "max_tokens": self.max_tokens,
+                           "suggested_cap_nanos": self.suggested_cap_nanos})
+
+    @classmethod
+    def from_text(cls, text: str | None) -> AppPolicy:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(tuple(data.get("models") or ()), data.get("max_cap_nanos"),
+                   data.get("max_tokens"), data.get("suggested_cap_nanos"))
 
 
 @dataclass(frozen=True)
@@ -17,6 +51,11 @@ class App:
     origins: tuple[str, ...]
     created_at: float
     deleted_at: float | None = None  # a deleted app's tombstone keeps its history
+    # The secret replaced by a rotation with overlap: it authenticates too while the
+    # clock is before ``previous_until`` (UTC epoch seconds), until retired.
+    previous_secret_hash: str | None = None
+    previous_until: float | None = None
+    policy: AppPolicy = field(default_factory=AppPolicy)
 
 
 @dataclass(frozen=True)
@@ -85,6 +124,17 @@ USAGE_COLS = ("generation_id, app_id, connection_id, grant_id, model, prompt_tok
               "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at")
 CONNECTION_COLS = ("connection_id, app_id, app_user_id, state, cap_nanos, sealed_key, "
                    "browser_hash, created_at, updated_at")
+APP_COLS = ("app_id, name, secret_hash, created_at, deleted_at, previous_secret_hash, "
+            "previous_until, policy")
+
+
+def app_of(row: Sequence[Any], origins: tuple[str, ...]) -> App:
+    """An ``App`` from a row of ``APP_COLS`` and its origins (either backend's row)."""
+    app_id, name, secret_hash, created_at, deleted_at, previous, until, policy = row
+    return App(app_id, name, secret_hash, origins, created_at, deleted_at, previous, until,
+               AppPolicy.from_text(policy))
+
+
 GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
               "held_nanos, sealed_key, connection_id, created_at, expires_at")
 

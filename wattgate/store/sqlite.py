@@ -35,8 +35,9 @@ from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from . import outbox
 from .migrations import migrate
-from .records import (ACTIVE, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED, USAGE_COLS,
-                      App, Connection, Grant, Hold, Usage, Webhook, WebhookEvent)
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+                      USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
+                      WebhookEvent, app_of)
 from .reports import ReportsMixin  # the console's and exports' range reads
 
 T = TypeVar("T")
@@ -495,13 +496,12 @@ class SQLiteStore(ReportsMixin):
 
     async def get_app(self, app_id: str, *, deleted: bool = False) -> App | None:
         """The app, or None; a deleted app's tombstone only when ``deleted`` (for its history)."""
-        row = self._one("SELECT app_id, name, secret_hash, created_at, deleted_at FROM apps "
-                        "WHERE app_id = ?", (app_id,))
+        row = self._one(f"SELECT {APP_COLS} FROM apps WHERE app_id = ?", (app_id,))
         if row is None or (row[4] is not None and not deleted):
             return None
         origins = tuple(r[0] for r in self._all(
             "SELECT origin FROM app_origins WHERE app_id = ? ORDER BY origin", (app_id,)))
-        return App(row[0], row[1], row[2], origins, row[3], row[4])
+        return app_of(row, origins)
 
     async def list_apps(self) -> list[App]:
         apps = []
@@ -512,11 +512,25 @@ class SQLiteStore(ReportsMixin):
                 apps.append(app)
         return apps
 
-    async def set_app_secret(self, app_id: str, secret_hash: str) -> bool:
+    async def set_app_secret(self, app_id: str, secret_hash: str, *,
+                             keep_previous_until: float | None = None) -> bool:
         def op(db: sqlite3.Connection) -> bool:
-            return db.execute("UPDATE apps SET secret_hash = :h WHERE app_id = :a "
-                              "AND deleted_at IS NULL",
-                              {"h": secret_hash, "a": app_id}).rowcount == 1
+            return db.execute(
+                "UPDATE apps SET previous_secret_hash = CASE WHEN :until IS NULL THEN NULL "
+                "ELSE secret_hash END, previous_until = :until, secret_hash = :h "
+                "WHERE app_id = :a AND deleted_at IS NULL",
+                {"h": secret_hash, "a": app_id, "until": keep_previous_until}).rowcount == 1
+        try:
+            return await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
+
+    async def retire_previous_secret(self, app_id: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE apps SET previous_secret_hash = NULL, "
+                              "previous_until = NULL WHERE app_id = :a AND deleted_at IS NULL "
+                              "AND previous_secret_hash IS NOT NULL",
+                              {"a": app_id}).rowcount == 1
         try:
             return await self._writer.run(op)
         finally:
@@ -536,8 +550,9 @@ class SQLiteStore(ReportsMixin):
         """
         def op(db: sqlite3.Connection) -> bool:
             params = {"a": app_id, "t": now, "revoked": REVOKED}
-            if db.execute("UPDATE apps SET deleted_at = :t, secret_hash = '' WHERE app_id = :a "
-                          "AND deleted_at IS NULL", params).rowcount != 1:
+            if db.execute("UPDATE apps SET deleted_at = :t, secret_hash = '', "
+                          "previous_secret_hash = NULL, previous_until = NULL "
+                          "WHERE app_id = :a AND deleted_at IS NULL", params).rowcount != 1:
                 return False
             db.execute("DELETE FROM app_origins WHERE app_id = :a", params)
             # The funding keys stay until the reconciler's rule erases them
@@ -568,6 +583,17 @@ class SQLiteStore(ReportsMixin):
             return await self._writer.run(op)
         finally:
             self._apps_epoch += 1
+
+    async def set_app_policy(self, app_id: str, policy: AppPolicy) -> App | None:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE apps SET policy = :p WHERE app_id = :a "
+                              "AND deleted_at IS NULL",
+                              {"p": policy.to_text(), "a": app_id}).rowcount == 1
+        try:
+            changed = await self._writer.run(op)
+        finally:
+            self._apps_epoch += 1
+        return await self.get_app(app_id) if changed else None
 
     async def origin_registered(self, origin: str) -> bool:
         """Whether any app registered this origin (answers CORS preflights)."""

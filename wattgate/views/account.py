@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .. import consent, reconcile
+from .. import consent, policy, reconcile
 from ..credentials import parse_publishable_key
 from ..errors import AuthError, InvalidRequest, NotFound, UpstreamError
 from ..gateway import Gateway
@@ -43,7 +43,8 @@ def _same_origin_gateway(request: web.Request) -> Gateway:
 
 
 def app_public(app: App) -> dict[str, Any]:
-    return {"appId": app.app_id, "name": app.name, "origins": list(app.origins)}
+    return {"appId": app.app_id, "name": app.name, "origins": list(app.origins),
+            "policy": policy.describe(app.policy)}
 
 
 async def consent_session(request: web.Request) -> web.Response:
@@ -142,7 +143,8 @@ async def _connection_body(gw: Gateway, connection: Connection,
     return {
         "id": connection.connection_id,
         "app": {"name": app.name if app else "(deleted app)",
-                "origin": app.origins[0] if app and app.origins else None},
+                "origin": app.origins[0] if app and app.origins else None,
+                "maxCapUsd": policy.describe(app.policy)["maxCapUsd"] if app else None},
         "state": connection.state,
         "connectedAt": int(connection.created_at),
         "status": await status_of(gw.store, connection, gw.clock()),
@@ -194,6 +196,10 @@ async def account_connection(request: web.Request) -> web.Response:
     change = consent.decide(connection, requested_cap=cap, token_cap=consent.UNSET,
                             has_funding_key=False, user_present=True,
                             allow_unlimited=gw.config.dev_allow_unlimited)
+    app = await gw.store.get_app(connection.app_id)
+    if app is not None:  # a deleted app's connection is revoked: update_cap refuses it
+        policy.check_cap(app.policy, change.cap_nanos,
+                         kept=change.cap_nanos == connection.cap_nanos)
     saved = await gw.store.update_cap(connection.connection_id, change.cap_nanos,
                                       expected_key=connection.sealed_key, now=gw.clock())
     if saved is None:  # revoked or re-funded meanwhile: show what is true now

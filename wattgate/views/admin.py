@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export, reconcile, webhooks
+from .. import export, policy, reconcile, rotation, webhooks
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -37,7 +38,7 @@ from ..errors import RateLimited
 from ..gateway import Gateway
 from ..ledger import period_bounds, period_of
 from ..logs import user_hash
-from ..store import REVOKED, App, Ledger
+from ..store import REVOKED, App, AppPolicy, Ledger
 from ..store.reports import DAY
 from . import console, metrics
 from .inputs import client_of
@@ -289,27 +290,82 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
         notice = (f"Revoked the connection of {revoked[0].app_user_id}: their next call is "
                   "refused with 402 not_connected until they connect again.")
     hook = await gw.store.get_webhook(app.app_id)
+    key_notice = {"1": "The previous secret key no longer works, nor do the session tokens "
+                       "it minted.",
+                  "0": "There was no previous secret key to retire."
+                  }.get(request.query.get("retired", ""))
     return html_response(console.app_detail(
-        csrf=session.csrf, app=app, days=days, day_list=day_list,
+        csrf=session.csrf, app=app, days=days, day_list=day_list, key_notice=key_notice,
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
         payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
         connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
         totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice,
         webhook_url=hook.url if hook else None,
         deliveries=await gw.store.recent_webhooks(app.app_id, 50),
-        webhook_notice=_webhook_notice(request.query)))
+        webhook_notice=_webhook_notice(request.query),
+        policy_notice="Policy saved: the next call on every gateway process is judged by it."
+        if request.query.get("policy") == "saved" else None))
+
+
+async def set_policy(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    """The app's policy from the console's form (``wattgate.policy`` says what it means)."""
+    app = await _app(request, gw)
+    form = await request.post()
+
+    def field(name: str) -> str | None:
+        value = str(form.get(name, "")).strip()
+        return value or None
+    try:
+        if form.get("clear"):
+            wanted = AppPolicy()
+        else:
+            tokens = field("max_tokens")
+            if tokens is not None and not tokens.isdigit():
+                raise ValueError("the largest output per call must be a whole number of tokens")
+            wanted = policy.make_policy(
+                models=str(form.get("models", "")).replace(",", "\n").split(),
+                max_cap_usd=field("max_cap"), max_tokens=None if tokens is None else int(tokens),
+                suggested_cap_usd=field("suggested_cap"))
+    except ValueError as e:
+        return html_response(console.message("Policy not changed", str(e), csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}#policy"), 400)
+    await gw.store.set_app_policy(app.app_id, wanted)
+    log.info("console: set the policy of app %s: %s", app.app_id,
+             json.dumps(policy.describe(wanted)))
+    return _see(f"/admin/apps/{app.app_id}?policy=saved#policy")
 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
     app = await _app(request, gw)
-    if request.method == "GET":  # breaking every backend's key deserves a second click
+    if request.method == "GET":  # changing every backend's key deserves a second click
         return html_response(console.confirm_rotation(csrf=session.csrf, app=app))
-    creds = mint_credentials(app.app_id)
-    await gw.store.set_app_secret(app.app_id, gw.hash(creds.secret))
-    log.warning("console: rotated the secret key of app %s; the old key no longer works",
-                app.app_id)
+    choice = str((await request.post()).get("overlap", console.DEFAULT_OVERLAP))
+    try:
+        overlap = rotation.parse_overlap(choice)
+    except ValueError as e:
+        return html_response(console.message("Secret key not rotated", str(e),
+                                             csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}"), 400)
+    done = await rotation.rotate(gw, app.app_id, overlap)
+    if done is None:  # deleted since the page was read
+        raise web.HTTPNotFound()
+    if done.previous_until is None:
+        log.warning("console: rotated the secret key of app %s; the old key no longer works",
+                    app.app_id)
+    else:
+        log.warning("console: rotated the secret key of app %s; the old key works until %s",
+                    app.app_id, rotation.utc(done.previous_until))
     return html_response(console.secret_shown(csrf=session.csrf, app=app,
-                                              secret_key=creds.secret_key, created=False))
+                                              secret_key=done.secret_key, created=False,
+                                              previous_until=done.previous_until))
+
+
+async def retire_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    retired = await gw.store.retire_previous_secret(app.app_id)
+    if retired:
+        log.warning("console: retired the previous secret key of app %s", app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?retired={int(retired)}#keys")
 
 
 async def change_origin(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -437,6 +493,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/apps/{app_id}", signed_in(app_page))
     r.add_get("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
     r.add_post("/admin/apps/{app_id}/rotate-secret", signed_in(rotate_secret))
+    r.add_post("/admin/apps/{app_id}/retire-secret", signed_in(retire_secret))
+    r.add_post("/admin/apps/{app_id}/policy", signed_in(set_policy))
     r.add_post("/admin/apps/{app_id}/origins", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import budget
+from .. import budget, rotation
 from ..charts import Series
-from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, Grant
+from ..money import nanos_to_usd
+from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy, Grant
 from ..store.records import WebhookEvent
 from ..store.reports import AppTotals, ConnectionSpend, PayerSpend
 from ..templates import month_name, render, when
@@ -25,9 +26,14 @@ STATE_BADGES = {ACTIVE: ("ok", "active"), REVOKED: ("off", "revoked"),
                 NEEDS_RECONNECT: ("warn", "needs reconnect")}
 GRANT_BADGES = {"live": "ok", "spent": "off", "expired": "warn"}
 DELIVERY_BADGES = {"delivered": "ok", "pending": "warn", "failed": "off"}
+# How long the old secret key keeps working after a rotation: (form value, label).
+OVERLAPS = (("1h", "1 hour"), ("24h", "24 hours"), ("7d", "7 days"),
+            ("0", "No overlap: the old key stops at once (it leaked)"))
+DEFAULT_OVERLAP = rotation.DEFAULT_OVERLAP
 
-__all__ = ["DAY_CHOICES", "app_detail", "apps_list", "confirm_rotation", "login", "message",
-           "month_name", "overview", "secret_shown", "webhook_set", "when"]
+__all__ = ["DAY_CHOICES", "DEFAULT_OVERLAP", "OVERLAPS", "app_detail", "apps_list",
+           "confirm_rotation", "login", "message", "month_name", "overview", "secret_shown",
+           "webhook_set", "when"]
 
 
 def _page(template: str, title: str, *, csrf: str | None, active: str = "",
@@ -58,9 +64,11 @@ def apps_list(*, csrf: str, apps: Sequence[App], totals: dict[str, AppTotals],
                  period=period)
 
 
-def secret_shown(*, csrf: str, app: App, secret_key: str, created: bool) -> str:
+def secret_shown(*, csrf: str, app: App, secret_key: str, created: bool,
+                 previous_until: float | None = None) -> str:
     return _page("admin-secret.html", "App created" if created else "Secret key rotated",
-                 csrf=csrf, active="apps", app=app, secret_key=secret_key, created=created)
+                 csrf=csrf, active="apps", app=app, secret_key=secret_key, created=created,
+                 previous_until=None if previous_until is None else rotation.utc(previous_until))
 
 
 @dataclass(frozen=True)
@@ -75,11 +83,13 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                connections: Sequence[ConnectionSpend], hashes: dict[int, str],
                grants: Sequence[Grant], totals: AppTotals | None, period: str, now: float,
                webhook_url: str | None, deliveries: Sequence[WebhookEvent],
-               notice: str | None = None, webhook_notice: str | None = None) -> str:
+               notice: str | None = None, webhook_notice: str | None = None,
+               key_notice: str | None = None, policy_notice: str | None = None) -> str:
     users = {r.connection.connection_id: r.connection.app_user_id for r in connections}
     rows = [GrantRow(g, budget.grant_state(g, now),
                      users.get(g.connection_id, f"connection #{g.connection_id}")
                      if g.connection_id is not None else "") for g in grants]
+    until = rotation.previous_live_until(app.previous_secret_hash, app.previous_until, now)
     return _page("admin-app.html", app.name, csrf=csrf, active="apps", app=app, days=days,
                  day_list=day_list, by_model=by_model, payers=payers, connections=connections,
                  connection_count=len(connections), hashes=hashes, grants=rows,
@@ -87,7 +97,9 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                  month=totals or AppTotals(app.app_id, 0, 0, 0, 0), period=period,
                  notice=notice, state_badges=STATE_BADGES, grant_badges=GRANT_BADGES,
                  webhook_url=webhook_url, deliveries=deliveries, webhook_notice=webhook_notice,
-                 delivery_badges=DELIVERY_BADGES)
+                 delivery_badges=DELIVERY_BADGES, key_notice=key_notice,
+                 previous_until=None if until is None else rotation.utc(until),
+                 policy_form=policy_form(app.policy), policy_notice=policy_notice)
 
 
 def webhook_set(*, csrf: str, app: App, url: str, secret: str) -> str:
@@ -95,8 +107,18 @@ def webhook_set(*, csrf: str, app: App, url: str, secret: str) -> str:
                  app=app, url=url, secret=secret)
 
 
+def policy_form(policy: AppPolicy) -> dict[str, str]:
+    """The policy as the console's form shows it (amounts exact, in USD)."""
+    def usd(nanos: int | None) -> str:
+        return "" if nanos is None else format(nanos_to_usd(nanos).normalize(), "f")
+    return {"models": "\n".join(policy.models), "max_cap": usd(policy.max_cap_nanos),
+            "suggested_cap": usd(policy.suggested_cap_nanos),
+            "max_tokens": "" if policy.max_tokens is None else str(policy.max_tokens)}
+
+
 def confirm_rotation(*, csrf: str, app: App) -> str:
-    return _page("admin-rotate.html", "Rotate secret key", csrf=csrf, active="apps", app=app)
+    return _page("admin-rotate.html", "Rotate secret key", csrf=csrf, active="apps", app=app,
+                 overlaps=OVERLAPS, default_overlap=DEFAULT_OVERLAP)
 
 
 def message(title: str, text: str, *, csrf: str | None, back: str = "/admin") -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import consent, reconcile
+from .. import consent, policy, reconcile
 from ..credentials import new_presence_value
 from ..errors import InvalidRequest, Unavailable, WattgateError
 from ..gateway import Gateway
@@ -39,7 +39,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def create_session(request: web.Request) -> web.Response:
     gw = request.app[gateway_key]
-    app = await gw.app_for_secret(secret_key_of(request))
+    secret_key = secret_key_of(request)
+    app = await gw.app_for_secret(secret_key)
     await gw.limit("RL_SESSIONS", app.app_id)
     body = await json_body(request)
     user = app_user_id(body.get("appUserId"))
@@ -57,7 +58,7 @@ async def create_session(request: web.Request) -> web.Response:
             has_limit = True
             limit_usd = None if nanos is None else nanos_to_usd(nanos)
     token, expires_at = gw.sessions.mint(app.app_id, user, limit_usd, has_limit, now=gw.clock(),
-                                         secret_tag=gw.secret_tag(app))
+                                         secret_tag=gw.session_tag_of(secret_key))
     return json_response({"token": token, "expiresAt": expires_at})
 
 
@@ -195,6 +196,10 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
     change = consent.decide(existing, requested_cap=requested, token_cap=token_cap,
                             has_funding_key=key is not None, user_present=user_present,
                             allow_unlimited=gw.config.dev_allow_unlimited)
+    # The app's largest cap, judged here whatever the page sent; a cap approved before
+    # the bound was lowered stands while nothing changes.
+    policy.check_cap(app.policy, change.cap_nanos, kept=change.keep_key and existing is not None
+                     and change.cap_nanos == existing.cap_nanos)
     if change.needs_key_check:
         assert key is not None
         await request.app[upstream_key].check_key(key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import budget
+from .. import budget, policy
 from ..credentials import new_grant_token
 from ..errors import ConsentRequired, GrantInvalid, InvalidRequest, WattgateError
 from ..middleware import error_response
@@ -49,6 +49,7 @@ async def _create(request: web.Request, app_user_id: str, app: App) -> web.Respo
                        maximum=gw.config.grants_max_requests)
     max_nanos = usd_amount(body.get("maxUsd"), "maxUsd", allow_null=True, positive=True)
     key = funding_key(body.get("fundingKey"))
+    policy.check_grant_cap(app.policy, max_nanos)
     now = gw.clock()
     expires_at = int(now) + gw.config.grants_ttl_seconds
     token = new_grant_token()

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import policy
 from ..credentials import parse_publishable_key
 from ..errors import AuthError
 from ..gateway import Gateway
@@ -127,7 +128,7 @@ async def _consent_page(request: web.Request, flow: str) -> web.Response:
     origins = ", ".join(_display_origin(o) for o in app.origins) or "no registered site"
     return _page(gw, render("consent.html", title=title, flow=flow, app_name=app.name,
                             app_initials=_initials(app.name), app_origins=origins, ask=ask,
-                            data=data))
+                            data=data, limits=policy.summary(app.policy, grant=flow == "grant")))
 
 
 def _grant_request(gw: Gateway, request: web.Request) -> dict[str, Any] | None:
