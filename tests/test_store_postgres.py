@@ -851,3 +851,44 @@ async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> No
         assert await new.period_spent(cid, PERIOD) == 200 + 250 + 150
         assert await new.held(cid) == 0
         assert await new.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_a_schema_3_ledger_takes_the_outbox_settle_and_its_batches_tell_once(
+        open_store) -> None:
+    """A ledger the hot path's version serves (schema 3: ``wattgate_settle`` without the
+    outbox, a provisional row recorded by it) migrates to 4: the function is replaced in
+    place, and the next batch, mixing that row's final figure with new calls that cross
+    80 % together, writes one threshold event with the batch's spend."""
+    from wattgate.store.pg_migrations import migrate
+
+    async with fresh_database() as url:
+        old = await asyncpg.connect(url)
+        try:
+            assert await migrate(old, upto=3) == 3
+            await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+                              "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
+            cid = await old.fetchval(
+                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
+                "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
+                "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+            counted = await old.fetchval(
+                "SELECT wattgate_settle(ARRAY[NULL]::bigint[], ARRAY['gen-est'], "
+                "ARRAY['app-old'], ARRAY[$1]::bigint[], ARRAY[NULL]::bigint[], ARRAY[$2], "
+                "ARRAY['m'], ARRAY[0]::bigint[], ARRAY[0]::bigint[], ARRAY[500]::bigint[], "
+                "ARRAY[TRUE], ARRAY['swept'], ARRAY[0]::bigint[], ARRAY[$3]::float8[])",
+                cid, PERIOD, NOW)
+            assert counted == [True]
+        finally:
+            await old.close()
+        new = await open_store(url)
+        assert await new.set_webhook("app-old", "https://example.test/h", "sealed-secret")
+        results = await asyncio.gather(
+            new.settle(None, _usage(cid, "app-old", "gen-est", 600), PERIOD),  # 500 → 600
+            *(new.settle(None, _usage(cid, "app-old", f"gen-{i}", 50), PERIOD)
+              for i in range(4)))  # 600 → 800: 80 % of 1000, reached together
+        assert results == [True] * 5
+        assert await new.period_spent(cid, PERIOD) == 800
+        events = await new.recent_webhooks("app-old")
+        assert [(e.type, json.loads(e.body)["data"]["spentUsd"]) for e in events] == [
+            ("budget.threshold", "0.0000008")]
+        assert await new.check(now=NOW, hold_ttl=600) == []
