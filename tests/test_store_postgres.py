@@ -797,6 +797,18 @@ async def test_a_cap_lowered_by_another_process_is_seen_within_a_second(open_sto
 OLD_OWNER = 4242
 
 
+async def _old_connection(old: Any) -> int:
+    """An app 'app-old' and its user alice's connection (cap 1000 nanos), written as a
+    previous version wrote them, on its own connection ``old``."""
+    await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+                      "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
+    cid: int = await old.fetchval(
+        "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
+        "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
+        "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+    return cid
+
+
 async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> None:
     """A ledger a previous version serves (schema 2), with calls in flight on a living
     process, takes migration 3 under it: the old holds narrow the new admission function's
@@ -811,12 +823,7 @@ async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> No
             await old.execute("SELECT pg_advisory_lock($1)", OLD_OWNER)
             await old.execute("INSERT INTO owners (owner, last_seen) "
                               "VALUES ($1, extract(epoch FROM clock_timestamp()))", OLD_OWNER)
-            await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
-                              "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
-            cid = await old.fetchval(
-                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
-                "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
-                "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+            cid = await _old_connection(old)
             await old.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
                               "VALUES ($1, $2, 200)", cid, PERIOD)
             await old.execute("INSERT INTO usage (generation_id, app_id, connection_id, "
@@ -865,12 +872,7 @@ async def test_a_schema_3_ledger_takes_the_outbox_settle_and_its_batches_tell_on
         old = await asyncpg.connect(url)
         try:
             assert await migrate(old, upto=3) == 3
-            await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
-                              "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
-            cid = await old.fetchval(
-                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
-                "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
-                "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+            cid = await _old_connection(old)
             counted = await old.fetchval(
                 "SELECT wattgate_settle(ARRAY[NULL]::bigint[], ARRAY['gen-est'], "
                 "ARRAY['app-old'], ARRAY[$1]::bigint[], ARRAY[NULL]::bigint[], ARRAY[$2], "
