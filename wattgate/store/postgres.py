@@ -53,7 +53,7 @@ from ..errors import ConsentRequired, GrantInvalid, KeysMismatch, NotConnected, 
 from .pg_audit import audit
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
-from .pg_reports import PgReportsMixin
+from .pg_browse import PgBrowseMixin
 from .records import (ACTIVE, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
                       Connection, Grant, Hold, Usage)
 
@@ -97,7 +97,7 @@ def unavailable(e: BaseException) -> Unavailable:
     return Unavailable("The ledger database is unreachable; try again shortly.")
 
 
-class PostgresStore(PgReportsMixin):
+class PostgresStore(PgBrowseMixin):
     """The ledger contract (``store/contract.py``) on one shared PostgreSQL database."""
 
     kind = "postgresql"
