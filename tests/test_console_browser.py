@@ -149,6 +149,7 @@ async def test_the_request_log_of_an_app_and_of_a_user(make_harness, page: Page)
     assert (await chat(h, other, "ann", "fake/flat-3c"))[0] == 200  # another app's
     await sign_in(page, h)
     base = f"{h.url}/admin/apps/{app.app_id}"
+    await expect(page.locator("#requests-chart .figure")).to_have_text("8")  # every app's
 
     # The app page: requests and tokens beside spend, latency and error rate.
     await page.goto(base)

@@ -1047,4 +1047,8 @@ async def test_the_request_log_filters_and_pages_newest_first(ledger):
     assert day.latency_ms_total == sum(50 + i for i in range(30))
     by_bob = await ledger.daily_calls(app.app_id, T - 86400, T + 86400, app_user_id="bob")
     assert by_bob[0].calls == 10
+    every = await ledger.daily_calls(None, T - 86400, T + 86400)  # the overview's: every app
+    assert [d.calls for d in every] == [31]
+    assert await ledger.delete_app(other.app_id, now=T + 1)
+    assert [d.calls for d in await ledger.daily_calls(None, T - 86400, T + 86400)] == [30]
     await consistent(ledger, app, other)

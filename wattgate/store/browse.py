@@ -175,13 +175,16 @@ class BrowseMixin(ReportsMixin):
         return await self._report(
             lambda db: [log_line(r) for r in db.execute(sql, params).fetchall()])
 
-    async def daily_calls(self, app_id: str, since: float, until: float, *,
+    async def daily_calls(self, app_id: str | None, since: float, until: float, *,
                           app_user_id: str | None = None) -> list[DayCalls]:
-        """Per UTC day in [since, until): calls, errors, tokens and total latency."""
+        """Per UTC day in [since, until): calls, errors, tokens and total latency, of one
+        app (or one user of it), or of every app not deleted when ``app_id`` is None."""
         sql = ("SELECT date(u.created_at, 'unixepoch'), COUNT(*), "
                "SUM(CASE WHEN u.status = 'ok' THEN 0 ELSE 1 END), SUM(u.prompt_tokens), "
                "SUM(u.completion_tokens), SUM(u.latency_ms) FROM usage u "
-               "WHERE u.app_id = :app AND u.created_at >= :since AND u.created_at < :until")
+               "WHERE u.created_at >= :since AND u.created_at < :until")
+        sql += " AND u.app_id = :app" if app_id is not None else \
+            " AND u.app_id IN (SELECT app_id FROM apps WHERE deleted_at IS NULL)"
         if app_user_id is not None:
             sql += (" AND u.connection_id = (SELECT connection_id FROM connections "
                     "WHERE app_id = :app AND app_user_id = :user)")

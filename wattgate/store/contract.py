@@ -285,9 +285,10 @@ class Ledger(Protocol):
         """Settled calls of an app (or one user of it), newest first, after the keyset
         ``f.before``, filtered by model, status and a time range."""
 
-    async def daily_calls(self, app_id: str, since: float, until: float, *,
+    async def daily_calls(self, app_id: str | None, since: float, until: float, *,
                           app_user_id: str | None = None) -> list[DayCalls]:
-        """Per UTC day in [since, until): calls, errors, tokens and total latency."""
+        """Per UTC day in [since, until): calls, errors, tokens and total latency, of one
+        app (or one user of it), or of every app not deleted when ``app_id`` is None."""
 
     # ---- fleet-wide state --------------------------------------------------
     async def rate_take(self, limiter: str, key: str, per_minute: int, *, now: float,

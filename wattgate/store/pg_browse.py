@@ -75,13 +75,15 @@ class PgBrowseMixin(PgReportsMixin):
         sql += f" ORDER BY u.created_at DESC, u.usage_id DESC LIMIT ${len(args)}"
         return [log_line(r) for r in await self._all(sql, *args)]
 
-    async def daily_calls(self, app_id: str, since: float, until: float, *,
+    async def daily_calls(self, app_id: str | None, since: float, until: float, *,
                           app_user_id: str | None = None) -> list[DayCalls]:
         user = _USER if app_user_id is not None else "$2::text IS NULL"
         rows = await self._all(
             "SELECT to_char(to_timestamp(u.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD'), "
             "COUNT(*), SUM(CASE WHEN u.status = 'ok' THEN 0 ELSE 1 END), "
             "SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.latency_ms) FROM usage u "
-            f"WHERE u.app_id = $1 AND {user} AND u.created_at >= $3 AND u.created_at < $4 "
+            "WHERE (u.app_id = $1 OR ($1::text IS NULL AND u.app_id IN "
+            "(SELECT app_id FROM apps WHERE deleted_at IS NULL))) "
+            f"AND {user} AND u.created_at >= $3 AND u.created_at < $4 "
             "GROUP BY 1 ORDER BY 1", app_id, app_user_id, since, until)
         return [DayCalls(r[0], *(int(v) for v in r[1:])) for r in rows]

@@ -230,7 +230,9 @@ async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> 
     return html_response(console.overview(
         csrf=session.csrf, days=days, day_list=day_list, by_app=by_app, by_model=by_model,
         payers=payers, names=names, month=month.values(), period=period_of(now),
-        holds_open=await gw.store.open_holds(), backlog=await gw.store.provisional_count()))
+        holds_open=await gw.store.open_holds(), backlog=await gw.store.provisional_count(),
+        activity=console.activity_charts(day_list, await gw.store.daily_calls(
+            None, since, until))))
 
 
 async def apps_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:

@@ -46,11 +46,13 @@ def login(error: str | None = None) -> str:
 
 def overview(*, csrf: str, days: int, day_list: Sequence[str], by_app: Sequence[Series],
              by_model: Sequence[Series], payers: Sequence[PayerSpend], names: dict[str, str],
-             month: Iterable[AppTotals], period: str, holds_open: int, backlog: int) -> str:
+             month: Iterable[AppTotals], period: str, holds_open: int, backlog: int,
+             activity: list[Chart]) -> str:
     month = list(month)
     return _page("admin-overview.html", "Overview", csrf=csrf, active="overview", days=days,
                  day_list=day_list, by_app=by_app, by_model=by_model, payers=payers,
                  names=names, period=period, holds_open=holds_open, backlog=backlog,
+                 activity=activity,
                  spend=sum(t.cost_nanos for t in month), calls=sum(t.calls for t in month),
                  active_connections=sum(t.connections_active for t in month),
                  app_count=len(month))
