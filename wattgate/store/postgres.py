@@ -65,10 +65,9 @@ from .pg_audit import audit
 from .pg_batch import GroupCommit, InDoubt
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
-from .pg_reports import PgReportsMixin
+from .pg_browse import PgBrowseMixin
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      AppPolicy,
-                      Connection, Grant, Hold, Usage, app_of)
+                      AppPolicy, Connection, Grant, Hold, Usage, app_of)
 
 log = logging.getLogger("wattgate.store")
 
@@ -126,7 +125,7 @@ def unavailable(e: BaseException) -> Unavailable:
     return Unavailable("The ledger database is unreachable; try again shortly.")
 
 
-class PostgresStore(PgReportsMixin):
+class PostgresStore(PgBrowseMixin):
     """The ledger contract (``store/contract.py``) on one shared PostgreSQL database."""
 
     kind = "postgresql"

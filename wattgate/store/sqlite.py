@@ -35,9 +35,8 @@ from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from .migrations import migrate
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      AppPolicy,
-                      Connection, Grant, Hold, Usage, app_of)
-from .reports import ReportsMixin  # the console's and exports' range reads
+                      AppPolicy, Connection, Grant, Hold, Usage, app_of)
+from .browse import BrowseMixin  # the console's and exports' range and page reads
 
 T = TypeVar("T")
 log = logging.getLogger("wattgate.store")
@@ -256,7 +255,7 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 
-class SQLiteStore(ReportsMixin):
+class SQLiteStore(BrowseMixin):
     """The embedded ledger: one database file, served by one gateway process.
 
     Implements ``contract.Ledger``; what is per process here (holds in the
