@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from conftest import FUNDING_KEY
+from fleet import funding_key
+from test_fleet_functional import make_fleet  # noqa: F401 (the fleet fixture)
 from test_admin_functional import close_consoles, sign_in  # noqa: F401 (closes consoles)
 from test_policy_functional import SAME, approve, refused, set_policy
 
@@ -198,3 +200,41 @@ async def test_old_secret_stops_at_its_deadline_even_while_cached_and_busy(harne
     assert await status_of() == 200
     h.clock.now = done.previous_until
     assert set(await asyncio.gather(*(status_of() for _ in range(20)))) == {401}
+
+
+# ---- the fleet -------------------------------------------------------------------------
+
+@pytest.mark.slow
+async def test_a_policy_set_by_the_cli_binds_every_process_of_a_fleet_within_a_second(
+        make_fleet):  # noqa: F811 (the fixture imported above)
+    """Probe, found sound: every process has the app (and its empty policy) cached from
+    calls it served; a policy set by ``wattgate apps set-policy`` binds all of them on
+    the next call (PostgreSQL's notification), and so does clearing it."""
+    fleet = await make_fleet()
+    app = await fleet.create_app()
+    await fleet.connect(app, "alice", cap_usd=10)
+
+    async def everywhere(expect: int, code: str | None = None, **chat: Any) -> None:
+        for p in fleet.processes:
+            for _ in range(2 * p.workers):
+                answer = await fleet.chat(app, user="alice", via=p, **chat)
+                assert (answer.status, answer.code) == (expect, code), (p.name, answer.body)
+    await everywhere(200, model="anthropic/claude-sonnet-4", max_tokens=32)
+    code, out = await fleet.cli("apps", "set-policy", app.app_id, "--models", "openai/*",
+                                "--max-tokens", "16", "--max-cap", "5")
+    assert code == 0, out
+    await asyncio.sleep(1.0)
+    await everywhere(403, "policy_violation", model="anthropic/claude-sonnet-4", max_tokens=8)
+    await everywhere(403, "policy_violation", max_tokens=32)
+    await everywhere(200, max_tokens=16)
+    assert fleet.http is not None
+    for p in fleet.processes:  # a new user's approval above the bound, on any process
+        token = await fleet.session(app, f"bob-{p.name}", via=p)
+        async with fleet.http.post(p.api + "/connections",
+                                   json={"monthlyUsd": 6, "fundingKey": funding_key("bob")},
+                                   headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 403, (p.name, await r.text())
+    code, out = await fleet.cli("apps", "set-policy", app.app_id, "--clear")
+    assert code == 0, out
+    await asyncio.sleep(1.0)
+    await everywhere(200, model="anthropic/claude-sonnet-4", max_tokens=32)
