@@ -304,8 +304,22 @@ async def test_a_connection_is_keyed_by_app_and_user(ledger):
     assert [c.app_user_id for c in await ledger.connections_for_browser("b")] == ["u1"]
     assert await ledger.get_connection_by_id(a.connection_id) == got
     # A cap change based on a stale read of the key is refused.
-    assert await ledger.update_cap(a.connection_id, USD, expected_key="stale", now=T + 2) is None
-    updated = await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key, now=T + 2)
+    assert await ledger.update_cap(a.connection_id, USD, expected_key="stale",
+                                   expected_cap=2 * USD, now=T + 2) is None
+    # Nor one judged against a cap that has moved since it was read (a lowering by the
+    # user is not undone by an app's stale "unchanged" cap), unlimited included.
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=3 * USD, now=T + 2) is None
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=None, now=T + 2) is None
+    assert (await ledger.get_connection_by_id(a.connection_id)).cap_nanos == 2 * USD
+    updated = await ledger.update_cap(a.connection_id, None, expected_key=a.sealed_key,
+                                      expected_cap=2 * USD, now=T + 2)
+    assert updated is not None and updated.cap_nanos is None
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=2 * USD, now=T + 2) is None
+    updated = await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                      expected_cap=None, now=T + 2)
     assert updated is not None and updated.cap_nanos == USD
 
 
@@ -745,7 +759,7 @@ async def test_a_revocation_refuses_new_calls_and_ends_its_grants(ledger):
     with pytest.raises(ConsentRequired):  # a grant approved before, written after
         await connection_grant(ledger, app, c, requests=1)
     assert await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key,
-                                   now=T + 3) is None
+                                   expected_cap=c.cap_nanos, now=T + 3) is None
     await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 4)
     after = await ledger.get_connection(app.app_id, c.app_user_id)
     assert after is not None and after.state == REVOKED and not after.connected

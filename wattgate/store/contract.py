@@ -156,8 +156,11 @@ class Ledger(Protocol):
         called with the connection id inside it and its result stored."""
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
-                         expected_key: str | None, now: float) -> Connection | None:
-        """Change the cap only if still active with ``expected_key``; else None."""
+                         expected_key: str | None, expected_cap: int | None,
+                         now: float) -> Connection | None:
+        """Change the cap only if still active with ``expected_key`` and still at
+        ``expected_cap`` (the cap the change was judged against: a lowering, a raise
+        or a policy bound decided on one cap is never written over another); else None."""
 
     async def set_connection_state(self, connection_id: int, state: str, *,
                                    now: float) -> None:

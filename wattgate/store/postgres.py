@@ -459,13 +459,16 @@ class PostgresStore(PgBrowseMixin):
         return connection
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
-                         expected_key: str | None, now: float) -> Connection | None:
+                         expected_key: str | None, expected_cap: int | None,
+                         now: float) -> Connection | None:
+        """See ``SQLiteStore.update_cap``: a compare-and-set on the key and the cap."""
         async def write(con: Any) -> Connection | None:
             row = await con.fetchrow(
                 "UPDATE connections SET cap_nanos = $1, updated_at = $2 WHERE connection_id = $3 "
                 "AND state = $4 AND sealed_key IS NOT DISTINCT FROM $5 "
+                "AND cap_nanos IS NOT DISTINCT FROM $6::bigint "
                 f"RETURNING {CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
-                expected_key)
+                expected_key, expected_cap)
             return Connection(*row) if row else None
         result: Connection | None = await self._changed(write)
         return result

@@ -361,17 +361,15 @@ async def set_policy(request: web.Request, gw: Gateway, session: AdminSession) -
         if form.get("clear"):
             wanted = AppPolicy()
         else:
-            tokens = field("max_tokens")
-            if tokens is not None and not tokens.isdigit():
-                raise ValueError("the largest output per call must be a whole number of tokens")
             wanted = policy.make_policy(
                 models=str(form.get("models", "")).replace(",", "\n").split(),
-                max_cap_usd=field("max_cap"), max_tokens=None if tokens is None else int(tokens),
+                max_cap_usd=field("max_cap"), max_tokens=policy.parse_max_tokens(field("max_tokens")),
                 suggested_cap_usd=field("suggested_cap"))
     except ValueError as e:
         return html_response(console.message("Policy not changed", str(e), csrf=session.csrf,
                                              back=f"/admin/apps/{app.app_id}#policy"), 400)
-    await gw.store.set_app_policy(app.app_id, wanted)
+    if await gw.store.set_app_policy(app.app_id, wanted) is None:
+        raise web.HTTPNotFound()  # deleted since the page was read: nothing was saved
     log.info("console: set the policy of app %s: %s", app.app_id,
              json.dumps(policy.describe(wanted)))
     return _see(f"/admin/apps/{app.app_id}?policy=saved#policy")
