@@ -758,7 +758,7 @@ from wattgate.store.postgres import PostgresStore
 
 async def main(url, cid):
     store = await PostgresStore.open(url, pool_size=1)
-    await store.update_cap(cid, 100, expected_key="sealed", now=0.0)
+    await store.update_cap(cid, 100, expected_key="sealed", expected_cap=10_000, now=0.0)
     print("lowered", flush=True)
     await store.close()
 
