@@ -302,7 +302,8 @@ async def test_a_cap_lowered_below_the_spend_is_no_false_alarm_but_spend_after_i
         await store.settle(done, row("g1", c.connection_id, 3 * USD, t + 1), period)
         flying = await store.admit(c.connection_id, period, 2 * USD, now=t + 2,
                                    expires_at=t + 902)
-        assert await store.update_cap(c.connection_id, USD, expected_key="k", now=t + 3)
+        assert await store.update_cap(c.connection_id, USD, expected_key="k",
+                                      expected_cap=10 * USD, now=t + 3)
         await store.settle(flying, row("g2", c.connection_id, 2 * USD, t + 4), period)
         assert await store.check(now=t + 5, hold_ttl=900) == []  # $5 on a cap lowered to $1
         # A debit that bypassed admission long after the change is reported.

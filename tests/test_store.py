@@ -324,13 +324,14 @@ async def test_a_cap_change_never_revives_a_connection_revoked_meanwhile(tmp_pat
     await store.set_connection_state(conn.connection_id, REVOKED, now=1)
     # ... and the app's cap change arrives, based on its stale read.
     assert await store.update_cap(conn.connection_id, 5, expected_key=conn.sealed_key,
-                                  now=2) is None
+                                  expected_cap=10, now=2) is None
     after = await store.get_connection(creds.app_id, "u")
     assert after.state == REVOKED and not after.connected and after.cap_nanos == 10
     # Unchanged connections take the new cap.
     conn2 = await store.save_connection(creds.app_id, "v", state=ACTIVE, cap_nanos=10,
                                         sealed_key="v1.k1.def", browser_hash=None, now=0)
-    updated = await store.update_cap(conn2.connection_id, 5, expected_key="v1.k1.def", now=3)
+    updated = await store.update_cap(conn2.connection_id, 5, expected_key="v1.k1.def",
+                                     expected_cap=10, now=3)
     assert updated is not None and updated.cap_nanos == 5 and updated.connected
     await store.close()
 

@@ -304,8 +304,22 @@ async def test_a_connection_is_keyed_by_app_and_user(ledger):
     assert [c.app_user_id for c in await ledger.connections_for_browser("b")] == ["u1"]
     assert await ledger.get_connection_by_id(a.connection_id) == got
     # A cap change based on a stale read of the key is refused.
-    assert await ledger.update_cap(a.connection_id, USD, expected_key="stale", now=T + 2) is None
-    updated = await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key, now=T + 2)
+    assert await ledger.update_cap(a.connection_id, USD, expected_key="stale",
+                                   expected_cap=2 * USD, now=T + 2) is None
+    # Nor one judged against a cap that has moved since it was read (a lowering by the
+    # user is not undone by an app's stale "unchanged" cap), unlimited included.
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=3 * USD, now=T + 2) is None
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=None, now=T + 2) is None
+    assert (await ledger.get_connection_by_id(a.connection_id)).cap_nanos == 2 * USD
+    updated = await ledger.update_cap(a.connection_id, None, expected_key=a.sealed_key,
+                                      expected_cap=2 * USD, now=T + 2)
+    assert updated is not None and updated.cap_nanos is None
+    assert await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                   expected_cap=2 * USD, now=T + 2) is None
+    updated = await ledger.update_cap(a.connection_id, USD, expected_key=a.sealed_key,
+                                      expected_cap=None, now=T + 2)
     assert updated is not None and updated.cap_nanos == USD
 
 
@@ -745,7 +759,7 @@ async def test_a_revocation_refuses_new_calls_and_ends_its_grants(ledger):
     with pytest.raises(ConsentRequired):  # a grant approved before, written after
         await connection_grant(ledger, app, c, requests=1)
     assert await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key,
-                                   now=T + 3) is None
+                                   expected_cap=c.cap_nanos, now=T + 3) is None
     await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 4)
     after = await ledger.get_connection(app.app_id, c.app_user_id)
     assert after is not None and after.state == REVOKED and not after.connected
@@ -1034,6 +1048,126 @@ async def test_apps_version_follows_another_instances_write_within_a_second(ledg
     assert rotated.policy == AppPolicy(max_tokens=100)  # another instance's policy, read here
 
 
+# ---- the console's pages -----------------------------------------------------------
+
+async def test_connections_page_by_page_search_and_state(ledger):
+    from wattgate.store.browse import MAX_PAGE
+
+    app, other = await new_app(ledger), await new_app(ledger)
+    users = [f"user-{i:03d}" for i in range(60)] + ["50%_off", "x_y"]
+    made = {u: await funded(ledger, app, u) for u in users}
+    await funded(ledger, other, "user-001")  # another app's user of the same name
+    for i in range(5):  # five spenders, user-005 the biggest
+        c = made[f"user-{i + 1:03d}"]
+        await ledger.settle(None, usage(f"gen-{i}", app, c.connection_id, (i + 1) * USD), PERIOD)
+    await ledger.set_connection_state(made["user-010"].connection_id, REVOKED, now=T)
+    pages = [await ledger.connections_page(app.app_id, PERIOD, offset=o, limit=25)
+             for o in (0, 25, 50)]
+    assert [p.total for p in pages] == [62, 62, 62]
+    seen = [r.connection.app_user_id for p in pages for r in p.rows]
+    assert sorted(seen) == sorted(users) and len(seen) == len(set(seen))  # each exactly once
+    assert seen[:5] == ["user-005", "user-004", "user-003", "user-002", "user-001"]
+    assert pages[0].rows[0].spent_nanos == 5 * USD
+    assert seen[5:] == sorted(seen[5:])  # then by user id
+    # Search is a plain substring: SQL wildcards in it match themselves only.
+    found = await ledger.connections_page(app.app_id, PERIOD, search="%")
+    assert [r.connection.app_user_id for r in found.rows] == ["50%_off"] and found.total == 1
+    found = await ledger.connections_page(app.app_id, PERIOD, search="_")
+    assert {r.connection.app_user_id for r in found.rows} == {"50%_off", "x_y"}
+    found = await ledger.connections_page(app.app_id, PERIOD, search="user-00")
+    assert found.total == 10 and all(r.connection.app_id == app.app_id for r in found.rows)
+    revoked = await ledger.connections_page(app.app_id, PERIOD, state=REVOKED)
+    assert [r.connection.app_user_id for r in revoked.rows] == ["user-010"]
+    assert (await ledger.connections_page(app.app_id, PERIOD, state=ACTIVE)).total == 61
+    assert (await ledger.connections_page(app.app_id, PERIOD, search="nobody")).rows == []
+    assert len((await ledger.connections_page(app.app_id, PERIOD, limit=10_000)).rows) \
+        == min(62, MAX_PAGE)
+    assert (await ledger.connections_page(app.app_id, PERIOD, offset=-5)).rows[0] \
+        .connection.app_user_id == "user-005"  # a negative offset is the first page
+    await consistent(ledger, app, other)
+
+
+async def test_grants_page_states_as_the_console_names_them(ledger):
+    from wattgate import budget
+
+    app = await new_app(ledger)
+    ann, bob = await funded(ledger, app, "ann"), await funded(ledger, app, "bob")
+    g_ann = await connection_grant(ledger, app, ann, requests=1)
+    g_bob = await connection_grant(ledger, app, bob, requests=3)
+    g_typed = await typed_grant(ledger, app, requests=2)
+    _, hold = await ledger.admit_grant(g_ann.token_hash, app.app_id, PERIOD, USD, now=T,
+                                       expires_at=T + TTL)
+    await ledger.settle(hold, billed(hold, app, "gen-ann", USD), PERIOD)  # ann's is spent
+    later = T + 601  # bob's and the typed grant have expired
+    for now, want in ((T + 1, {"spent": 1, "live": 2, "expired": 0}),
+                      (later, {"spent": 1, "live": 0, "expired": 2})):
+        for state, count in want.items():
+            page = await ledger.grants_page(app.app_id, now=now, state=state)
+            assert page.total == count == len(page.rows), (now, state)
+            for row in page.rows:
+                assert budget.grant_state(row.grant, now) == state
+    page = await ledger.grants_page(app.app_id, now=T)
+    assert [r.grant.grant_id for r in page.rows] == sorted(
+        [g_ann.grant_id, g_bob.grant_id, g_typed.grant_id], reverse=True)
+    assert {r.grant.grant_id: r.app_user_id for r in page.rows} == {
+        g_ann.grant_id: "ann", g_bob.grant_id: "bob", g_typed.grant_id: None}
+    found = await ledger.grants_page(app.app_id, now=T, search="bo")
+    assert [r.grant.grant_id for r in found.rows] == [g_bob.grant_id] and found.total == 1
+    two = await ledger.grants_page(app.app_id, now=T, limit=2, offset=2)
+    assert len(two.rows) == 1 and two.total == 3
+    await consistent(ledger, app)
+
+
+async def test_the_request_log_filters_and_pages_newest_first(ledger):
+    from wattgate.store.browse import LogFilter
+
+    app, other = await new_app(ledger), await new_app(ledger)
+    ann, bob = await funded(ledger, app, "ann"), await funded(ledger, app, "bob")
+    stranger = await funded(ledger, other, "ann")
+    statuses = ["ok", "ok", "upstream_error", "ok", "client_gone"]
+    for i in range(30):
+        who = ann if i % 3 else bob
+        row = Usage(f"gen-log-{i}", app.app_id, who.connection_id, None,
+                    "m/big" if i % 2 else "m/small", 100 + i, 10 * i, 1000 + i, False,
+                    statuses[i % 5], 50 + i, T + 60 * i)
+        await ledger.settle(None, row, PERIOD)
+    await ledger.settle(None, usage("gen-other", other, stranger.connection_id, 1), PERIOD)
+    lines, before = [], None
+    while True:  # pages of 7, the keyset carried from the last line
+        page = await ledger.request_log(LogFilter(app.app_id, before=before), limit=7)
+        lines += page
+        if len(page) < 7:
+            break
+        before = (page[-1].created_at, page[-1].usage_id)
+    assert [ln.created_at for ln in lines] == [T + 60 * i for i in range(29, -1, -1)]
+    first = lines[0]
+    assert (first.app_user_id, first.model, first.prompt_tokens, first.completion_tokens,
+            first.cost_nanos, first.status, first.latency_ms) == \
+        ("ann", "m/big", 129, 290, 1029, "client_gone", 79)
+    mine = await ledger.request_log(LogFilter(app.app_id, app_user_id="ann"), limit=200)
+    assert len(mine) == 20 and {ln.app_user_id for ln in mine} == {"ann"}
+    errors = await ledger.request_log(LogFilter(app.app_id, status="upstream_error"), limit=200)
+    assert [ln.created_at for ln in errors] == [T + 60 * i for i in (27, 22, 17, 12, 7, 2)]
+    small = await ledger.request_log(LogFilter(app.app_id, model="m/small", since=T + 600,
+                                               until=T + 1200), limit=200)
+    assert [ln.created_at for ln in small] == [T + 60 * i for i in (18, 16, 14, 12, 10)]
+    assert await ledger.request_log(LogFilter(app.app_id, app_user_id="nobody")) == []
+    assert await ledger.request_log(LogFilter(app.app_id, model="' OR 1=1 --")) == []
+    days = await ledger.daily_calls(app.app_id, T - 86400, T + 86400)
+    assert len(days) == 1
+    day = days[0]
+    assert (day.calls, day.errors) == (30, 12)
+    assert day.tokens == sum(100 + i + 10 * i for i in range(30))
+    assert day.latency_ms_total == sum(50 + i for i in range(30))
+    by_bob = await ledger.daily_calls(app.app_id, T - 86400, T + 86400, app_user_id="bob")
+    assert by_bob[0].calls == 10
+    every = await ledger.daily_calls(None, T - 86400, T + 86400)  # the overview's: every app
+    assert [d.calls for d in every] == [31]
+    assert await ledger.delete_app(other.app_id, now=T + 1)
+    assert [d.calls for d in await ledger.daily_calls(None, T - 86400, T + 86400)] == [30]
+    await consistent(ledger, app, other)
+
+
 # ---- webhooks: the outbox ----------------------------------------------------------
 
 async def hooked(ledger: Ledger) -> App:
@@ -1065,8 +1199,12 @@ async def test_connection_changes_write_their_events_and_an_app_without_endpoint
 
     app = await hooked(ledger)
     c = await funded(ledger, app, "alice", cap=10 * USD)
-    await ledger.update_cap(c.connection_id, 25 * USD, expected_key=c.sealed_key, now=T + 1)
-    await ledger.update_cap(c.connection_id, 25 * USD, expected_key="stale", now=T + 2)  # refused
+    await ledger.update_cap(c.connection_id, 25 * USD, expected_key=c.sealed_key,
+                            expected_cap=10 * USD, now=T + 1)
+    await ledger.update_cap(c.connection_id, 30 * USD, expected_key="stale",  # refused
+                            expected_cap=25 * USD, now=T + 2)
+    assert await ledger.update_cap(c.connection_id, 30 * USD, expected_key=c.sealed_key,
+                                   expected_cap=10 * USD, now=T + 2) is None  # a stale cap
     await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 3)
     await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 4)
     await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 5)  # already: nothing
@@ -1110,7 +1248,8 @@ async def test_thresholds_are_written_by_the_settle_once_per_period_each(ledger)
          "capUsd": "10", "spentUsd": "10"},
     ]
     # A new cap in the same period does not repeat them; the next period does.
-    c = await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key, now=T)
+    c = await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key,
+                                expected_cap=10 * USD, now=T)
     assert c is not None
     h = await admit(ledger, c, 9 * USD)
     await ledger.settle(h, billed(h, app, "t5", 9 * USD), PERIOD)
@@ -1243,7 +1382,8 @@ async def test_claims_deliver_in_order_per_stream_and_lease_against_a_second_cla
     app = await hooked(ledger)
     a = await funded(ledger, app, "a")
     b = await funded(ledger, app, "b")
-    await ledger.update_cap(a.connection_id, 20 * USD, expected_key=a.sealed_key, now=T)
+    await ledger.update_cap(a.connection_id, 20 * USD, expected_key=a.sealed_key,
+                            expected_cap=a.cap_nanos, now=T)
     other = await place.open()
     first = await ledger.claim_webhooks(now=T, lease_until=T + 60)
     assert [e.stream for e in first] == [f"c{a.connection_id}", f"c{b.connection_id}"]

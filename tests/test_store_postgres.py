@@ -123,7 +123,8 @@ async def test_admission_holds_in_the_database_and_settle_counts_once(open_store
     assert await b.period_spent(cid, PERIOD) == 580
     assert await b.check(now=NOW, hold_ttl=600) == []
     # A cap lowered below what was spent: the audit's cap check runs (any TTL, as a float).
-    await a.update_cap(cid, 100, expected_key="sealed", now=NOW + 1)
+    assert await a.update_cap(cid, 100, expected_key="sealed", expected_cap=1_000,
+                              now=NOW + 1)
     assert await b.check(now=NOW, hold_ttl=1e12) == []
 
 
@@ -211,7 +212,7 @@ async def test_a_change_reaches_another_process_within_one_second(open_store) ->
     cid = await _connected(writer)
     before = reader.apps_version()
     assert before is not None
-    await writer.update_cap(cid, 5, expected_key="sealed", now=NOW)
+    assert await writer.update_cap(cid, 5, expected_key="sealed", expected_cap=1_000, now=NOW)
 
     async def moved() -> bool:
         return reader.apps_version() not in (before, None)
@@ -757,7 +758,7 @@ from wattgate.store.postgres import PostgresStore
 
 async def main(url, cid):
     store = await PostgresStore.open(url, pool_size=1)
-    await store.update_cap(cid, 100, expected_key="sealed", now=0.0)
+    await store.update_cap(cid, 100, expected_key="sealed", expected_cap=10_000, now=0.0)
     print("lowered", flush=True)
     await store.close()
 

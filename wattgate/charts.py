@@ -9,32 +9,16 @@ amount through SVG ``<title>``. Amounts are integer nano-dollars.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 
-from .money import NANOS_PER_USD
+from .money import NANOS_PER_USD, format_usd
 
 PALETTE = ("#4f46e5", "#0ea5e9", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#14b8a6",
            "#ec4899")
 OTHER_COLOUR = "#94a3b8"
 MAX_SERIES = len(PALETTE)
-
-
-def usd_label(nanos: int) -> str:
-    """A short dollar amount for people: $1,234, $12.30, $0.042, $0.00031."""
-    usd = Decimal(nanos) / NANOS_PER_USD
-    if usd == 0:
-        return "$0"
-    if usd >= 1000:
-        return f"${usd:,.0f}"
-    if usd >= 1:
-        return f"${usd:,.2f}"
-    digits = 2
-    while usd < Decimal(10) ** -digits and digits < 9:
-        digits += 1
-    return f"${usd:.{digits + 1}f}".rstrip("0").rstrip(".")
 
 
 def day_range(end: float, days: int) -> list[str]:
@@ -75,10 +59,10 @@ def series_by(days: Sequence[str], points: Iterable[tuple[str, str, int]],
     return out
 
 
-def _nice_top(value: int) -> int:
+def _nice_top(value: int, empty: int) -> int:
     """A round axis maximum at or above ``value`` (1, 2 or 5 times a power of ten)."""
     if value <= 0:
-        return NANOS_PER_USD // 100  # an empty chart still has an axis: $0 to $0.01
+        return empty  # an empty chart still has an axis: $0 to $0.01, 0 to 1
     step = 1
     while step * 10 <= value:
         step *= 10
@@ -88,18 +72,46 @@ def _nice_top(value: int) -> int:
     return 10 * step
 
 
+def count_label(n: int) -> str:
+    return f"{n:,}"
+
+
+def ms_label(ms: int) -> str:
+    return f"{ms:,} ms"
+
+
+def percent_label(basis_points: int) -> str:
+    """An error rate kept in basis points (1/100 of a percent): ``12.5%``."""
+    return f"{basis_points / 100:g}%"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """How a chart prints its amounts, and the axis it has with nothing to show."""
+
+    label: Callable[[int], str]
+    empty_top: int
+
+
+USD = Unit(format_usd, NANOS_PER_USD // 100)
+COUNT = Unit(count_label, 1)
+MS = Unit(ms_label, 100)
+PERCENT = Unit(percent_label, 100)  # 1%
+
+
 def _short_day(day: str) -> str:
     d = date.fromisoformat(day)
     return f"{d.strftime('%b')} {d.day}"
 
 
 def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
-                 width: int = 880, height: int = 260) -> str:
-    """Stacked bars of spend per day; an accessible SVG string."""
+                 width: int = 880, height: int = 260, unit: Unit = USD) -> str:
+    """Stacked bars of an amount per day (spend unless ``unit`` says otherwise); an
+    accessible SVG string."""
     left, right, top, bottom = 64, 24, 12, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     totals = [sum(s.values[i] for s in series) for i in range(len(days))]
-    ymax = _nice_top(max(totals, default=0))
+    ymax = _nice_top(max(totals, default=0), unit.empty_top)
     slot = plot_w / max(1, len(days))
     bar = max(2.0, slot * 0.72)
     e = html.escape
@@ -109,8 +121,9 @@ def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
         y = top + plot_h - plot_h * k / 4
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" '
                      f'stroke="{"#cbd5e1" if k == 0 else "#e2e8f0"}" stroke-width="1"/>')
-        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" font-size="11" '
-                     f'fill="#64748b">{e(usd_label(ymax * k // 4))}</text>')
+        if ymax * k % 4 == 0:  # only exact values: a count axis to 10 reads 0, 5, 10
+            parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" '
+                         f'font-size="11" fill="#64748b">{e(unit.label(ymax * k // 4))}</text>')
     every = 1 if len(days) <= 10 else 7 if len(days) <= 45 else 14
     for i, day in enumerate(days):
         x = left + slot * i + (slot - bar) / 2
@@ -130,18 +143,18 @@ def stacked_bars(days: Sequence[str], series: Sequence[Series], *, label: str,
             parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" '
                          f'height="{max(h, 0.5):.1f}" fill="{s.colour}" rx="1.5">'
                          f'<title>{e(_short_day(day))} · {e(s.name)}: '
-                         f'{e(usd_label(amount))}</title></rect>')
+                         f'{e(unit.label(amount))}</title></rect>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def legend(series: Sequence[Series]) -> str:
+def legend(series: Sequence[Series], unit: Unit = USD) -> str:
     """The chart's key, as HTML: a swatch, the name and the range total of each series."""
     items = []
     for s in series:
         items.append(f'<li><svg width="10" height="10" aria-hidden="true"><rect width="10" '
                      f'height="10" rx="2" fill="{s.colour}"/></svg> {html.escape(s.name)} '
-                     f'<span class="muted">{html.escape(usd_label(s.total))}</span></li>')
+                     f'<span class="muted">{html.escape(unit.label(s.total))}</span></li>')
     return f'<ul class="legend">{"".join(items)}</ul>'
 
 

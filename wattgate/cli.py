@@ -267,7 +267,7 @@ def cmd_app_policy(args: argparse.Namespace, config: Config) -> int:
         if args.max_tokens is not None:
             raw = _optional(args.max_tokens)
             try:
-                tokens = None if raw is None else int(raw)
+                tokens = policy.parse_max_tokens(raw)
             except ValueError:
                 raise CommandError("--max-tokens must be a whole number or none") from None
         try:

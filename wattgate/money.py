@@ -55,17 +55,24 @@ def nanos_to_json(nanos: int) -> float | int:
 
 
 def format_usd(nanos: int, *, round_up: bool = False) -> str:
-    """An amount for a person to read: ``$0.03``, ``$0.0391``, ``$4.995``, ``$0.000012``.
+    """An amount for a person to read, the one way every page and the CLI print money.
 
-    Cents always show; amounts of a cent or more keep up to four decimals, smaller
-    ones up to six (a cheap call costs a few micro-dollars), trailing zeros dropped.
+    ``$0.50`` (never ``$0.5``), ``$1,234.56``, and below a dollar the two
+    significant digits that matter: ``$0.12``, ``$0.039``, ``$0.0042``,
+    ``$0.000013``, down to the nano-dollar (``$0.000000001``). Cents always show.
     Rounded down by default, up with ``round_up``: a refusal shows a worst case never
     below the truth and what is left never above it, so the numbers it prints never
     make a refused call look as if it fitted.
     """
     rounding = ROUND_CEILING if round_up else ROUND_FLOOR
     amount = Decimal(nanos) / _NANO
-    step = Decimal("0.0001") if abs(amount) >= Decimal("0.01") else Decimal("0.000001")
-    text = format(amount.quantize(step, rounding=rounding), "f").rstrip("0")
+    sign, amount = ("-", -amount) if amount < 0 else ("", amount)
+    if sign:
+        rounding = ROUND_FLOOR if round_up else ROUND_CEILING  # toward the same side of zero
+    places = 2
+    if 0 < amount < 1:
+        # adjusted() is the first significant digit's exponent: -3 for 0.0042
+        places = min(9, max(2, -amount.adjusted() + 1))
+    text = f"{amount.quantize(Decimal(1).scaleb(-places), rounding=rounding):,f}"
     whole, _, decimals = text.partition(".")
-    return f"${whole}.{decimals.ljust(2, '0')}"
+    return f"{sign}${whole}.{decimals.rstrip('0').ljust(2, '0')}"

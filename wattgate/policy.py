@@ -54,7 +54,7 @@ from .money import format_usd, nanos_to_json, usd_to_nanos
 from .store import AppPolicy
 
 __all__ = ["check_cap", "check_grant_cap", "check_request", "default_max_tokens", "describe",
-           "make_policy", "model_allowed", "normalize_pattern", "summary"]
+           "make_policy", "model_allowed", "normalize_pattern", "parse_max_tokens", "summary"]
 
 MAX_PATTERNS = 100
 # What model ids are made of (OpenRouter's, aliases like ``~vendor/x`` and variants
@@ -116,6 +116,19 @@ def make_policy(*, models: Iterable[str] = (), max_cap_usd: str | None = None,
         raise ValueError(f"the suggested cap ({format_usd(suggested)}) must not be above the "
                          f"max cap ({format_usd(max_cap)})")
     return AppPolicy(patterns, max_cap, max_tokens, suggested)
+
+
+def parse_max_tokens(text: str | None) -> int | None:
+    """The largest output per call as an operator typed it (None: no limit), or ValueError.
+
+    ASCII digits only: ``int`` would also read other scripts' digits, and refuse a
+    superscript or a 5,000-digit number with its own words."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_TOKENS)):
+        raise ValueError(f"max tokens must be a whole number from 1 to {MAX_TOKENS}")
+    return int(text)
 
 
 def describe(policy: AppPolicy) -> dict[str, Any]:

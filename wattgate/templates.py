@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from . import charts
+from .money import format_usd
 
 LOGO = Markup('<svg class="bolt" viewBox="0 0 24 24" aria-hidden="true">'
               '<path d="M13 2 4 14h7l-1 8 9-12h-7z"/></svg>')
@@ -59,8 +60,8 @@ def environment() -> Environment:
     env = Environment(loader=PackageLoader("wattgate", "templates"),
                       autoescape=select_autoescape(["html"]), undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(usd=charts.usd_label, when=when, month_name=month_name,
-                       page_json=page_json)
+    env.filters.update(usd=format_usd, when=when, month_name=month_name, page_json=page_json,
+                       number=charts.count_label, ms=charts.ms_label)
     env.globals.update(logo=LOGO, stacked_bars=_svg(charts.stacked_bars),
                        legend=_svg(charts.legend),
                        meter=_svg(charts.meter), share_bars=share_bars)

@@ -1,11 +1,20 @@
 // Small helpers shared by the consent popup and the dashboard (same-origin pages only).
 
-/** Format dollars for people: $5.00, $0.25, $0.0063. @param {number|null|undefined} usd */
+/**
+ * Format dollars for people, as the server's money.format_usd does: $0.50 (never $0.5),
+ * $1,234.56, and below a dollar the two significant digits that matter ($0.039, $0.0042).
+ * @param {number|null|undefined} usd
+ */
 export function fmtUsd(usd) {
   if (usd === null || usd === undefined) return "unlimited";
-  if (usd === 0) return "$0.00";
-  if (Math.abs(usd) < 0.01) return "$" + Number(usd.toPrecision(2)).toString();
-  return "$" + usd.toFixed(2);
+  const amount = Math.abs(usd);
+  let places = 2;
+  if (amount > 0 && amount < 1) {
+    places = Math.min(9, Math.max(2, 1 - Math.floor(Math.log10(amount))));
+  }
+  const [whole, decimals] = amount.toFixed(places).split(".");
+  const cents = decimals.replace(/0+$/, "").padEnd(2, "0");
+  return (usd < 0 ? "-$" : "$") + whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",") + "." + cents;
 }
 
 /** Create an element: el("p", {class: "x"}, "text", child). Text is never parsed as HTML. */

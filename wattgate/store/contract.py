@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol, runtime_checkable
 
+from .browse import DayCalls, GrantRow, LogFilter, LogLine, Page
 from .records import App, AppPolicy, Connection, Grant, Hold, Usage, Webhook, WebhookEvent
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
@@ -155,8 +156,11 @@ class Ledger(Protocol):
         called with the connection id inside it and its result stored."""
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
-                         expected_key: str | None, now: float) -> Connection | None:
-        """Change the cap only if still active with ``expected_key``; else None."""
+                         expected_key: str | None, expected_cap: int | None,
+                         now: float) -> Connection | None:
+        """Change the cap only if still active with ``expected_key`` and still at
+        ``expected_cap`` (the cap the change was judged against: a lowering, a raise
+        or a policy bound decided on one cap is never written over another); else None."""
 
     async def set_connection_state(self, connection_id: int, state: str, *,
                                    now: float) -> None:
@@ -316,6 +320,28 @@ class Ledger(Protocol):
     def usage_lines(self, app_id: str, since: float | None = None,
                     until: float | None = None, *,
                     page: int = 5000) -> AsyncIterator[list[UsageLine]]: ...
+
+    # ---- the console's pages (store/browse.py, pg_browse.py) ---------------
+    async def connections_page(self, app_id: str, period: str, *, search: str = "",
+                               state: str | None = None, offset: int = 0,
+                               limit: int = 50) -> Page[ConnectionSpend]:
+        """One page of an app's connections, biggest spender in ``period`` first (then by
+        user id), filtered by a substring of the user id and a state, with the total."""
+
+    async def grants_page(self, app_id: str, *, now: float, search: str = "",
+                          state: str | None = None, offset: int = 0,
+                          limit: int = 50) -> Page[GrantRow]:
+        """One page of an app's grants, newest first, filtered by a substring of the
+        funding user's id and a state (``budget.grant_state`` at ``now``), with the total."""
+
+    async def request_log(self, f: LogFilter, *, limit: int = 50) -> list[LogLine]:
+        """Settled calls of an app (or one user of it), newest first, after the keyset
+        ``f.before``, filtered by model, status and a time range."""
+
+    async def daily_calls(self, app_id: str | None, since: float, until: float, *,
+                          app_user_id: str | None = None) -> list[DayCalls]:
+        """Per UTC day in [since, until): calls, errors, tokens and total latency, of one
+        app (or one user of it), or of every app not deleted when ``app_id`` is None."""
 
     # ---- fleet-wide state --------------------------------------------------
     async def rate_take(self, limiter: str, key: str, per_minute: int, *, now: float,

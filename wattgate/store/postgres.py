@@ -66,7 +66,7 @@ from .pg_audit import audit
 from .pg_batch import GroupCommit, InDoubt
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
-from .pg_reports import PgReportsMixin
+from .pg_browse import PgBrowseMixin
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
                       USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
                       WebhookEvent, app_of)
@@ -127,7 +127,7 @@ def unavailable(e: BaseException) -> Unavailable:
     return Unavailable("The ledger database is unreachable; try again shortly.")
 
 
-class PostgresStore(PgReportsMixin):
+class PostgresStore(PgBrowseMixin):
     """The ledger contract (``store/contract.py``) on one shared PostgreSQL database."""
 
     kind = "postgresql"
@@ -466,14 +466,17 @@ class PostgresStore(PgReportsMixin):
         return connection
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
-                         expected_key: str | None, now: float) -> Connection | None:
+                         expected_key: str | None, expected_cap: int | None,
+                         now: float) -> Connection | None:
+        """See ``SQLiteStore.update_cap``: a compare-and-set on the key and the cap."""
         async def write(con: Any) -> Connection | None:
             before = await _locked_connection(con, connection_id)
             row = await con.fetchrow(
                 "UPDATE connections SET cap_nanos = $1, updated_at = $2 WHERE connection_id = $3 "
                 "AND state = $4 AND sealed_key IS NOT DISTINCT FROM $5 "
+                "AND cap_nanos IS NOT DISTINCT FROM $6::bigint "
                 f"RETURNING {CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
-                expected_key)
+                expected_key, expected_cap)
             after = Connection(*row) if row else None
             if after is not None:
                 await outbox.pg_connection_changed(con, before, after, now)

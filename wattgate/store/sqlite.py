@@ -38,7 +38,7 @@ from .migrations import migrate
 from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
                       USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
                       WebhookEvent, app_of)
-from .reports import ReportsMixin  # the console's and exports' range reads
+from .browse import BrowseMixin  # the console's and exports' range and page reads
 
 T = TypeVar("T")
 log = logging.getLogger("wattgate.store")
@@ -257,7 +257,7 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 
-class SQLiteStore(ReportsMixin):
+class SQLiteStore(BrowseMixin):
     """The embedded ledger: one database file, served by one gateway process.
 
     Implements ``contract.Ledger``; what is per process here (holds in the
@@ -679,19 +679,24 @@ class SQLiteStore(ReportsMixin):
         return await self._writer.run(op, self._forget_connections)
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
-                         expected_key: str | None, now: float) -> Connection | None:
-        """Change the cap of a connection that is still active with the same funding key.
+                         expected_key: str | None, expected_cap: int | None,
+                         now: float) -> Connection | None:
+        """Change the cap of a connection that is still active with the same funding key
+        and the same cap as the caller read.
 
-        None when it changed in between (revoked, or re-funded): a cap change
-        made without the funding key never revives or re-targets a connection.
+        None when it changed in between (revoked, re-funded, or re-capped): a cap
+        change made without the funding key never revives or re-targets a
+        connection, and one judged against a cap (is it a raise? within the app's
+        policy?) never lands on another: an app's "unchanged" cap written over its
+        user's lowering would be a raise nobody consented to.
         """
         def op(db: sqlite3.Connection) -> Connection | None:
             before = self._connection_row(db, connection_id)
             changed = db.execute(
                 "UPDATE connections SET cap_nanos = :c, updated_at = :t WHERE connection_id = :id "
-                "AND state = :active AND sealed_key IS :k",
+                "AND state = :active AND sealed_key IS :k AND cap_nanos IS :old",
                 {"c": cap_nanos, "t": now, "id": connection_id, "active": ACTIVE,
-                 "k": expected_key}).rowcount
+                 "k": expected_key, "old": expected_cap}).rowcount
             if not changed:
                 return None
             after = self._connection_row(db, connection_id)

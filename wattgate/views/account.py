@@ -201,8 +201,9 @@ async def account_connection(request: web.Request) -> web.Response:
         policy.check_cap(app.policy, change.cap_nanos,
                          kept=change.cap_nanos == connection.cap_nanos)
     saved = await gw.store.update_cap(connection.connection_id, change.cap_nanos,
-                                      expected_key=connection.sealed_key, now=gw.clock())
-    if saved is None:  # revoked or re-funded meanwhile: show what is true now
+                                      expected_key=connection.sealed_key,
+                                      expected_cap=connection.cap_nanos, now=gw.clock())
+    if saved is None:  # revoked, re-funded or re-capped meanwhile: show what is true now
         saved = await gw.store.get_connection_by_id(connection.connection_id)
         assert saved is not None
     body = await _connection_body(gw, saved, {})

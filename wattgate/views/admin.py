@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,6 +40,7 @@ from ..gateway import Gateway
 from ..ledger import period_bounds, period_of
 from ..logs import user_hash
 from ..store import REVOKED, App, AppPolicy, Ledger
+from ..store.browse import CALL_STATUSES, CONNECTION_STATES, GRANT_STATES, LogFilter
 from ..store.reports import DAY
 from . import console, metrics
 from .inputs import client_of
@@ -230,7 +232,9 @@ async def overview(request: web.Request, gw: Gateway, session: AdminSession) -> 
     return html_response(console.overview(
         csrf=session.csrf, days=days, day_list=day_list, by_app=by_app, by_model=by_model,
         payers=payers, names=names, month=month.values(), period=period_of(now),
-        holds_open=await gw.store.open_holds(), backlog=await gw.store.provisional_count()))
+        holds_open=await gw.store.open_holds(), backlog=await gw.store.provisional_count(),
+        activity=console.activity_charts(day_list, await gw.store.daily_calls(
+            None, since, until))))
 
 
 async def apps_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -273,21 +277,55 @@ async def _app(request: web.Request, gw: Gateway) -> App:
     return app
 
 
+def _text(request: web.Request, name: str) -> str:
+    return request.query.get(name, "").strip()[:200]
+
+
+def _choice(request: web.Request, name: str, choices: tuple[str, ...]) -> str:
+    value = request.query.get(name, "")
+    return value if value in choices else ""
+
+
+def _page_number(request: web.Request, name: str) -> int:
+    try:
+        return max(1, min(1_000_000, int(request.query.get(name, "1"))))
+    except ValueError:
+        return 1
+
+
 async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    """The app's figures, charts, and its connections and grants a page at a time
+    (``q``/``state``/``page`` and ``gq``/``gstate``/``gpage``)."""
     app = await _app(request, gw)
     now, days = gw.clock(), _days(request)
     day_list, since, until = _window(now, days)
     spend = await gw.store.daily_spend(since, until, app_id=app.app_id)
-    connections = await gw.store.connection_spend(app.app_id, period_of(now))
+    q, state, page = (_text(request, "q"), _choice(request, "state", CONNECTION_STATES),
+                      _page_number(request, "page"))
+    gq, gstate, gpage = (_text(request, "gq"), _choice(request, "gstate", GRANT_STATES),
+                         _page_number(request, "gpage"))
+    params = {"days": str(days) if "days" in request.query else "", "q": q, "state": state,
+              "page": str(page) if page > 1 else "", "gq": gq, "gstate": gstate,
+              "gpage": str(gpage) if gpage > 1 else ""}
+    base, size = f"/admin/apps/{app.app_id}", console.PAGE_SIZE
+    connections = await gw.store.connections_page(
+        app.app_id, period_of(now), search=q, state=state or None, offset=(page - 1) * size,
+        limit=size)
+    grants = await gw.store.grants_page(app.app_id, now=now, search=gq, state=gstate or None,
+                                        offset=(gpage - 1) * size, limit=size)
+    all_connections = connections.total if not (q or state) else \
+        (await gw.store.connections_page(app.app_id, period_of(now), limit=0)).total
+    all_grants = grants.total if not (gq or gstate) else \
+        (await gw.store.grants_page(app.app_id, now=now, limit=0)).total
+    live = (await gw.store.grants_page(app.app_id, now=now, state="live", limit=0)).total
     hashes = {r.connection.connection_id: user_hash(gw.keys.hash_key, r.connection.app_user_id)
-              for r in connections}
+              for r in connections.rows}
     totals = await gw.store.app_totals(*_month(now))
     notice = None
-    revoked = [r.connection for r in connections
-               if str(r.connection.connection_id) == request.query.get("revoked")
-               and r.connection.state == REVOKED]
-    if revoked:
-        notice = (f"Revoked the connection of {revoked[0].app_user_id}: their next call is "
+    revoked = await gw.store.get_connection_by_id(int(request.query["revoked"])) \
+        if request.query.get("revoked", "").isdigit() else None
+    if revoked is not None and revoked.app_id == app.app_id and revoked.state == REVOKED:
+        notice = (f"Revoked the connection of {revoked.app_user_id}: their next call is "
                   "refused with 402 not_connected until they connect again.")
     hook = await gw.store.get_webhook(app.app_id)
     key_notice = {"1": "The previous secret key no longer works, nor do the session tokens "
@@ -298,9 +336,17 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
         csrf=session.csrf, app=app, days=days, day_list=day_list, key_notice=key_notice,
         by_model=series_by(day_list, ((d.day, d.model, d.cost_nanos) for d in spend)),
         payers=await gw.store.top_payers(since, until, app_id=app.app_id, limit=10),
-        connections=connections, hashes=hashes, grants=await gw.store.grants_for_app(app.app_id),
-        totals=totals.get(app.app_id), period=period_of(now), now=now, notice=notice,
-        webhook_url=hook.url if hook else None,
+        connections=console.Browse(connections.rows, q, state, console.pager(
+            base, params, "page", page, len(connections.rows), connections.total,
+            "connections")),
+        hashes=hashes, all_connections=all_connections,
+        grants=console.Browse(grants.rows, gq, gstate, console.pager(
+            base, params, "gpage", gpage, len(grants.rows), grants.total, "grants")),
+        live_grants=live, all_grants=all_grants,
+        activity=console.activity_charts(
+            day_list, await gw.store.daily_calls(app.app_id, since, until)),
+        totals=totals.get(app.app_id), period=period_of(now), now=now, params=params,
+        notice=notice, webhook_url=hook.url if hook else None,
         deliveries=await gw.store.recent_webhooks(app.app_id, 50),
         webhook_notice=_webhook_notice(request.query),
         policy_notice="Policy saved: the next call on every gateway process is judged by it."
@@ -319,20 +365,66 @@ async def set_policy(request: web.Request, gw: Gateway, session: AdminSession) -
         if form.get("clear"):
             wanted = AppPolicy()
         else:
-            tokens = field("max_tokens")
-            if tokens is not None and not tokens.isdigit():
-                raise ValueError("the largest output per call must be a whole number of tokens")
             wanted = policy.make_policy(
                 models=str(form.get("models", "")).replace(",", "\n").split(),
-                max_cap_usd=field("max_cap"), max_tokens=None if tokens is None else int(tokens),
+                max_cap_usd=field("max_cap"), max_tokens=policy.parse_max_tokens(field("max_tokens")),
                 suggested_cap_usd=field("suggested_cap"))
     except ValueError as e:
         return html_response(console.message("Policy not changed", str(e), csrf=session.csrf,
                                              back=f"/admin/apps/{app.app_id}#policy"), 400)
-    await gw.store.set_app_policy(app.app_id, wanted)
+    if await gw.store.set_app_policy(app.app_id, wanted) is None:
+        raise web.HTTPNotFound()  # deleted since the page was read: nothing was saved
     log.info("console: set the policy of app %s: %s", app.app_id,
              json.dumps(policy.describe(wanted)))
     return _see(f"/admin/apps/{app.app_id}?policy=saved#policy")
+
+
+def _keyset(text: str) -> tuple[float, int] | None:
+    """``before=<created_at>:<usage_id>``, the last line of the previous page."""
+    if not text:
+        return None
+    t, _, usage_id = text.partition(":")
+    try:
+        keyset = (float(t), int(usage_id))
+    except ValueError:
+        keyset = (math.nan, 0)
+    if not math.isfinite(keyset[0]):
+        raise ValueError("before is not a position in the log")
+    return keyset
+
+
+async def requests_page(request: web.Request, gw: Gateway,
+                        session: AdminSession) -> web.Response:
+    """The request log of an app, or of one user (``user``), newest first, filtered by
+    ``model``, ``status`` and a ``from``/``to`` date range, a keyset page at a time."""
+    app = await _app(request, gw)
+    now, days = gw.clock(), _days(request)
+    filters = {"user": _text(request, "user"), "model": _text(request, "model"),
+               "status": _choice(request, "status", CALL_STATUSES),
+               "from": _text(request, "from"), "to": _text(request, "to"),
+               "before": _text(request, "before")}
+    try:
+        log_filter = LogFilter(
+            app.app_id, app_user_id=filters["user"] or None, model=filters["model"] or None,
+            status=filters["status"] or None,
+            since=export.parse_bound(filters["from"]) if filters["from"] else None,
+            until=export.parse_bound(filters["to"], end=True) if filters["to"] else None,
+            before=_keyset(filters["before"]))
+    except ValueError as e:
+        return html_response(console.message(
+            "Filter refused", f"{e}. Use dates like 2026-11-01.", csrf=session.csrf,
+            back=f"/admin/apps/{app.app_id}/requests"), 400)
+    size = console.PAGE_SIZE
+    lines = await gw.store.request_log(log_filter, limit=size)
+    here = f"/admin/apps/{app.app_id}/requests"
+    older = console.link(here, filters, "log", before=f"{lines[-1].created_at!r}:"
+                         f"{lines[-1].usage_id}") if len(lines) == size else None
+    day_list, since, until = _window(now, days)
+    activity = console.activity_charts(day_list, await gw.store.daily_calls(
+        app.app_id, since, until, app_user_id=filters["user"] or None))
+    return html_response(console.request_log(
+        csrf=session.csrf, app=app, lines=lines, filters=filters, older_href=older,
+        day_list=day_list, activity=activity, days=days))
 
 
 async def rotate_secret(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
@@ -502,6 +594,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/admin/apps/{app_id}/webhook", signed_in(set_webhook))
     r.add_post("/admin/apps/{app_id}/webhook/clear", signed_in(clear_webhook))
     r.add_post("/admin/apps/{app_id}/webhooks/{event_id}/resend", signed_in(resend_webhook))
+    r.add_get("/admin/apps/{app_id}/requests", signed_in(requests_page))
 
 
 __all__ = ["AdminSessions", "add_routes"]

@@ -226,9 +226,12 @@ async def _approve(gw: Gateway, request: web.Request, session: Session,
             seal=lambda cid: gw.sealer.seal(key, aad=connection_aad(cid)))
     else:
         assert existing is not None
+        # Judged against the cap read above: if it moved meanwhile (the user lowered it),
+        # this change is not written over it.
         updated = await gw.store.update_cap(existing.connection_id, change.cap_nanos,
-                                            expected_key=existing.sealed_key, now=now)
-        if updated is None:  # revoked or re-funded meanwhile: answer what is true now
+                                            expected_key=existing.sealed_key,
+                                            expected_cap=existing.cap_nanos, now=now)
+        if updated is None:  # revoked, re-funded or re-capped meanwhile: answer what is true now
             return json_response(await connection_status(gw, app.app_id, session.app_user_id))
         connection = updated
     if new_cookie is not None:
