@@ -3,7 +3,8 @@
 import type {
   OpenAICompatibleChatLanguageModel, OpenAICompatibleProviderSettings, createOpenAICompatible,
 } from "@ai-sdk/openai-compatible";
-import type { ConnectionStatus, CreatedSession, WattfareError } from "./client.js";
+import type { ConnectionStatus, CreatedSession } from "./client.js";
+import { WattfareError } from "./client.js";
 
 export {
   NOT_CONNECTED, WattfareError, WattfareAuthError, WattfareInvalidRequestError,
@@ -100,3 +101,33 @@ export declare class Wattfare {
     request?: SessionRequest | ((req: Request) => SessionRequest | Promise<SessionRequest>),
   ): (req: Request) => Promise<Response>;
 }
+
+/** The header a wattgate webhook delivery is signed in. */
+export declare const SIGNATURE_HEADER: "Wattgate-Signature";
+/** Seconds either way a signature's timestamp is accepted. */
+export declare const WEBHOOK_TOLERANCE: number;
+
+/** A delivery whose signature does not hold (code `webhook_signature`, status 400). */
+export declare class WattfareWebhookError extends WattfareError {
+  static code: "webhook_signature";
+  static status: 400;
+}
+
+/** A budget event as delivered: `data` names the app, the user and amounts (decimal strings, USD). */
+export interface WebhookEvent {
+  id: string;
+  type: "connection.created" | "connection.cap_changed" | "connection.revoked"
+    | "budget.threshold" | "funding.invalid" | "grant.exhausted" | (string & {});
+  created: number;
+  data: Record<string, unknown>;
+}
+
+/**
+ * The event a delivery carries once its `Wattgate-Signature` proves the raw body was signed
+ * with `secret` within `tolerance` seconds (default 300) of `now` (unix seconds); otherwise
+ * rejects with a WattfareWebhookError.
+ */
+export declare function verifyWebhook(
+  body: string | Uint8Array | ArrayBuffer, signature: string | null | undefined, secret: string,
+  options?: { tolerance?: number; now?: number },
+): Promise<WebhookEvent>;

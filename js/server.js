@@ -308,3 +308,90 @@ export class Wattfare {
       { code: "unexpected_response", status: res.ok ? 502 : res.status });
   }
 }
+
+// ---- webhooks: verifying a delivery in one call -------------------------------------------
+
+/** The header a wattgate webhook delivery is signed in. */
+export const SIGNATURE_HEADER = "Wattgate-Signature";
+/** Seconds either way a signature's timestamp is accepted (replays outside it are refused). */
+export const WEBHOOK_TOLERANCE = 300;
+
+/** A delivery whose signature does not hold (code `webhook_signature`, status 400). */
+export class WattfareWebhookError extends WattfareError {
+  static code = "webhook_signature";
+  static status = 400;
+}
+
+/** @param {string} hex @returns {Uint8Array | null} */
+function hexBytes(hex) {
+  if (hex.length !== 64 || !/^[0-9a-f]+$/i.test(hex)) return null;
+  const out = new Uint8Array(32);
+  for (let i = 0; i < 32; i++) out[i] = parseInt(hex.slice(2 * i, 2 * i + 2), 16);
+  return out;
+}
+
+/**
+ * The event (`{ id, type, created, data }`) a webhook delivery carries, once its
+ * `Wattgate-Signature` header (`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`)
+ * proves the raw body was signed with `secret` within `tolerance` seconds of now; otherwise
+ * rejects with a WattfareWebhookError saying why in one line. Pass the raw body exactly as
+ * received (a string or bytes), never JSON parsed and serialised again. The comparison is
+ * WebCrypto's HMAC verify (constant time).
+ * @param {string | Uint8Array | ArrayBuffer} body
+ * @param {string | null | undefined} signature
+ * @param {string} secret
+ * @param {{ tolerance?: number, now?: number }} [options] `now` in unix seconds (default: the clock)
+ * @returns {Promise<{ id: string, type: string, created: number, data: Record<string, unknown> }>}
+ */
+export async function verifyWebhook(body, signature, secret, options = {}) {
+  const fail = (/** @type {string} */ message) => { throw new WattfareWebhookError(message); };
+  if (!secret || typeof secret !== "string") fail("no webhook signing secret given");
+  if (!signature || typeof signature !== "string") fail(`no ${SIGNATURE_HEADER} header`);
+  const sig = /** @type {string} */ (signature);
+  let timestamp = null;
+  /** @type {string[]} */ const macs = [];
+  for (const part of sig.split(",")) {
+    const at = part.indexOf("=");
+    if (at < 0) fail(`garbled ${SIGNATURE_HEADER} header`);
+    const key = part.slice(0, at).trim();
+    const value = part.slice(at + 1).trim();
+    if (key === "t") {
+      if (!/^[0-9]{1,12}$/.test(value)) fail(`garbled timestamp in ${SIGNATURE_HEADER}`);
+      timestamp = Number(value);
+    } else if (key === "v1") {
+      macs.push(value);
+    }
+  }
+  if (timestamp === null || macs.length === 0) fail(`${SIGNATURE_HEADER} lacks t= or v1=`);
+  const tolerance = options.tolerance ?? WEBHOOK_TOLERANCE;
+  const now = options.now ?? Date.now() / 1000;
+  const t = /** @type {number} */ (timestamp);
+  if (Math.abs(now - t) > tolerance) {
+    fail(`signature timestamp is ${Math.trunc(now - t)} s from now, outside the `
+      + `${Math.trunc(tolerance)} s tolerance (replayed or a clock is wrong)`);
+  }
+  const raw = typeof body === "string" ? new TextEncoder().encode(body)
+    : body instanceof Uint8Array ? body : new Uint8Array(body);
+  const prefix = new TextEncoder().encode(`${t}.`);
+  const signed = new Uint8Array(prefix.length + raw.length);
+  signed.set(prefix);
+  signed.set(raw, prefix.length);
+  const key = await globalThis.crypto.subtle.importKey(
+    "raw", new TextEncoder().encode(secret), { name: "HMAC", hash: "SHA-256" }, false, ["verify"]);
+  let ok = false;
+  for (const mac of macs) {
+    const bytes = hexBytes(mac);
+    if (bytes && await globalThis.crypto.subtle.verify("HMAC", key, bytes, signed)) ok = true;
+  }
+  if (!ok) fail("signature does not match (wrong secret or altered body)");
+  let event;
+  try {
+    event = JSON.parse(new TextDecoder().decode(raw));
+  } catch {
+    fail("signed body is not JSON");
+  }
+  if (!event || typeof event !== "object" || !["id", "type", "created", "data"].every((k) => k in event)) {
+    fail("signed body is not a wattgate event");
+  }
+  return event;
+}

@@ -1166,3 +1166,268 @@ async def test_the_request_log_filters_and_pages_newest_first(ledger):
     assert await ledger.delete_app(other.app_id, now=T + 1)
     assert [d.calls for d in await ledger.daily_calls(None, T - 86400, T + 86400)] == [30]
     await consistent(ledger, app, other)
+
+
+# ---- webhooks: the outbox ----------------------------------------------------------
+
+async def hooked(ledger: Ledger) -> App:
+    app = await new_app(ledger)
+    assert await ledger.set_webhook(app.app_id, "https://example.test/hook", "sealed-secret")
+    return app
+
+
+def events_of(events: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.type, json.loads(e.body)["data"]) for e in sorted(events, key=lambda e: e.event_id)]
+
+
+async def test_a_webhook_is_set_read_and_cleared(ledger):
+    app = await new_app(ledger)
+    assert await ledger.get_webhook(app.app_id) is None
+    assert not await ledger.set_webhook("no-such-app", "https://x.test/", "s")
+    assert await ledger.set_webhook(app.app_id, "https://x.test/h", "sealed")
+    hook = await ledger.get_webhook(app.app_id)
+    assert hook is not None and (hook.url, hook.sealed_secret) == ("https://x.test/h", "sealed")
+    assert await ledger.set_webhook(app.app_id, None, None)
+    assert await ledger.get_webhook(app.app_id) is None
+
+
+async def test_connection_changes_write_their_events_and_an_app_without_endpoint_none(ledger):
+    quiet = await new_app(ledger)
+    c0 = await funded(ledger, quiet)
+    await ledger.set_connection_state(c0.connection_id, REVOKED, now=T)
+    assert await ledger.recent_webhooks(quiet.app_id) == []
+
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "alice", cap=10 * USD)
+    await ledger.update_cap(c.connection_id, 25 * USD, expected_key=c.sealed_key,
+                            expected_cap=10 * USD, now=T + 1)
+    await ledger.update_cap(c.connection_id, 30 * USD, expected_key="stale",  # refused
+                            expected_cap=25 * USD, now=T + 2)
+    assert await ledger.update_cap(c.connection_id, 30 * USD, expected_key=c.sealed_key,
+                                   expected_cap=10 * USD, now=T + 2) is None  # a stale cap
+    await ledger.set_connection_state(c.connection_id, NEEDS_RECONNECT, now=T + 3)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 4)
+    await ledger.set_connection_state(c.connection_id, REVOKED, now=T + 5)  # already: nothing
+    events = await ledger.recent_webhooks(app.app_id)
+    assert events_of(events) == [
+        ("connection.created", {"appId": app.app_id, "appUserId": "alice", "capUsd": "10"}),
+        ("connection.cap_changed", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25",
+                                    "previousCapUsd": "10"}),
+        ("funding.invalid", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25"}),
+        ("connection.revoked", {"appId": app.app_id, "appUserId": "alice", "capUsd": "25"}),
+    ]
+    assert len({e.public_id for e in events}) == 4
+    assert {e.stream for e in events} == {f"c{c.connection_id}"}
+    assert all(e.status == "pending" and e.attempts == 0 for e in events)
+    assert [e.event_id for e in events] == sorted((e.event_id for e in events), reverse=True)
+    body = json.loads(events[-2].body)  # newest first: the cap's change, at T + 1
+    assert set(body) == {"id", "type", "created", "data"} and body["created"] == int(T + 1)
+    assert body["id"] == events[-2].public_id and body["type"] == "connection.cap_changed"
+
+
+async def test_thresholds_are_written_by_the_settle_once_per_period_each(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "bob", cap=10 * USD)
+    for i, cost in enumerate([7 * USD, USD - 1]):  # 7.999999999: not yet 80 %
+        h = await admit(ledger, c, cost)
+        assert await ledger.settle(h, billed(h, app, f"t{i}", cost), PERIOD)
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    h = await admit(ledger, c, 1)  # exactly 8 dollars: 80 %
+    await ledger.settle(h, billed(h, app, "t2", 1), PERIOD)
+    h = await admit(ledger, c, USD)  # 9: nothing new
+    await ledger.settle(h, billed(h, app, "t3", USD), PERIOD)
+    h = await admit(ledger, c, USD)  # 10: 100 %
+    await ledger.settle(h, billed(h, app, "t4", USD), PERIOD)
+    await ledger.settle(h, billed(h, app, "t4", USD), PERIOD)  # a repeat: nothing
+    thresholds = [d for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+                  if t == "budget.threshold"]
+    assert thresholds == [
+        {"appId": app.app_id, "appUserId": "bob", "period": PERIOD, "percent": 80,
+         "capUsd": "10", "spentUsd": "8"},
+        {"appId": app.app_id, "appUserId": "bob", "period": PERIOD, "percent": 100,
+         "capUsd": "10", "spentUsd": "10"},
+    ]
+    # A new cap in the same period does not repeat them; the next period does.
+    c = await ledger.update_cap(c.connection_id, 20 * USD, expected_key=c.sealed_key,
+                                expected_cap=10 * USD, now=T)
+    assert c is not None
+    h = await admit(ledger, c, 9 * USD)
+    await ledger.settle(h, billed(h, app, "t5", 9 * USD), PERIOD)
+    h = await admit(ledger, c, 16 * USD, period=NEXT)
+    await ledger.settle(h, billed(h, app, "t6", 16 * USD, at=T + 40 * 86400), NEXT)
+    types = [(t, d.get("period"), d.get("percent"))
+             for t, d in events_of(await ledger.recent_webhooks(app.app_id))]
+    assert types.count(("budget.threshold", PERIOD, 80)) == 1
+    assert types.count(("budget.threshold", PERIOD, 100)) == 1
+    assert ("budget.threshold", NEXT, 80) in types
+    await consistent(ledger, app)
+
+
+async def test_one_settle_past_both_lines_tells_both_in_order(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "carol", cap=USD)
+    h = await admit(ledger, c, USD)
+    await ledger.settle(h, billed(h, app, "big", USD), PERIOD)
+    assert [(t, d.get("percent")) for t, d in events_of(await ledger.recent_webhooks(app.app_id))] \
+        == [("connection.created", None), ("budget.threshold", 80), ("budget.threshold", 100)]
+
+
+async def test_concurrent_settles_crossing_a_line_together_tell_it_once(ledger):
+    """Settles in flight together (PostgreSQL: one ``wattgate_settle`` batch, the
+    period's aggregate moved once for all of them; SQLite: one writer's batch)."""
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "erin", cap=10 * USD)
+    first = [await admit(ledger, c, USD // 2) for _ in range(15)]  # 7.5: under 80 %
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"a{i}", USD // 2), PERIOD)
+                           for i, h in enumerate(first)))
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    crossing = [await admit(ledger, c, USD // 10) for _ in range(24)]  # 7.5 → 9.9
+    assert all(await asyncio.gather(*(ledger.settle(h, billed(h, app, f"b{i}", USD // 10),
+                                                    PERIOD) for i, h in enumerate(crossing))))
+    told = [(t, d) for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+            if t == "budget.threshold"]
+    assert [d["percent"] for _, d in told] == [80]
+    spent = told[0][1]["spentUsd"]
+    assert 8 <= float(spent) <= 9.9 and told[0][1]["capUsd"] == "10"
+    # The last line, crossed by many at once; and again: nothing more.
+    last = [await admit(ledger, c, USD // 100) for _ in range(10)]  # 9.9 → 10.0
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"c{i}", USD // 100), PERIOD)
+                           for i, h in enumerate(last)))
+    await asyncio.gather(*(ledger.settle(h, billed(h, app, f"c{i}", USD // 100), PERIOD)
+                           for i, h in enumerate(last)))  # repeats: counted never again
+    percents = [d["percent"] for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+                if t == "budget.threshold"]
+    assert percents == [80, 100]
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 10 * USD
+    await consistent(ledger, app)
+
+
+async def test_a_final_figure_replacing_a_provisional_one_tells_the_line_it_crosses(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "fay", cap=10 * USD)
+    h = await admit(ledger, c, 7 * USD)
+    await ledger.settle(h, billed(h, app, "p1", 7 * USD, provisional=True), PERIOD)
+    assert [e.type for e in await ledger.recent_webhooks(app.app_id)] == ["connection.created"]
+    assert await ledger.settle(None, billed(h, app, "p1", 9 * USD), PERIOD)  # +2: 9 dollars
+    assert not await ledger.settle(None, billed(h, app, "p1", 9 * USD), PERIOD)  # final: once
+    h = await admit(ledger, c, USD // 2)
+    await ledger.settle(h, billed(h, app, "p2", USD // 2, provisional=True), PERIOD)
+    assert await ledger.settle(None, billed(h, app, "p2", USD // 4), PERIOD)  # down: nothing
+    told = [d for t, d in events_of(await ledger.recent_webhooks(app.app_id))
+            if t == "budget.threshold"]
+    assert told == [{"appId": app.app_id, "appUserId": "fay", "period": PERIOD, "percent": 80,
+                     "capUsd": "10", "spentUsd": "9"}]
+    assert await ledger.period_spent(c.connection_id, PERIOD) == 9 * USD + USD // 4
+    await consistent(ledger, app)
+
+
+async def test_event_bodies_are_the_python_rendering_byte_for_byte(ledger):
+    """Whichever backend (or SQL function) wrote it, a body is ``webhooks.body_of``'s:
+    the receiver's signature is over these bytes. Escapes, non-ASCII user ids, a cap
+    at the ledger's largest amount (no overflow, no digit rounded away)."""
+    from wattgate.webhooks import body_of
+    app = await hooked(ledger)
+    user = 'zoë "q" \\ \t\u0001'
+    big = 10 ** 18  # a billion dollars: the largest amount the ledger takes
+    c = await funded(ledger, app, user, cap=big)
+    h = await admit(ledger, c, big - 199_999_999_999_999_999)  # 800000000.000000001
+    await ledger.settle(h, billed(h, app, "big", big - 199_999_999_999_999_999,
+                                  at=T + 0.75), PERIOD)
+    g = await connection_grant(ledger, app, c, 1, max_nanos=USD)
+    _, gh = await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, 3, now=T,
+                                     expires_at=T + TTL)
+    await ledger.settle(gh, billed(gh, app, "g", 3), PERIOD)
+    events = await ledger.recent_webhooks(app.app_id)
+    assert {e.type for e in events} == {"connection.created", "budget.threshold",
+                                        "grant.exhausted"}
+    for e in events:
+        parsed = json.loads(e.body)
+        assert e.body == body_of(e.public_id, e.type, e.created_at, parsed["data"])
+        assert parsed["data"]["appUserId"] == user
+        assert e.public_id.startswith("evt_") and len(e.public_id) == 28
+        int(e.public_id[4:], 16)
+    threshold = next(json.loads(e.body) for e in events if e.type == "budget.threshold")
+    assert threshold["created"] == int(T)
+    assert threshold["data"]["spentUsd"] == "800000000.000000001"
+    assert threshold["data"]["capUsd"] == "1000000000"
+    grant = next(json.loads(e.body)["data"] for e in events if e.type == "grant.exhausted")
+    assert (grant["spentUsd"], grant["maxUsd"]) == ("0.000000003", "1")
+
+
+async def test_a_grant_used_up_tells_once_when_its_last_call_settles(ledger):
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "dan", cap=100 * USD)
+    g = await connection_grant(ledger, app, c, 2)
+    holds = [(await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, USD, now=T,
+                                       expires_at=T + TTL))[1] for _ in range(2)]
+    await ledger.settle(holds[0], billed(holds[0], app, "g1", USD // 2), PERIOD)
+    assert "grant.exhausted" not in [e.type for e in await ledger.recent_webhooks(app.app_id)]
+    await ledger.settle(holds[1], billed(holds[1], app, "g2", USD // 4), PERIOD)
+    typed = await typed_grant(ledger, app, 5, max_nanos=USD)
+    _, h = await ledger.admit_grant(typed.token_hash, app.app_id, PERIOD, USD, now=T,
+                                    expires_at=T + TTL)
+    await ledger.settle(h, billed(h, app, "g3", USD), PERIOD)  # its dollar cap spent
+    exhausted = [(e.stream, d) for e in await ledger.recent_webhooks(app.app_id)
+                 for t, d in [(e.type, json.loads(e.body)["data"])] if t == "grant.exhausted"]
+    assert sorted(exhausted, key=lambda x: x[1]["grantId"]) == [
+        (f"c{c.connection_id}", {"appId": app.app_id, "appUserId": "dan", "grantId": g.grant_id,
+                                 "requests": 2, "used": 2, "maxUsd": None, "spentUsd": "0.75"}),
+        (f"g{typed.grant_id}", {"appId": app.app_id, "appUserId": None,
+                                "grantId": typed.grant_id, "requests": 5, "used": 1,
+                                "maxUsd": "1", "spentUsd": "1"}),
+    ]
+
+
+async def test_claims_deliver_in_order_per_stream_and_lease_against_a_second_claimer(ledger, place):
+    app = await hooked(ledger)
+    a = await funded(ledger, app, "a")
+    b = await funded(ledger, app, "b")
+    await ledger.update_cap(a.connection_id, 20 * USD, expected_key=a.sealed_key,
+                            expected_cap=a.cap_nanos, now=T)
+    other = await place.open()
+    first = await ledger.claim_webhooks(now=T, lease_until=T + 60)
+    assert [e.stream for e in first] == [f"c{a.connection_id}", f"c{b.connection_id}"]
+    assert [e.type for e in first] == ["connection.created"] * 2
+    assert all(e.attempts == 1 for e in first)
+    assert await other.claim_webhooks(now=T + 1, lease_until=T + 61) == []  # leased, in order
+    a_created = first[0]
+    await ledger.record_webhook(a_created.event_id, status="delivered", next_at=T + 1,
+                                code=204, error=None, now=T + 1)
+    await ledger.record_webhook(first[1].event_id, status="pending", next_at=T + 30,
+                                code=500, error=None, now=T + 1)
+    nxt = await other.claim_webhooks(now=T + 2, lease_until=T + 62)
+    assert [(e.stream, e.type) for e in nxt] == [(f"c{a.connection_id}", "connection.cap_changed")]
+    await other.record_webhook(nxt[0].event_id, status="delivered", next_at=T + 2, code=200,
+                               error=None, now=T + 2)
+    again = await other.claim_webhooks(now=T + 31, lease_until=T + 91)
+    assert [(e.public_id, e.attempts) for e in again] == [(first[1].public_id, 2)]
+    await other.record_webhook(again[0].event_id, status="failed", next_at=T + 31, code=None,
+                               error="timeout", now=T + 31)
+    recent = {e.public_id: e for e in await ledger.recent_webhooks(app.app_id)}
+    assert recent[a_created.public_id].status == "delivered"
+    assert recent[a_created.public_id].last_code == 204
+    assert recent[a_created.public_id].delivered_at == T + 1
+    failed = recent[first[1].public_id]
+    assert (failed.status, failed.attempts, failed.last_error) == ("failed", 2, "timeout")
+    # Resend: the same id and body, pending again from now; a pending one is not resent.
+    assert await ledger.resend_webhook(app.app_id, failed.public_id, now=T + 100)
+    assert not await ledger.resend_webhook(app.app_id, failed.public_id, now=T + 100)
+    assert not await ledger.resend_webhook("another-app", a_created.public_id, now=T + 100)
+    resent = await ledger.claim_webhooks(now=T + 100, lease_until=T + 160)
+    assert [(e.public_id, e.body, e.since) for e in resent] == \
+        [(failed.public_id, failed.body, T + 100)]
+
+
+async def test_old_delivered_and_failed_events_are_pruned_never_pending_ones(ledger):
+    app = await hooked(ledger)
+    for user in ("a", "b", "c"):
+        await funded(ledger, app, user)
+    first, second, third = sorted(await ledger.claim_webhooks(now=T, lease_until=T + 60),
+                                  key=lambda e: e.event_id)
+    await ledger.record_webhook(first.event_id, status="delivered", next_at=T, code=200,
+                                error=None, now=T)
+    await ledger.record_webhook(second.event_id, status="failed", next_at=T, code=500,
+                                error=None, now=T)
+    assert await ledger.prune_webhooks(before=T) == 0  # created at T: not before it
+    assert await ledger.prune_webhooks(before=T + 1) == 2
+    assert [e.public_id for e in await ledger.recent_webhooks(app.app_id)] == [third.public_id]

@@ -798,6 +798,18 @@ async def test_a_cap_lowered_by_another_process_is_seen_within_a_second(open_sto
 OLD_OWNER = 4242
 
 
+async def _old_connection(old: Any) -> int:
+    """An app 'app-old' and its user alice's connection (cap 1000 nanos), written as a
+    previous version wrote them, on its own connection ``old``."""
+    await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
+                      "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
+    cid: int = await old.fetchval(
+        "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
+        "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
+        "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+    return cid
+
+
 async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> None:
     """A ledger a previous version serves (schema 2), with calls in flight on a living
     process, takes migration 3 under it: the old holds narrow the new admission function's
@@ -812,12 +824,7 @@ async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> No
             await old.execute("SELECT pg_advisory_lock($1)", OLD_OWNER)
             await old.execute("INSERT INTO owners (owner, last_seen) "
                               "VALUES ($1, extract(epoch FROM clock_timestamp()))", OLD_OWNER)
-            await old.execute("INSERT INTO apps (app_id, name, secret_hash, created_at) "
-                              "VALUES ('app-old', 'Old', 'hash', $1)", NOW)
-            cid = await old.fetchval(
-                "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
-                "browser_hash, created_at, updated_at) VALUES ('app-old', 'alice', $1, 1000, "
-                "'sealed', 'b', $2, $2) RETURNING connection_id", ACTIVE, NOW)
+            cid = await _old_connection(old)
             await old.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
                               "VALUES ($1, $2, 200)", cid, PERIOD)
             await old.execute("INSERT INTO usage (generation_id, app_id, connection_id, "
@@ -851,4 +858,40 @@ async def test_a_schema_2_ledger_with_live_holds_migrates_to_3(open_store) -> No
         assert await new.settle(hold, _usage(cid, "app-old", "gen-new", 150), PERIOD)
         assert await new.period_spent(cid, PERIOD) == 200 + 250 + 150
         assert await new.held(cid) == 0
+        assert await new.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_a_schema_3_ledger_takes_the_outbox_settle_and_its_batches_tell_once(
+        open_store) -> None:
+    """A ledger the hot path's version serves (schema 3: ``wattgate_settle`` without the
+    outbox, a provisional row recorded by it) migrates to 4: the function is replaced in
+    place, and the next batch, mixing that row's final figure with new calls that cross
+    80 % together, writes one threshold event with the batch's spend."""
+    from wattgate.store.pg_migrations import migrate
+
+    async with fresh_database() as url:
+        old = await asyncpg.connect(url)
+        try:
+            assert await migrate(old, upto=3) == 3
+            cid = await _old_connection(old)
+            counted = await old.fetchval(
+                "SELECT wattgate_settle(ARRAY[NULL]::bigint[], ARRAY['gen-est'], "
+                "ARRAY['app-old'], ARRAY[$1]::bigint[], ARRAY[NULL]::bigint[], ARRAY[$2], "
+                "ARRAY['m'], ARRAY[0]::bigint[], ARRAY[0]::bigint[], ARRAY[500]::bigint[], "
+                "ARRAY[TRUE], ARRAY['swept'], ARRAY[0]::bigint[], ARRAY[$3]::float8[])",
+                cid, PERIOD, NOW)
+            assert counted == [True]
+        finally:
+            await old.close()
+        new = await open_store(url)
+        assert await new.set_webhook("app-old", "https://example.test/h", "sealed-secret")
+        results = await asyncio.gather(
+            new.settle(None, _usage(cid, "app-old", "gen-est", 600), PERIOD),  # 500 → 600
+            *(new.settle(None, _usage(cid, "app-old", f"gen-{i}", 50), PERIOD)
+              for i in range(4)))  # 600 → 800: 80 % of 1000, reached together
+        assert results == [True] * 5
+        assert await new.period_spent(cid, PERIOD) == 800
+        events = await new.recent_webhooks("app-old")
+        assert [(e.type, json.loads(e.body)["data"]["spentUsd"]) for e in events] == [
+            ("budget.threshold", "0.0000008")]
         assert await new.check(now=NOW, hold_ttl=600) == []

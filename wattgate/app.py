@@ -1,8 +1,8 @@
 """The app factory: the one place the parts of wattgate are wired together.
 
-``create_app(config)`` opens the keys file, the store, the upstream session and
-the call service (``calls.CallService``, whose drains it awaits on the way out)
-in ``cleanup_ctx`` (teardown runs only if setup did), sweeps holds left by a
+``create_app(config)`` opens the keys file, the store, the upstream session,
+the call service (``calls.CallService``, whose drains it awaits on the way out),
+the reconciler and the webhook deliverer (``delivery.Deliverer``) in ``cleanup_ctx`` (teardown runs only if setup did), sweeps holds left by a
 previous process, and mounts the routes. Tests pass a config pointing
 ``upstream.base_url`` at a fake OpenRouter and, where time matters, a clock.
 """
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .calls import CallService
 from .config import Config
+from .delivery import Deliverer
 from .errors import ConfigError
 from .gateway import open_gateway
 from .logs import add_request_id, request_log_middleware
@@ -93,6 +94,18 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
             await task
 
     app.cleanup_ctx.append(reconcile_ctx)
+
+    async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+        deliverer = Deliverer(app[gateway_key])
+        await deliverer.start()
+        task = asyncio.get_running_loop().create_task(deliverer.loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await deliverer.close()
+
+    app.cleanup_ctx.append(webhooks_ctx)
 
     r = app.router
     r.add_get("/healthz", control.healthz)

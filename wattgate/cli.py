@@ -199,6 +199,28 @@ def cmd_apps(args: argparse.Namespace, config: Config) -> int:
                   "stop working now" if retired else
                   f"{app_id} has no previous secret key: nothing to retire")
         return 0
+    if args.apps_command == "set-webhook":
+        from . import webhooks
+        try:
+            url = webhooks.validate_url(args.url)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        secret = _run(config, lambda gw: webhooks.set_endpoint(gw.store, gw.sealer, app_id, url))
+        if secret is None:
+            raise CommandError(f"unknown app {app_id}")
+        print(json.dumps({"url": url, "secret": secret}) if args.json
+              else f"Webhooks of {app_id} now go to {url}\n"
+                   f"  signing secret: {secret}\n"
+                   "The secret is shown once; your receiver verifies each delivery with it "
+                   "(a new set-webhook replaces it).")
+        return 0
+    if args.apps_command == "clear-webhook":
+        from . import webhooks
+        if not _run(config, lambda gw: webhooks.clear_endpoint(gw.store, app_id)):
+            raise CommandError(f"unknown app {app_id}")
+        print(f"cleared the webhook endpoint of {app_id}: no new events are written; "
+              "pending deliveries fail")
+        return 0
     if args.apps_command == "delete":
         if not _run(config, lambda gw: gw.store.delete_app(app_id, now=time.time())):
             raise CommandError(f"unknown app {app_id}")
@@ -337,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
         "end a rotation's overlap now: the previous secret key stops working"))
     ret.add_argument("app_id")
     ret.add_argument("--json", action="store_true")
+    hook = apps_sub.add_parser("set-webhook", parents=[common], help=(
+        "send the app's budget events to URL, signed with a new secret (printed once)"))
+    hook.add_argument("app_id", metavar="APP_ID")
+    hook.add_argument("--url", required=True, help="http:// or https:// endpoint")
+    hook.add_argument("--json", action="store_true", help='print {"url", "secret"}')
+    unhook = apps_sub.add_parser("clear-webhook", parents=[common],
+                                 help="stop sending the app's budget events")
+    unhook.add_argument("app_id", metavar="APP_ID")
     dele = apps_sub.add_parser("delete", parents=[common], help="delete an app")
     dele.add_argument("app_id")
     show = apps_sub.add_parser("show", parents=[common], help="an app, its origins and policy")

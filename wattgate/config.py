@@ -152,6 +152,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metering", "reconcile_give_up", float, 86400.0,
             "Seconds after a call past which its provisional cost is no longer "
             "reconciled and stays at its estimate.", 60),
+    Setting("webhooks", "timeout", float, 10.0,
+            "Seconds a webhook receiver has to answer one delivery (connect, send, status "
+            "line); past that the attempt failed and is retried.", 0.1),
+    Setting("webhooks", "retry_first", float, 10.0,
+            "Seconds before the second attempt of a webhook delivery; each later wait "
+            "doubles, up to retry_max.", 0.01),
+    Setting("webhooks", "retry_max", float, 3600.0,
+            "Longest wait between two attempts of one webhook delivery.", 0.01),
+    Setting("webhooks", "give_up", float, 86400.0,
+            "Seconds after an event (or its resend from the console) past which a delivery "
+            "no receiver accepted is marked failed and no longer tried.", 1),
+    Setting("webhooks", "keep_days", int, 90,
+            "Days a delivered or failed webhook event stays listed (and resendable) before "
+            "it is deleted. At least 62, so an event that must happen once a month (a "
+            "threshold) is never told twice.", 62),
+    Setting("webhooks", "poll_interval", float, 1.0,
+            "Seconds between looks at the outbox for events due (by the one process of a "
+            "fleet that leads webhook delivery).", 0.01),
     Setting("grants", "ttl_seconds", int, 600, "Lifetime of a one-time grant token.", 10),
     Setting("grants", "max_requests", int, 100,
             "Largest request count one grant may authorize.", 1),

@@ -72,3 +72,8 @@ def connection_aad(connection_id: int) -> str:
 
 def grant_aad(grant_id: int) -> str:
     return f"grant:{grant_id}"
+
+
+def webhook_aad(app_id: str) -> str:
+    """Binds a sealed webhook signing secret to its app."""
+    return f"webhook:{app_id}"

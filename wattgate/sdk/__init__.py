@@ -38,11 +38,13 @@ from ._errors import (
     WattfareUpstreamError,
     to_wattfare_error,
 )
+from ._webhooks import SIGNATURE_HEADER, WattfareWebhookError, verify_webhook
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "GRANT_HEADER",
     "GRANT_REMAINING_HEADER",
+    "SIGNATURE_HEADER",
     "USER_HEADER",
     "ConnectionStatus",
     "CreatedSession",
@@ -61,5 +63,7 @@ __all__ = [
     "WattfareRateLimitError",
     "WattfareUpstreamError",
     "WattfareUser",
+    "WattfareWebhookError",
     "to_wattfare_error",
+    "verify_webhook",
 ]

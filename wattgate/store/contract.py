@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from .browse import DayCalls, GrantRow, LogFilter, LogLine, Page
-from .records import App, AppPolicy, Connection, Grant, Hold, Usage
+from .records import App, AppPolicy, Connection, Grant, Hold, Usage, Webhook, WebhookEvent
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
 __all__ = ["AdminSessionRow", "Ledger", "StoreInUse"]
@@ -235,6 +235,38 @@ class Ledger(Protocol):
         """Atomically, against every process: ``budget.check_grant``, then for a
         connection-funded grant ``budget.check_connection`` and
         ``budget.check_cap`` on the connection; use one request and hold."""
+
+    # ---- webhooks (the outbox, store/outbox.py) ----------------------------
+    # Events are written by the changes that cause them, in their transaction:
+    # save_connection (connection.created, .cap_changed), update_cap
+    # (.cap_changed), set_connection_state (.revoked, funding.invalid) and settle
+    # (budget.threshold, grant.exhausted: only when a line is crossed); none for an
+    # app with no endpoint.
+    async def set_webhook(self, app_id: str, url: str | None,
+                          sealed_secret: str | None) -> bool:
+        """Set (or with None, clear) a live app's endpoint; False when no such app."""
+
+    async def get_webhook(self, app_id: str) -> Webhook | None: ...
+
+    async def claim_webhooks(self, *, now: float, lease_until: float,
+                             limit: int = 100) -> list[WebhookEvent]:
+        """Atomically, against every process: the due pending events that head their
+        stream (no earlier event of it pending), each leased until ``lease_until``
+        and its attempt counted, so no other claim takes it meanwhile."""
+
+    async def record_webhook(self, event_id: int, *, status: str, next_at: float,
+                             code: int | None, error: str | None, now: float) -> None:
+        """An attempt's outcome: delivered, failed (given up) or pending until ``next_at``."""
+
+    async def recent_webhooks(self, app_id: str, limit: int = 50) -> list[WebhookEvent]:
+        """The app's latest events, newest first."""
+
+    async def resend_webhook(self, app_id: str, public_id: str, *, now: float) -> bool:
+        """Deliver a delivered or failed event again (same id and body), from now;
+        False when the app has no such event or it is pending already."""
+
+    async def prune_webhooks(self, *, before: float) -> int:
+        """Delete delivered and failed events created before ``before``; how many."""
 
     # ---- presence (the end user's browser) ---------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None: ...

@@ -213,6 +213,44 @@ def m006_fleet_state(db: sqlite3.Connection) -> None:
     """)
 
 
+def m007_webhooks(db: sqlite3.Connection) -> None:
+    # An app's webhook endpoint and its sealed signing secret; the outbox of events,
+    # each written in the transaction of the change it tells (``store/outbox.py``).
+    # ``dedupe`` makes an event that must happen once (a threshold per period, a grant
+    # used up) a conflict the second time.
+    _script(db, """
+    ALTER TABLE apps ADD COLUMN webhook_url TEXT;
+    ALTER TABLE apps ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE webhook_events (
+        event_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        public_id    TEXT NOT NULL UNIQUE,
+        app_id       TEXT NOT NULL,
+        stream       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        dedupe       TEXT UNIQUE,
+        body         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_at      REAL NOT NULL,
+        since        REAL NOT NULL,
+        last_code    INTEGER,
+        last_error   TEXT,
+        delivered_at REAL
+    );
+    CREATE INDEX webhook_events_due ON webhook_events (status, next_at);
+    CREATE INDEX webhook_events_stream ON webhook_events (stream, event_id);
+    CREATE INDEX webhook_events_app ON webhook_events (app_id, event_id)
+    """)
+
+
+def m008_app_policy(db: sqlite3.Connection) -> None:
+    # An app's policy (``records.AppPolicy.to_text``: allowed models, the largest cap a
+    # user may approve, the largest output bound of a call, the suggested cap), as
+    # JSON with integer nano-dollars; NULL: no policy.
+    _script(db, "ALTER TABLE apps ADD COLUMN policy TEXT")
+
+
 def m009_previous_secret(db: sqlite3.Connection) -> None:
     # Secret rotation with an overlap: the secret a rotation replaced, and until when
     # (epoch seconds) it still authenticates. Written to run whatever migrations of
@@ -222,17 +260,6 @@ def m009_previous_secret(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE apps ADD COLUMN previous_secret_hash TEXT")
     if "previous_until" not in have:
         db.execute("ALTER TABLE apps ADD COLUMN previous_until REAL")
-def _m007_reserved(db: sqlite3.Connection) -> None:
-    # Number 7 belongs to another branch's migration (issue 17); this no-op keeps
-    # m008's place until that one is merged in its stead.
-    pass
-
-
-def m008_app_policy(db: sqlite3.Connection) -> None:
-    # An app's policy (``records.AppPolicy.to_text``: allowed models, the largest cap a
-    # user may approve, the largest output bound of a call, the suggested cap), as
-    # JSON with integer nano-dollars; NULL: no policy.
-    _script(db, "ALTER TABLE apps ADD COLUMN policy TEXT")
 
 
 def _script(db: sqlite3.Connection, sql: str) -> None:
@@ -249,9 +276,9 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m004_ids_never_reused,
     m005_usage_dated_in_its_period,
     m006_fleet_state,
-    _m007_reserved,
+    m007_webhooks,
     m008_app_policy,
-    m009_previous_secret,  # numbered for its place after feat/webhooks' and feat/policy's
+    m009_previous_secret,
 )
 
 

@@ -153,6 +153,92 @@ async def m002_owners(con: Any) -> None:
     """)
 
 
+# Migration 3's wattgate_settle, kept as written: migration 4 derives the outbox's
+# version from it (``_settle_with_outbox``), so the two cannot drift apart.
+_SETTLE_V3 = """
+    CREATE FUNCTION wattgate_settle(
+        p_hold BIGINT[], p_generation TEXT[], p_app TEXT[], p_connection BIGINT[],
+        p_grant BIGINT[], p_period TEXT[], p_model TEXT[], p_prompt BIGINT[],
+        p_completion BIGINT[], p_cost BIGINT[], p_provisional BOOLEAN[], p_status TEXT[],
+        p_latency BIGINT[], p_created DOUBLE PRECISION[])
+    RETURNS BOOLEAN[]
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        n INTEGER := COALESCE(array_length(p_generation, 1), 0);
+        counted BOOLEAN[] := array_fill(FALSE, ARRAY[n]);
+        d_grant BIGINT[] := '{}';
+        d_connection BIGINT[] := '{}';
+        d_period TEXT[] := '{}';
+        d_nanos BIGINT[] := '{}';
+        r RECORD;
+        v_id BIGINT;
+        i INTEGER;
+    BEGIN
+        -- 1. holds, in id order; what they held of a grant given back.
+        FOR r IN
+            WITH gone AS (
+                DELETE FROM holds h WHERE h.hold_id IN (
+                    SELECT h2.hold_id FROM holds h2 WHERE h2.hold_id = ANY(p_hold)
+                     ORDER BY h2.hold_id FOR UPDATE)
+                RETURNING h.grant_id, h.amount_nanos)
+            SELECT g.grant_id, SUM(g.amount_nanos)::BIGINT AS nanos FROM gone g
+             WHERE g.grant_id IS NOT NULL GROUP BY g.grant_id ORDER BY g.grant_id
+        LOOP
+            UPDATE grants SET held_nanos = held_nanos - r.nanos WHERE grant_id = r.grant_id;
+        END LOOP;
+        -- 2. the usage rows, each call's own answer.
+        FOR i IN 1..n LOOP
+            INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, model,
+                               prompt_tokens, completion_tokens, cost_nanos, provisional,
+                               status, latency_ms, created_at)
+            VALUES (p_generation[i], p_app[i], p_connection[i], p_grant[i], p_period[i],
+                    p_model[i], p_prompt[i], p_completion[i], p_cost[i], p_provisional[i],
+                    p_status[i], p_latency[i], p_created[i])
+            ON CONFLICT (generation_id) DO NOTHING RETURNING usage_id INTO v_id;
+            IF v_id IS NOT NULL THEN
+                counted[i] := TRUE;
+                d_grant := d_grant || p_grant[i];
+                d_connection := d_connection || p_connection[i];
+                d_period := d_period || p_period[i];
+                d_nanos := d_nanos || p_cost[i];
+            ELSIF NOT p_provisional[i] THEN
+                -- Recorded already: a final figure replaces a provisional one.
+                SELECT u.connection_id, u.grant_id, u.period, u.cost_nanos INTO r
+                  FROM usage u WHERE u.generation_id = p_generation[i] AND u.provisional
+                   FOR UPDATE;
+                IF FOUND THEN
+                    UPDATE usage SET cost_nanos = p_cost[i], provisional = FALSE,
+                           prompt_tokens = p_prompt[i], completion_tokens = p_completion[i]
+                     WHERE generation_id = p_generation[i];
+                    counted[i] := TRUE;
+                    d_grant := d_grant || r.grant_id;
+                    d_connection := d_connection || r.connection_id;
+                    d_period := d_period || r.period;
+                    d_nanos := d_nanos || (p_cost[i] - r.cost_nanos);
+                END IF;
+            END IF;
+        END LOOP;
+        -- 3. the aggregates: grants before periods, each in one order.
+        FOR r IN SELECT d.g, SUM(d.nanos)::BIGINT AS nanos
+                   FROM unnest(d_grant, d_nanos) AS d(g, nanos)
+                  WHERE d.g IS NOT NULL GROUP BY d.g ORDER BY d.g
+        LOOP
+            UPDATE grants SET spent_nanos = spent_nanos + r.nanos WHERE grant_id = r.g;
+        END LOOP;
+        FOR r IN SELECT d.c, d.p, SUM(d.nanos)::BIGINT AS nanos
+                   FROM unnest(d_connection, d_period, d_nanos) AS d(c, p, nanos)
+                  WHERE d.c IS NOT NULL GROUP BY d.c, d.p ORDER BY d.c, d.p
+        LOOP
+            INSERT INTO periods (connection_id, period, spent_nanos) VALUES (r.c, r.p, r.nanos)
+            ON CONFLICT (connection_id, period) DO UPDATE
+               SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos;
+        END LOOP;
+        RETURN counted;
+    END
+    $fn$;
+"""
+
+
 async def m003_hot_path_functions(con: Any) -> None:
     """The metered path's writes as one round trip each, many calls' at once
     (group commit, ``pg_batch``; see ``postgres.py``).
@@ -270,87 +356,182 @@ async def m003_hot_path_functions(con: Any) -> None:
     END
     $fn$;
 
-    CREATE FUNCTION wattgate_settle(
-        p_hold BIGINT[], p_generation TEXT[], p_app TEXT[], p_connection BIGINT[],
-        p_grant BIGINT[], p_period TEXT[], p_model TEXT[], p_prompt BIGINT[],
-        p_completion BIGINT[], p_cost BIGINT[], p_provisional BOOLEAN[], p_status TEXT[],
-        p_latency BIGINT[], p_created DOUBLE PRECISION[])
-    RETURNS BOOLEAN[]
-    LANGUAGE plpgsql VOLATILE AS $fn$
+    """ + _SETTLE_V3)
+
+
+async def m004_webhooks(con: Any) -> None:
+    """The SQLite ledger's m007: an app's webhook endpoint, the outbox of its events;
+    and ``wattgate_settle`` again, now writing the settle's events in its own
+    transaction (no round trip more): after a period's aggregate moved up past
+    80 % or 100 % of the cap, ``budget.threshold`` (once per connection, period
+    and percentage: the dedupe key); after a grant's, ``grant.exhausted`` when its
+    requests are used with nothing held or its amount spent (once per grant).
+    A batch's calls of one connection and period are one move of the aggregate, so
+    a batch crossing 80 % tells it once. The bodies are ``webhooks.body_of``'s,
+    byte for byte: keys in its order, no spaces, amounts as exact decimal strings
+    of dollars (``wattgate_usd``: a nano-dollar is 0.000000001, multiplied, never
+    divided, so no digit is rounded away), ``created`` the call's whole seconds.
+    The lines (80, 100) are ``webhooks.THRESHOLDS``; the arithmetic is in NUMERIC,
+    so a cap near the ledger's largest amount cannot overflow ``* 100``."""
+    await con.execute("""
+    ALTER TABLE apps ADD COLUMN webhook_url TEXT;
+    ALTER TABLE apps ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE webhook_events (
+        event_id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        public_id    TEXT NOT NULL UNIQUE,
+        app_id       TEXT NOT NULL,
+        stream       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        dedupe       TEXT UNIQUE,
+        body         TEXT NOT NULL,
+        created_at   DOUBLE PRECISION NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_at      DOUBLE PRECISION NOT NULL,
+        since        DOUBLE PRECISION NOT NULL,
+        last_code    INTEGER,
+        last_error   TEXT,
+        delivered_at DOUBLE PRECISION
+    );
+    CREATE INDEX webhook_events_due ON webhook_events (status, next_at);
+    CREATE INDEX webhook_events_stream ON webhook_events (stream, event_id);
+    CREATE INDEX webhook_events_app ON webhook_events (app_id, event_id);
+    """ + _OUTBOX_FUNCTIONS + _settle_with_outbox())
+
+
+_OUTBOX_FUNCTIONS = """
+    CREATE FUNCTION wattgate_json(p TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE AS
+    $fn$ SELECT COALESCE(to_json(p)::text, 'null') $fn$;
+
+    CREATE FUNCTION wattgate_usd(p_nanos BIGINT) RETURNS TEXT LANGUAGE sql IMMUTABLE AS
+    $fn$ SELECT wattgate_json(trim_scale(p_nanos::numeric * 0.000000001)::text) $fn$;
+
+    -- outbox.emit's INSERT: nothing when the app has no endpoint; a dedupe key seen
+    -- before (or an id drawn twice) writes nothing.
+    CREATE FUNCTION wattgate_webhook_emit(p_app TEXT, p_stream TEXT, p_type TEXT,
+                                          p_dedupe TEXT, p_created DOUBLE PRECISION,
+                                          p_data TEXT)
+    RETURNS VOID LANGUAGE plpgsql VOLATILE AS $fn$
     DECLARE
-        n INTEGER := COALESCE(array_length(p_generation, 1), 0);
-        counted BOOLEAN[] := array_fill(FALSE, ARRAY[n]);
-        d_grant BIGINT[] := '{}';
-        d_connection BIGINT[] := '{}';
-        d_period TEXT[] := '{}';
-        d_nanos BIGINT[] := '{}';
-        r RECORD;
-        v_id BIGINT;
-        i INTEGER;
+        h TEXT := replace(gen_random_uuid()::text, '-', '');
+        -- webhooks.new_event_id: 24 random hex digits (the UUID's version digit left out)
+        v_public TEXT := 'evt_' || substr(h, 1, 12) || substr(h, 14, 3) || substr(h, 18, 9);
     BEGIN
-        -- 1. holds, in id order; what they held of a grant given back.
-        FOR r IN
-            WITH gone AS (
-                DELETE FROM holds h WHERE h.hold_id IN (
-                    SELECT h2.hold_id FROM holds h2 WHERE h2.hold_id = ANY(p_hold)
-                     ORDER BY h2.hold_id FOR UPDATE)
-                RETURNING h.grant_id, h.amount_nanos)
-            SELECT g.grant_id, SUM(g.amount_nanos)::BIGINT AS nanos FROM gone g
-             WHERE g.grant_id IS NOT NULL GROUP BY g.grant_id ORDER BY g.grant_id
-        LOOP
-            UPDATE grants SET held_nanos = held_nanos - r.nanos WHERE grant_id = r.grant_id;
-        END LOOP;
-        -- 2. the usage rows, each call's own answer.
-        FOR i IN 1..n LOOP
-            INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, model,
-                               prompt_tokens, completion_tokens, cost_nanos, provisional,
-                               status, latency_ms, created_at)
-            VALUES (p_generation[i], p_app[i], p_connection[i], p_grant[i], p_period[i],
-                    p_model[i], p_prompt[i], p_completion[i], p_cost[i], p_provisional[i],
-                    p_status[i], p_latency[i], p_created[i])
-            ON CONFLICT (generation_id) DO NOTHING RETURNING usage_id INTO v_id;
-            IF v_id IS NOT NULL THEN
-                counted[i] := TRUE;
-                d_grant := d_grant || p_grant[i];
-                d_connection := d_connection || p_connection[i];
-                d_period := d_period || p_period[i];
-                d_nanos := d_nanos || p_cost[i];
-            ELSIF NOT p_provisional[i] THEN
-                -- Recorded already: a final figure replaces a provisional one.
-                SELECT u.connection_id, u.grant_id, u.period, u.cost_nanos INTO r
-                  FROM usage u WHERE u.generation_id = p_generation[i] AND u.provisional
-                   FOR UPDATE;
-                IF FOUND THEN
-                    UPDATE usage SET cost_nanos = p_cost[i], provisional = FALSE,
-                           prompt_tokens = p_prompt[i], completion_tokens = p_completion[i]
-                     WHERE generation_id = p_generation[i];
-                    counted[i] := TRUE;
-                    d_grant := d_grant || r.grant_id;
-                    d_connection := d_connection || r.connection_id;
-                    d_period := d_period || r.period;
-                    d_nanos := d_nanos || (p_cost[i] - r.cost_nanos);
-                END IF;
-            END IF;
-        END LOOP;
-        -- 3. the aggregates: grants before periods, each in one order.
-        FOR r IN SELECT d.g, SUM(d.nanos)::BIGINT AS nanos
-                   FROM unnest(d_grant, d_nanos) AS d(g, nanos)
-                  WHERE d.g IS NOT NULL GROUP BY d.g ORDER BY d.g
-        LOOP
-            UPDATE grants SET spent_nanos = spent_nanos + r.nanos WHERE grant_id = r.g;
-        END LOOP;
-        FOR r IN SELECT d.c, d.p, SUM(d.nanos)::BIGINT AS nanos
-                   FROM unnest(d_connection, d_period, d_nanos) AS d(c, p, nanos)
-                  WHERE d.c IS NOT NULL GROUP BY d.c, d.p ORDER BY d.c, d.p
-        LOOP
-            INSERT INTO periods (connection_id, period, spent_nanos) VALUES (r.c, r.p, r.nanos)
-            ON CONFLICT (connection_id, period) DO UPDATE
-               SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos;
-        END LOOP;
-        RETURN counted;
+        INSERT INTO webhook_events (public_id, app_id, stream, type, dedupe, body,
+                                    created_at, next_at, since)
+        SELECT v_public, a.app_id, p_stream, p_type, p_dedupe,
+               '{"id":' || wattgate_json(v_public) || ',"type":' || wattgate_json(p_type)
+               || ',"created":' || trunc(p_created)::bigint || ',"data":{"appId":'
+               || wattgate_json(a.app_id) || ',' || p_data || '}}',
+               p_created, p_created, p_created
+          FROM apps a
+         WHERE a.app_id = p_app AND a.webhook_url IS NOT NULL AND a.deleted_at IS NULL
+        ON CONFLICT DO NOTHING;
     END
     $fn$;
-    """)
+
+    CREATE FUNCTION wattgate_thresholds(p_connection BIGINT, p_period TEXT, p_cap BIGINT,
+                                        p_before BIGINT, p_after BIGINT,
+                                        p_created DOUBLE PRECISION)
+    RETURNS VOID LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        v_app TEXT;
+        v_user TEXT;
+        pct INTEGER;
+    BEGIN
+        SELECT c.app_id, c.app_user_id INTO v_app, v_user FROM connections c
+         WHERE c.connection_id = p_connection;
+        FOREACH pct IN ARRAY ARRAY[80, 100] LOOP
+            IF p_before::numeric * 100 < p_cap::numeric * pct
+               AND p_cap::numeric * pct <= p_after::numeric * 100 THEN
+                PERFORM wattgate_webhook_emit(
+                    v_app, 'c' || p_connection, 'budget.threshold',
+                    'threshold:' || p_connection || ':' || p_period || ':' || pct, p_created,
+                    '"appUserId":' || wattgate_json(v_user) || ',"period":'
+                    || wattgate_json(p_period) || ',"percent":' || pct || ',"capUsd":'
+                    || wattgate_usd(p_cap) || ',"spentUsd":' || wattgate_usd(p_after));
+            END IF;
+        END LOOP;
+    END
+    $fn$;
+
+    CREATE FUNCTION wattgate_grant_exhausted(p_grant BIGINT, p_created DOUBLE PRECISION)
+    RETURNS VOID LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        g RECORD;
+        v_user TEXT;
+    BEGIN
+        SELECT gr.used, gr.requests, gr.max_nanos, gr.spent_nanos, gr.connection_id,
+               gr.app_id INTO g FROM grants gr WHERE gr.grant_id = p_grant;
+        SELECT c.app_user_id INTO v_user FROM connections c
+         WHERE c.connection_id = g.connection_id;
+        PERFORM wattgate_webhook_emit(
+            g.app_id, COALESCE('c' || g.connection_id, 'g' || p_grant), 'grant.exhausted',
+            'grant:' || p_grant, p_created,
+            '"appUserId":' || wattgate_json(v_user) || ',"grantId":' || p_grant
+            || ',"requests":' || g.requests || ',"used":' || g.used || ',"maxUsd":'
+            || wattgate_usd(g.max_nanos) || ',"spentUsd":' || wattgate_usd(g.spent_nanos));
+    END
+    $fn$;
+"""
+
+
+def _settle_with_outbox() -> str:
+    """Migration 3's ``wattgate_settle`` with the outbox's steps: each call's time
+    carried beside its amount, each aggregate's new figure returned by its own
+    statement and judged there (a function called only when a line was crossed)."""
+    edits = [
+        ("CREATE FUNCTION wattgate_settle(", "CREATE OR REPLACE FUNCTION wattgate_settle("),
+        ("        d_nanos BIGINT[] := '{}';\n",
+         "        d_nanos BIGINT[] := '{}';\n        d_created DOUBLE PRECISION[] := '{}';\n"
+         "        v_spent BIGINT;\n        v_cap BIGINT;\n        v_done BOOLEAN;\n"),
+        ("                d_nanos := d_nanos || p_cost[i];\n",
+         "                d_nanos := d_nanos || p_cost[i];\n"
+         "                d_created := d_created || p_created[i];\n"),
+        ("                    d_nanos := d_nanos || (p_cost[i] - r.cost_nanos);\n",
+         "                    d_nanos := d_nanos || (p_cost[i] - r.cost_nanos);\n"
+         "                    d_created := d_created || p_created[i];\n"),
+        ("SELECT d.g, SUM(d.nanos)::BIGINT AS nanos\n"
+         "                   FROM unnest(d_grant, d_nanos) AS d(g, nanos)",
+         "SELECT d.g, SUM(d.nanos)::BIGINT AS nanos, MAX(d.t) AS t\n"
+         "                   FROM unnest(d_grant, d_nanos, d_created) AS d(g, nanos, t)"),
+        ("            UPDATE grants SET spent_nanos = spent_nanos + r.nanos WHERE grant_id = r.g;\n",
+         "            UPDATE grants SET spent_nanos = spent_nanos + r.nanos WHERE grant_id = r.g\n"
+         "            RETURNING (used >= requests AND held_nanos = 0)\n"
+         "                      OR (max_nanos IS NOT NULL AND spent_nanos >= max_nanos)\n"
+         "                 INTO v_done;\n"
+         "            IF v_done THEN\n"
+         "                PERFORM wattgate_grant_exhausted(r.g, r.t);\n"
+         "            END IF;\n"),
+        ("SELECT d.c, d.p, SUM(d.nanos)::BIGINT AS nanos\n"
+         "                   FROM unnest(d_connection, d_period, d_nanos) AS d(c, p, nanos)",
+         "SELECT d.c, d.p, SUM(d.nanos)::BIGINT AS nanos, MAX(d.t) AS t\n"
+         "                   FROM unnest(d_connection, d_period, d_nanos, d_created)\n"
+         "                        AS d(c, p, nanos, t)"),
+        ("               SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos;\n",
+         "               SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos\n"
+         "            RETURNING spent_nanos INTO v_spent;\n"
+         "            IF r.nanos > 0 THEN\n"
+         "                SELECT c.cap_nanos INTO v_cap FROM connections c\n"
+         "                 WHERE c.connection_id = r.c;\n"
+         "                -- the lowest line (80 %) reached, the highest (100 %) not yet before\n"
+         "                IF v_cap > 0 AND v_spent::numeric * 100 >= v_cap::numeric * 80\n"
+         "                   AND (v_spent - r.nanos)::numeric < v_cap::numeric THEN\n"
+         "                    PERFORM wattgate_thresholds(r.c, r.p, v_cap, v_spent - r.nanos,\n"
+         "                                                v_spent, r.t);\n"
+         "                END IF;\n"
+         "            END IF;\n"),
+    ]
+    sql = _SETTLE_V3
+    for old, new in edits:
+        assert sql.count(old) == 1, old
+        sql = sql.replace(old, new)
+    return sql
+
+
+async def m005_app_policy(con: Any) -> None:
+    # An app's policy as JSON (``records.AppPolicy.to_text``); NULL: no policy.
+    await con.execute("ALTER TABLE apps ADD COLUMN policy TEXT")
 
 
 async def m006_previous_secret(con: Any) -> None:
@@ -362,22 +543,13 @@ async def m006_previous_secret(con: Any) -> None:
     """)
 
 
-async def _m004_reserved(con: Any) -> None:
-    pass
-
-
-async def m005_app_policy(con: Any) -> None:
-    # An app's policy as JSON (``records.AppPolicy.to_text``); NULL: no policy.
-    await con.execute("ALTER TABLE apps ADD COLUMN policy TEXT")
-
-
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
     m002_owners,
     m003_hot_path_functions,
-    _m004_reserved,
+    m004_webhooks,
     m005_app_policy,
-    m006_previous_secret,  # numbered for its place after the other features' migrations
+    m006_previous_secret,
 )
 
 

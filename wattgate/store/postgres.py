@@ -61,13 +61,15 @@ import asyncpg
 
 from .. import budget
 from ..errors import ConsentRequired, GrantInvalid, KeysMismatch, NotConnected, Unavailable
+from . import outbox
 from .pg_audit import audit
 from .pg_batch import GroupCommit, InDoubt
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_browse import PgBrowseMixin
-from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      AppPolicy, Connection, Grant, Hold, Usage, app_of)
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+                      USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
+                      WebhookEvent, app_of)
 
 log = logging.getLogger("wattgate.store")
 
@@ -440,6 +442,9 @@ class PostgresStore(PgBrowseMixin):
                               browser_hash: str | None, now: float,
                               seal: Callable[[int], str] | None = None) -> Connection:
         async def write(con: Any) -> Connection:
+            before = await con.fetchrow(f"SELECT {CONNECTION_COLS} FROM connections "
+                                        "WHERE app_id = $1 AND app_user_id = $2 FOR UPDATE",
+                                        app_id, app_user_id)
             row = await con.fetchrow(
                 "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
                 "browser_hash, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
@@ -454,6 +459,8 @@ class PostgresStore(PgBrowseMixin):
                 await con.execute("UPDATE connections SET sealed_key = $1 "
                                   "WHERE connection_id = $2", sealed, connection.connection_id)
                 connection = dataclasses.replace(connection, sealed_key=sealed)
+            await outbox.pg_connection_changed(con, Connection(*before) if before else None,
+                                               connection, now)
             return connection
         connection: Connection = await self._changed(write)
         return connection
@@ -463,13 +470,17 @@ class PostgresStore(PgBrowseMixin):
                          now: float) -> Connection | None:
         """See ``SQLiteStore.update_cap``: a compare-and-set on the key and the cap."""
         async def write(con: Any) -> Connection | None:
+            before = await _locked_connection(con, connection_id)
             row = await con.fetchrow(
                 "UPDATE connections SET cap_nanos = $1, updated_at = $2 WHERE connection_id = $3 "
                 "AND state = $4 AND sealed_key IS NOT DISTINCT FROM $5 "
                 "AND cap_nanos IS NOT DISTINCT FROM $6::bigint "
                 f"RETURNING {CONNECTION_COLS}", cap_nanos, now, connection_id, ACTIVE,
                 expected_key, expected_cap)
-            return Connection(*row) if row else None
+            after = Connection(*row) if row else None
+            if after is not None:
+                await outbox.pg_connection_changed(con, before, after, now)
+            return after
         result: Connection | None = await self._changed(write)
         return result
 
@@ -477,9 +488,13 @@ class PostgresStore(PgBrowseMixin):
                                    now: float) -> None:
         """Revoked stays revoked; revoking ends the grants it funds (see SQLiteStore)."""
         async def write(con: Any) -> None:
-            await con.execute("UPDATE connections SET state = $1, updated_at = $2 "
-                              "WHERE connection_id = $3 AND (state != $4 OR $1 = $4)",
-                              state, now, connection_id, REVOKED)
+            before = await _locked_connection(con, connection_id)
+            row = await con.fetchrow("UPDATE connections SET state = $1, updated_at = $2 "
+                                     "WHERE connection_id = $3 AND (state != $4 OR $1 = $4) "
+                                     f"RETURNING {CONNECTION_COLS}",
+                                     state, now, connection_id, REVOKED)
+            if row is not None:
+                await outbox.pg_connection_changed(con, before, Connection(*row), now)
             if state == REVOKED:
                 await con.execute("UPDATE grants SET expires_at = LEAST(expires_at, $1) "
                                   "WHERE connection_id = $2", now, connection_id)
@@ -874,6 +889,49 @@ class PostgresStore(PgBrowseMixin):
                       grant.created_at, grant.expires_at)
         return grant, hold
 
+    # ---- webhooks (the outbox: store/outbox.py) ----------------------------------
+    async def set_webhook(self, app_id: str, url: str | None,
+                          sealed_secret: str | None) -> bool:
+        async with self._con() as con:
+            return await con.fetchval(outbox.pg(outbox.SET_WEBHOOK) + " RETURNING 1", url,
+                                      sealed_secret, app_id) is not None
+
+    async def get_webhook(self, app_id: str) -> Webhook | None:
+        row = await self._one(outbox.pg(outbox.GET_WEBHOOK), app_id)
+        return Webhook(*row) if row else None
+
+    async def claim_webhooks(self, *, now: float, lease_until: float,
+                             limit: int = 100) -> list[WebhookEvent]:
+        # SKIP LOCKED: another claimer's events are passed over, not waited for; an
+        # event after a locked head stays out (its head is still pending).
+        async with self._tx() as con:
+            rows = await con.fetch(outbox.pg(outbox.DUE).replace(
+                "ORDER BY event_id LIMIT $2", "ORDER BY event_id LIMIT $2 FOR UPDATE SKIP LOCKED"),
+                now, limit)
+            events = [outbox.event(r) for r in rows]
+            await con.executemany(outbox.pg(outbox.LEASE),
+                                  [(lease_until, e.event_id) for e in events])
+        return [dataclasses.replace(e, attempts=e.attempts + 1, next_at=lease_until)
+                for e in events]
+
+    async def record_webhook(self, event_id: int, *, status: str, next_at: float,
+                             code: int | None, error: str | None, now: float) -> None:
+        async with self._con() as con:
+            await con.execute(outbox.pg(outbox.RESULT), status, next_at, code, error,
+                              now if status == DELIVERED else None, event_id)
+
+    async def recent_webhooks(self, app_id: str, limit: int = 50) -> list[WebhookEvent]:
+        return [outbox.event(r) for r in await self._all(outbox.pg(outbox.RECENT), app_id,
+                                                          limit)]
+
+    async def resend_webhook(self, app_id: str, public_id: str, *, now: float) -> bool:
+        async with self._con() as con:
+            return await con.fetchval(outbox.pg(outbox.RESEND) + " RETURNING 1", now, now,
+                                      app_id, public_id) is not None
+
+    async def prune_webhooks(self, *, before: float) -> int:
+        return len(await self._all(outbox.pg(outbox.PRUNE) + " RETURNING 1", before))
+
     # ---- presence ----------------------------------------------------------------
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
         async with self._con() as con:
@@ -1080,6 +1138,12 @@ async def _debit(con: Any, connection_id: int | None, grant_id: int | None, peri
                           "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
                           "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos",
                           connection_id, period, nanos)
+
+
+async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
+    row = await con.fetchrow(f"SELECT {CONNECTION_COLS} FROM connections "
+                             "WHERE connection_id = $1 FOR UPDATE", connection_id)
+    return Connection(*row) if row else None
 
 
 async def _correct(con: Any, generation_id: str, cost_nanos: int, prompt_tokens: int | None,

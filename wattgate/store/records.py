@@ -137,3 +137,36 @@ def app_of(row: Sequence[Any], origins: tuple[str, ...]) -> App:
 
 GRANT_COLS = ("grant_id, app_id, token_hash, requests, used, max_nanos, spent_nanos, "
               "held_nanos, sealed_key, connection_id, created_at, expires_at")
+
+
+# A webhook event in the outbox; ``status`` is pending, delivered or failed.
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+EVENT_COLS = ("event_id, public_id, app_id, stream, type, body, created_at, status, attempts, "
+              "next_at, since, last_code, last_error, delivered_at")
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    event_id: int  # the outbox's order (per stream: the order of delivery)
+    public_id: str  # the body's "id", what receivers dedupe on
+    app_id: str
+    stream: str  # events of one stream (a connection, a grant) are delivered in order
+    type: str
+    body: str  # sent byte for byte on every attempt
+    created_at: float
+    status: str
+    attempts: int
+    next_at: float  # when it may be tried again (a claim leases it until then)
+    since: float  # start of its current delivery series (creation or the last resend)
+    last_code: int | None  # the receiver's last HTTP status
+    last_error: str | None  # or why no status came back (timeout, refused)
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """An app's endpoint; ``sealed_secret`` is unsealed only to sign a delivery."""
+
+    app_id: str
+    url: str
+    sealed_secret: str

@@ -33,9 +33,11 @@ from ..ratelimit import RateLimiter
 from .audit import audit
 from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
+from . import outbox
 from .migrations import migrate
-from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, GRANT_COLS, REVOKED, USAGE_COLS, App,
-                      AppPolicy, Connection, Grant, Hold, Usage, app_of)
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+                      USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
+                      WebhookEvent, app_of)
 from .browse import BrowseMixin  # the console's and exports' range and page reads
 
 T = TypeVar("T")
@@ -656,6 +658,8 @@ class SQLiteStore(BrowseMixin):
         def op(db: sqlite3.Connection) -> Connection:
             params = {"a": app_id, "u": app_user_id, "s": state, "c": cap_nanos,
                       "k": sealed_key, "b": browser_hash, "t": now}
+            before = db.execute(f"SELECT {CONNECTION_COLS} FROM connections "
+                                "WHERE app_id = :a AND app_user_id = :u", params).fetchone()
             db.execute(
                 "INSERT INTO connections (app_id, app_user_id, state, cap_nanos, sealed_key, "
                 "browser_hash, created_at, updated_at) VALUES (:a, :u, :s, :c, :k, :b, :t, :t) "
@@ -668,7 +672,10 @@ class SQLiteStore(BrowseMixin):
                 db.execute("UPDATE connections SET sealed_key = ? WHERE connection_id = ?",
                            (sealed, row[0]))
                 row = row[:5] + (sealed,) + row[6:]
-            return Connection(*row)
+            after = Connection(*row)
+            outbox.sqlite_connection_changed(db, Connection(*before) if before else None,
+                                             after, now)
+            return after
         return await self._writer.run(op, self._forget_connections)
 
     async def update_cap(self, connection_id: int, cap_nanos: int | None, *,
@@ -684,6 +691,7 @@ class SQLiteStore(BrowseMixin):
         user's lowering would be a raise nobody consented to.
         """
         def op(db: sqlite3.Connection) -> Connection | None:
+            before = self._connection_row(db, connection_id)
             changed = db.execute(
                 "UPDATE connections SET cap_nanos = :c, updated_at = :t WHERE connection_id = :id "
                 "AND state = :active AND sealed_key IS :k AND cap_nanos IS :old",
@@ -691,10 +699,16 @@ class SQLiteStore(BrowseMixin):
                  "k": expected_key, "old": expected_cap}).rowcount
             if not changed:
                 return None
-            row = db.execute(f"SELECT {CONNECTION_COLS} FROM connections "
-                             "WHERE connection_id = ?", (connection_id,)).fetchone()
-            return Connection(*row)
+            after = self._connection_row(db, connection_id)
+            outbox.sqlite_connection_changed(db, before, after, now)
+            return after
         return await self._writer.run(op, self._forget_connections)
+
+    @staticmethod
+    def _connection_row(db: sqlite3.Connection, connection_id: int) -> Connection | None:
+        row = db.execute(f"SELECT {CONNECTION_COLS} FROM connections WHERE connection_id = ?",
+                         (connection_id,)).fetchone()
+        return Connection(*row) if row else None
 
     async def set_connection_state(self, connection_id: int, state: str, *, now: float) -> None:
         """Move a connection to ``state``; a revoked one stays revoked (only a re-funding,
@@ -708,8 +722,11 @@ class SQLiteStore(BrowseMixin):
         def op(db: sqlite3.Connection) -> None:
             sql = "UPDATE connections SET state = :s, updated_at = :t"
             params = {"s": state, "t": now, "c": connection_id, "revoked": REVOKED}
+            before = self._connection_row(db, connection_id)
             db.execute(sql + " WHERE connection_id = :c AND (state != :revoked OR :s = :revoked)",
                        params)
+            outbox.sqlite_connection_changed(db, before, self._connection_row(db, connection_id),
+                                             now)
             if state == REVOKED:
                 db.execute("UPDATE grants SET expires_at = MIN(expires_at, :t) "
                            "WHERE connection_id = :c", params)
@@ -779,6 +796,18 @@ class SQLiteStore(BrowseMixin):
         shielded), and the meter lets go of the hold at its commit.
         """
         has_row = hold is not None and self._has_row(hold)
+        # The cap, as the meter knows it already (no read on the hot path); the
+        # webhooks' thresholds are checked against it only when the spend crossed one.
+        cached = self._meter.connections.get(usage.connection_id) \
+            if usage.connection_id is not None and self._cache_ok() else None
+
+        def cap(db: sqlite3.Connection) -> int | None:
+            if cached is not None:
+                return cached.cap_nanos
+            assert usage.connection_id is not None
+            row = db.execute("SELECT cap_nanos FROM connections WHERE connection_id = ?",
+                             (usage.connection_id,)).fetchone()
+            return row[0] if row else None
 
         def op(db: sqlite3.Connection) -> tuple[bool, tuple[int | None, str, int]]:
             if has_row:
@@ -801,9 +830,18 @@ class SQLiteStore(BrowseMixin):
                     moved = _correct(db, usage.generation_id, usage.cost_nanos,
                                      usage.prompt_tokens, usage.completion_tokens)
                     if moved is not None:
+                        outbox.sqlite_after_settle(
+                            db, usage.connection_id, usage.grant_id, period,
+                            cap(db) if usage.connection_id is not None else None, None,
+                            moved[2], usage.created_at)
                         return True, moved
                 return False, (None, period, 0)
-            _debit(db, usage.connection_id, usage.grant_id, period, usage.cost_nanos)
+            spent = _debit(db, usage.connection_id, usage.grant_id, period, usage.cost_nanos)
+            if spent is not None or usage.grant_id is not None:
+                outbox.sqlite_after_settle(
+                    db, usage.connection_id, usage.grant_id, period,
+                    cap(db) if usage.connection_id is not None else None, spent,
+                    usage.cost_nanos, usage.created_at)
             return True, (usage.connection_id, period, usage.cost_nanos)
 
         def after(result: tuple[bool, tuple[int | None, str, int]]) -> None:
@@ -1147,6 +1185,47 @@ class SQLiteStore(BrowseMixin):
         self._meter.add(hold, now, expires_at)
         return grant, hold
 
+    # ---- webhooks (the outbox: store/outbox.py) ----------------------------
+    async def set_webhook(self, app_id: str, url: str | None,
+                          sealed_secret: str | None) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute(outbox.SET_WEBHOOK, (url, sealed_secret, app_id)).rowcount == 1
+        return await self._writer.run(op)
+
+    async def get_webhook(self, app_id: str) -> Webhook | None:
+        row = self._one(outbox.GET_WEBHOOK, (app_id,))
+        return Webhook(*row) if row else None
+
+    async def claim_webhooks(self, *, now: float, lease_until: float,
+                             limit: int = 100) -> list[WebhookEvent]:
+        def op(db: sqlite3.Connection) -> list[WebhookEvent]:
+            events = [outbox.event(r) for r in db.execute(outbox.DUE, (now, limit))]
+            db.executemany(outbox.LEASE, [(lease_until, e.event_id) for e in events])
+            return [dataclasses.replace(e, attempts=e.attempts + 1, next_at=lease_until)
+                    for e in events]
+        return await self._writer.run(op)
+
+    async def record_webhook(self, event_id: int, *, status: str, next_at: float,
+                             code: int | None, error: str | None, now: float) -> None:
+        delivered = now if status == DELIVERED else None
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(outbox.RESULT, (status, next_at, code, error, delivered, event_id))
+        await self._writer.run(op)
+
+    async def recent_webhooks(self, app_id: str, limit: int = 50) -> list[WebhookEvent]:
+        return [outbox.event(r) for r in self._all(outbox.RECENT, (app_id, limit))]
+
+    async def resend_webhook(self, app_id: str, public_id: str, *, now: float) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute(outbox.RESEND, (now, now, app_id, public_id)).rowcount == 1
+        return await self._writer.run(op)
+
+    async def prune_webhooks(self, *, before: float) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            return db.execute(outbox.PRUNE, (before,)).rowcount
+        return await self._writer.run(op)
+
     # ---- presence (the end user's browser, proven by an HttpOnly cookie) ---
     async def add_presence(self, browser_hash: str, *, now: float) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -1191,12 +1270,15 @@ def _ended_grants(db: sqlite3.Connection, now: float | None) -> list[int]:
 
 
 def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | None,
-           period: str, nanos: int) -> None:
+           period: str, nanos: int) -> int | None:
+    """Add ``nanos`` to the aggregates; the connection's period spend after it (or None)."""
+    spent = None
     if connection_id is not None:
-        _add_spend(db, connection_id, period, nanos)
+        spent = _add_spend(db, connection_id, period, nanos)
     if grant_id is not None:
         db.execute("UPDATE grants SET spent_nanos = spent_nanos + ? WHERE grant_id = ?",
                    (nanos, grant_id))
+    return spent
 
 
 def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
@@ -1227,10 +1309,12 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
     return cursor.lastrowid
 
 
-def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: int) -> None:
-    db.execute("INSERT INTO periods (connection_id, period, spent_nanos) VALUES (?, ?, ?) "
-               "ON CONFLICT (connection_id, period) DO UPDATE SET spent_nanos = spent_nanos + ?",
-               (connection_id, period, nanos, nanos))
+def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: int) -> int:
+    row = db.execute("INSERT INTO periods (connection_id, period, spent_nanos) VALUES (?, ?, ?) "
+                     "ON CONFLICT (connection_id, period) DO UPDATE SET "
+                     "spent_nanos = spent_nanos + ? RETURNING spent_nanos",
+                     (connection_id, period, nanos, nanos)).fetchone()
+    return int(row[0])
 
 
 def _refund_request(db: sqlite3.Connection, grant_id: int) -> None:

@@ -24,13 +24,14 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import export, policy, reconcile, rotation
+from .. import export, policy, reconcile, rotation, webhooks
 from ..charts import day_range, series_by
 from ..origins import normalize_origin
 from ..credentials import is_app_id, mint_credentials
@@ -326,6 +327,7 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
     if revoked is not None and revoked.app_id == app.app_id and revoked.state == REVOKED:
         notice = (f"Revoked the connection of {revoked.app_user_id}: their next call is "
                   "refused with 402 not_connected until they connect again.")
+    hook = await gw.store.get_webhook(app.app_id)
     key_notice = {"1": "The previous secret key no longer works, nor do the session tokens "
                        "it minted.",
                   "0": "There was no previous secret key to retire."
@@ -344,7 +346,9 @@ async def app_page(request: web.Request, gw: Gateway, session: AdminSession) -> 
         activity=console.activity_charts(
             day_list, await gw.store.daily_calls(app.app_id, since, until)),
         totals=totals.get(app.app_id), period=period_of(now), now=now, params=params,
-        notice=notice,
+        notice=notice, webhook_url=hook.url if hook else None,
+        deliveries=await gw.store.recent_webhooks(app.app_id, 50),
+        webhook_notice=_webhook_notice(request.query),
         policy_notice="Policy saved: the next call on every gateway process is judged by it."
         if request.query.get("policy") == "saved" else None))
 
@@ -486,6 +490,51 @@ async def revoke(request: web.Request, gw: Gateway, session: AdminSession) -> we
     return _see(f"/admin/apps/{app.app_id}?revoked={connection_id}#connections")
 
 
+# ---- webhooks: the endpoint, and the deliveries an operator can send again ----
+_WEBHOOK_NOTICES = {
+    "cleared": "Webhooks stopped: no new events are written; pending deliveries fail.",
+    "resent": "Queued for delivery again, with the same event id and body.",
+    "not-resent": "Not resent: that event is pending already (or no longer listed).",
+}
+
+
+def _webhook_notice(query: Any) -> str | None:
+    return _WEBHOOK_NOTICES.get(query.get("webhook", ""))
+
+
+async def set_webhook(request: web.Request, gw: Gateway, session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    try:
+        url = webhooks.validate_url(str((await request.post()).get("url", "")))
+    except ValueError as e:
+        return html_response(console.message("Webhook not set", str(e), csrf=session.csrf,
+                                             back=f"/admin/apps/{app.app_id}#webhooks"), 400)
+    secret = await webhooks.set_endpoint(gw.store, gw.sealer, app.app_id, url)
+    if secret is None:
+        raise web.HTTPNotFound()
+    log.warning("console: set the webhook endpoint of app %s (a new signing secret)", app.app_id)
+    return html_response(console.webhook_set(csrf=session.csrf, app=app, url=url, secret=secret))
+
+
+async def clear_webhook(request: web.Request, gw: Gateway,
+                        session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    await webhooks.clear_endpoint(gw.store, app.app_id)
+    log.warning("console: cleared the webhook endpoint of app %s", app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?webhook=cleared#webhooks")
+
+
+async def resend_webhook(request: web.Request, gw: Gateway,
+                         session: AdminSession) -> web.Response:
+    app = await _app(request, gw)
+    event_id = request.match_info["event_id"]
+    resent = await gw.store.resend_webhook(app.app_id, event_id, now=gw.clock())
+    if resent:
+        log.info("console: resend of webhook event %s of app %s", event_id, app.app_id)
+    return _see(f"/admin/apps/{app.app_id}?webhook={'resent' if resent else 'not-resent'}"
+                "#webhooks")
+
+
 async def usage_download(request: web.Request, gw: Gateway,
                          session: AdminSession) -> web.StreamResponse:
     app = await _app(request, gw)
@@ -542,6 +591,9 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/admin/apps/{app_id}/origins/remove", signed_in(change_origin))
     r.add_post("/admin/apps/{app_id}/connections/{connection_id}/revoke", signed_in(revoke))
     r.add_get("/admin/apps/{app_id}/usage", signed_in(usage_download))
+    r.add_post("/admin/apps/{app_id}/webhook", signed_in(set_webhook))
+    r.add_post("/admin/apps/{app_id}/webhook/clear", signed_in(clear_webhook))
+    r.add_post("/admin/apps/{app_id}/webhooks/{event_id}/resend", signed_in(resend_webhook))
     r.add_get("/admin/apps/{app_id}/requests", signed_in(requests_page))
 
 

@@ -21,6 +21,7 @@ from ..charts import (COUNT, MS, PALETTE, PERCENT, Series, Unit, count_label, le
                       percent_label, stacked_bars)
 from ..money import nanos_to_usd
 from ..store import ACTIVE, NEEDS_RECONNECT, REVOKED, App, AppPolicy
+from ..store.records import WebhookEvent
 from ..store.browse import (CALL_STATUSES, CONNECTION_STATES, GRANT_STATES, DayCalls,
                              LogLine)
 from ..store.reports import AppTotals, PayerSpend
@@ -30,6 +31,7 @@ DAY_CHOICES = (30, 90)
 STATE_BADGES = {ACTIVE: ("ok", "active"), REVOKED: ("off", "revoked"),
                 NEEDS_RECONNECT: ("warn", "needs reconnect")}
 GRANT_BADGES = {"live": "ok", "spent": "off", "expired": "warn"}
+DELIVERY_BADGES = {"delivered": "ok", "pending": "warn", "failed": "off"}
 # How long the old secret key keeps working after a rotation: (form value, label).
 OVERLAPS = (("1h", "1 hour"), ("24h", "24 hours"), ("7d", "7 days"),
             ("0", "No overlap: the old key stops at once (it leaked)"))
@@ -37,7 +39,7 @@ DEFAULT_OVERLAP = rotation.DEFAULT_OVERLAP
 
 __all__ = ["DAY_CHOICES", "DEFAULT_OVERLAP", "OVERLAPS", "app_detail", "apps_list",
            "confirm_rotation", "login", "message", "month_name", "overview", "request_log",
-           "secret_shown", "when"]
+           "secret_shown", "webhook_set", "when"]
 
 
 def _page(template: str, title: str, *, csrf: str | None, active: str = "",
@@ -122,8 +124,9 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                connections: Browse, hashes: dict[int, str], all_connections: int,
                grants: Browse, live_grants: int, all_grants: int, activity: list[Chart],
                totals: AppTotals | None, period: str, now: float, params: dict[str, str],
-               notice: str | None = None, key_notice: str | None = None,
-               policy_notice: str | None = None) -> str:
+               webhook_url: str | None, deliveries: Sequence[WebhookEvent],
+               notice: str | None = None, webhook_notice: str | None = None,
+               key_notice: str | None = None, policy_notice: str | None = None) -> str:
     until = rotation.previous_live_until(app.previous_secret_hash, app.previous_until, now)
     return _page("admin-app.html", app.name, csrf=csrf, active="apps", app=app, days=days,
                  day_list=day_list, by_model=by_model, payers=payers, connections=connections,
@@ -134,9 +137,15 @@ def app_detail(*, csrf: str, app: App, days: int, day_list: Sequence[str],
                  period=period, notice=notice, state_badges=STATE_BADGES,
                  grant_badges=GRANT_BADGES, params=params, link=link,
                  connection_states=CONNECTION_STATES, grant_state_names=GRANT_STATES,
-                 key_notice=key_notice,
+                 webhook_url=webhook_url, deliveries=deliveries, webhook_notice=webhook_notice,
+                 delivery_badges=DELIVERY_BADGES, key_notice=key_notice,
                  previous_until=None if until is None else rotation.utc(until),
                  policy_form=policy_form(app.policy), policy_notice=policy_notice)
+
+
+def webhook_set(*, csrf: str, app: App, url: str, secret: str) -> str:
+    return _page("admin-webhook.html", "Webhook endpoint set", csrf=csrf, active="apps",
+                 app=app, url=url, secret=secret)
 
 
 def policy_form(policy: AppPolicy) -> dict[str, str]:
