@@ -51,3 +51,13 @@ def test_the_pages_script_formats_money_like_the_server():
     out = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True,
                          text=True, check=True, timeout=60).stdout
     assert json.loads(out) == [format_usd(usd_to_nanos(c)) for c in cases]
+
+
+def test_an_amount_echoed_in_an_error_is_exact() -> None:
+    from wattgate.money import format_usd_exact
+    assert format_usd_exact(20_000_100_000) == "$20.0001"  # format_usd would say $20.01 or $20.00
+    assert format_usd_exact(500_000_000) == "$0.50"
+    assert format_usd_exact(1_234_560_000_000) == "$1,234.56"
+    assert format_usd_exact(1) == "$0.000000001"
+    assert format_usd_exact(0) == "$0.00"
+    assert format_usd_exact(-5) == "-$0.000000005"

@@ -895,3 +895,39 @@ async def test_a_schema_3_ledger_takes_the_outbox_settle_and_its_batches_tell_on
         assert [(e.type, json.loads(e.body)["data"]["spentUsd"]) for e in events] == [
             ("budget.threshold", "0.0000008")]
         assert await new.check(now=NOW, hold_ttl=600) == []
+
+
+async def test_settles_committing_during_admissions_never_let_the_cap_pass(open_store) -> None:
+    """A settle drops its hold and moves its spend in one transaction; an admission on
+    another process that read spent before that commit and held after it would count the
+    call in neither, and pass the cap by its amount. Rounds of settles committing one by
+    one while admissions hammer the same connection: never more admitted than the cap
+    leaves room for (one call a round)."""
+    settler, admitter = await open_store(), await open_store()
+    amount, rounds, passed_over = 100, 120, []
+    for n in range(rounds):
+        cid = await _connected(settler, cap=10 * amount)
+        app = (await settler.get_connection_by_id(cid)).app_id  # type: ignore[union-attr]
+        first = [await settler.admit(cid, PERIOD, amount, now=NOW, expires_at=NOW + 60)
+                 for _ in range(9)]
+        done = asyncio.Event()
+        admitted = 0
+
+        async def settle_one_by_one() -> None:
+            for i, h in enumerate(first):
+                await settler.settle(h, _usage(cid, app, f"g{n}-{i}", amount), PERIOD)
+            done.set()
+
+        async def hammer() -> None:
+            nonlocal admitted
+            while not done.is_set():
+                try:
+                    await admitter.admit(cid, PERIOD, amount, now=NOW, expires_at=NOW + 60)
+                    admitted += 1
+                except BudgetExceeded:
+                    pass
+        await asyncio.gather(settle_one_by_one(), *(hammer() for _ in range(4)))
+        if admitted > 1:
+            passed_over.append((n, admitted))
+        assert await settler.period_spent(cid, PERIOD) == 9 * amount
+    assert passed_over == [], f"rounds where the cap was passed: {passed_over}"

@@ -54,6 +54,16 @@ def nanos_to_json(nanos: int) -> float | int:
     return float(amount.normalize())
 
 
+def format_usd_exact(nanos: int) -> str:
+    """An amount exactly as given, for an error that echoes what the client asked
+    (``$20.0001``, ``$0.50``, ``$1,234.56``): rounding it could print a refused
+    figure equal to the limit it broke."""
+    amount = Decimal(nanos) / _NANO
+    sign, amount = ("-", -amount) if amount < 0 else ("", amount)
+    whole, _, decimals = f"{amount:,f}".partition(".")
+    return f"{sign}${whole}.{decimals.rstrip('0').ljust(2, '0')}"
+
+
 def format_usd(nanos: int, *, round_up: bool = False) -> str:
     """An amount for a person to read, the one way every page and the CLI print money.
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from .errors import PolicyRefused
 from .estimate import MAX_TOKENS, ChatRequest
-from .money import format_usd, nanos_to_json, usd_to_nanos
+from .money import format_usd, format_usd_exact, nanos_to_json, usd_to_nanos
 from .store import AppPolicy
 
 __all__ = ["check_cap", "check_grant_cap", "check_request", "default_max_tokens", "describe",
@@ -206,7 +206,7 @@ def check_cap(policy: AppPolicy, cap_nanos: int | None, *, kept: bool = False) -
     if top is None or kept or (cap_nanos is not None and cap_nanos <= top):
         return
     asked = "An unlimited cap" if cap_nanos is None else \
-        f"A monthly cap of {format_usd(cap_nanos, round_up=True)}"
+        f"A monthly cap of {format_usd_exact(cap_nanos)}"
     raise PolicyRefused(f"{asked} is above this app's policy: at most {format_usd(top)} "
                         "a month.")
 
@@ -220,6 +220,6 @@ def check_grant_cap(policy: AppPolicy, max_nanos: int | None) -> None:
         raise PolicyRefused(f"This app's policy needs a grant to name its dollar cap (maxUsd), "
                             f"at most {format_usd(top)}.")
     if max_nanos > top:
-        raise PolicyRefused(f"A grant of {format_usd(max_nanos, round_up=True)} is above this "
+        raise PolicyRefused(f"A grant of {format_usd_exact(max_nanos)} is above this "
                             f"app's policy: at most {format_usd(top)}.")
 

@@ -244,10 +244,11 @@ async def m003_hot_path_functions(con: Any) -> None:
     (group commit, ``pg_batch``; see ``postgres.py``).
 
     ``wattgate_admit`` locks the connection row, then reads the period's spent
-    and held in statements of their own: inside a VOLATILE plpgsql function
+    and held in one statement of their own: inside a VOLATILE plpgsql function
     each statement takes a new snapshot, so it sees every hold committed
     before the lock was granted (one statement that waited for the lock would
-    not). It evaluates the cap rule of ``budget.cap_refusal`` (spent + held +
+    not), and both figures come from that one snapshot (a settle committing
+    between two reads would be in neither: the cap passed by its amount). It evaluates the cap rule of ``budget.cap_refusal`` (spent + held +
     amount <= cap) and inserts the hold only when it passes, returning the
     numbers either way: Python words any refusal from them with ``budget``.
 
@@ -282,11 +283,15 @@ async def m003_hot_path_functions(con: Any) -> None:
             RETURN;
         END IF;
         IF cap_nanos IS NOT NULL THEN
-            -- New statements, new snapshots: every hold committed before the lock.
-            SELECT COALESCE(SUM(p.spent_nanos), 0) INTO spent FROM periods p
-             WHERE p.connection_id = p_connection AND p.period = p_period;
-            SELECT COALESCE(SUM(h.amount_nanos), 0) INTO held FROM holds h
-             WHERE h.connection_id = p_connection AND h.period = p_period;
+            -- A new statement, a new snapshot: every hold committed before the lock.
+            -- Spent and held in ONE statement, one snapshot: a settle (its hold
+            -- dropped, its spend moved, one transaction) committing between two
+            -- reads would be missing from both, and the cap passed by its amount.
+            SELECT (SELECT COALESCE(SUM(p.spent_nanos), 0) FROM periods p
+                     WHERE p.connection_id = p_connection AND p.period = p_period),
+                   (SELECT COALESCE(SUM(h.amount_nanos), 0) FROM holds h
+                     WHERE h.connection_id = p_connection AND h.period = p_period)
+              INTO spent, held;
             -- budget.cap_refusal's inequality, the same numbers.
             IF NOT (spent + held + p_amount <= cap_nanos) THEN
                 RETURN;
