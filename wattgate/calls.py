@@ -266,6 +266,8 @@ class Call:
                 else:
                     answer.close()
                     await self.release()
+            if not self.handed_off:
+                answer.done()  # a drain reads on under its own watchdog
 
     async def _refuse(self, answer: Answer) -> None:
         error = await answer.failure(now=self.gw.clock())

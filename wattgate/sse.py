@@ -8,9 +8,11 @@ whether an event carried a top-level ``error``. Comment lines (``:`` such as
 ``: OPENROUTER PROCESSING``) are skipped; lines may end in ``\n``, ``\r\n`` or
 ``\r`` and events may be cut at any byte. It never raises on garbage.
 
-Speed: a chunk is scanned with two C-level substring searches; only a chunk
-containing ``"usage"`` or ``"error"`` is split into lines and JSON-parsed, so
-the text chunks of a long answer cost almost nothing. A JSON string cannot
+Speed: a chunk is scanned with three C-level substring searches; only a chunk
+containing ``"usage"``, ``"error"`` or ``[DONE]`` is split into lines and
+JSON-parsed, so the text chunks of a long answer cost almost nothing. A chunk
+that ends a line with nothing left over from the last one (what upstreams send:
+whole events) is scanned as it is, never copied nor joined. A JSON string cannot
 contain an unescaped quote, so ``"usage"`` in answer text never matches.
 
 The same reader serves the Responses API: its stream has no ``[DONE]`` and no
@@ -82,9 +84,12 @@ class StreamReader:
         self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
-        complete, self._partial = split_complete(self._partial, chunk)
-        if not complete:
-            return
+        if not self._partial and chunk.endswith(b"\n"):
+            complete = chunk  # the usual chunk: whole events, nothing to join or split
+        else:
+            complete, self._partial = split_complete(self._partial, chunk)
+            if not complete:
+                return
         if self.outcome.generation_id is None:
             m = _ID.search(complete)
             if m:
