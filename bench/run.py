@@ -697,7 +697,8 @@ def measure_paced(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | No
             runs[s.name].append(paced(s, plan.paced_n, ramp=plan.paced_ramp))
     res.paced = runs
     if profile_dir is not None and plan.profile_seconds > 0:
-        res.profile += "\n\n" + profile_paced(targets[1], plan, profile_dir)
+        for s in targets[:2]:  # the bare hop too: the same load's floor, function by function
+            res.profile += "\n\n" + profile_paced(s, plan, profile_dir)
     for s in (*targets, fake):
         fleet.stop(s)
 
@@ -732,16 +733,16 @@ def profile(wg: Server, plan: Plan, out_dir: Path) -> str:
 
 
 def profile_paced(wg: Server, plan: Plan, out_dir: Path) -> str:
-    """Sample wattgate with py-spy through one paced load."""
+    """Sample a server with py-spy through one paced load."""
     if shutil.which("py-spy") is None:
         return ""
     sys.path.insert(0, str(BENCH))
     from flame_summary import summarise
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "wattgate-paced.txt"
+    raw = out_dir / f"{wg.name}-paced.txt"
     seconds = 6
-    say("profiling wattgate with py-spy, paced streams")
+    say(f"profiling {wg.name} with py-spy, paced streams")
     spy = subprocess.Popen(["py-spy", "record", "--pid", str(wg.pid), "--rate", "250",
                             "--nonblocking", "--threads", "--format", "raw",
                             "--output", str(raw), "--duration", str(seconds)],
@@ -750,9 +751,9 @@ def profile_paced(wg: Server, plan: Plan, out_dir: Path) -> str:
     paced(wg, plan.paced_n, ramp=plan.paced_ramp)
     spy.wait(60)
     if not raw.exists():
-        return "### paced streams\n\npy-spy wrote nothing (ptrace not permitted?)."
+        return f"### {wg.name}, paced streams\n\npy-spy wrote nothing (ptrace not permitted?)."
     text = summarise(raw.read_text(), seconds=seconds, rate=250)
-    return f"### paced streams ({plan.paced_n} open at once)\n\n{text}"
+    return f"### {wg.name}, paced streams ({plan.paced_n} open at once)\n\n{text}"
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -958,7 +959,7 @@ def report(res: Results, plan: Plan) -> str:
         out.append("## Notes\n\n" + "\n".join(f"- {n}" for n in res.notes) + "\n")
     out.append("## Every run\n\n" + "\n".join(raw) + "\n")
     if res.profile:
-        out.append("## Profile (py-spy, wattgate process)\n\n" + res.profile + "\n")
+        out.append("## Profile (py-spy)\n\n" + res.profile.strip() + "\n")
     analysis = BENCH / "analysis.md"
     if analysis.exists():  # hand-written reading of a past run; dated inside
         out.append(analysis.read_text())

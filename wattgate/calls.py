@@ -368,20 +368,19 @@ class Call:
             return
         if noted is not None and not noted.done():
             await asyncio.wait([noted])  # a failed write is logged; the call goes on
-        chunks = answer.chunks()
+        read, feed = answer.reader(), reader.feed
         write = sink.write  # bound once started: the hot loop looks nothing else up
         while True:
             try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
+                chunk = await read()
             except BROKE_OFF:
                 # Upstream cut or went silent: keep what was sent, settle what is known.
                 await self.settle(reader.close(), "upstream_cut")
                 answer.close()
                 return
-            reader.feed(chunk)
-            if reader.outcome.done and not self.closed:
+            if not chunk:
+                break
+            if feed(chunk) and not self.closed:
                 # The debit commits before the client sees [DONE]: a status read
                 # right after the stream already includes this call.
                 outcome = reader.close()

@@ -83,13 +83,14 @@ class StreamReader:
         self.outcome = Outcome(generation_id=generation_id)
         self._partial = b""
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bool:
+        """Read one chunk; True once the answer is done (``[DONE]`` or a terminal event)."""
         if not self._partial and chunk.endswith(b"\n"):
             complete = chunk  # the usual chunk: whole events, nothing to join or split
         else:
             complete, self._partial = split_complete(self._partial, chunk)
             if not complete:
-                return
+                return self.outcome.done
         if self.outcome.generation_id is None:
             m = _ID.search(complete)
             if m:
@@ -97,6 +98,7 @@ class StreamReader:
         if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
             for line in complete.splitlines():
                 self._line(line)
+        return self.outcome.done
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):

@@ -20,11 +20,11 @@ import json
 import logging
 import math
 import select
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -256,6 +256,12 @@ class Answer:
         """The body as it arrives, never buffered (aiohttp's own iterator: no extra
         frame per chunk)."""
         return self._resp.content.iter_any()
+
+    def reader(self) -> Callable[[], Awaitable[bytes]]:
+        """What ``chunks`` iterates, bare: each await is the next piece of the body as it
+        arrived, ``b""`` at its end (aiohttp's ``readany``: not even the iterator's frame
+        per chunk, for a stream's hot loop)."""
+        return self._resp.content.readany
 
     async def read(self) -> bytes:
         return await self._resp.read()
