@@ -485,7 +485,7 @@ class Plan:
     variant: str = ""           # a prototype of bench/variants.py, measured beside stock
     postgres: bool = True       # also wattgate on PostgreSQL, one worker and two
     paced_n: int = 400          # paced streams held open at once
-    paced_rounds: int = 3
+    paced_rounds: int = 4
     paced_ramp: float = 1.0     # seconds over which they start (all open well before the first ends)
     short: bool = True          # the short-call figures (throughput, latency, first byte...)
 

@@ -43,14 +43,13 @@ layer's to render.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import admission, attribution, headroom
-from .assemble import Assembler, ResponseAssembler
+from .assemble import Assembler, ResponseAssembler, encode
 from .errors import BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError
 from .estimate import RESPONSES, ChatRequest, Endpoint, Plan, read_request
 from .gateway import Gateway
@@ -348,7 +347,7 @@ class Call:
         headers = self._response_headers(answer)
         headers.pop("Cache-Control", None)
         headers["Content-Type"] = "application/json"
-        await self._send_whole(sink, json.dumps(whole).encode(), headers)
+        await self._send_whole(sink, encode(whole), headers)
 
     async def _stream(self, sink: ClientSink, answer: Answer) -> None:
         generation = answer.generation
