@@ -169,10 +169,11 @@ def start_fake(fleet: Fleet, name: str, port: int, *extra: str) -> Server:
 EVENT_LOOP = {"name": "auto"}   # server.event_loop of every gate and of the bare hop
 
 
-def start_bare(fleet: Fleet, name: str, port: int, upstream: Server) -> Server:
+def start_bare(fleet: Fleet, name: str, port: int, upstream: Server,
+               loop: str | None = None) -> Server:
     return fleet.start(name, port, [PY, str(BENCH / "bare_proxy.py"), "--port", str(port),
                                     "--upstream", upstream.base + "/api/v1",
-                                    "--loop", EVENT_LOOP["name"]],
+                                    "--loop", loop or EVENT_LOOP["name"]],
                        ready_path="/api/v1/chat/completions")
 
 
@@ -232,7 +233,7 @@ class Postgres:
 
 def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server,
                    variant: str = "", *, database_url: str = "", workers: int = 1,
-                   db_pid: int | None = None) -> Server:
+                   db_pid: int | None = None, loop: str | None = None) -> Server:
     """A wattgate on a fresh database with one app and one connected user.
 
     ``variant`` names a prototype of ``bench/variants.py`` to apply first;
@@ -250,7 +251,7 @@ def start_wattgate(fleet: Fleet, name: str, port: int, upstream: Server,
         # still runs on every call, with a bucket that never empties.
         "WATTGATE_LIMITS__CHAT_PER_MINUTE": "1000000000",
         "WATTGATE_DATABASE__URL": database_url,
-        "WATTGATE_SERVER__EVENT_LOOP": EVENT_LOOP["name"],
+        "WATTGATE_SERVER__EVENT_LOOP": loop or EVENT_LOOP["name"],
     }
     created = subprocess.run([PY, "-m", "wattgate", "apps", "create", "--name", "bench",
                               "--origin", "http://localhost:3000", "--json"],
@@ -563,7 +564,7 @@ def rotate(items: list[Server], k: int) -> list[Server]:
 
 def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None,
             pg: "Postgres | None") -> None:
-    ports = pick_ports(BASE_PORT + 1, 21)
+    ports = pick_ports(BASE_PORT + 1, 23)
     if plan.short:
         measure_short(plan, fleet, res, profile_dir, pg, ports)
     if plan.paced_n:
@@ -686,6 +687,10 @@ def measure_paced(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | No
         targets.append(start_wattgate(fleet, "wattgate-pg×2", ports[4], fake,
                                       database_url=pg.new_database(), workers=2,
                                       db_pid=pg.pid))
+    if loop_in_use() != "asyncio":  # the same pair on asyncio's loop: what the loop changes
+        targets.append(start_bare(fleet, "bare@asyncio", ports[5], fake, loop="asyncio"))
+        targets.append(start_wattgate(fleet, "wattgate@asyncio", ports[6], fake,
+                                      loop="asyncio"))
     for s in targets:
         problem = proxy_ready(s)
         if problem:
@@ -778,9 +783,14 @@ def paced_rows(res: Results, plan: Plan, gates: list[str], add: Any) -> None:
     """The paced-stream figures against their targets."""
     p = {n: rs for n, rs in res.paced.items() if rs}
     cpu = {n: min(r["cpu_ms"] for r in rs) for n, rs in p.items()}
-    ratio = {g: cpu[g] / cpu["bare"] for g in gates if g in cpu}
+
+    def floor(g: str) -> str:  # each gate against the bare hop on its own loop
+        return "bare@asyncio" if g.endswith("@asyncio") else "bare"
+    ratio = {g: cpu[g] / cpu[floor(g)] for g in gates if g in cpu and floor(g) in cpu}
     add(f"paced streams ({plan.paced_n} open): CPU per answer (ms, server processes)",
-        {n: f"{x:.2f}" for n, x in cpu.items()}, {g: f"{x:.2f}×" for g, x in ratio.items()},
+        {n: f"{x:.2f}" for n, x in cpu.items()},
+        {g: f"{x:.2f}×" + (f" (bare@asyncio {cpu[floor(g)]:.2f})" if floor(g) != "bare" else "")
+         for g, x in ratio.items()},
         "≤ 1.15× (stretch 1.05×)", ratio["wattgate"] <= 1.15 if "wattgate" in ratio else None)
     if "wattgate" in cpu and "wattgate-pg" in cpu:
         r = cpu["wattgate-pg"] / cpu["wattgate"]
@@ -794,11 +804,13 @@ def paced_rows(res: Results, plan: Plan, gates: list[str], add: Any) -> None:
             {n: f"{x:.2f}" for n, x in db.items()}, {}, "(info)", None)
     delivered = {n: min(r["delivered"] for r in rs) for n, rs in p.items()}
     add("paced streams: answers delivered (worst round)",
-        {n: f"{d}/{plan.paced_n}" for n, d in delivered.items()}, {}, "all, equal",
+        {n: f"{d}/{plan.paced_n}" for n, d in delivered.items()},
+        {"wattgate": ", ".join(f"{n} {d}" for n, d in delivered.items()
+                               if n not in gates and n != "bare")}, "all, equal",
         all(d == plan.paced_n for d in delivered.values()))
     opened = {n: max(r["rss_open_mb"] for r in rs) for n, rs in p.items()}
     per = {n: rs[0]["kb_per_stream"] for n, rs in p.items()}
-    above = {g: per[g] - per["bare"] for g in gates if g in per and "bare" in per}
+    above = {g: per[g] - per[floor(g)] for g in gates if g in per and floor(g) in per}
     add("paced streams: peak RSS (MB) · growth per open stream, first round (KB)",
         {n: f"{opened[n]:.0f} · {per[n]:.1f}" for n in p},
         {g: f"{x:+.1f} KB/stream" for g, x in above.items()}, "≤ +30 KB/stream",
