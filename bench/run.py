@@ -763,16 +763,21 @@ def profile_paced(wg: Server, plan: Plan, out_dir: Path) -> str:
 
 # ---- report ---------------------------------------------------------------------------
 
+def answered(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds in which calls were answered (a round with none has no latency)."""
+    return [r for r in runs if r["requests"] > 0] or runs
+
+
 def best_rps(runs: list[dict[str, Any]]) -> float:
     return max(r["rps"] for r in runs)
 
 
 def best_pct(runs: list[dict[str, Any]], key: str) -> float:
-    return min(r[key] for r in runs) / 1000.0   # ms
+    return min(r[key] for r in answered(runs)) / 1000.0   # ms
 
 
 def best_cpu(runs: list[dict[str, Any]]) -> float:
-    return min(r["cpu_us"] for r in runs)
+    return min(r["cpu_us"] for r in answered(runs))
 
 
 def verdict(ok: bool | None) -> str:
@@ -818,7 +823,7 @@ def paced_rows(res: Results, plan: Plan, gates: list[str], add: Any) -> None:
 
 
 def report(res: Results, plan: Plan) -> str:
-    names = res.targets or list(res.paced)
+    names = res.targets + [n for n in res.paced if n not in res.targets]
     gates = [n for n in names if n.startswith("wattgate")]
     head = (["measure", "upstream direct", "bare hop", *gates]
             + [f"{g} vs bare" for g in gates] + ["target", "met"])
@@ -929,6 +934,9 @@ def report(res: Results, plan: Plan) -> str:
                 if any(r["errors"] for r in rs):
                     res.notes.append(f"{kind} {mode} {name}: wrk counted errors; its figure "
                                      "is not a valid measurement.")
+                if any(r["requests"] == 0 for r in rs):
+                    res.notes.append(f"{kind} {mode} {name}: a round answered no call in "
+                                     "its time; it is left out of the best figures.")
     for name, rs in res.rss.items():
         raw.append(f"- RSS, {name}: " + ", ".join(
             f"{r['answer_mb']:.0f} MB in {r['seconds']:.2f} s, RSS {r['rss_before_mb']:.1f} → "
