@@ -327,6 +327,8 @@ def run(app: web.Application, config: Config, ready: Callable[[], None], *,
     ``server.host:server.port``.
     """
     loop = new_event_loop(config.server_event_loop)
+    log.debug("event loop: %s (server.event_loop = %s)", type(loop).__module__.split(".")[0],
+              config.server_event_loop)
     main = loop.create_task(_serve(app, config, ready, sockets))
     try:
         asyncio.set_event_loop(loop)
