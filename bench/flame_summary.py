@@ -25,6 +25,8 @@ def _parse(frame: str) -> tuple[str, str]:
 
 
 def _where(path: str) -> str:
+    if not path.isprintable():  # a native frame py-spy could not name
+        return "(unnamed native frame)"
     p = path.replace("\\", "/")
     for key in ("wattgate/", "aiohttp/", "multidict/", "yarl/", "asyncio/", "json/",
                 "sqlite3/", "concurrent/", "selectors", "ssl", "socket", "threading"):

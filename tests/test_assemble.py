@@ -166,3 +166,20 @@ def test_numbers_json_cannot_carry_become_null_in_the_answer():
     assert answer["usage"] == {"cost": None, "prompt_tokens": None, "completion_tokens": None,
                                "x": 0.5}
     json.loads(json.dumps(answer, allow_nan=False))
+
+
+def test_an_assembled_answer_is_written_as_json_whatever_its_numbers():
+    """orjson writes the answer; an integer it refuses (wider than 64 bits) still goes out."""
+    from decimal import Decimal
+
+    from wattgate.assemble import encode, finish
+
+    answer = finish({"id": "gen-1", "choices": [{"message": {"content": "“quoted” ✓"}}],
+                     "usage": {"cost": Decimal("0.0000165"), "prompt_tokens": 10,
+                               "bad": Decimal("1e999999")}})
+    wide = {**answer, "usage": {**answer["usage"], "huge": 10**30}}
+    for body in (encode(answer), encode(wide)):
+        back = json.loads(body)
+        assert back["usage"]["cost"] == 0.0000165 and back["usage"]["bad"] is None
+        assert back["choices"][0]["message"]["content"] == "“quoted” ✓"
+    assert json.loads(encode(wide))["usage"]["huge"] == 10**30

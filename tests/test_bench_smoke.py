@@ -22,7 +22,11 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     text = out.read_text()
     for figure in ("throughput, non-streaming", "throughput, streaming", "latency p50",
-                   "latency p99", "time to first body byte", "RSS growth", "ledger"):
+                   "latency p99", "time to first body byte", "RSS growth", "ledger",
+                   "paced streams (40 open): CPU per answer", "growth per open stream"):
         assert figure in text, figure
+    # Every paced stream of every target (bare hop and gates) came back whole.
+    delivered = next(ln for ln in text.splitlines() if "answers delivered" in ln)
+    assert delivered.endswith("| all, equal | **yes** |"), delivered
     assert "| wattgate |" in text.splitlines()[text.splitlines().index("## Figures") + 2]
     assert "errors)" not in text  # every call of every run answered 200

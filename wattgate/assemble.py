@@ -32,6 +32,8 @@ import math
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from .sse import (TERMINAL_RESPONSE_EVENTS, Outcome, StreamReader, answering_model,
                   error_message, split_complete)
 
@@ -85,6 +87,18 @@ def finish(value: Any) -> Any:
     if isinstance(value, list):
         return [finish(v) for v in value]
     return value
+
+
+def encode(answer: Any) -> bytes:
+    """An assembled answer (``finish``'s plain types) as the JSON body the client gets.
+
+    orjson writes it ~10× faster than ``json.dumps`` (UTF-8 as it is, no spaces); an
+    integer wider than 64 bits, which orjson refuses, falls back to ``json``.
+    """
+    try:
+        return orjson.dumps(answer)
+    except orjson.JSONEncodeError:
+        return json.dumps(answer).encode()
 
 
 def _merge_list(acc: list[Any], items: list[Any]) -> None:

@@ -44,14 +44,13 @@ layer's to render.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import admission, attribution, headroom, policy
-from .assemble import Assembler, ResponseAssembler
+from .assemble import Assembler, ResponseAssembler, encode
 from .errors import BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError
 from .estimate import RESPONSES, ChatRequest, Endpoint, Plan, read_request
 from .gateway import Gateway
@@ -269,6 +268,8 @@ class Call:
                 else:
                     answer.close()
                     await self.release()
+            if not self.handed_off:
+                answer.done()  # a drain reads on under its own watchdog
 
     async def _refuse(self, answer: Answer) -> None:
         error = await answer.failure(now=self.gw.clock())
@@ -349,7 +350,7 @@ class Call:
         headers = self._response_headers(answer)
         headers.pop("Cache-Control", None)
         headers["Content-Type"] = "application/json"
-        await self._send_whole(sink, json.dumps(whole).encode(), headers)
+        await self._send_whole(sink, encode(whole), headers)
 
     async def _stream(self, sink: ClientSink, answer: Answer) -> None:
         generation = answer.generation
@@ -369,20 +370,19 @@ class Call:
             return
         if noted is not None and not noted.done():
             await asyncio.wait([noted])  # a failed write is logged; the call goes on
-        chunks = answer.chunks()
+        read, feed = answer.reader(), reader.feed
         write = sink.write  # bound once started: the hot loop looks nothing else up
         while True:
             try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
+                chunk = await read()
             except BROKE_OFF:
                 # Upstream cut or went silent: keep what was sent, settle what is known.
                 await self.settle(reader.close(), "upstream_cut")
                 answer.close()
                 return
-            reader.feed(chunk)
-            if reader.outcome.done and not self.closed:
+            if not chunk:
+                break
+            if feed(chunk) and not self.closed:
                 # The debit commits before the client sees [DONE]: a status read
                 # right after the stream already includes this call.
                 outcome = reader.close()

@@ -41,7 +41,8 @@ error body and logged as one line naming the kind of error, never quoting
 what the client sent (which may be a secret key or a cookie).
 
 ``run(app, config, ready)`` serves an app the way ``web.run_app`` would (signals,
-graceful shutdown), with this handler; tests use ``ServerRunner`` directly.
+graceful shutdown), with this handler, on the loop ``new_event_loop`` makes for
+``server.event_loop`` (uvloop where installed); tests use ``ServerRunner`` directly.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
-from .errors import InvalidRequest, RequestTimeout, WattgateError
+from .errors import ConfigError, InvalidRequest, RequestTimeout, WattgateError
 
 log = logging.getLogger("wattgate.http")
 
@@ -302,6 +303,21 @@ async def _serve(app: web.Application, config: Config, ready: Callable[[], None]
         await runner.cleanup()
 
 
+def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
+    """The loop ``server.event_loop`` names: ``uvloop``, ``asyncio`` or ``auto`` (uvloop
+    where it is installed, else asyncio's). The benchmark's bare hop runs on the same."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("server.event_loop: uvloop is not installed "
+                                  "(pip install uvloop), or set it to asyncio") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def run(app: web.Application, config: Config, ready: Callable[[], None], *,
         sockets: Sequence[socket.socket] | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (as ``web.run_app``).
@@ -310,7 +326,9 @@ def run(app: web.Application, config: Config, ready: Callable[[], None], *,
     which inherits them from its supervisor) instead of binding
     ``server.host:server.port``.
     """
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(config.server_event_loop)
+    log.debug("event loop: %s (server.event_loop = %s)", type(loop).__module__.split(".")[0],
+              config.server_event_loop)
     main = loop.create_task(_serve(app, config, ready, sockets))
     try:
         asyncio.set_event_loop(loop)

@@ -8,9 +8,11 @@ whether an event carried a top-level ``error``. Comment lines (``:`` such as
 ``: OPENROUTER PROCESSING``) are skipped; lines may end in ``\n``, ``\r\n`` or
 ``\r`` and events may be cut at any byte. It never raises on garbage.
 
-Speed: a chunk is scanned with two C-level substring searches; only a chunk
-containing ``"usage"`` or ``"error"`` is split into lines and JSON-parsed, so
-the text chunks of a long answer cost almost nothing. A JSON string cannot
+Speed: a chunk is scanned with three C-level substring searches; only a chunk
+containing ``"usage"``, ``"error"`` or ``[DONE]`` is split into lines and
+JSON-parsed, so the text chunks of a long answer cost almost nothing. A chunk
+that ends a line with nothing left over from the last one (what upstreams send:
+whole events) is scanned as it is, never copied nor joined. A JSON string cannot
 contain an unescaped quote, so ``"usage"`` in answer text never matches.
 
 The same reader serves the Responses API: its stream has no ``[DONE]`` and no
@@ -81,10 +83,14 @@ class StreamReader:
         self.outcome = Outcome(generation_id=generation_id)
         self._partial = b""
 
-    def feed(self, chunk: bytes) -> None:
-        complete, self._partial = split_complete(self._partial, chunk)
-        if not complete:
-            return
+    def feed(self, chunk: bytes) -> bool:
+        """Read one chunk; True once the answer is done (``[DONE]`` or a terminal event)."""
+        if not self._partial and chunk.endswith(b"\n"):
+            complete = chunk  # the usual chunk: whole events, nothing to join or split
+        else:
+            complete, self._partial = split_complete(self._partial, chunk)
+            if not complete:
+                return self.outcome.done
         if self.outcome.generation_id is None:
             m = _ID.search(complete)
             if m:
@@ -92,6 +98,7 @@ class StreamReader:
         if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
             for line in complete.splitlines():
                 self._line(line)
+        return self.outcome.done
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):

@@ -20,11 +20,11 @@ import json
 import logging
 import math
 import select
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -188,23 +188,65 @@ class FreshConnector(aiohttp.TCPConnector):
             connection.close()  # dropped, never returned to the pool
 
 
+# The idle watchdog looks at an answer this many times per upstream.idle_timeout: an
+# upstream silent for idle_timeout is cut within 1¼ × idle_timeout.
+IDLE_TICKS = 4
+
+
 class Answer:
     """The upstream's answer to one metered call, once its status and headers came.
 
     The body is read once, by ``chunks`` (as it arrives) or ``read`` (whole); either
     raises one of ``BROKE_OFF`` when the answer breaks off. ``close`` drops the
-    connection (safe to repeat).
+    connection (safe to repeat); ``done`` says the call no longer reads it.
+
+    ``idle_timeout``: the answer is cut (``aiohttp.SocketTimeoutError``, as aiohttp's
+    own ``sock_read`` would) once no byte of it came for that long. aiohttp's bound
+    re-arms a timer at every chunk received, the largest cost a long stream's events
+    paid beyond their bytes; this watchdog instead looks at the bytes received so far
+    ``IDLE_TICKS`` times per ``idle_timeout``: one timer per tick, none per chunk.
     """
 
-    __slots__ = ("status", "headers", "generation", "_resp")
+    __slots__ = ("status", "headers", "generation", "_resp", "_idle", "_seen", "_quiet",
+                 "_timer")
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, idle_timeout: float | None = None) -> None:
         self._resp = resp
         self.status = resp.status
         self.headers: Mapping[str, str] = resp.headers
         # The id the upstream named the call by, as the ledger keeps it (an empty
         # header is none: the id is then taken from the answer's own events).
         self.generation: str | None = resp.headers.get("X-Generation-Id", "")[:200] or None
+        self._idle = idle_timeout or 0.0
+        self._seen = -1
+        self._quiet = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        if self._idle > 0:
+            self._timer = asyncio.get_running_loop().call_later(self._idle / IDLE_TICKS,
+                                                                self._watch)
+
+    def _watch(self) -> None:
+        self._timer = None
+        content = self._resp.content
+        if self._resp.closed or content.is_eof():
+            return
+        tick = self._idle / IDLE_TICKS
+        if content.total_bytes != self._seen:
+            self._seen, self._quiet = content.total_bytes, 0.0
+        else:
+            self._quiet += tick
+            if self._quiet >= self._idle * (1 - 1e-9):
+                content.set_exception(aiohttp.SocketTimeoutError(
+                    "Timeout on reading data from socket"))
+                self._resp.close()
+                return
+        self._timer = asyncio.get_running_loop().call_later(tick, self._watch)
+
+    def done(self) -> None:
+        """The call reads no more of this answer: its watchdog stops."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     @property
     def content_type(self) -> str:
@@ -214,6 +256,12 @@ class Answer:
         """The body as it arrives, never buffered (aiohttp's own iterator: no extra
         frame per chunk)."""
         return self._resp.content.iter_any()
+
+    def reader(self) -> Callable[[], Awaitable[bytes]]:
+        """What ``chunks`` iterates, bare: each await is the next piece of the body as it
+        arrived, ``b""`` at its end (aiohttp's ``readany``: not even the iterator's frame
+        per chunk, for a stream's hot loop)."""
+        return self._resp.content.readany
 
     async def read(self) -> bytes:
         return await self._resp.read()
@@ -229,6 +277,7 @@ class Answer:
         return map_failure(self.status, body, self.headers, now=now)
 
     def close(self) -> None:
+        self.done()
         self._resp.close()
 
 
@@ -241,6 +290,10 @@ class Upstream:
         self.key_check_path = key_check_path
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                              sock_read=idle_timeout)
+        # A metered call's answer is bounded by its own watchdog (``Answer``), not by
+        # aiohttp's sock_read, which costs a timer per chunk of a long stream.
+        self.call_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self.idle_timeout = idle_timeout
         self.first_byte_timeout = first_byte_timeout
         self.session: aiohttp.ClientSession | None = None
         self.prices = PriceList(ttl=models_ttl)
@@ -296,13 +349,14 @@ class Upstream:
         assert self.session is not None
         try:
             async with asyncio.timeout(self.first_byte_timeout):
-                resp = await self.session.post(self.url(path), data=payload, headers=headers)
+                resp = await self.session.post(self.url(path), data=payload, headers=headers,
+                                               timeout=self.call_timeout)
         except asyncio.TimeoutError:
             raise UpstreamTimeout() from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"Could not reach the model provider "
                                 f"({type(e).__name__}).") from None
-        return Answer(resp)
+        return Answer(resp, self.idle_timeout)
 
     async def check_key(self, funding_key: str) -> None:
         """Raise FundingInvalid if the upstream refuses this key, UpstreamError if unreachable."""
