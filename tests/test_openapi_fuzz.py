@@ -84,9 +84,10 @@ expected-statuses = ["1XX", "2XX", "3XX", "4XX", 502, 504]
     # Pass 1: every operation, valid and invalid data. Pass 2: the metered proxy
     # alone with schema-valid bodies, so most calls reach the model and settle.
     total = 0
-    (tmp_path / "one_payer.py").write_text(ONE_PAYER_HOOK)
+    (tmp_path / "one_payer.py").write_text(DEEP_STACKS_HOOK + ONE_PAYER_HOOK)
+    (tmp_path / "deep_stacks.py").write_text(DEEP_STACKS_HOOK)
     for extra, seconds, hooks in (
-            (["--mode", "all"], FUZZ_SECONDS * 2 // 3, None),
+            (["--mode", "all"], FUZZ_SECONDS * 2 // 3, "deep_stacks"),
             (["--mode", "positive", "--include-operation-id", "createChatCompletion"],
              FUZZ_SECONDS // 3, "one_payer")):
         code, text = await run_schemathesis(config, h.api + "/openapi.json", extra, seconds,
@@ -101,6 +102,14 @@ expected-statuses = ["1XX", "2XX", "3XX", "4XX", 502, 504]
     assert len(h.fake.calls) > 10, "too few generated calls got past admission"
     assert await h.gw.store.open_holds() == 0
 
+
+# Hypothesis describes nested strategies by parsing their lambdas' source deep in the
+# stack; on CPython 3.11 before 3.11.8 an AST built near the recursion limit fails with
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905), a
+# crash of the fuzzer itself that once failed CI. A higher limit keeps it out of reach.
+DEEP_STACKS_HOOK = """import sys
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 8000))
+"""
 
 # Generated requests carry both payer headers most of the time (a clean 400) and
 # random users and models; in the proxy pass, mostly the connected user and a
