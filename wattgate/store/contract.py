@@ -167,10 +167,12 @@ class Ledger(Protocol):
         """Move to ``state`` (revoked stays revoked); revoking ends, in the same
         transaction, every grant the connection funds."""
 
-    async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
-        """(table, row id, sealed key) of every stored funding key."""
+    async def all_sealed_keys(self) -> list[tuple[str, int | str, str]]:
+        """(table, row id, sealed value) of everything sealed under a master key: the
+        funding keys (``connections``, ``grants``: integer ids) and the apps' webhook
+        signing secrets (``apps``: the app id), so ``wattgate keys rotate`` re-seals all."""
 
-    async def replace_sealed_keys(self, changes: list[tuple[str, int, str, str]]) -> int:
+    async def replace_sealed_keys(self, changes: list[tuple[str, int | str, str, str]]) -> int:
         """Swap (table, id, old, new) in one transaction, only where still old."""
 
     # ---- holds and debits --------------------------------------------------
