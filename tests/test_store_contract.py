@@ -1449,9 +1449,13 @@ async def test_a_swept_estimate_and_its_final_figure_tell_the_lines_they_cross(l
     line = {"appId": app.app_id, "appUserId": "gil", "period": PERIOD, "capUsd": "10"}
     assert told(await ledger.recent_webhooks(app.app_id), "budget.threshold") == [
         {**line, "percent": 80, "spentUsd": "9"}]
-    assert await ledger.correct_usage("gen-swept", 10 * USD)  # the final figure: 100 %
-    assert not await ledger.correct_usage("gen-swept", 10 * USD)
+    assert await ledger.correct_usage("gen-swept", 10 * USD, now=T + 7200)  # final: 100 %
+    assert not await ledger.correct_usage("gen-swept", 10 * USD, now=T + 7201)
     events = await ledger.recent_webhooks(app.app_id)
+    # Dated when told (so its day of retries starts then), the sweep's at the call's time.
+    assert sorted(e.created_at for e in events if e.type == "budget.threshold") == \
+        [T, T + 7200]
+    assert all(e.since == e.created_at for e in events)
     assert told(events, "budget.threshold") == [{**line, "percent": 80, "spentUsd": "9"},
                                                 {**line, "percent": 100, "spentUsd": "10"}]
     assert {e.stream for e in events} == {f"c{c.connection_id}"}

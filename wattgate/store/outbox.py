@@ -7,7 +7,10 @@ what a SQLite settle writes when it crosses 80 % or 100 % of the cap or uses a
 grant up (``sqlite_after_settle``, only then), and what the deliverer claims and
 records. PostgreSQL's settle writes the same events, same dedupe keys, same
 bodies byte for byte, inside its group-committed ``wattgate_settle`` (migration 4,
-``pg_migrations.m004_webhooks``): no round trip more.
+``pg_migrations.m004_webhooks``): no round trip more. The writes off the hot path that
+move the same aggregates (the hold sweep's estimate, reconciliation's final figure)
+tell the same events in their own transaction: ``sqlite_after_change`` and
+``pg_after_change`` (the latter through migration 4's SQL functions).
 
 An event of a stream (a connection ``c<id>``, a grant with no connection
 ``g<id>``) is claimed only when no earlier event of its stream is still pending:

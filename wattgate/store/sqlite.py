@@ -902,10 +902,11 @@ class SQLiteStore(BrowseMixin):
             self._meter.written.add(hold.hold_id)
         return self._writer.submit(op)
 
-    async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
+    async def correct_usage(self, generation_id: str, cost_nanos: int, *,
+                            now: float | None = None) -> bool:
         """Replace a provisional row's cost with the upstream's final figure."""
         def op(db: sqlite3.Connection) -> tuple[int | None, str, int] | None:
-            return _correct(db, generation_id, cost_nanos, None, None, None)
+            return _correct(db, generation_id, cost_nanos, None, None, now)
 
         def after(moved: tuple[int | None, str, int] | None) -> None:
             if moved is not None:
@@ -1023,7 +1024,8 @@ class SQLiteStore(BrowseMixin):
         return self._shielded(self._writer.run(op, lambda _: self._meter.remove(hold)), hold,
                               lambda _: None)
 
-    async def sweep_holds(self, *, older_than: float | None = None) -> int:
+    async def sweep_holds(self, *, older_than: float | None = None,
+                          now: float | None = None) -> int:
         """Drop holds created before ``older_than`` (all holds when None).
 
         A hold whose upstream generation was already named may have been
@@ -1046,7 +1048,7 @@ class SQLiteStore(BrowseMixin):
                     if hold.grant_id is not None:
                         _refund_request(db, hold.grant_id)
                         outbox.sqlite_after_change(db, None, hold.grant_id, hold.period, 0,
-                                                   r[8])
+                                                   r[8] if now is None else now)
                     continue
                 inserted = db.execute(
                     "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, "
@@ -1061,7 +1063,8 @@ class SQLiteStore(BrowseMixin):
                                hold.amount_nanos) if inserted else None
                 outbox.sqlite_after_change(db, hold.connection_id if inserted else None,
                                            hold.grant_id, hold.period,
-                                           hold.amount_nanos if inserted else 0, r[8], spent)
+                                           hold.amount_nanos if inserted else 0,
+                                           r[8] if now is None else now, spent)
             return len(rows)
         def after(_: int) -> None:
             self._meter.spent.clear()  # rows became debits: read the aggregates again
