@@ -1431,3 +1431,120 @@ async def test_old_delivered_and_failed_events_are_pruned_never_pending_ones(led
     assert await ledger.prune_webhooks(before=T) == 0  # created at T: not before it
     assert await ledger.prune_webhooks(before=T + 1) == 2
     assert [e.public_id for e in await ledger.recent_webhooks(app.app_id)] == [third.public_id]
+
+
+# ---- webhooks: what the sweep, reconciliation and releases tell --------------------
+
+def told(events: list[Any], event_type: str) -> list[dict[str, Any]]:
+    return [d for t, d in events_of(events) if t == event_type]
+
+
+async def test_a_swept_estimate_and_its_final_figure_tell_the_lines_they_cross(ledger):
+    """Neither the sweep's estimate nor reconciliation's final figure may move spend
+    past a line silently: later settles start above it, so it would never be told."""
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "gil", cap=10 * USD)
+    await named_hold(ledger, app, c, "gen-swept", 9 * USD)
+    assert await ledger.sweep_holds(older_than=T + 1) == 1  # 9 dollars at its estimate
+    line = {"appId": app.app_id, "appUserId": "gil", "period": PERIOD, "capUsd": "10"}
+    assert told(await ledger.recent_webhooks(app.app_id), "budget.threshold") == [
+        {**line, "percent": 80, "spentUsd": "9"}]
+    assert await ledger.correct_usage("gen-swept", 10 * USD, now=T + 7200)  # final: 100 %
+    assert not await ledger.correct_usage("gen-swept", 10 * USD, now=T + 7201)
+    events = await ledger.recent_webhooks(app.app_id)
+    # Dated when told (so its day of retries starts then), the sweep's at the call's time.
+    assert sorted(e.created_at for e in events if e.type == "budget.threshold") == \
+        [T, T + 7200]
+    assert all(e.since == e.created_at for e in events)
+    assert told(events, "budget.threshold") == [{**line, "percent": 80, "spentUsd": "9"},
+                                                {**line, "percent": 100, "spentUsd": "10"}]
+    assert {e.stream for e in events} == {f"c{c.connection_id}"}
+    from wattgate.webhooks import body_of
+    for e in events:
+        parsed = json.loads(e.body)
+        assert e.body == body_of(e.public_id, e.type, e.created_at, parsed["data"])
+    # A provisional row made final by reconciliation alone; then a settle past
+    # nothing new: the 80 % line is told once, by the correction.
+    d = await funded(ledger, app, "hal", cap=10 * USD)
+    h = await admit(ledger, d, 7 * USD)
+    await ledger.settle(h, billed(h, app, "gen-prov", 7 * USD, provisional=True), PERIOD)
+    assert await ledger.correct_usage("gen-prov", 8 * USD)
+    h = await admit(ledger, d, USD)
+    await ledger.settle(h, billed(h, app, "gen-more", USD), PERIOD)
+    assert [(x["appUserId"], x["percent"], x["spentUsd"]) for x in
+            told(await ledger.recent_webhooks(app.app_id), "budget.threshold")] == [
+        ("gil", 80, "9"), ("gil", 100, "10"), ("hal", 80, "8")]
+    await consistent(ledger, app)
+
+
+async def test_every_path_that_uses_a_grant_up_tells_it_exactly_once(ledger):
+    """Used up (``webhooks.grant_exhausted``): every request used with nothing held, or
+    its dollar cap spent. Besides a settle, the call that leaves it so may be swept to
+    its estimate or given its final figure by reconciliation: each tells it, once. A
+    call released before the model (its request given back) leaves it usable: not
+    told, until a later call really uses it up."""
+    app = await hooked(ledger)
+    c = await funded(ledger, app, "ivy", cap=100 * USD)
+
+    async def take(g: Grant, amount: int = USD) -> Hold:
+        return (await ledger.admit_grant(g.token_hash, app.app_id, PERIOD, amount, now=T,
+                                         expires_at=T + TTL))[1]
+
+    async def name(h: Hold, gen: str) -> None:
+        named = ledger.note_generation(h, gen, app.app_id, "openai/gpt-4o-mini")
+        assert named is not None
+        await named
+
+    refunded = await connection_grant(ledger, app, c, 2)
+    a, b = await take(refunded), await take(refunded)
+    await ledger.settle(b, billed(b, app, "gen-rb", USD // 2), PERIOD)  # a still held
+    await ledger.release(a, refund_request=True)  # its last call, released: a request left
+    last_swept = await connection_grant(ledger, app, c, 2)
+    a, b = await take(last_swept), await take(last_swept)
+    await ledger.settle(b, billed(b, app, "gen-lb", USD // 2), PERIOD)  # a still held
+    await name(a, "gen-la")  # a reached the model; its process died: swept
+    swept = await typed_grant(ledger, app, 1)
+    await name(await take(swept), "gen-gs")
+    unnamed = await typed_grant(ledger, app, 1)
+    await take(unnamed)  # never reached the model: swept, its request given back
+    assert await ledger.sweep_holds(older_than=T + 1) == 3
+    assert await ledger.correct_usage("gen-gs", USD // 4)  # told already: not again
+    assert await ledger.correct_usage("gen-la", USD // 4)
+    capped = await typed_grant(ledger, app, 5, max_nanos=USD)
+    h = await take(capped, USD // 2)
+    await ledger.settle(h, billed(h, app, "gen-cap", USD // 2, provisional=True), PERIOD)
+    assert await ledger.correct_usage("gen-cap", USD)  # its dollar cap spent
+    exhausted = told(await ledger.recent_webhooks(app.app_id), "grant.exhausted")
+    by_grant = {d["grantId"]: d for d in exhausted}
+    assert len(exhausted) == len(by_grant) == 3
+    assert set(by_grant) == {last_swept.grant_id, swept.grant_id, capped.grant_id}
+    assert by_grant[last_swept.grant_id] == {
+        "appId": app.app_id, "appUserId": "ivy", "grantId": last_swept.grant_id,
+        "requests": 2, "used": 2, "maxUsd": None, "spentUsd": "1.5"}  # 0.5 + the estimate
+    assert (by_grant[swept.grant_id]["spentUsd"], by_grant[swept.grant_id]["appUserId"]) \
+        == ("1", None)
+    assert (by_grant[capped.grant_id]["used"], by_grant[capped.grant_id]["spentUsd"],
+            by_grant[capped.grant_id]["maxUsd"]) == (1, "1", "1")
+    for g in (refunded, unnamed):  # usable again: told when really used up
+        h = await take(g)
+        await ledger.settle(h, billed(h, app, f"gen-again-{g.grant_id}", 1), PERIOD)
+    exhausted = told(await ledger.recent_webhooks(app.app_id), "grant.exhausted")
+    assert sorted(d["grantId"] for d in exhausted) == sorted(
+        [*by_grant, refunded.grant_id, unnamed.grant_id])
+    await consistent(ledger, app)
+
+
+async def test_re_sealing_covers_the_apps_webhook_signing_secrets(ledger):
+    app = await hooked(ledger)  # sealed "sealed-secret"
+    quiet = await new_app(ledger)
+    c = await funded(ledger, quiet, "u1")
+    keys = await ledger.all_sealed_keys()
+    assert sorted((k[0], k[2]) for k in keys) == [("apps", "sealed-secret"),
+                                                  ("connections", c.sealed_key)]
+    [(table, row_id, old)] = [k for k in keys if k[0] == "apps"]
+    assert row_id == app.app_id
+    assert await ledger.replace_sealed_keys([(table, row_id, "stale", "v1.k2.no")]) == 0
+    assert await ledger.replace_sealed_keys([(table, row_id, old, "v1.k2.hook")]) == 1
+    hook = await ledger.get_webhook(app.app_id)
+    assert hook is not None and (hook.url, hook.sealed_secret) == \
+        ("https://example.test/hook", "v1.k2.hook")

@@ -292,22 +292,35 @@ async def test_a_delivery_given_up_after_a_day_is_failed_and_resent_by_id(make_h
     assert len(await h.gw.store.recent_webhooks(app.app_id)) == 1
 
 
-async def test_kill_9_mid_delivery_then_restart_delivers(backend, make_pg_url, fake_upstream,
-                                                         receiver, tmp_path):
+async def served_gateway(backend: str, make_pg_url: Any, fake_upstream: Any,
+                         tmp_path: Any) -> GatewayProcess:
+    """``wattgate serve`` in its own process on the test's backend, delivering fast."""
     env = {"WATTGATE_WEBHOOKS__POLL_INTERVAL": "0.05", "WATTGATE_WEBHOOKS__TIMEOUT": "2"}
     if backend == "postgresql":
         env["WATTGATE_DATABASE__URL"] = make_pg_url()
     gw = GatewayProcess(tmp_path / "gw", fake_upstream.base_url, env)
     await gw.start()
+    return gw
+
+
+async def hooked_app(gw: GatewayProcess, receiver: Receiver) -> tuple[dict[str, Any], str]:
+    """An app made with the command line, its webhooks sent to ``receiver``; (the app's
+    credentials, its signing secret)."""
+    code, out = await gw.cli("apps", "create", "--name", "Hooked", "--origin",
+                             "http://localhost:3000", "--json")
+    assert code == 0, out
+    app = json.loads(out.splitlines()[-1])
+    code, out = await gw.cli("apps", "set-webhook", app["appId"], "--url", receiver.url,
+                             "--json")
+    assert code == 0, out
+    return app, json.loads(out)["secret"]
+
+
+async def test_kill_9_mid_delivery_then_restart_delivers(backend, make_pg_url, fake_upstream,
+                                                         receiver, tmp_path):
+    gw = await served_gateway(backend, make_pg_url, fake_upstream, tmp_path)
     try:
-        code, out = await gw.cli("apps", "create", "--name", "Kill", "--origin",
-                                 "http://localhost:3000", "--json")
-        assert code == 0, out
-        app = json.loads(out.splitlines()[-1])
-        code, out = await gw.cli("apps", "set-webhook", app["appId"], "--url", receiver.url,
-                                 "--json")
-        assert code == 0, out
-        secret = json.loads(out)["secret"]
+        app, secret = await hooked_app(gw, receiver)
         receiver.answers = ["hang"]
         auth = {"Authorization": f"Bearer {app['secretKey']}"}
         async with aiohttp.ClientSession() as http:
@@ -469,3 +482,52 @@ async def test_the_command_line_sets_and_clears_an_endpoint_beside_a_running_gat
     done = await cli("clear-webhook", app.app_id)
     assert done.returncode == 0 and "cleared" in done.stdout
     assert await h.gw.store.get_webhook(app.app_id) is None
+
+
+async def test_keys_rotate_reseals_signing_secrets_so_the_old_master_key_can_go(
+        backend, make_pg_url, fake_upstream, receiver, tmp_path):
+    """``wattgate keys rotate`` re-seals the apps' webhook signing secrets with the
+    funding keys: once the old master key is removed from the keys file, a fresh
+    gateway still signs every delivery with the very secret the app was given."""
+    gw = await served_gateway(backend, make_pg_url, fake_upstream, tmp_path)
+    try:
+        app, secret = await hooked_app(gw, receiver)
+        auth = {"Authorization": f"Bearer {app['secretKey']}"}
+
+        async def connect(user: str) -> None:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(gw.api + "/sessions", json={"appUserId": user},
+                                     headers=auth) as r:
+                    token = (await r.json())["token"]
+                async with http.post(gw.api + "/connections",
+                                     json={"monthlyUsd": 10, "fundingKey": FUNDING_KEY},
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200, await r.text()
+
+        await connect("before")
+        await receiver.wait(1)
+        await gw.stop()
+        code, out = await gw.cli("keys", "rotate")
+        assert code == 0, out
+        assert "re-sealed 1 funding keys and 1 webhook signing secrets" in out, out
+        keys_file = gw.database.with_name(gw.database.name + ".keys.json")
+        data = json.loads(keys_file.read_text())
+        assert data["active_key_id"] == "k2"
+        del data["master_keys"]["k1"]  # the operator retires the old master key
+        keys_file.write_text(json.dumps(data))
+        gw.port = free_port()
+        await gw.start()
+        await connect("after")
+        await receiver.wait(2, seconds=15)
+        got = receiver.events(secret)  # the secret the app was given, unchanged
+        assert [(e["type"], e["data"]["appUserId"]) for e in got] == [
+            ("connection.created", "before"), ("connection.created", "after")]
+        async with aiohttp.ClientSession() as http:  # its funding key re-sealed too
+            async with http.post(gw.api + "/chat/completions",
+                                 json={"model": "fake/flat-3c", "max_tokens": 8,
+                                       "messages": [{"role": "user", "content": "hi"}]},
+                                 headers={**auth, "x-wattfare-user": "before"}) as r:
+                assert r.status == 200, await r.text()
+        assert "cannot be unsealed" not in (gw.data_dir / "serve.log").read_text()
+    finally:
+        await gw.stop()

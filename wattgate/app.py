@@ -53,7 +53,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         app[gateway_key] = gw
         # Holds no living process will settle (SQLite: all of them; PostgreSQL: those
         # of dead processes).
-        swept = await gw.store.sweep_holds()
+        swept = await gw.store.sweep_holds(now=gw.clock())
         if swept:
             log.warning("released %d budget holds left by a previous process", swept)
         # A revocation cut short by a crash: erase what nothing can correct any more

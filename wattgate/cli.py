@@ -302,22 +302,30 @@ def cmd_app_policy(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
     from .keyfile import add_master_key
-    from .sealing import Sealer, SealError, connection_aad, grant_aad
+    from .sealing import Sealer, SealError, connection_aad, grant_aad, webhook_aad
 
-    async def rotate(gw: Gateway) -> tuple[str, int]:
+    aad_of = {"connections": lambda i: connection_aad(int(i)),
+              "grants": lambda i: grant_aad(int(i)), "apps": lambda i: webhook_aad(str(i))}
+
+    async def rotate(gw: Gateway) -> tuple[str, int, int]:
         kid = add_master_key(gw.keys)
         gw.sealer = Sealer(gw.keys.master_keys, gw.keys.active_key_id)
-        changes = []
+        changes: list[tuple[str, int | str, str, str]] = []
+        # Funding keys and the apps' webhook signing secrets, all in one pass: once
+        # done, the old master key seals nothing and can leave the keys file.
         for table, row_id, sealed in await gw.store.all_sealed_keys():
-            aad = connection_aad(row_id) if table == "connections" else grant_aad(row_id)
+            aad = aad_of[table](row_id)
             try:
                 plain = gw.sealer.unseal(sealed, aad)
             except SealError as e:
                 raise CommandError(f"{table} row {row_id}: {e}") from None
             changes.append((table, row_id, sealed, gw.sealer.seal(plain, aad)))
-        return kid, await gw.store.replace_sealed_keys(changes)
-    kid, count = _run(config, rotate)
-    print(f"master key {kid} is now active; re-sealed {count} funding keys")
+        keys = await gw.store.replace_sealed_keys([c for c in changes if c[0] != "apps"])
+        secrets = await gw.store.replace_sealed_keys([c for c in changes if c[0] == "apps"])
+        return kid, keys, secrets
+    kid, keys, secrets = _run(config, rotate)
+    print(f"master key {kid} is now active; re-sealed {keys} funding keys "
+          f"and {secrets} webhook signing secrets")
     return 0
 
 

@@ -108,7 +108,8 @@ class Reconciler:
                                                            now + min(2.0 ** attempts, 300.0))
                     report.waiting += 1
                     continue
-                if await self.gw.store.correct_usage(usage.generation_id, cost):
+                if await self.gw.store.correct_usage(usage.generation_id, cost,
+                                                     now=self.gw.clock()):
                     report.corrected += 1
                     self.gw.observer.reconciled(usage.app_id, cost)
                 self._next_try.pop(usage.generation_id, None)
@@ -150,7 +151,8 @@ class Reconciler:
 
     async def _correct(self, usage: Usage, key: str) -> bool:
         cost = await self._ask(usage, key, first=True)
-        if cost is None or not await self.gw.store.correct_usage(usage.generation_id, cost):
+        if cost is None or not await self.gw.store.correct_usage(usage.generation_id, cost,
+                                                                 now=self.gw.clock()):
             return False
         self.gw.observer.reconciled(usage.app_id, cost)
         return True
@@ -206,9 +208,9 @@ class Reconciler:
         start of some process. (On SQLite every hold is this living process's.)"""
         now = self.gw.clock()
         swept = await self.gw.store.sweep_holds(
-            older_than=now - self.gw.config.metering_hold_ttl_seconds)
+            older_than=now - self.gw.config.metering_hold_ttl_seconds, now=now)
         if self.gw.store.kind != "sqlite":
-            swept += await self.gw.store.sweep_holds()
+            swept += await self.gw.store.sweep_holds(now=now)
         return swept
 
     async def loop(self) -> None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .store.contract import Ledger
 
 __all__ = ["EVENT_TYPES", "SIGNATURE_HEADER", "TOLERANCE", "SignatureError", "body_of",
-           "clear_endpoint", "crossed_thresholds", "mint_secret", "new_event_id", "retry_delay", "set_endpoint", "sign", "usd",
+           "clear_endpoint", "crossed_thresholds", "grant_exhausted", "mint_secret", "new_event_id", "retry_delay", "set_endpoint", "sign", "usd",
            "validate_url", "verify"]
 
 SIGNATURE_HEADER = "Wattgate-Signature"
@@ -89,6 +89,16 @@ def crossed_thresholds(cap_nanos: int | None, before: int, after: int) -> list[i
     if cap_nanos is None or cap_nanos <= 0 or after <= before:
         return []
     return [p for p in THRESHOLDS if before * 100 < cap_nanos * p <= after * 100]
+
+
+def grant_exhausted(used: int, requests: int, max_nanos: int | None, spent: int,
+                    held: int) -> bool:
+    """A grant used up, as ``grant.exhausted`` tells it: every request used with none
+    of its calls still held (so its spend is final), or its dollar cap spent.
+    Whatever change leaves a grant so (a settle, a release that keeps the request,
+    the sweep, reconciliation's final figure) writes the event; its dedupe key
+    (``grant:<id>``) makes it once per grant."""
+    return (used >= requests and held == 0) or (max_nanos is not None and spent >= max_nanos)
 
 
 def retry_delay(attempts: int, first: float, most: float) -> float:

@@ -167,10 +167,12 @@ class Ledger(Protocol):
         """Move to ``state`` (revoked stays revoked); revoking ends, in the same
         transaction, every grant the connection funds."""
 
-    async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
-        """(table, row id, sealed key) of every stored funding key."""
+    async def all_sealed_keys(self) -> list[tuple[str, int | str, str]]:
+        """(table, row id, sealed value) of everything sealed under a master key: the
+        funding keys (``connections``, ``grants``: integer ids) and the apps' webhook
+        signing secrets (``apps``: the app id), so ``wattgate keys rotate`` re-seals all."""
 
-    async def replace_sealed_keys(self, changes: list[tuple[str, int, str, str]]) -> int:
+    async def replace_sealed_keys(self, changes: list[tuple[str, int | str, str, str]]) -> int:
         """Swap (table, id, old, new) in one transaction, only where still old."""
 
     # ---- holds and debits --------------------------------------------------
@@ -205,11 +207,14 @@ class Ledger(Protocol):
         """Drop a hold without spend (the call never reached the model); a
         grant's request is given back when ``refund_request``. Shielded."""
 
-    async def sweep_holds(self, *, older_than: float | None = None) -> int:
+    async def sweep_holds(self, *, older_than: float | None = None,
+                          now: float | None = None) -> int:
         """Holds no living process will settle: those created before
         ``older_than``, and with None every hold whose process is gone. A hold
         whose generation was named becomes a provisional row at its estimate;
-        one never named is released (a grant's request given back)."""
+        one never named is released (a grant's request given back). What the
+        estimate tells (a line of the cap crossed, a grant used up) is written in
+        the same transaction, dated ``now`` (None: the call's own time)."""
 
     async def open_holds(self) -> int:
         """Holds of calls in flight, on every process."""
@@ -278,8 +283,11 @@ class Ledger(Protocol):
         """Make ``new_hash`` the browser's proof, old ones proving nothing, at once."""
 
     # ---- reconciliation ----------------------------------------------------
-    async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
-        """Make a provisional row final at the upstream's figure (aggregates too)."""
+    async def correct_usage(self, generation_id: str, cost_nanos: int, *,
+                            now: float | None = None) -> bool:
+        """Make a provisional row final at the upstream's figure (aggregates too), and
+        write what that tells in the same transaction, as a settle would (a line of
+        the cap crossed, a grant used up), dated ``now`` (None: the call's own time)."""
 
     async def provisional_usage(self, limit: int = 100, *, after: int = 0,
                                 since: float | None = None) -> list[tuple[Usage, str]]: ...

@@ -7,7 +7,10 @@ what a SQLite settle writes when it crosses 80 % or 100 % of the cap or uses a
 grant up (``sqlite_after_settle``, only then), and what the deliverer claims and
 records. PostgreSQL's settle writes the same events, same dedupe keys, same
 bodies byte for byte, inside its group-committed ``wattgate_settle`` (migration 4,
-``pg_migrations.m004_webhooks``): no round trip more.
+``pg_migrations.m004_webhooks``): no round trip more. The writes off the hot path that
+move the same aggregates (the hold sweep's estimate, reconciliation's final figure)
+tell the same events in their own transaction: ``sqlite_after_change`` and
+``pg_after_change`` (the latter through migration 4's SQL functions).
 
 An event of a stream (a connection ``c<id>``, a grant with no connection
 ``g<id>``) is claimed only when no earlier event of its stream is still pending:
@@ -47,10 +50,24 @@ SET_WEBHOOK = ("UPDATE apps SET webhook_url = ?, webhook_secret = ? WHERE app_id
                "AND deleted_at IS NULL")
 GET_WEBHOOK = ("SELECT app_id, webhook_url, webhook_secret FROM apps WHERE app_id = ? "
                "AND deleted_at IS NULL AND webhook_url IS NOT NULL")
+# Every app's sealed signing secret (deleted apps' too): ``wattgate keys rotate`` re-seals them.
+SEALED_SECRETS = "SELECT app_id, webhook_secret FROM apps WHERE webhook_secret IS NOT NULL"
 _USER = "SELECT app_id, app_user_id FROM connections WHERE connection_id = ?"
 _SPENT = "SELECT spent_nanos FROM periods WHERE connection_id = ? AND period = ?"
+_CAP = "SELECT cap_nanos FROM connections WHERE connection_id = ?"
 _GRANT = ("SELECT used, requests, max_nanos, spent_nanos, held_nanos, connection_id, app_id "
           "FROM grants WHERE grant_id = ?")
+
+
+def sealed_column(table: str) -> tuple[str, str, str]:
+    """(table, id column, sealed column) of ``all_sealed_keys``' table names (SQL
+    identifiers from this fixed list only)."""
+    columns = {"connections": ("connections", "connection_id", "sealed_key"),
+               "grants": ("grants", "grant_id", "sealed_key"),
+               "apps": ("apps", "app_id", "webhook_secret")}
+    if table not in columns:
+        raise ValueError(f"nothing sealed in {table}")
+    return columns[table]
 
 
 def pg(sql: str) -> str:
@@ -106,8 +123,8 @@ def _threshold(connection: Any, connection_id: int, period: str, cap: int, spent
 
 
 def _exhausted(grant_id: int, g: Any, user: Any, now: float) -> tuple[Any, ...] | None:
-    used, requests, max_nanos, spent, held = g[0], g[1], g[2], g[3], g[4]
-    if not ((used >= requests and held == 0) or (max_nanos is not None and spent >= max_nanos)):
+    used, requests, max_nanos, spent = g[0], g[1], g[2], g[3]
+    if not webhooks.grant_exhausted(used, requests, max_nanos, spent, g[4]):
         return None
     data = {"appUserId": user[1] if user else None, "grantId": grant_id,
             "requests": requests, "used": used, "maxUsd": webhooks.usd(max_nanos),
@@ -151,6 +168,18 @@ def sqlite_after_settle(db: sqlite3.Connection, connection_id: int | None,
             db.execute(_EMIT, params)
 
 
+def sqlite_after_change(db: sqlite3.Connection, connection_id: int | None,
+                        grant_id: int | None, period: str, moved: int, now: float,
+                        spent_after: int | None = None) -> None:
+    """``sqlite_after_settle`` for the writes off the hot path (the sweep's estimate,
+    reconciliation's final figure, a grant's call released): the cap read here."""
+    cap = None
+    if connection_id is not None and moved > 0:
+        row = db.execute(_CAP, (connection_id,)).fetchone()
+        cap = row[0] if row else None
+    sqlite_after_settle(db, connection_id, grant_id, period, cap, spent_after, moved, now)
+
+
 # ---- PostgreSQL (inside the caller's transaction) ---------------------------------------
 async def emit_pg(con: Any, app_id: str, stream: str, event_type: str,
                   data: Mapping[str, Any], now: float, dedupe: str | None = None) -> None:
@@ -163,3 +192,22 @@ async def pg_connection_changed(con: Any, before: Connection | None,
         assert after is not None
         await emit_pg(con, after.app_id, stream_of(after.connection_id), event_type, data, now)
 
+
+
+async def pg_after_change(con: Any, connection_id: int | None, grant_id: int | None,
+                          period: str, moved: int, spent_after: int | None,
+                          now: float) -> None:
+    """What a change off the hot path (the sweep's estimate, reconciliation's final
+    figure, a grant's call released) must tell: the settle's events, written by the
+    same SQL functions (``wattgate_thresholds``, ``wattgate_grant_exhausted``, migration
+    4), so the same dedupe keys and bodies; nothing when no line was crossed."""
+    if connection_id is not None and moved > 0 and spent_after is not None:
+        cap = await con.fetchval(pg(_CAP), connection_id)
+        if webhooks.crossed_thresholds(cap, spent_after - moved, spent_after):
+            await con.execute("SELECT wattgate_thresholds($1, $2, $3, $4, $5, $6)",
+                              connection_id, period, cap, spent_after - moved, spent_after,
+                              now)
+    if grant_id is not None:
+        g = await con.fetchrow(pg(_GRANT), grant_id)
+        if g is not None and webhooks.grant_exhausted(g[0], g[1], g[2], g[3], g[4]):
+            await con.execute("SELECT wattgate_grant_exhausted($1, $2)", grant_id, now)

@@ -500,22 +500,21 @@ class PostgresStore(PgBrowseMixin):
                                   "WHERE connection_id = $2", now, connection_id)
         await self._changed(write)
 
-    async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
+    async def all_sealed_keys(self) -> list[tuple[str, int | str, str]]:
         rows = await self._all(
             "SELECT 'connections', connection_id, sealed_key FROM connections "
             "WHERE sealed_key IS NOT NULL UNION ALL "
             "SELECT 'grants', grant_id, sealed_key FROM grants WHERE sealed_key IS NOT NULL")
-        return [(r[0], r[1], r[2]) for r in rows]
+        secrets = await self._all(outbox.SEALED_SECRETS)
+        return [(r[0], r[1], r[2]) for r in rows] + [("apps", r[0], r[1]) for r in secrets]
 
-    async def replace_sealed_keys(self, changes: list[tuple[str, int, str, str]]) -> int:
+    async def replace_sealed_keys(self, changes: list[tuple[str, int | str, str, str]]) -> int:
         async def write(con: Any) -> int:
             n = 0
             for table, row_id, old, new in changes:
-                if table not in ("connections", "grants"):
-                    raise ValueError(f"no sealed keys in {table}")
-                id_col = "connection_id" if table == "connections" else "grant_id"
-                n += len(await con.fetch(f"UPDATE {table} SET sealed_key = $1 "
-                                         f"WHERE {id_col} = $2 AND sealed_key = $3 RETURNING 1",
+                table, id_col, col = outbox.sealed_column(table)
+                n += len(await con.fetch(f"UPDATE {table} SET {col} = $1 "
+                                         f"WHERE {id_col} = $2 AND {col} = $3 RETURNING 1",
                                          new, row_id, old))
             return n
         return int(await self._changed(write))
@@ -673,7 +672,8 @@ class PostgresStore(PgBrowseMixin):
                 self._forget(hold.hold_id)
         return self._shield(write)
 
-    async def sweep_holds(self, *, older_than: float | None = None) -> int:
+    async def sweep_holds(self, *, older_than: float | None = None,
+                          now: float | None = None) -> int:
         """Holds created before ``older_than`` (any process's), or with None the holds of
         every process that is gone: its owner lock free AND unseen for ``owner_grace``
         (a lifeline reconnecting is not a death). A named hold becomes a provisional
@@ -687,7 +687,7 @@ class PostgresStore(PgBrowseMixin):
             swept = 0
             for (hold_id,) in rows:
                 async with self._tx() as con:
-                    swept += await _sweep_hold(con, hold_id)
+                    swept += await _sweep_hold(con, hold_id, now)
                 self._forget(hold_id)
             return swept
         owners = await self._all(
@@ -712,7 +712,7 @@ class PostgresStore(PgBrowseMixin):
                                   owner)
                 for (hold_id,) in await con.fetch("SELECT hold_id FROM holds WHERE owner = $1 "
                                                   "ORDER BY hold_id", owner):
-                    swept += await _sweep_hold(con, hold_id)
+                    swept += await _sweep_hold(con, hold_id, now)
                 await con.execute("DELETE FROM owners WHERE owner = $1", owner)
         return swept
 
@@ -957,9 +957,10 @@ class PostgresStore(PgBrowseMixin):
         await self._changed(write)
 
     # ---- reconciliation ------------------------------------------------------------
-    async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
+    async def correct_usage(self, generation_id: str, cost_nanos: int, *,
+                            now: float | None = None) -> bool:
         async with self._tx() as con:
-            return await _correct(con, generation_id, cost_nanos, None, None)
+            return await _correct(con, generation_id, cost_nanos, None, None, now)
 
     async def provisional_usage(self, limit: int = 100, *, after: int = 0,
                                 since: float | None = None) -> list[tuple[Usage, str]]:
@@ -1092,19 +1093,23 @@ def _usage(r: Any) -> Usage:
     return Usage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
 
 
-async def _sweep_hold(con: Any, hold_id: int) -> int:
-    """Take one hold no living process will settle; 1 if it was still there."""
+async def _sweep_hold(con: Any, hold_id: int, now: float | None) -> int:
+    """Take one hold no living process will settle; 1 if it was still there. What
+    that tells is dated ``now`` (None: the call's own time)."""
     r = await con.fetchrow(
         "DELETE FROM holds WHERE hold_id = $1 RETURNING connection_id, grant_id, "
         "period, amount_nanos, generation_id, app_id, model, created_at", hold_id)
     if r is None:
         return 0  # settled or released meanwhile
+    told = r["created_at"] if now is None else now
     if r["grant_id"] is not None:
         await con.execute("UPDATE grants SET held_nanos = held_nanos - $1 "
                           "WHERE grant_id = $2", r["amount_nanos"], r["grant_id"])
     if r["generation_id"] is None:  # never reached the model
         if r["grant_id"] is not None:
             await _refund_request(con, r["grant_id"])
+            await outbox.pg_after_change(con, None, r["grant_id"], r["period"], 0, None,
+                                         told)
         return 1
     inserted = await con.fetchval(
         "INSERT INTO usage (generation_id, app_id, connection_id, grant_id, period, "
@@ -1113,8 +1118,11 @@ async def _sweep_hold(con: Any, hold_id: int) -> int:
         "'swept', 0, $8) ON CONFLICT (generation_id) DO NOTHING RETURNING 1",
         r["generation_id"], r["app_id"] or "", r["connection_id"], r["grant_id"],
         r["period"], r["model"] or "", r["amount_nanos"], r["created_at"])
-    if inserted:
-        await _debit(con, r["connection_id"], r["grant_id"], r["period"], r["amount_nanos"])
+    if inserted:  # the estimate told as a settle would tell it (lines, a grant used up)
+        await _debit(con, r["connection_id"], r["grant_id"], r["period"], r["amount_nanos"],
+                     told)
+    elif r["grant_id"] is not None:
+        await outbox.pg_after_change(con, None, r["grant_id"], r["period"], 0, None, told)
     return 1
 
 
@@ -1128,16 +1136,21 @@ async def _drop_hold(con: Any, hold_id: int) -> bool:
 
 
 async def _debit(con: Any, connection_id: int | None, grant_id: int | None, period: str,
-                 nanos: int) -> None:
+                 nanos: int, created: float) -> None:
+    """Move the aggregates by ``nanos`` off the hot path (the sweep, reconciliation) and
+    write what that tells, dated ``created``, as ``wattgate_settle`` does for a settle."""
     # Grants before periods, always: the one lock order of every writer.
     if grant_id is not None:
         await con.execute("UPDATE grants SET spent_nanos = spent_nanos + $1 WHERE grant_id = $2",
                           nanos, grant_id)
+    spent = None
     if connection_id is not None:
-        await con.execute("INSERT INTO periods (connection_id, period, spent_nanos) "
-                          "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
-                          "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos",
-                          connection_id, period, nanos)
+        spent = await con.fetchval(
+            "INSERT INTO periods (connection_id, period, spent_nanos) "
+            "VALUES ($1, $2, $3) ON CONFLICT (connection_id, period) DO UPDATE "
+            "SET spent_nanos = periods.spent_nanos + EXCLUDED.spent_nanos RETURNING spent_nanos",
+            connection_id, period, nanos)
+    await outbox.pg_after_change(con, connection_id, grant_id, period, nanos, spent, created)
 
 
 async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
@@ -1147,10 +1160,11 @@ async def _locked_connection(con: Any, connection_id: int) -> Connection | None:
 
 
 async def _correct(con: Any, generation_id: str, cost_nanos: int, prompt_tokens: int | None,
-                   completion_tokens: int | None) -> bool:
+                   completion_tokens: int | None, now: float | None) -> bool:
     """Make a provisional row final at ``cost_nanos``, aggregates moved by the difference."""
-    row = await con.fetchrow("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
-                             "WHERE generation_id = $1 AND provisional FOR UPDATE", generation_id)
+    row = await con.fetchrow("SELECT connection_id, grant_id, period, cost_nanos, created_at "
+                             "FROM usage WHERE generation_id = $1 AND provisional FOR UPDATE",
+                             generation_id)
     if row is None:
         return False
     await con.execute("UPDATE usage SET cost_nanos = $1, provisional = FALSE, "
@@ -1158,7 +1172,9 @@ async def _correct(con: Any, generation_id: str, cost_nanos: int, prompt_tokens:
                       "completion_tokens = COALESCE($3, completion_tokens) "
                       "WHERE generation_id = $4", cost_nanos, prompt_tokens, completion_tokens,
                       generation_id)
-    await _debit(con, row[0], row[1], row[2], cost_nanos - row[3])
+    # Dated ``now``, else as the call's settle would have been.
+    await _debit(con, row[0], row[1], row[2], cost_nanos - row[3],
+                 row[4] if now is None else now)
     return True
 
 

@@ -732,22 +732,23 @@ class SQLiteStore(BrowseMixin):
                            "WHERE connection_id = :c", params)
         await self._writer.run(op, self._forget_connections)
 
-    async def all_sealed_keys(self) -> list[tuple[str, int, str]]:
-        """(table, row id, sealed key) for every stored funding key."""
-        rows = [("connections", r[0], r[1]) for r in self._all(
+    async def all_sealed_keys(self) -> list[tuple[str, int | str, str]]:
+        """(table, row id, sealed value): every funding key and webhook signing secret."""
+        rows: list[tuple[str, int | str, str]] = [("connections", r[0], r[1]) for r in self._all(
             "SELECT connection_id, sealed_key FROM connections WHERE sealed_key IS NOT NULL")]
         rows += [("grants", r[0], r[1]) for r in self._all(
             "SELECT grant_id, sealed_key FROM grants WHERE sealed_key IS NOT NULL")]
+        rows += [("apps", r[0], r[1]) for r in self._all(outbox.SEALED_SECRETS)]
         return rows
 
-    async def replace_sealed_keys(self, changes: list[tuple[str, int, str, str]]) -> int:
-        """Swap (table, id, old, new) sealed keys in one transaction, only where still old."""
+    async def replace_sealed_keys(self, changes: list[tuple[str, int | str, str, str]]) -> int:
+        """Swap (table, id, old, new) sealed values in one transaction, only where still old."""
         def op(db: sqlite3.Connection) -> int:
             n = 0
             for table, row_id, old, new in changes:
-                id_col = "connection_id" if table == "connections" else "grant_id"
-                n += db.execute(f"UPDATE {table} SET sealed_key = :new "
-                                f"WHERE {id_col} = :id AND sealed_key = :old",
+                table, id_col, col = outbox.sealed_column(table)
+                n += db.execute(f"UPDATE {table} SET {col} = :new "
+                                f"WHERE {id_col} = :id AND {col} = :old",
                                 {"new": new, "id": row_id, "old": old}).rowcount
             return n
         return await self._writer.run(op, self._forget_connections)
@@ -828,12 +829,9 @@ class SQLiteStore(BrowseMixin):
                 # swept hold's estimate); a final row is never counted twice.
                 if not usage.provisional:
                     moved = _correct(db, usage.generation_id, usage.cost_nanos,
-                                     usage.prompt_tokens, usage.completion_tokens)
+                                     usage.prompt_tokens, usage.completion_tokens,
+                                     usage.created_at)
                     if moved is not None:
-                        outbox.sqlite_after_settle(
-                            db, usage.connection_id, usage.grant_id, period,
-                            cap(db) if usage.connection_id is not None else None, None,
-                            moved[2], usage.created_at)
                         return True, moved
                 return False, (None, period, 0)
             spent = _debit(db, usage.connection_id, usage.grant_id, period, usage.cost_nanos)
@@ -904,10 +902,11 @@ class SQLiteStore(BrowseMixin):
             self._meter.written.add(hold.hold_id)
         return self._writer.submit(op)
 
-    async def correct_usage(self, generation_id: str, cost_nanos: int) -> bool:
+    async def correct_usage(self, generation_id: str, cost_nanos: int, *,
+                            now: float | None = None) -> bool:
         """Replace a provisional row's cost with the upstream's final figure."""
         def op(db: sqlite3.Connection) -> tuple[int | None, str, int] | None:
-            return _correct(db, generation_id, cost_nanos, None, None)
+            return _correct(db, generation_id, cost_nanos, None, None, now)
 
         def after(moved: tuple[int | None, str, int] | None) -> None:
             if moved is not None:
@@ -1025,7 +1024,8 @@ class SQLiteStore(BrowseMixin):
         return self._shielded(self._writer.run(op, lambda _: self._meter.remove(hold)), hold,
                               lambda _: None)
 
-    async def sweep_holds(self, *, older_than: float | None = None) -> int:
+    async def sweep_holds(self, *, older_than: float | None = None,
+                          now: float | None = None) -> int:
         """Drop holds created before ``older_than`` (all holds when None).
 
         A hold whose upstream generation was already named may have been
@@ -1047,6 +1047,8 @@ class SQLiteStore(BrowseMixin):
                 if r[5] is None:  # never reached the model: a grant gets its request back
                     if hold.grant_id is not None:
                         _refund_request(db, hold.grant_id)
+                        outbox.sqlite_after_change(db, None, hold.grant_id, hold.period, 0,
+                                                   r[8] if now is None else now)
                     continue
                 inserted = db.execute(
                     "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, "
@@ -1055,8 +1057,14 @@ class SQLiteStore(BrowseMixin):
                     "(?, ?, ?, ?, ?, ?, 0, 0, ?, 1, 'swept', 0, ?)",
                     (r[5], r[6], hold.connection_id, hold.grant_id, hold.period, r[7] or "",
                      hold.amount_nanos, r[8])).rowcount
-                if inserted:
-                    _debit(db, hold.connection_id, hold.grant_id, hold.period, hold.amount_nanos)
+                # The estimate may cross a line of the cap or use a grant up: told here
+                # as a settle would (later settles start above the line).
+                spent = _debit(db, hold.connection_id, hold.grant_id, hold.period,
+                               hold.amount_nanos) if inserted else None
+                outbox.sqlite_after_change(db, hold.connection_id if inserted else None,
+                                           hold.grant_id, hold.period,
+                                           hold.amount_nanos if inserted else 0,
+                                           r[8] if now is None else now, spent)
             return len(rows)
         def after(_: int) -> None:
             self._meter.spent.clear()  # rows became debits: read the aggregates again
@@ -1282,13 +1290,15 @@ def _debit(db: sqlite3.Connection, connection_id: int | None, grant_id: int | No
 
 
 def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
-             prompt_tokens: int | None, completion_tokens: int | None
+             prompt_tokens: int | None, completion_tokens: int | None, now: float | None
              ) -> tuple[int | None, str, int] | None:
-    """Make a provisional row final at ``cost_nanos``, moving the aggregates by the difference.
+    """Make a provisional row final at ``cost_nanos``, moving the aggregates by the difference,
+    and write what that tells (a line of the cap crossed, a grant used up), dated ``now``
+    (None: the call's own time, as its settle would have dated it).
 
     Answers (connection, period, difference), or None when no provisional row has that id.
     """
-    row = db.execute("SELECT connection_id, grant_id, period, cost_nanos FROM usage "
+    row = db.execute("SELECT connection_id, grant_id, period, cost_nanos, created_at FROM usage "
                      "WHERE generation_id = ? AND provisional = 1", (generation_id,)).fetchone()
     if row is None:
         return None
@@ -1296,7 +1306,9 @@ def _correct(db: sqlite3.Connection, generation_id: str, cost_nanos: int,
                "prompt_tokens = COALESCE(:pt, prompt_tokens), "
                "completion_tokens = COALESCE(:ct, completion_tokens) WHERE generation_id = :g",
                {"c": cost_nanos, "pt": prompt_tokens, "ct": completion_tokens, "g": generation_id})
-    _debit(db, row[0], row[1], row[2], cost_nanos - row[3])
+    spent = _debit(db, row[0], row[1], row[2], cost_nanos - row[3])
+    outbox.sqlite_after_change(db, row[0], row[1], row[2], cost_nanos - row[3],
+                               row[4] if now is None else now, spent)
     return row[0], row[2], cost_nanos - row[3]
 
 
