@@ -16,16 +16,17 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .records import CONNECTION_COLS, GRANT_COLS, Connection, Grant
+from .records import CONNECTION_COLS, GRANT_COLS, UPSTREAM_REFUSED, Connection, Grant
 from .reports import ConnectionSpend, ReportsMixin
 
 T = TypeVar("T")
 
 CONNECTION_STATES = ("active", "needs_reconnect", "revoked")
 GRANT_STATES = ("live", "spent", "expired")
-# The statuses a settled call is recorded with (``calls.Call.settle``): every one but
-# "ok" counts as an error in the request log's error rate.
-CALL_STATUSES = ("ok", "upstream_error", "upstream_cut", "client_gone")
+# The statuses a call is recorded with (``calls.Call.settle``, and ``UPSTREAM_REFUSED``
+# by ``Call.release``): every one but "ok" counts as an error in the request log's
+# error rate.
+CALL_STATUSES = ("ok", "upstream_error", "upstream_cut", "client_gone", UPSTREAM_REFUSED)
 MAX_PAGE = 200
 
 
