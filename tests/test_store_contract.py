@@ -1453,12 +1453,12 @@ async def test_a_call_the_upstream_refused_is_logged_at_zero_and_never_metered(l
     hold = await admit(ledger, ann, USD - USD // 4)
     await ledger.release(hold, record=refused_row(
         app_id=app.app_id, connection_id=ann.connection_id, grant_id=None,
-        model="m/refused", started=T, now=T + 0.25, admitted_at=T + 1))
+        model="m/refused", code=429, started=T, now=T + 0.25, admitted_at=T + 1))
     g, ghold = await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, USD // 10,
                                         now=T + 2, expires_at=T + 2 + TTL)
     await ledger.release(ghold, refund_request=True, record=refused_row(
         app_id=app.app_id, connection_id=ann.connection_id, grant_id=g.grant_id,
-        model="m/refused", started=T + 2, now=T + 2.5, admitted_at=T + 2))
+        model="m/refused", code=500, started=T + 2, now=T + 2.5, admitted_at=T + 2))
     assert await ledger.held(ann.connection_id) == 0 and await ledger.open_holds() == 0
     assert await ledger.period_spent(ann.connection_id, PERIOD) == USD // 4
     again = await ledger.get_grant(grant.token_hash)
@@ -1471,6 +1471,7 @@ async def test_a_call_the_upstream_refused_is_logged_at_zero_and_never_metered(l
             (UPSTREAM_REFUSED, "m/refused", 0, None, "ann"), ("ok", "openai/gpt-4o-mini",
                                                                USD // 4, None, "ann")]
     assert log[1].latency_ms == 250 and log[1].created_at == T + 1
+    assert [ln.upstream_code for ln in log] == [500, 429, None]
     only = await ledger.request_log(LogFilter(app.app_id, status=UPSTREAM_REFUSED))
     assert len(only) == 2
     day = (await ledger.daily_calls(app.app_id, T - 86400, T + 86400))[0]

@@ -158,11 +158,12 @@ def usage_row(outcome: Outcome, charge: Bill, *, app_id: str, connection_id: int
 
 
 def refused_row(*, app_id: str, connection_id: int | None, grant_id: int | None,
-                model: str, started: float, now: float, admitted_at: float) -> Usage:
+                model: str, code: int, started: float, now: float,
+                admitted_at: float) -> Usage:
     """The $0 row of a call the upstream refused before any byte (``UPSTREAM_REFUSED``):
     no generation was named, so its id is one of ours (``wg-``: never reconciled)."""
     return Usage(generation_id=new_generation_id(), app_id=app_id,
                  connection_id=connection_id, grant_id=grant_id, model=model[:200],
                  prompt_tokens=0, completion_tokens=0, cost_nanos=0, provisional=False,
                  status=UPSTREAM_REFUSED, latency_ms=int(max(0.0, now - started) * 1000),
-                 created_at=admitted_at)
+                 created_at=admitted_at, upstream_code=code)

@@ -676,13 +676,15 @@ class PostgresStore(PgBrowseMixin):
                         await con.execute(
                             "INSERT INTO usage (generation_id, app_id, connection_id, "
                             "grant_id, period, model, prompt_tokens, completion_tokens, "
-                            "cost_nanos, provisional, status, latency_ms, created_at) "
-                            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+                            "cost_nanos, provisional, status, latency_ms, created_at, "
+                            "upstream_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+                            "$11, $12, $13, $14) "
                             "ON CONFLICT (generation_id) DO NOTHING",
                             record.generation_id, record.app_id, record.connection_id,
                             record.grant_id, hold.period, record.model, record.prompt_tokens,
                             record.completion_tokens, record.cost_nanos, record.provisional,
-                            record.status, record.latency_ms, record.created_at)
+                            record.status, record.latency_ms, record.created_at,
+                            record.upstream_code)
             finally:
                 self._forget(hold.hold_id)
         return self._shield(write)

@@ -115,6 +115,9 @@ class Usage:
     status: str
     latency_ms: int
     created_at: float
+    # The HTTP code of an ``UPSTREAM_REFUSED`` call's answer (401, 429, 500…); None for
+    # every other row (not in ``USAGE_COLS``: only the request log reads it).
+    upstream_code: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1318,13 +1318,14 @@ def _insert_usage(db: sqlite3.Connection, usage: Usage, period: str) -> bool:
     return db.execute(
         "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, grant_id, "
         "period, model, prompt_tokens, completion_tokens, cost_nanos, provisional, "
-        "status, latency_ms, created_at) VALUES (:g, :a, :c, :gr, :p, :m, :pt, :ct, "
-        ":cost, :prov, :st, :lat, :t)",
+        "status, latency_ms, created_at, upstream_code) VALUES (:g, :a, :c, :gr, :p, :m, "
+        ":pt, :ct, :cost, :prov, :st, :lat, :t, :code)",
         {"g": usage.generation_id, "a": usage.app_id, "c": usage.connection_id,
          "gr": usage.grant_id, "p": period, "m": usage.model,
          "pt": usage.prompt_tokens, "ct": usage.completion_tokens,
          "cost": usage.cost_nanos, "prov": int(usage.provisional), "st": usage.status,
-         "lat": usage.latency_ms, "t": usage.created_at}).rowcount == 1
+         "lat": usage.latency_ms, "t": usage.created_at,
+         "code": usage.upstream_code}).rowcount == 1
 
 
 def _refund_request(db: sqlite3.Connection, grant_id: int) -> None:
