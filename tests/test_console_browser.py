@@ -146,26 +146,31 @@ async def test_the_request_log_of_an_app_and_of_a_user(make_harness, page: Page)
     assert (await chat(h, app, "bob", "fake/flat-3c"))[0] == 200
     await chat(h, app, "bob", "fake/midstream-error", stream=True)  # settled as an error
     await chat(h, app, "bob", "fake/cut", stream=True)  # cut short by the upstream
+    assert (await chat(h, app, "bob", "fake/fail-429"))[0] == 429  # refused upstream: $0
     assert (await chat(h, other, "ann", "fake/flat-3c"))[0] == 200  # another app's
     await sign_in(page, h)
     base = f"{h.url}/admin/apps/{app.app_id}"
-    await expect(page.locator("#requests-chart .figure")).to_have_text("8")  # every app's
+    await expect(page.locator("#requests-chart .figure")).to_have_text("9")  # every app's
 
     # The app page: requests and tokens beside spend, latency and error rate.
     await page.goto(base)
-    await expect(page.locator("#requests-chart .figure")).to_have_text("7")
-    await expect(page.locator("#errors-chart .figure")).to_have_text(re.compile(r"^28\.\d+%$"))
+    await expect(page.locator("#requests-chart .figure")).to_have_text("8")
+    await expect(page.locator("#errors-chart .figure")).to_have_text("37.5%")
     assert await page.locator("#tokens-chart svg.chart rect title").count() >= 1
     await expect(page.locator("#latency-chart .figure")).to_contain_text(" ms")
 
     assert await timed(page, base + "/requests", "request log") < PAGE_BOUND
     log = page.locator("table.log tbody tr")
-    await expect(log).to_have_count(7)  # the other app's call is not here
-    await expect(log.first).to_have_attribute("data-status", "upstream_cut")
-    await expect(log.nth(1)).to_have_attribute("data-status", "upstream_error")
-    await expect(log.nth(2)).to_contain_text("fake/flat-3c")
-    await expect(log.nth(2)).to_contain_text("$0.03")
-    await expect(log.nth(2).locator("td").nth(5)).to_have_text(re.compile(r"^[\d,]+ ms$"))
+    await expect(log).to_have_count(8)  # the other app's call is not here
+    await expect(log.first).to_have_attribute("data-status", "upstream_refused")
+    await expect(log.first).to_contain_text("fake/fail-429")
+    await expect(log.first.locator("td").nth(4)).to_have_text("$0.00")
+    await expect(log.first.locator("td").nth(6)).to_have_text("upstream refused 429")
+    await expect(log.nth(1)).to_have_attribute("data-status", "upstream_cut")
+    await expect(log.nth(2)).to_have_attribute("data-status", "upstream_error")
+    await expect(log.nth(3)).to_contain_text("fake/flat-3c")
+    await expect(log.nth(3)).to_contain_text("$0.03")
+    await expect(log.nth(3).locator("td").nth(5)).to_have_text(re.compile(r"^[\d,]+ ms$"))
     await shots(page, "requests")
 
     # Filter by status through the form, then one user's log from a link.
@@ -173,6 +178,10 @@ async def test_the_request_log_of_an_app_and_of_a_user(make_harness, page: Page)
     await page.locator("#log").get_by_role("button", name="Filter").click()
     await expect(log).to_have_count(1)
     await expect(log.first).to_contain_text("bob")
+    await page.get_by_label("Status").select_option("upstream_refused")
+    await page.locator("#log").get_by_role("button", name="Filter").click()
+    await expect(log).to_have_count(1)
+    await expect(log.first).to_contain_text("fake/fail-429")
     await page.goto(base)
     await page.get_by_role("link", name="Requests of ann").click()
     await expect(page.get_by_role("heading", name="Request log of ann")).to_be_visible()

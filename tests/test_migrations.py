@@ -208,3 +208,20 @@ def test_the_previous_secret_migration_runs_whatever_came_before_it(tmp_path):
         assert columns.count("previous_secret_hash") == 1 and columns.count("previous_until") == 1
     finally:
         db.close()
+
+
+def test_the_upstream_code_migration_keeps_old_rows_and_runs_twice_harmlessly(tmp_path):
+    # m010: usage rows written before it read NULL (they were never refused calls).
+    from wattgate.store.migrations import m010_upstream_code
+
+    db = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        assert migrate(db, upto=9) == 9
+        db.execute("INSERT INTO usage (generation_id, app_id, connection_id, period, model, "
+                   "prompt_tokens, completion_tokens, cost_nanos, created_at) "
+                   "VALUES ('gen-old', 'app', 1, '2026-11', 'm', 1, 2, 3, 0)")
+        assert migrate(db) == len(MIGRATIONS) >= 10
+        m010_upstream_code(db)
+        assert db.execute("SELECT status, upstream_code FROM usage").fetchall() == [("ok", None)]
+    finally:
+        db.close()

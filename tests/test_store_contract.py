@@ -1548,3 +1548,59 @@ async def test_re_sealing_covers_the_apps_webhook_signing_secrets(ledger):
     hook = await ledger.get_webhook(app.app_id)
     assert hook is not None and (hook.url, hook.sealed_secret) == \
         ("https://example.test/hook", "v1.k2.hook")
+
+
+async def test_a_call_the_upstream_refused_is_logged_at_zero_and_never_metered(ledger):
+    """release(record=...) drops the hold, gives a grant's request back and writes the $0
+    row in one write: the request log and its error rate show the call; spend, call
+    counts, the export, the user's recent calls and a grant's used requests do not."""
+    from wattgate.metering import refused_row
+    from wattgate.store.browse import LogFilter
+    from wattgate.store.records import UPSTREAM_REFUSED
+
+    app = await new_app(ledger)
+    ann = await funded(ledger, app, "ann", cap=USD)
+    grant = await connection_grant(ledger, app, ann, requests=1)
+    await ledger.settle(await admit(ledger, ann, USD // 4), usage("gen-paid", app,
+                                                                  ann.connection_id, USD // 4),
+                        PERIOD)
+    before_spend = await ledger.daily_spend(T - 86400, T + 86400, app_id=app.app_id)
+    before_totals = (await ledger.app_totals(T - 86400, T + 86400))[app.app_id]
+    # Refused with the whole rest of the cap held: the room comes back at once.
+    hold = await admit(ledger, ann, USD - USD // 4)
+    await ledger.release(hold, record=refused_row(
+        app_id=app.app_id, connection_id=ann.connection_id, grant_id=None,
+        model="m/refused", code=429, started=T, now=T + 0.25, admitted_at=T + 1))
+    g, ghold = await ledger.admit_grant(grant.token_hash, app.app_id, PERIOD, USD // 10,
+                                        now=T + 2, expires_at=T + 2 + TTL)
+    await ledger.release(ghold, refund_request=True, record=refused_row(
+        app_id=app.app_id, connection_id=ann.connection_id, grant_id=g.grant_id,
+        model="m/refused", code=500, started=T + 2, now=T + 2.5, admitted_at=T + 2))
+    assert await ledger.held(ann.connection_id) == 0 and await ledger.open_holds() == 0
+    assert await ledger.period_spent(ann.connection_id, PERIOD) == USD // 4
+    again = await ledger.get_grant(grant.token_hash)
+    assert again is not None and again.used == 0 and again.held_nanos == 0  # request refunded
+    await admit(ledger, ann, USD - USD // 4)  # the whole rest of the cap is admissible again
+
+    log = await ledger.request_log(LogFilter(app.app_id), limit=10)
+    assert [(ln.status, ln.model, ln.cost_nanos, ln.grant_id, ln.app_user_id) for ln in log] \
+        == [(UPSTREAM_REFUSED, "m/refused", 0, g.grant_id, "ann"),
+            (UPSTREAM_REFUSED, "m/refused", 0, None, "ann"), ("ok", "openai/gpt-4o-mini",
+                                                               USD // 4, None, "ann")]
+    assert log[1].latency_ms == 250 and log[1].created_at == T + 1
+    assert [ln.upstream_code for ln in log] == [500, 429, None]
+    only = await ledger.request_log(LogFilter(app.app_id, status=UPSTREAM_REFUSED))
+    assert len(only) == 2
+    day = (await ledger.daily_calls(app.app_id, T - 86400, T + 86400))[0]
+    assert (day.calls, day.errors) == (3, 2)  # the error rate counts them
+
+    assert await ledger.daily_spend(T - 86400, T + 86400, app_id=app.app_id) == before_spend
+    assert (await ledger.app_totals(T - 86400, T + 86400))[app.app_id] == before_totals
+    payers = await ledger.top_payers(T - 86400, T + 86400, app_id=app.app_id)
+    assert [(p.calls, p.cost_nanos) for p in payers] == [(1, USD // 4)]
+    lines = [ln async for page in ledger.usage_lines(app.app_id) for ln in page]
+    assert [ln.generation_id for ln in lines] == ["gen-paid"]
+    assert [u.generation_id for u in await ledger.recent_usage(ann.connection_id)] \
+        == ["gen-paid"]
+    assert await ledger.provisional_count() == 0  # nothing for reconciliation
+    await consistent(ledger, app, in_flight=True)

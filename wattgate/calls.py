@@ -54,7 +54,7 @@ from .assemble import Assembler, ResponseAssembler, encode
 from .errors import BudgetExceeded, FundingInvalid, GrantInvalid, UpstreamError
 from .estimate import RESPONSES, ChatRequest, Endpoint, Plan, read_request
 from .gateway import Gateway
-from .metering import bill, usage_row
+from .metering import bill, refused_row, usage_row
 from .sse import Outcome, StreamReader, parse_json_body
 from .store import NEEDS_RECONNECT, Connection
 from .upstream import BROKE_OFF, Answer, Upstream
@@ -216,11 +216,18 @@ class Call:
         self.sent: float | None = None  # when the call left for the upstream (metrics)
         self.fitted_max_tokens: int | None = None  # lowered to fit the budget (headroom)
 
-    async def release(self) -> None:
+    async def release(self, *, refused: int | None = None) -> None:
+        """``refused``: the HTTP code of a non-200 answer before any byte; the call is
+        then recorded at $0 for the request log, in the release's own write."""
         if not self.closed:
             self.closed = True
+            a = self.admitted
+            row = refused_row(app_id=a.app_id, connection_id=a.connection_id,
+                              grant_id=a.grant_id, model=self.model, code=refused,
+                              started=self.started, now=self.gw.clock(),
+                              admitted_at=a.admitted_at) if refused is not None else None
             await self.gw.store.release(  # the write survives cancellation
-                self.admitted.hold, refund_request=self.admitted.grant_id is not None)
+                a.hold, refund_request=a.grant_id is not None, record=row)
 
     async def settle(self, outcome: Outcome, status: str) -> None:
         if self.closed:
@@ -273,7 +280,7 @@ class Call:
 
     async def _refuse(self, answer: Answer) -> None:
         error = await answer.failure(now=self.gw.clock())
-        await self.release()
+        await self.release(refused=answer.status)
         if isinstance(error, FundingInvalid) and self.admitted.grant_id is None \
                 and self.admitted.connection_id is not None:
             await self.gw.store.set_connection_state(self.admitted.connection_id,

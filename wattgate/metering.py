@@ -33,7 +33,7 @@ from typing import Any
 
 from .money import usd_to_nanos
 from .sse import Outcome
-from .store.records import Usage
+from .store.records import UPSTREAM_REFUSED, Usage
 
 # One call billed more than this is not believed (a buggy or hostile upstream):
 # the call stays provisional at its estimate and a warning names the generation.
@@ -155,3 +155,15 @@ def usage_row(outcome: Outcome, charge: Bill, *, app_id: str, connection_id: int
         prompt_tokens=charge.prompt_tokens, completion_tokens=charge.completion_tokens,
         cost_nanos=charge.cost_nanos, provisional=charge.provisional, status=status,
         latency_ms=int(max(0.0, now - started) * 1000), created_at=admitted_at)
+
+
+def refused_row(*, app_id: str, connection_id: int | None, grant_id: int | None,
+                model: str, code: int, started: float, now: float,
+                admitted_at: float) -> Usage:
+    """The $0 row of a call the upstream refused before any byte (``UPSTREAM_REFUSED``):
+    no generation was named, so its id is one of ours (``wg-``: never reconciled)."""
+    return Usage(generation_id=new_generation_id(), app_id=app_id,
+                 connection_id=connection_id, grant_id=grant_id, model=model[:200],
+                 prompt_tokens=0, completion_tokens=0, cost_nanos=0, provisional=False,
+                 status=UPSTREAM_REFUSED, latency_ms=int(max(0.0, now - started) * 1000),
+                 created_at=admitted_at, upstream_code=code)

@@ -29,6 +29,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .records import METERED
+
 
 def audit(db: sqlite3.Connection, *, now: float, hold_ttl: float) -> list[str]:
     """Every problem found, as sentences (empty: the ledger is consistent)."""
@@ -90,7 +92,8 @@ def _caps(db: sqlite3.Connection, now: float, ttl: float) -> list[str]:
 GRANTS_SQL = (
     "SELECT g.grant_id, g.requests, g.used, g.max_nanos, g.spent_nanos, g.held_nanos, "
     "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.grant_id = g.grant_id), "
-    "(SELECT COUNT(*) FROM usage u WHERE u.grant_id = g.grant_id), "
+    # A refused call's $0 row is no used request (its request was given back).
+    f"(SELECT COUNT(*) FROM usage u WHERE u.grant_id = g.grant_id AND u.{METERED}), "
     "(SELECT COALESCE(SUM(amount_nanos), 0) FROM holds h WHERE h.grant_id = g.grant_id), "
     "(SELECT COUNT(*) FROM holds h WHERE h.grant_id = g.grant_id) FROM grants g")
 

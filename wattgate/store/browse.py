@@ -16,16 +16,17 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .records import CONNECTION_COLS, GRANT_COLS, Connection, Grant
+from .records import CONNECTION_COLS, GRANT_COLS, UPSTREAM_REFUSED, Connection, Grant
 from .reports import ConnectionSpend, ReportsMixin
 
 T = TypeVar("T")
 
 CONNECTION_STATES = ("active", "needs_reconnect", "revoked")
 GRANT_STATES = ("live", "spent", "expired")
-# The statuses a settled call is recorded with (``calls.Call.settle``): every one but
-# "ok" counts as an error in the request log's error rate.
-CALL_STATUSES = ("ok", "upstream_error", "upstream_cut", "client_gone")
+# The statuses a call is recorded with (``calls.Call.settle``, and ``UPSTREAM_REFUSED``
+# by ``Call.release``): every one but "ok" counts as an error in the request log's
+# error rate.
+CALL_STATUSES = ("ok", "upstream_error", "upstream_cut", "client_gone", UPSTREAM_REFUSED)
 MAX_PAGE = 200
 
 
@@ -56,6 +57,7 @@ class LogLine:
     provisional: bool
     status: str
     latency_ms: int
+    upstream_code: int | None  # an upstream_refused call's HTTP code
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,12 @@ def log_line(r: Any) -> LogLine:
     return LogLine(usage_id=int(r[0]), created_at=r[1], app_user_id=r[2], grant_id=r[3],
                    model=r[4], prompt_tokens=int(r[5]), completion_tokens=int(r[6]),
                    cost_nanos=int(r[7]), provisional=bool(r[8]), status=r[9],
-                   latency_ms=int(r[10]))
+                   latency_ms=int(r[10]), upstream_code=r[11])
 
 
 LOG_COLS = ("u.usage_id, u.created_at, c.app_user_id, u.grant_id, u.model, u.prompt_tokens, "
-            "u.completion_tokens, u.cost_nanos, u.provisional, u.status, u.latency_ms")
+            "u.completion_tokens, u.cost_nanos, u.provisional, u.status, u.latency_ms, "
+            "u.upstream_code")
 _C_COLS = ", ".join("c." + col for col in CONNECTION_COLS.split(", "))
 _G_COLS = ", ".join("g." + col for col in GRANT_COLS.split(", "))
 

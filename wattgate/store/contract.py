@@ -203,9 +203,12 @@ class Ledger(Protocol):
         False and counts nothing, except that a final figure replaces a
         provisional one (the aggregates move by the difference). Shielded."""
 
-    def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
+    def release(self, hold: Hold, *, refund_request: bool = False,
+                record: Usage | None = None) -> Awaitable[None]:
         """Drop a hold without spend (the call never reached the model); a
-        grant's request is given back when ``refund_request``. Shielded."""
+        grant's request is given back when ``refund_request``. With ``record``
+        (a $0 ``UPSTREAM_REFUSED`` row: the upstream refused the call before any
+        byte), that row is written in the same transaction. Shielded."""
 
     async def sweep_holds(self, *, older_than: float | None = None,
                           now: float | None = None) -> int:
@@ -313,7 +316,8 @@ class Ledger(Protocol):
         """Every way the ledger disagrees with itself, one sentence per row."""
 
     # ---- reports -----------------------------------------------------------
-    async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]: ...
+    async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]:
+        """The connection's latest metered calls (no ``UPSTREAM_REFUSED`` row), newest first."""
 
     async def daily_spend(self, since: float, until: float, *,
                           app_id: str | None = None) -> list[DaySpend]: ...

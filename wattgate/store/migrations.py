@@ -262,6 +262,13 @@ def m009_previous_secret(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE apps ADD COLUMN previous_until REAL")
 
 
+def m010_upstream_code(db: sqlite3.Connection) -> None:
+    # A call the upstream refused before any byte is a $0 row ("upstream_refused")
+    # with the HTTP code it answered, for the request log. NULL on every other row.
+    if "upstream_code" not in {r[1] for r in db.execute("PRAGMA table_info(usage)")}:
+        db.execute("ALTER TABLE usage ADD COLUMN upstream_code INTEGER")
+
+
 def _script(db: sqlite3.Connection, sql: str) -> None:
     # executescript() would COMMIT the surrounding transaction; run one by one.
     for statement in sql.split(";"):
@@ -279,6 +286,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     m007_webhooks,
     m008_app_policy,
     m009_previous_secret,
+    m010_upstream_code,
 )
 
 

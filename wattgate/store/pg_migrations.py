@@ -548,6 +548,11 @@ async def m006_previous_secret(con: Any) -> None:
     """)
 
 
+async def m007_upstream_code(con: Any) -> None:
+    # SQLite's m010: the HTTP code of a call the upstream refused ("upstream_refused").
+    await con.execute("ALTER TABLE usage ADD COLUMN IF NOT EXISTS upstream_code INTEGER")
+
+
 MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m001_initial,
     m002_owners,
@@ -555,6 +560,7 @@ MIGRATIONS: tuple[Callable[[Any], Awaitable[None]], ...] = (
     m004_webhooks,
     m005_app_policy,
     m006_previous_secret,
+    m007_upstream_code,
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .records import CONNECTION_COLS, Connection
+from .records import CONNECTION_COLS, METERED, Connection
 from .reports import AppTotals, ConnectionSpend, DaySpend, PayerSpend, UsageLine
 
 _DAY = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
@@ -29,7 +29,7 @@ class PgReportsMixin:
         """Spend per UTC day, app and model for calls in [since, until)."""
         rows = await self._all(
             f"SELECT {_DAY}, app_id, model, COUNT(*), SUM(cost_nanos) FROM usage "
-            "WHERE created_at >= $1 AND created_at < $2 AND "
+            f"WHERE created_at >= $1 AND created_at < $2 AND {METERED} AND "
             f"(app_id = $3 OR ($3::text IS NULL AND app_id IN {_LIVE_APPS})) "
             "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", since, until, app_id)
         return [DaySpend(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
@@ -39,7 +39,7 @@ class PgReportsMixin:
         rows = await self._all(
             "SELECT u.app_id, c.app_user_id, CASE WHEN u.connection_id IS NULL "
             "THEN u.grant_id END, COUNT(*), SUM(u.cost_nanos) FROM usage u " + _PAYER_JOIN +
-            "WHERE u.created_at >= $1 AND u.created_at < $2 AND "
+            f"WHERE u.created_at >= $1 AND u.created_at < $2 AND u.{METERED} AND "
             f"(u.app_id = $3 OR ($3::text IS NULL AND u.app_id IN {_LIVE_APPS})) "
             "GROUP BY 1, 2, 3 ORDER BY 5 DESC, 4 DESC LIMIT $4", since, until, app_id, limit)
         return [PayerSpend(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
@@ -59,7 +59,7 @@ class PgReportsMixin:
         rows = await self._all(
             "SELECT a.app_id, "
             "(SELECT COUNT(*) FROM usage u WHERE u.app_id = a.app_id "
-            " AND u.created_at >= $1 AND u.created_at < $2), "
+            f" AND u.created_at >= $1 AND u.created_at < $2 AND u.{METERED}), "
             "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.app_id = a.app_id "
             " AND u.created_at >= $1 AND u.created_at < $2), "
             "(SELECT COUNT(*) FROM usage u WHERE u.app_id = a.app_id AND u.provisional "
@@ -78,7 +78,7 @@ class PgReportsMixin:
             rows = await self._all(
                 "SELECT u.created_at, u.generation_id, u.app_id, c.app_user_id, u.grant_id, "
                 "u.model, u.prompt_tokens, u.completion_tokens, u.cost_nanos, u.provisional, "
-                "u.status, u.usage_id FROM usage u " + _PAYER_JOIN + "WHERE u.app_id = $1 "
+                "u.status, u.usage_id FROM usage u " + _PAYER_JOIN + f"WHERE u.app_id = $1 AND u.{METERED} "
                 "AND ($2::double precision IS NULL OR u.created_at >= $2) "
                 "AND ($3::double precision IS NULL OR u.created_at < $3) "
                 "AND (u.created_at, u.usage_id) > ($4, $5) "

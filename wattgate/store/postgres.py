@@ -67,7 +67,7 @@ from .pg_batch import GroupCommit, InDoubt
 from .pg_lifeline import OWNER_GRACE, Lifeline
 from .pg_migrations import migrate
 from .pg_browse import PgBrowseMixin
-from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, METERED, REVOKED,
                       USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
                       WebhookEvent, app_of)
 
@@ -658,7 +658,10 @@ class PostgresStore(PgBrowseMixin):
         await con.execute(_NOTE, *[list(c) for c in zip(*items)])
         return [None] * len(items)
 
-    def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
+    def release(self, hold: Hold, *, refund_request: bool = False,
+                record: Usage | None = None) -> Awaitable[None]:
+        """One transaction: the hold dropped, a grant's request given back when asked,
+        and ``record`` (a $0 row of a call the upstream refused) written."""
         self._forget(hold.hold_id)
 
         async def write() -> None:
@@ -668,6 +671,19 @@ class PostgresStore(PgBrowseMixin):
                     dropped = await _drop_hold(con, hold.hold_id)
                     if dropped and refund_request and hold.grant_id is not None:
                         await _refund_request(con, hold.grant_id)
+                    if record is not None:
+                        await con.execute(
+                            "INSERT INTO usage (generation_id, app_id, connection_id, "
+                            "grant_id, period, model, prompt_tokens, completion_tokens, "
+                            "cost_nanos, provisional, status, latency_ms, created_at, "
+                            "upstream_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+                            "$11, $12, $13, $14) "
+                            "ON CONFLICT (generation_id) DO NOTHING",
+                            record.generation_id, record.app_id, record.connection_id,
+                            record.grant_id, hold.period, record.model, record.prompt_tokens,
+                            record.completion_tokens, record.cost_nanos, record.provisional,
+                            record.status, record.latency_ms, record.created_at,
+                            record.upstream_code)
             finally:
                 self._forget(hold.hold_id)
         return self._shield(write)
@@ -1024,7 +1040,7 @@ class PostgresStore(PgBrowseMixin):
 
     async def recent_usage(self, connection_id: int, limit: int = 20) -> list[Usage]:
         rows = await self._all(
-            f"SELECT {USAGE_COLS} FROM usage WHERE connection_id = $1 "
+            f"SELECT {USAGE_COLS} FROM usage WHERE connection_id = $1 AND {METERED} "
             "ORDER BY created_at DESC, usage_id DESC LIMIT $2", connection_id, limit)
         return [_usage(r) for r in rows]
 

@@ -91,6 +91,14 @@ class Grant:
     expires_at: float
 
 
+# A call the upstream refused before any byte of an answer (a non-200: bad key,
+# 429, 5xx): recorded at $0 with no tokens, so the request log and its error rate
+# show it, but never a metered call. Spend, call counts, the export and a grant's
+# used requests leave it out (``METERED``, the same SQL on both engines).
+UPSTREAM_REFUSED = "upstream_refused"
+METERED = "status <> 'upstream_refused'"
+
+
 @dataclass(frozen=True)
 class Usage:
     """One metered call, as the ledger stores it (never prompt or completion)."""
@@ -107,6 +115,9 @@ class Usage:
     status: str
     latency_ms: int
     created_at: float
+    # The HTTP code of an ``UPSTREAM_REFUSED`` call's answer (401, 429, 500…); None for
+    # every other row (not in ``USAGE_COLS``: only the request log reads it).
+    upstream_code: int | None = None
 
 
 @dataclass(frozen=True)

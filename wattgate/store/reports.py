@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .records import CONNECTION_COLS, Connection
+from .records import CONNECTION_COLS, METERED, Connection
 
 T = TypeVar("T")
 DAY = 86400
@@ -106,7 +106,8 @@ class ReportsMixin:
                           app_id: str | None = None) -> list[DaySpend]:
         """Spend per UTC day, app and model for calls in [since, until)."""
         sql = ("SELECT date(created_at, 'unixepoch'), app_id, model, COUNT(*), "
-               "SUM(cost_nanos) FROM usage WHERE created_at >= :since AND created_at < :until")
+               "SUM(cost_nanos) FROM usage WHERE created_at >= :since AND created_at < :until "
+               f"AND {METERED}")
         params: dict[str, Any] = {"since": since, "until": until, "app": app_id}
         # Both forms probe the usage_by_app index (app_id, created_at).
         sql += " AND app_id = :app" if app_id is not None else \
@@ -120,7 +121,7 @@ class ReportsMixin:
         """The payers who spent most in [since, until), most first."""
         sql = ("SELECT u.app_id, c.app_user_id, CASE WHEN u.connection_id IS NULL "
                "THEN u.grant_id END, COUNT(*), SUM(u.cost_nanos) FROM usage u " + _PAYER_JOIN +
-               "WHERE u.created_at >= :since AND u.created_at < :until")
+               f"WHERE u.created_at >= :since AND u.created_at < :until AND u.{METERED}")
         params: dict[str, Any] = {"since": since, "until": until, "app": app_id, "n": limit}
         sql += " AND u.app_id = :app" if app_id is not None else \
             " AND u.app_id IN (SELECT app_id FROM apps WHERE deleted_at IS NULL)"
@@ -149,7 +150,7 @@ class ReportsMixin:
         """Per app: calls, spend and provisional calls in [since, until), active connections."""
         sql = ("SELECT a.app_id, "
                "(SELECT COUNT(*) FROM usage u WHERE u.app_id = a.app_id "
-               " AND u.created_at >= :since AND u.created_at < :until), "
+               f" AND u.created_at >= :since AND u.created_at < :until AND u.{METERED}), "
                "(SELECT COALESCE(SUM(cost_nanos), 0) FROM usage u WHERE u.app_id = a.app_id "
                " AND u.created_at >= :since AND u.created_at < :until), "
                "(SELECT COUNT(*) FROM usage u WHERE u.app_id = a.app_id AND u.provisional = 1 "
@@ -186,7 +187,7 @@ def _usage_page(db: sqlite3.Connection, app_id: str, since: float | None,
                 limit: int) -> tuple[list[UsageLine], tuple[float, int] | None]:
     sql = ("SELECT u.created_at, u.generation_id, u.app_id, c.app_user_id, u.grant_id, u.model, "
            "u.prompt_tokens, u.completion_tokens, u.cost_nanos, u.provisional, u.status, "
-           "u.usage_id FROM usage u " + _PAYER_JOIN + "WHERE u.app_id = :app")
+           "u.usage_id FROM usage u " + _PAYER_JOIN + f"WHERE u.app_id = :app AND u.{METERED}")
     params: dict[str, Any] = {"app": app_id, "since": since, "until": until, "n": limit,
                               "t": after[0] if after else None, "id": after[1] if after else None}
     if since is not None:

@@ -35,7 +35,7 @@ from .contract import AdminSessionRow, StoreInUse
 from .meter import Meter
 from . import outbox
 from .migrations import migrate
-from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, REVOKED,
+from .records import (ACTIVE, APP_COLS, CONNECTION_COLS, DELIVERED, GRANT_COLS, METERED, REVOKED,
                       USAGE_COLS, App, AppPolicy, Connection, Grant, Hold, Usage, Webhook,
                       WebhookEvent, app_of)
 from .browse import BrowseMixin  # the console's and exports' range and page reads
@@ -814,17 +814,7 @@ class SQLiteStore(BrowseMixin):
             if has_row:
                 assert hold is not None
                 _drop_hold(db, hold)
-            cur = db.execute(
-                "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, grant_id, "
-                "period, model, prompt_tokens, completion_tokens, cost_nanos, provisional, "
-                "status, latency_ms, created_at) VALUES (:g, :a, :c, :gr, :p, :m, :pt, :ct, "
-                ":cost, :prov, :st, :lat, :t)",
-                {"g": usage.generation_id, "a": usage.app_id, "c": usage.connection_id,
-                 "gr": usage.grant_id, "p": period, "m": usage.model,
-                 "pt": usage.prompt_tokens, "ct": usage.completion_tokens,
-                 "cost": usage.cost_nanos, "prov": int(usage.provisional), "st": usage.status,
-                 "lat": usage.latency_ms, "t": usage.created_at})
-            if cur.rowcount == 0:
+            if not _insert_usage(db, usage, period):
                 # Already recorded. A final figure replaces a provisional one (a
                 # swept hold's estimate); a final row is never counted twice.
                 if not usage.provisional:
@@ -1008,19 +998,24 @@ class SQLiteStore(BrowseMixin):
         """Every way the ledger disagrees with itself, as sentences naming the row (see audit)."""
         return audit(self._read, now=now, hold_ttl=hold_ttl)
 
-    def release(self, hold: Hold, *, refund_request: bool = False) -> Awaitable[None]:
-        """Drop a hold without spend (the call never reached the model).
+    def release(self, hold: Hold, *, refund_request: bool = False,
+                record: Usage | None = None) -> Awaitable[None]:
+        """Drop a hold without spend (the call never reached the model), writing the
+        $0 row ``record`` in the same transaction when given.
 
         Like ``settle``, the write survives its caller's cancellation.
         """
-        if not self._has_row(hold):  # held in memory only: nothing to write
+        has_row = self._has_row(hold)
+        if not has_row and record is None:  # held in memory only: nothing to write
             self._meter.remove(hold)
             return _DONE
 
         def op(db: sqlite3.Connection) -> None:
-            dropped = _drop_hold(db, hold)
+            dropped = has_row and _drop_hold(db, hold)
             if dropped and refund_request and hold.grant_id is not None:
                 _refund_request(db, hold.grant_id)
+            if record is not None:
+                _insert_usage(db, record, hold.period)
         return self._shielded(self._writer.run(op, lambda _: self._meter.remove(hold)), hold,
                               lambda _: None)
 
@@ -1090,7 +1085,8 @@ class SQLiteStore(BrowseMixin):
         rows = self._all(
             "SELECT generation_id, app_id, connection_id, grant_id, model, prompt_tokens, "
             "completion_tokens, cost_nanos, provisional, status, latency_ms, created_at "
-            "FROM usage WHERE connection_id = ? ORDER BY created_at DESC, usage_id DESC LIMIT ?",
+            f"FROM usage WHERE connection_id = ? AND {METERED} "
+            "ORDER BY created_at DESC, usage_id DESC LIMIT ?",
             (connection_id, limit))
         return [_usage(r) for r in rows]
 
@@ -1327,6 +1323,21 @@ def _add_spend(db: sqlite3.Connection, connection_id: int, period: str, nanos: i
                      "spent_nanos = spent_nanos + ? RETURNING spent_nanos",
                      (connection_id, period, nanos, nanos)).fetchone()
     return int(row[0])
+
+
+def _insert_usage(db: sqlite3.Connection, usage: Usage, period: str) -> bool:
+    """The row, unless its generation is recorded already (then False)."""
+    return db.execute(
+        "INSERT OR IGNORE INTO usage (generation_id, app_id, connection_id, grant_id, "
+        "period, model, prompt_tokens, completion_tokens, cost_nanos, provisional, "
+        "status, latency_ms, created_at, upstream_code) VALUES (:g, :a, :c, :gr, :p, :m, "
+        ":pt, :ct, :cost, :prov, :st, :lat, :t, :code)",
+        {"g": usage.generation_id, "a": usage.app_id, "c": usage.connection_id,
+         "gr": usage.grant_id, "p": period, "m": usage.model,
+         "pt": usage.prompt_tokens, "ct": usage.completion_tokens,
+         "cost": usage.cost_nanos, "prov": int(usage.provisional), "st": usage.status,
+         "lat": usage.latency_ms, "t": usage.created_at,
+         "code": usage.upstream_code}).rowcount == 1
 
 
 def _refund_request(db: sqlite3.Connection, grant_id: int) -> None:
