@@ -49,6 +49,18 @@ async function waitUntilUp(url, child) {
  *   json(method: string, urlPath: string, token: string, body?: unknown): Promise<any> }>}
  */
 export async function startGateway() {
+  // A port found free can be taken before the gateway binds it (another test file's
+  // server, or the source port of some loopback connection): try again on new ports.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startGatewayOnce();
+    } catch (err) {
+      if (attempt >= 3 || !/address already in use/.test(String(err))) throw err;
+    }
+  }
+}
+
+async function startGatewayOnce() {
   const dir = await mkdtemp(path.join(os.tmpdir(), "wattgate-js-"));
   const [port, fakePort] = [await freePort(), await freePort()];
   const url = `http://127.0.0.1:${port}`;
