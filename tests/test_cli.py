@@ -196,7 +196,7 @@ def test_rotate_secret_keeps_the_old_key_for_the_overlap_until_retired(env, serv
     connect(server, creds["secretKey"], "u")
     _, session = http("POST", server + "/api/v1/sessions", creds["secretKey"], {"appUserId": "u"})
     before = time.time()
-    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")  # default: 24h
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--overlap", "24h", "--json")
     until = calendar.timegm(time.strptime(rotated["previousValidUntil"], "%Y-%m-%dT%H:%M:%SZ"))
     assert before + 86400 - 1 <= until <= time.time() + 86400 + 1
     for secret in (creds["secretKey"], rotated["secretKey"]):  # both, while deploys roll
@@ -212,6 +212,17 @@ def test_rotate_secret_keeps_the_old_key_for_the_overlap_until_retired(env, serv
     assert (status, body["error"]["code"]) == (401, "auth")
     assert user_status(server, rotated["secretKey"], "u")[0] == 200
     assert "nothing to retire" in ok(env, "apps", "retire-secret", creds["appId"])
+
+
+def test_rotate_secret_without_overlap_stops_the_old_key_at_once_as_it_always_did(env, server):
+    # A runbook for a leaked key types the command bare: the key must not work a day more.
+    creds = create(env)
+    connect(server, creds["secretKey"], "u")
+    rotated = ok(env, "apps", "rotate-secret", creds["appId"], "--json")
+    assert rotated["previousValidUntil"] is None
+    status, body = user_status(server, creds["secretKey"], "u")
+    assert (status, body["error"]["code"]) == (401, "auth")
+    assert user_status(server, rotated["secretKey"], "u")[0] == 200
 
 
 def test_rotate_secret_says_until_when_the_old_key_works_and_how_to_end_it(env):

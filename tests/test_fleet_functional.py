@@ -243,7 +243,8 @@ async def test_a_rolled_secret_works_on_every_process_until_retired_or_its_deadl
     await everywhere(c, None, 200)
 
     # Deleted during an overlap: neither secret works anywhere.
-    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--json")
+    code, out = await fleet.cli("apps", "rotate-secret", app.app_id, "--overlap", "24h",
+                                "--json")
     assert code == 0, out
     d = json.loads(out.splitlines()[-1])["secretKey"]
     await asyncio.sleep(1.0)

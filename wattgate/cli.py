@@ -356,12 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst = apps_sub.add_parser("list", parents=[common], help="list apps")
     lst.add_argument("--json", action="store_true")
     rot = apps_sub.add_parser("rotate-secret", parents=[common], help=(
-        "issue a new secret key, working at once; the old one keeps working for the "
-        "overlap (default 24h), so backends can move to the new one without downtime"))
+        "issue a new secret key, working at once; the old one stops at once, or keeps "
+        "working for --overlap so backends can move to the new one without downtime"))
     rot.add_argument("app_id")
-    rot.add_argument("--overlap", default=rotation.DEFAULT_OVERLAP, metavar="DURATION", help=(
-        "how long the old secret key still works: e.g. 24h, 90m, 7d (at most 30d); 0 "
-        "stops it at once, for a leaked key (default: 24h)"))
+    # Without --overlap the old key stops at once, as this command always did: a runbook
+    # that rotates a leaked key must not leave it working for a day.
+    rot.add_argument("--overlap", default="0", metavar="DURATION", help=(
+        "how long the old secret key still works: e.g. 24h, 90m, 7d (at most 30d); "
+        "default 0: it stops at once (a leaked key)"))
     rot.add_argument("--json", action="store_true")
     ret = apps_sub.add_parser("retire-secret", parents=[common], help=(
         "end a rotation's overlap now: the previous secret key stops working"))

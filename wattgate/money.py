@@ -59,7 +59,11 @@ def format_usd_exact(nanos: int) -> str:
     (``$20.0001``, ``$0.50``, ``$1,234.56``): rounding it could print a refused
     figure equal to the limit it broke."""
     amount = Decimal(nanos) / _NANO
-    sign, amount = ("-", -amount) if amount < 0 else ("", amount)
+    return _dollars("-" if amount < 0 else "", abs(amount))
+
+
+def _dollars(sign: str, amount: Decimal) -> str:
+    """``$1,234.5`` written with its cents: ``$1,234.50``; trailing zeros past them dropped."""
     whole, _, decimals = f"{amount:,f}".partition(".")
     return f"{sign}${whole}.{decimals.rstrip('0').ljust(2, '0')}"
 
@@ -83,6 +87,4 @@ def format_usd(nanos: int, *, round_up: bool = False) -> str:
     if 0 < amount < 1:
         # adjusted() is the first significant digit's exponent: -3 for 0.0042
         places = min(9, max(2, -amount.adjusted() + 1))
-    text = f"{amount.quantize(Decimal(1).scaleb(-places), rounding=rounding):,f}"
-    whole, _, decimals = text.partition(".")
-    return f"{sign}${whole}.{decimals.rstrip('0').ljust(2, '0')}"
+    return _dollars(sign, amount.quantize(Decimal(1).scaleb(-places), rounding=rounding))

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from .credentials import mint_credentials
 from .gateway import Gateway
 
-DEFAULT_OVERLAP = "24h"  # the CLI's and the console's, as an operator would type it
+DEFAULT_OVERLAP = "24h"  # the console's preselected choice (the CLI's default is 0: at once)
 MAX_OVERLAP = 30 * 86400.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d{1,7})\s*([smhd]?)\s*$")
