@@ -183,3 +183,86 @@ def test_an_assembled_answer_is_written_as_json_whatever_its_numbers():
         assert back["usage"]["cost"] == 0.0000165 and back["usage"]["bad"] is None
         assert back["choices"][0]["message"]["content"] == "“quoted” ✓"
     assert json.loads(encode(wide))["usage"]["huge"] == 10**30
+
+
+# The events are read with orjson (fast) and, where orjson could change a number, with
+# ``json`` exactly: the answer and the bill must be what the exact reading gives.
+
+def _exact_assembler() -> Assembler:
+    a = Assembler()
+    a._exact = True  # every event read with json, numbers as Decimal: the reference
+    return a
+
+
+def _both(data: bytes) -> tuple[tuple[dict, object], tuple[dict, object]]:
+    fast, exact = Assembler(), _exact_assembler()
+    fast.feed(data)
+    exact.feed(data)
+    return ((fast.outcome("g"), fast.answer()), (exact.outcome("g"), exact.answer()))
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.text(max_size=8)
+    | st.integers(min_value=-2**70, max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["content", "role", "index", "type", "x", "usage", "cost"]),
+        inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries(
+    {"choices": st.lists(st.fixed_dictionaries(
+        {"index": st.integers(0, 2) | _JSON, "delta": _JSON,
+         "finish_reason": st.none() | st.text(max_size=5)},
+        optional={"logprobs": _JSON}), max_size=2)},
+    optional={"id": _JSON, "created": _JSON, "usage": _JSON, "model": _JSON}), max_size=6))
+def test_the_fast_reading_gives_exactly_what_the_exact_reading_gives(events):
+    data = sse(*events)
+    (fast_outcome, fast_answer), (exact_outcome, exact_answer) = _both(data)
+    assert fast_outcome == exact_outcome
+    assert json.dumps(fast_answer, sort_keys=True) == json.dumps(exact_answer, sort_keys=True)
+
+
+def test_integers_wider_than_64_bits_reach_the_client_exactly():
+    """orjson would read 2**64 as the float 1.8446744073709552e+19: the answer is then
+    read again exactly, so no digit the upstream sent is changed."""
+    from wattgate.assemble import encode
+
+    wide = 2**64 + 1
+    data = sse({**HEAD, "created": wide, "choices": [{"index": 0, "delta": {
+        "content": "hi", "x": [-2**63 - 1, 2**64 - 1]}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": USAGE})
+    answer = assemble(data)
+    assert answer["created"] == wide and type(answer["created"]) is int
+    assert answer["choices"][0]["message"]["x"] == [-2**63 - 1, 2**64 - 1]
+    assert json.loads(encode(answer))["created"] == wide
+
+
+def test_the_usage_is_read_exactly_even_on_the_fast_path():
+    """A cost orjson would round through a float stays the decimal the upstream sent."""
+    from decimal import Decimal
+
+    usage = b'{"prompt_tokens":13,"completion_tokens":23,"cost":0.000015750000000000001}'
+    data = sse(chunk({"role": "assistant", "content": "Hi"}, "stop")) \
+        .replace(b"data: [DONE]", b'data: {"choices":[],"usage":' + usage + b"}\n\ndata: [DONE]")
+    a = Assembler()
+    a.feed(data)
+    assert a.outcome("g").usage["cost"] == Decimal("0.000015750000000000001")
+
+
+def test_lone_surrogates_nan_and_garbage_lines_are_read_as_before():
+    bad = (b'data: {"choices":[{"index":0,"delta":{"content":"\\ud800"}}]}\n\n'
+           b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"x":NaN}\n\n'
+           b'data: {"choices":[]}, {"usage":{"cost":9}}\n\n'
+           b"data: {not json\n\n")
+    (fast_outcome, fast_answer), (exact_outcome, exact_answer) = _both(PLAIN.replace(
+        b"data: [DONE]", bad + b"data: [DONE]"))
+    assert fast_outcome == exact_outcome
+    assert fast_answer == exact_answer
+    assert fast_answer["choices"][0]["message"]["content"] == "Hello!\ud800a"
+    from decimal import Decimal
+
+    # The comma-joined line is garbage, not a usage.
+    assert fast_outcome.usage == {**USAGE, "cost": Decimal("0.000093")}

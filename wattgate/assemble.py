@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from .sse import (TERMINAL_RESPONSE_EVENTS, Outcome, StreamReader, answering_model,
-                  error_message, split_complete)
+                  error_message, loads_exact, split_complete)
 
 # Replaced, never concatenated: discriminators and the speaker.
 _REPLACED = frozenset(("index", "type", "role"))
@@ -122,6 +122,20 @@ def _copy(value: Any) -> Any:
     return value
 
 
+_GARBAGE = object()
+_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_DIGITS_19 = b"0" * 19
+
+
+def _exact(payload: bytes) -> Any:
+    """One event, numbers as ``Decimal`` and integers of any width; ``_GARBAGE`` if
+    it is not JSON (a garbage line is ignored, never raised)."""
+    try:
+        return loads_exact(payload)
+    except (ValueError, RecursionError):
+        return _GARBAGE
+
+
 class Assembler:
     """Feed it the stream's bytes in any chunks; ``answer()`` gives the JSON object.
 
@@ -137,6 +151,7 @@ class Assembler:
         self._done = False
         self._billed_model: str | None = None
         self._error = False
+        self._exact = False  # read every event with ``json`` (numbers as Decimal)
 
     def feed(self, chunk: bytes) -> None:
         complete, self._partial = split_complete(self._partial, chunk)
@@ -152,17 +167,24 @@ class Assembler:
         if self._partial:
             self.feed(b"\n")
         payloads, self._payloads = self._payloads, []
-        # Numbers as Decimal, as StreamReader reads them: the bill is exact.
-        try:
-            return json.loads(b"[" + b",".join(payloads) + b"]", parse_float=Decimal)
-        except (ValueError, RecursionError):  # a garbage line: parse them one by one
-            events = []
-            for payload in payloads:
-                try:
-                    events.append(json.loads(payload, parse_float=Decimal))
-                except (ValueError, RecursionError):
-                    continue
-            return events
+        blob = b"[" + b",".join(payloads) + b"]"
+        # orjson reads the events ~3× faster than ``json``, but it reads an integer
+        # wider than 64 bits as a float: a run of 19 digits anywhere (in a string too;
+        # 2**63 has 19) sends the events the exact way. One C-speed pass, ~3 µs.
+        events: Any = None
+        if not self._exact and _DIGITS_19 not in blob.translate(_ZERO_DIGITS):
+            try:
+                events = orjson.loads(blob)
+            except orjson.JSONDecodeError:  # NaN, a garbage line, deep nesting…
+                events = None
+        if not isinstance(events, list) or len(events) != len(payloads):
+            return [e for e in map(_exact, payloads) if e is not _GARBAGE]
+        for i, event in enumerate(events):
+            # The bill is exact: an event with a usage is read again, numbers as
+            # Decimal (StreamReader's rule). Usually one event, the last.
+            if isinstance(event, dict) and event.get("usage") is not None:
+                events[i] = _exact(payloads[i])
+        return events
 
     def _event(self, event: dict[str, Any]) -> None:
         self._error = self._error or "error" in event
@@ -279,7 +301,7 @@ class ResponseAssembler:
         if self._partial:
             self.feed(b"\n")
         try:
-            event = json.loads(self._final or b"null", parse_float=Decimal)
+            event = loads_exact(self._final or b"null")
         except (ValueError, RecursionError):
             return None
         response = event.get("response") if isinstance(event, dict) else None

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import signal
@@ -294,6 +295,11 @@ async def _serve(app: web.Application, config: Config, ready: Callable[[], None]
         else:
             for sock in sockets:
                 await web.SockSite(runner, sock).start()
+        # What exists now (modules, the app, its caches and templates) lives as long as
+        # the process: frozen, the collector never walks it again (a full collection
+        # walked all of it, ~2–3 % of a busy gateway's CPU in the profile).
+        gc.collect()
+        gc.freeze()
         ready()
         if not worker:
             while True:

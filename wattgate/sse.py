@@ -65,9 +65,20 @@ def split_complete(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
     return data[:end + 1], (rest if len(rest) <= MAX_PARTIAL else b"")
 
 
+# ``json.loads(raw, parse_float=Decimal)`` builds a decoder at every call; this one
+# is built once (the same rules: bytes decoded as ``json.loads`` decodes them).
+_EXACT = json.JSONDecoder(parse_float=Decimal)
+
+
+def loads_exact(raw: bytes) -> Any:
+    """``raw`` as JSON, numbers as ``Decimal`` (the bill is exact); raises ValueError
+    (or RecursionError) as ``json.loads`` does."""
+    return _EXACT.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
 def _loads(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_float=Decimal)
+        return loads_exact(raw)
     except (ValueError, RecursionError):
         return None
 
