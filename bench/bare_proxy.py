@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from wattgate.server import new_event_loop
+from wattgate.supervisor import LISTEN_BACKLOG
 
 session_key = web.AppKey("session", aiohttp.ClientSession)
 
@@ -72,7 +73,8 @@ def main() -> None:
                         help="as wattgate's server.event_loop")
     args = parser.parse_args()
     web.run_app(create_bare_proxy(args.upstream), host="127.0.0.1", port=args.port,
-                print=None, access_log=None, loop=new_event_loop(args.loop))
+                print=None, access_log=None, loop=new_event_loop(args.loop),
+                backlog=LISTEN_BACKLOG)  # as wattgate serve listens
 
 
 if __name__ == "__main__":

@@ -26,3 +26,40 @@ def apply(names: str) -> None:
             known = ", ".join(VARIANTS) or "none at the moment"
             raise SystemExit(f"unknown variant {name!r}; known: {known}")
         VARIANTS[name]()
+
+
+# Ablations: each takes a promise out, only to measure in one run what that promise
+# costs on the hot path (bench/analysis.md). Never candidates for wattgate itself.
+
+def _no_ledger_writes() -> None:
+    """The hold's row and the settle are not written (the cap check and the in-memory
+    hold stay): what the two commits of a call cost."""
+    import asyncio
+
+    from wattgate.store.sqlite import SQLiteStore
+
+    def note_generation(self, hold, generation_id, app_id, model):  # type: ignore[no-untyped-def]
+        return None
+
+    def settle(self, hold, usage, period):  # type: ignore[no-untyped-def]
+        if hold is not None:
+            self._meter.remove(hold)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(True)
+        return done
+
+    SQLiteStore.note_generation = note_generation  # type: ignore[method-assign]
+    SQLiteStore.settle = settle  # type: ignore[method-assign]
+
+
+def _no_whole_streaming() -> None:
+    """A whole answer is asked as JSON (``stream_whole_answers = false``): what reading
+    and assembling the stream that names the generation early costs."""
+    import os
+
+    os.environ["WATTGATE_UPSTREAM__STREAM_WHOLE_ANSWERS"] = "false"
+
+
+VARIANTS["ablate-ledger-writes"] = _no_ledger_writes
+VARIANTS["ablate-whole-streaming"] = _no_whole_streaming
+

@@ -223,6 +223,12 @@ class Config:
         self._values = dict(values)
         self.source = source
         _check_together(self._values)
+        # ``config.server_port`` as a plain attribute: the hot path reads a dozen
+        # settings per call, and ``__getattr__`` (below) costs a string split each.
+        for name, value in self._values.items():
+            section, _, key = name.partition(".")
+            if "_" not in section:
+                self.__dict__.setdefault(f"{section}_{key}", value)
 
     def get(self, name: str) -> Any:
         return self._values[name]

@@ -68,6 +68,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
 from .errors import ConfigError, InvalidRequest, RequestTimeout, WattgateError
+from .supervisor import LISTEN_BACKLOG
+
 
 log = logging.getLogger("wattgate.http")
 
@@ -291,7 +293,8 @@ async def _serve(app: web.Application, config: Config, ready: Callable[[], None]
     await runner.setup()
     try:
         if sockets is None:
-            await web.TCPSite(runner, config.server_host, config.server_port).start()
+            await web.TCPSite(runner, config.server_host, config.server_port,
+                              backlog=LISTEN_BACKLOG).start()
         else:
             for sock in sockets:
                 await web.SockSite(runner, sock).start()

@@ -51,6 +51,12 @@ from types import FrameType
 
 log = logging.getLogger("wattgate.workers")
 
+# Connections the kernel queues before the server accepts them. aiohttp's 128 fills
+# within ~60 ms of a burst of 2,000 streams opening at once (bench/run.py
+# --paced-streams 2000); a connection refused there retries its SYN after a second.
+# 2048, as gunicorn and uvicorn use (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 2048
+
 #: What a worker runs, in the forked child: serve on the inherited sockets, call
 #: ``ready()`` once listening, return the exit code after draining.
 ServeWorker = Callable[[Sequence[socket.socket], Callable[[], None]], int]
@@ -81,7 +87,7 @@ class _Slot:
     code: int = 0  # how its last worker ended
 
 
-def listen(host: str, port: int, *, backlog: int = 128) -> list[socket.socket]:
+def listen(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> list[socket.socket]:
     """Bind and listen on every address ``host`` resolves to, as aiohttp's TCPSite does.
 
     Port 0 picks one free port, shared by every address's socket.
