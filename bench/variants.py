@@ -63,3 +63,68 @@ def _no_whole_streaming() -> None:
 VARIANTS["ablate-ledger-writes"] = _no_ledger_writes
 VARIANTS["ablate-whole-streaming"] = _no_whole_streaming
 
+
+
+# Ablations of the paced-stream overhead over the bare hop: each takes one layer of the
+# streaming path out (not a promise: the cap, the ledger and the key are untouched), to
+# show what that layer costs. None moved wattgate's CPU per paced answer on uvloop.
+
+def _plain_handler() -> None:
+    """aiohttp's own RequestHandler: no header/body/write deadlines."""
+    from aiohttp import web
+
+    from wattgate import server
+
+    async def make(self):  # type: ignore[no-untyped-def]
+        return await web.AppRunner._make_server(self)
+
+    server.ServerRunner._make_server = make  # type: ignore[method-assign]
+
+
+def _plain_connector() -> None:
+    """aiohttp's TCPConnector: no poll of a pooled connection before reuse."""
+    import aiohttp
+
+    from wattgate import upstream
+
+    upstream.FreshConnector._get = aiohttp.TCPConnector._get  # type: ignore[method-assign]
+
+
+def _no_decompress() -> None:
+    """The session without auto_decompress (as the bare hop's)."""
+    import aiohttp
+
+    original = aiohttp.ClientSession.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["auto_decompress"] = False
+        original(self, *args, **kwargs)
+
+    aiohttp.ClientSession.__init__ = init  # type: ignore[method-assign]
+
+
+def _no_watchdog() -> None:
+    """No idle watchdog timer on an answer."""
+    from wattgate import upstream
+
+    original = upstream.Answer.__init__
+
+    def init(self, resp, idle_timeout=None):  # type: ignore[no-untyped-def]
+        original(self, resp, None)
+
+    upstream.Answer.__init__ = init  # type: ignore[method-assign]
+
+
+def _no_gc_freeze() -> None:
+    """The collector not frozen after startup."""
+    import gc
+
+    gc.freeze = lambda: None
+
+
+VARIANTS["ablate-guard"] = _plain_handler
+VARIANTS["ablate-fresh"] = _plain_connector
+VARIANTS["ablate-decompress"] = _no_decompress
+VARIANTS["ablate-watchdog"] = _no_watchdog
+VARIANTS["ablate-gcfreeze"] = _no_gc_freeze
+
