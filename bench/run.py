@@ -485,7 +485,7 @@ class Plan:
     steps_n: int = 1500         # calls per bench/steps.py run
     variant: str = ""           # a prototype of bench/variants.py, measured beside stock
     postgres: bool = True       # also wattgate on PostgreSQL, one worker and two
-    paced_n: int = 400          # paced streams held open at once
+    paced_sizes: tuple[int, ...] = (400, 2000)   # paced streams held open at once, each a load
     paced_rounds: int = 4
     paced_ramp: float = 1.0     # seconds over which they start (all open well before the first ends)
     short: bool = True          # the short-call figures (throughput, latency, first byte...)
@@ -493,7 +493,7 @@ class Plan:
     @classmethod
     def quick(cls) -> "Plan":
         return cls(seconds=1, lat_seconds=1, rounds=1, warmup=1, ttfb_n=20, burst=32,
-                   rss_sizes=(2, 8), steps_n=100, paced_n=40, paced_rounds=1,
+                   rss_sizes=(2, 8), steps_n=100, paced_sizes=(40,), paced_rounds=1,
                    paced_ramp=0.5)
 
 
@@ -509,7 +509,8 @@ class Results:
     notes: list[str] = field(default_factory=list)
     profile: str = ""
     steps: dict[str, dict[str, float]] = field(default_factory=dict)
-    paced: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # streams open at once → target → rounds
+    paced: dict[int, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
 
 def say(msg: str) -> None:
@@ -567,7 +568,7 @@ def measure(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None,
     ports = pick_ports(BASE_PORT + 1, 23)
     if plan.short:
         measure_short(plan, fleet, res, profile_dir, pg, ports)
-    if plan.paced_n:
+    if plan.paced_sizes:
         measure_paced(plan, fleet, res, profile_dir, pg, ports[16:])
 
 
@@ -676,10 +677,10 @@ def measure_short(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | No
 
 def measure_paced(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | None,
                   pg: "Postgres | None", ports: list[int]) -> None:
-    """The load users have: ``paced_n`` streams open at once, each PACED_EVENTS events
-    PACED_DELAY apart, through the bare hop and each gate, rounds alternating."""
-    say(f"paced streams: {plan.paced_n} at once, {PACED_EVENTS} events "
-        f"{PACED_DELAY * 1000:g} ms apart, on 127.0.0.1:{ports}")
+    """The load users have: each of ``paced_sizes`` streams open at once, each PACED_EVENTS
+    events PACED_DELAY apart, through the bare hop and each gate, rounds alternating."""
+    say(f"paced streams: {', '.join(map(str, plan.paced_sizes))} at once, {PACED_EVENTS} "
+        f"events {PACED_DELAY * 1000:g} ms apart, on 127.0.0.1:{ports}")
     fake = start_fake(fleet, "upstream-paced", ports[0], "--pieces", str(PACED_EVENTS),
                       "--delay", str(PACED_DELAY))
     targets = [start_bare(fleet, "bare", ports[1], fake),
@@ -698,12 +699,13 @@ def measure_paced(plan: Plan, fleet: Fleet, res: Results, profile_dir: Path | No
         problem = proxy_ready(s)
         if problem:
             raise RuntimeError(problem)
-    runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in targets}
-    for r in range(plan.paced_rounds):
-        for s in rotate(targets, r):
-            say(f"  round {r + 1}: {s.name}")
-            runs[s.name].append(paced(s, plan.paced_n, ramp=plan.paced_ramp))
-    res.paced = runs
+    for n in plan.paced_sizes:
+        runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in targets}
+        for r in range(plan.paced_rounds):
+            for s in rotate(targets, r):
+                say(f"  {n} streams, round {r + 1}: {s.name}")
+                runs[s.name].append(paced(s, n, ramp=plan.paced_ramp))
+        res.paced[n] = runs
     if profile_dir is not None and plan.profile_seconds > 0:
         for s in targets[:2]:  # the bare hop too: the same load's floor, function by function
             res.profile += "\n\n" + profile_paced(s, plan, profile_dir)
@@ -756,12 +758,12 @@ def profile_paced(wg: Server, plan: Plan, out_dir: Path) -> str:
                             "--output", str(raw), "--duration", str(seconds)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    paced(wg, plan.paced_n, ramp=plan.paced_ramp)
+    paced(wg, plan.paced_sizes[0], ramp=plan.paced_ramp)
     spy.wait(60)
     if not raw.exists():
         return f"### {wg.name}, paced streams\n\npy-spy wrote nothing (ptrace not permitted?)."
     text = summarise(raw.read_text(), seconds=seconds, rate=250)
-    return f"### {wg.name}, paced streams ({plan.paced_n} open at once)\n\n{text}"
+    return f"### {wg.name}, paced streams ({plan.paced_sizes[0]} open at once)\n\n{text}"
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -787,46 +789,55 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**yes**" if ok else "**NO**")
 
 
-def paced_rows(res: Results, plan: Plan, gates: list[str], add: Any) -> None:
-    """The paced-stream figures against their targets."""
-    p = {n: rs for n, rs in res.paced.items() if rs}
+def paced_rows(res: Results, size: int, ramp: float, gates: list[str], add: Any) -> None:
+    """The paced-stream figures of one load (``size`` streams open at once) against
+    their targets."""
+    p = {n: rs for n, rs in res.paced[size].items() if rs}
     cpu = {n: min(r["cpu_ms"] for r in rs) for n, rs in p.items()}
 
     def floor(g: str) -> str:  # each gate against the bare hop on its own loop
         return "bare@asyncio" if g.endswith("@asyncio") else "bare"
     ratio = {g: cpu[g] / cpu[floor(g)] for g in gates if g in cpu and floor(g) in cpu}
-    add(f"paced streams ({plan.paced_n} open): CPU per answer (ms, server processes)",
+    add(f"paced streams ({size} open): CPU per answer (ms, server processes)",
         {n: f"{x:.2f}" for n, x in cpu.items()},
         {g: f"{x:.2f}×" + (f" (bare@asyncio {cpu[floor(g)]:.2f})" if floor(g) != "bare" else "")
          for g, x in ratio.items()},
         "≤ 1.15× (stretch 1.05×)", ratio["wattgate"] <= 1.15 if "wattgate" in ratio else None)
     if "wattgate" in cpu and "wattgate-pg" in cpu:
         r = cpu["wattgate-pg"] / cpu["wattgate"]
-        add("paced streams: CPU per answer, PostgreSQL ÷ SQLite (gateway process)",
+        add(f"paced streams ({size}): CPU per answer, PostgreSQL ÷ SQLite (gateway process)",
             {"wattgate": f"{cpu['wattgate']:.2f} ms", "wattgate-pg": f"{cpu['wattgate-pg']:.2f} ms"},
             {"wattgate-pg": f"{r:.2f}×"}, "≤ 1.3×", r <= 1.3)
     db = {n: min(r["db_cpu_ms"] for r in rs) for n, rs in p.items()
           if all("db_cpu_ms" in r for r in rs)}
     if db:
-        add("paced streams: database server's CPU per answer (ms)",
+        add(f"paced streams ({size}): database server's CPU per answer (ms)",
             {n: f"{x:.2f}" for n, x in db.items()}, {}, "(info)", None)
     delivered = {n: min(r["delivered"] for r in rs) for n, rs in p.items()}
-    add("paced streams: answers delivered (worst round)",
-        {n: f"{d}/{plan.paced_n}" for n, d in delivered.items()},
+    add(f"paced streams ({size}): answers delivered (worst round)",
+        {n: f"{d}/{size}" for n, d in delivered.items()},
         {"wattgate": ", ".join(f"{n} {d}" for n, d in delivered.items()
                                if n not in gates and n != "bare")}, "all, equal",
-        all(d == plan.paced_n for d in delivered.values()))
+        all(d == size for d in delivered.values()))
+    # The load as paced takes its ramp plus 100 events × 20 ms: longer means the
+    # machine could not keep the pace (fake, gateway and load generator share its cores).
+    took = {n: min(r["seconds"] for r in rs) for n, rs in p.items()}
+    add(f"paced streams ({size}): seconds until the last answer, best round · most open at "
+        "once",
+        {n: f"{took[n]:.1f} s · {max(r['max_open'] for r in p[n])}" for n in p},
+        {}, f"(info: {PACED_EVENTS * PACED_DELAY + ramp:g} s if kept at pace)", None)
     opened = {n: max(r["rss_open_mb"] for r in rs) for n, rs in p.items()}
     per = {n: rs[0]["kb_per_stream"] for n, rs in p.items()}
     above = {g: per[g] - per[floor(g)] for g in gates if g in per and floor(g) in per}
-    add("paced streams: peak RSS (MB) · growth per open stream, first round (KB)",
+    add(f"paced streams ({size}): peak RSS (MB) · growth per open stream, first round (KB)",
         {n: f"{opened[n]:.0f} · {per[n]:.1f}" for n in p},
         {g: f"{x:+.1f} KB/stream" for g, x in above.items()}, "≤ +30 KB/stream",
         above["wattgate"] <= 30 if "wattgate" in above else None)
 
 
 def report(res: Results, plan: Plan) -> str:
-    names = res.targets + [n for n in res.paced if n not in res.targets]
+    paced_names = [n for runs in res.paced.values() for n in runs]
+    names = res.targets + [n for n in dict.fromkeys(paced_names) if n not in res.targets]
     gates = [n for n in names if n.startswith("wattgate")]
     head = (["measure", "upstream direct", "bare hop", *gates]
             + [f"{g} vs bare" for g in gates] + ["target", "met"])
@@ -908,8 +919,8 @@ def report(res: Results, plan: Plan) -> str:
                 f"{b[g]['debits'] / b[g]['seconds']:,.0f}" for g in counted},
             {}, "(info)", None)
 
-    if res.paced:
-        paced_rows(res, plan, gates, add)
+    for size in res.paced:
+        paced_rows(res, size, plan.paced_ramp, gates, add)
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -946,14 +957,15 @@ def report(res: Results, plan: Plan) -> str:
             f"{r['rss_peak_mb']:.1f} MB (HTTP {r['status']})" for r in rs))
     for name, r in res.burst.items():
         raw.append(f"- burst, {name}: {json.dumps(r)}")
-    for name, rs in res.paced.items():
-        raw.append(f"- paced streams, {name}: " + ", ".join(
-            f"{r['delivered']}/{r['calls']} answers ({r['events_min']}–{r['events_max']} "
-            f"events) in {r['seconds']:.2f} s, {r['cpu_ms']:.2f} ms CPU/answer"
-            + (f" + {r['db_cpu_ms']:.2f} ms database" if "db_cpu_ms" in r else "")
-            + f", RSS {r['rss_before_mb']:.1f} → {r['rss_open_mb']:.1f} MB with "
-            f"{r['max_open']} open" + ("" if r["all_open"] else " (never all at once)")
-            + (f", failures {r['failures']}" if r["failed"] else "") for r in rs))
+    for size, runs in res.paced.items():
+        for name, rs in runs.items():
+            raw.append(f"- paced streams ({size}), {name}: " + ", ".join(
+                f"{r['delivered']}/{r['calls']} answers ({r['events_min']}–{r['events_max']} "
+                f"events) in {r['seconds']:.2f} s, {r['cpu_ms']:.2f} ms CPU/answer"
+                + (f" + {r['db_cpu_ms']:.2f} ms database" if "db_cpu_ms" in r else "")
+                + f", RSS {r['rss_before_mb']:.1f} → {r['rss_open_mb']:.1f} MB with "
+                f"{r['max_open']} open" + ("" if r["all_open"] else " (never all at once)")
+                + (f", failures {r['failures']}" if r["failed"] else "") for r in rs))
     for name, r in res.ttfb.items():
         raw.append(f"- first byte / first data / whole answer, {name} (µs): {json.dumps(r)}")
 
@@ -967,7 +979,8 @@ def report(res: Results, plan: Plan) -> str:
                  f"reported; CPU per call is the server process's user+system time over a "
                  f"run divided by the calls answered; first byte over {plan.ttfb_n} requests "
                  f"per target, alternating; burst of {plan.burst} calls started at once. "
-                 f"Paced streams: {plan.paced_n} streamed calls started over "
+                 f"Paced streams: {' and '.join(map(str, plan.paced_sizes))} streamed calls "
+                 f"(one load each) started over "
                  f"{plan.paced_ramp:g} s by bench/paced.py (its own process, raw asyncio "
                  f"sockets), each {PACED_EVENTS} content events {PACED_DELAY * 1000:g} ms "
                  f"apart from the fake, {plan.paced_rounds} rounds alternating between "
@@ -1001,9 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(comma-separated names, at most 3)")
     parser.add_argument("--no-postgres", action="store_true",
                         help="leave out the PostgreSQL ledger (wattgate-pg, wattgate-pg×2)")
-    parser.add_argument("--paced-streams", type=int, default=400,
-                        help="paced streams held open at once (400; 2000 for the larger load; "
-                        "0 leaves them out)")
+    parser.add_argument("--paced-streams", default="400,2000",
+                        help="paced streams held open at once, one load per number "
+                        "(400,2000; 0 leaves them out)")
     parser.add_argument("--only-paced", action="store_true",
                         help="only the paced streams (no short-call figures)")
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
@@ -1024,7 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
         plan.profile_seconds = 2 if args.quick else 8
     plan.postgres = not args.no_postgres
     if not args.quick:
-        plan.paced_n = args.paced_streams
+        try:
+            plan.paced_sizes = tuple(int(n) for n in args.paced_streams.split(",")
+                                     if int(n) > 0)
+        except ValueError:
+            parser.error(f"--paced-streams: numbers joined by commas, not "
+                         f"{args.paced_streams!r}")
     plan.short = not args.only_paced
     EVENT_LOOP["name"] = args.loop
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
