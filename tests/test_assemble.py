@@ -266,3 +266,20 @@ def test_lone_surrogates_nan_and_garbage_lines_are_read_as_before():
 
     # The comma-joined line is garbage, not a usage.
     assert fast_outcome.usage == {**USAGE, "cost": Decimal("0.000093")}
+
+
+def test_each_line_is_one_event_however_the_lines_would_join():
+    """Lines that are garbage alone but JSON once joined (``{"a":[1`` then ``2]}``) are
+    garbage, and a usage line after them is read, as StreamReader reads line by line."""
+    from wattgate.sse import StreamReader
+
+    lines = (b'data: {"a":[1\n\ndata: 2]}\n\n'
+             b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,'
+             b'"cost":0.5}}\n\ndata: 3,4\n\n')
+    data = PLAIN.replace(b"data: [DONE]", lines + b"data: [DONE]")
+    a, reader = Assembler(), StreamReader("g")
+    a.feed(data)
+    reader.feed(data)
+    assert a.outcome("g") == reader.close()
+    assert a.outcome("g").usage["completion_tokens"] == 2
+    assert "a" not in a.answer()
