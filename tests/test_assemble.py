@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
+
+import pytest
 
 from hypothesis import given, settings, strategies as st
 
@@ -283,3 +286,58 @@ def test_each_line_is_one_event_however_the_lines_would_join():
     assert a.outcome("g") == reader.close()
     assert a.outcome("g").usage["completion_tokens"] == 2
     assert "a" not in a.answer()
+
+
+# What an attacker's review found: an upstream line that is deeply nested, a number no
+# Decimal holds, or an escaped key must never crash the gateway, raise out of the
+# assembler, or bill otherwise than StreamReader bills the same bytes.
+
+_BILLED = (b'data: {"id":"g","choices":[],"usage":{"prompt_tokens":10,'
+           b'"completion_tokens":20,"cost":0.25}}\n\ndata: [DONE]\n\n')
+
+
+def _read_both(data: bytes):
+    from wattgate.sse import StreamReader
+
+    a, r = Assembler(), StreamReader()
+    a.feed(data)
+    r.feed(data)
+    return a, r.close()
+
+
+@pytest.mark.parametrize("depth", [600, 995, 3000, 200_000])
+def test_a_deeply_nested_line_is_dropped_and_the_call_billed_as_streamed(depth):
+    """orjson before 3.9.15 overflowed the C stack here (the whole gateway died); a depth
+    json refuses but orjson reads reached the recursive merge and raised."""
+    deep = b"[" * depth + b"]" * depth
+    for line in (b'data: {"id":"g","choices":[{"index":0,"delta":{"content":"x",'
+                 b'"tool_calls":' + deep + b"}}]}\n\n",
+                 b'data: {"id":"g","error":{"message":"boom"},"deep":' + deep + b"}\n\n"):
+        a, streamed = _read_both(b'data: {"id":"g","choices":[{"index":0,"delta":'
+                                 b'{"content":"hi"}}]}\n\n' + line + _BILLED)
+        assert a.outcome(None) == streamed
+        assert streamed.usage["cost"] == Decimal("0.25")
+        answer = a.answer()
+        assert answer["choices"][0]["message"]["content"] == "hi"
+        assert "deep" not in answer
+
+
+def test_a_number_no_decimal_holds_is_a_garbage_line_not_an_exception():
+    a, streamed = _read_both(b'data: {"id":"g","choices":[{"delta":{"content":"hi"}}],'
+                             b'"x":1e9999999999999999999}\n\n' + _BILLED)
+    assert a.outcome(None) == streamed and streamed.usage["cost"] == Decimal("0.25")
+    assert "x" not in a.answer()
+    a, streamed = _read_both(b'data: {"id":"g","usage":{"prompt_tokens":1,'
+                             b'"cost":1e9999999999999999999}}\n\ndata: [DONE]\n\n')
+    assert a.outcome(None) == streamed and streamed.usage is None
+
+
+@pytest.mark.parametrize("lines", [
+    b'data: {"id":"g","\\u0075sage":{"prompt_tokens":1,"cost":9}}\n\n',
+    b'data: {"usage":{"prompt_tokens":1,"cost":0.25}}\n\ndata: {"usage":5}\n\n',
+    b'data: {"error":{"message":"A"}}\n\ndata: {"error":null}\n\n',
+    '{"usage":{"cost":7}}'.encode("utf-16-le").join([b"data: ", b"\n\n"]),
+])
+def test_the_bill_is_what_the_stream_reader_reads_whatever_the_lines(lines):
+    a, streamed = _read_both(lines + b"data: [DONE]\n\n")
+    assert a.outcome(None) == streamed

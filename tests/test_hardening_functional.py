@@ -232,3 +232,12 @@ async def test_absurd_max_tokens_is_400_not_an_overflow(harness):
                                      headers={**auth(app), "x-wattfare-grant": grant})
         assert (status, body["error"]["code"]) == (400, "invalid_request")
     assert await harness.gw.store.open_holds() == 0
+
+
+async def test_a_number_decimal_cannot_hold_is_a_400_not_a_traceback(harness):
+    """``Decimal("1e9999999999999999999")`` raises InvalidOperation, not ValueError: every
+    reader of outside JSON turns it into 'not valid JSON'."""
+    app = await harness.create_app()
+    status, body, _ = await post(harness, "/sessions", headers=auth(app),
+                                 data='{"appUserId":"x","requestLimit":1e9999999999999999999}')
+    assert (status, body["error"]["code"]) == (400, "invalid_request")

@@ -34,8 +34,8 @@ from typing import Any
 
 import orjson
 
-from .sse import (TERMINAL_RESPONSE_EVENTS, Outcome, StreamReader, answering_model,
-                  error_message, loads_exact, split_complete)
+from .jsonread import loads_exact, too_deep
+from .sse import TERMINAL_RESPONSE_EVENTS, Outcome, StreamReader, split_complete
 
 # Replaced, never concatenated: discriminators and the speaker.
 _REPLACED = frozenset(("index", "type", "role"))
@@ -124,6 +124,9 @@ def _copy(value: Any) -> Any:
 
 _GARBAGE = object()
 _fast = orjson.loads
+# An event nested deeper is garbage: a chat chunk nests ~6 deep, and the merge and
+# ``finish`` below recurse once per level.
+MAX_EVENT_DEPTH = 64
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _DIGITS_19 = b"0" * 19
 
@@ -140,33 +143,38 @@ def _exact(payload: bytes) -> Any:
 class Assembler:
     """Feed it the stream's bytes in any chunks; ``answer()`` gives the JSON object.
 
-    ``feed`` only cuts lines and keeps the events' JSON text; ``answer`` parses
-    them in one call (the answer is whole only at the end anyway) and merges.
+    ``feed`` cuts lines and keeps the events' JSON text; ``answer`` parses them (the
+    answer is whole only at the end anyway) and merges. What the call is billed is
+    ``outcome()``: a ``StreamReader`` fed the same bytes, so a whole answer is metered
+    by exactly the rules of a streamed one, whatever the merge makes of the events.
     """
 
     def __init__(self) -> None:
+        self._reader = StreamReader()  # the bill: the stream's own rules
+        self._outcome: Outcome | None = None
         self._partial = b""
         self._payloads: list[bytes] = []
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
-        self._done = False
-        self._billed_model: str | None = None
-        self._error = False
         self._exact = False  # read every event with ``json`` (numbers as Decimal)
 
     def feed(self, chunk: bytes) -> None:
+        self._reader.feed(chunk)
         complete, self._partial = split_complete(self._partial, chunk)
         for line in complete.splitlines():  # \n, \r\n or a lone \r, as in sse
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    self._done = True
-                elif payload:
+                if payload and payload != b"[DONE]":
                     self._payloads.append(payload)
 
     def _events(self) -> list[Any]:
         if self._partial:
-            self.feed(b"\n")
+            complete, self._partial = self._partial, b""
+            for line in complete.splitlines():
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    if payload and payload != b"[DONE]":
+                        self._payloads.append(payload)
         payloads, self._payloads = self._payloads, []
         # orjson reads an event ~3× faster than ``json``, but it reads an integer wider
         # than 64 bits as a float: a run of 19 digits anywhere (in a string too; 2**63
@@ -174,24 +182,21 @@ class Assembler:
         exact = self._exact or _DIGITS_19 in b"".join(payloads).translate(_ZERO_DIGITS)
         events = []
         for payload in payloads:  # one line, one event, as StreamReader reads them
+            if too_deep(payload, MAX_EVENT_DEPTH):
+                continue
             event: Any = _GARBAGE
             if not exact:
                 try:
                     event = _fast(payload)
-                except orjson.JSONDecodeError:  # NaN, a lone surrogate, deep nesting…
+                except orjson.JSONDecodeError:  # NaN, a lone surrogate…
                     pass
-            # The bill is exact: an event with a usage is read again, numbers as Decimal
-            # (StreamReader's rule), and so is what orjson refused. Usually the last.
-            if event is _GARBAGE or (type(event) is dict and event.get("usage") is not None):
+            if event is _GARBAGE:  # what orjson refused, json may read
                 event = _exact(payload)
             if event is not _GARBAGE:
                 events.append(event)
         return events
 
     def _event(self, event: dict[str, Any]) -> None:
-        self._error = self._error or "error" in event
-        if isinstance(event.get("usage"), dict):  # the billed model: StreamReader's rule
-            self._billed_model = answering_model(event, self._billed_model)
         top = self._top
         for key, value in event.items():
             if key != "choices" and (value is not None or key not in top):
@@ -222,17 +227,14 @@ class Assembler:
                     acc[key] = value
 
     def outcome(self, generation_id: str | None) -> Outcome:
-        """What metering needs, by ``sse.StreamReader``'s rules: the last non-null
-        usage, whether any event carried a top-level ``error``, whether ``[DONE]`` came."""
-        self._parse()
-        top_id = self._top.get("id")
-        if generation_id is None and isinstance(top_id, str):
-            generation_id = top_id[:200]
-        usage = self._top.get("usage")
-        return Outcome(generation_id=generation_id,
-                       usage=usage if isinstance(usage, dict) else None,
-                       error=error_message(self._top.get("error")) if self._error else None,
-                       done=self._done, model=self._billed_model)
+        """What metering needs, read by ``sse.StreamReader`` from the same bytes: the last
+        dict usage, the stream's error, whether ``[DONE]`` came, the billed model. The
+        generation is ``generation_id`` (the header's) or the one the stream named."""
+        if self._outcome is None:
+            self._outcome = self._reader.close()
+        if generation_id is not None:
+            self._outcome.generation_id = generation_id
+        return self._outcome
 
     def _parse(self) -> None:
         for event in self._events():

@@ -28,11 +28,11 @@ an error. Chat chunks have no top-level ``type``, so one reader tells them apart
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
+
+from .jsonread import loads_exact
 
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 MAX_PARTIAL = 8 * 1024 * 1024  # a single SSE line longer than this is not metadata
@@ -65,17 +65,6 @@ def split_complete(partial: bytes, chunk: bytes) -> tuple[bytes, bytes]:
     return data[:end + 1], (rest if len(rest) <= MAX_PARTIAL else b"")
 
 
-# ``json.loads(raw, parse_float=Decimal)`` builds a decoder at every call; this one
-# is built once (the same rules: bytes decoded as ``json.loads`` decodes them).
-_EXACT = json.JSONDecoder(parse_float=Decimal)
-
-
-def loads_exact(raw: bytes) -> Any:
-    """``raw`` as JSON, numbers as ``Decimal`` (the bill is exact); raises ValueError
-    (or RecursionError) as ``json.loads`` does."""
-    return _EXACT.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-
-
 def _loads(raw: bytes) -> Any:
     try:
         return loads_exact(raw)
@@ -87,6 +76,25 @@ def error_message(error: Any) -> str:
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error["message"][:500]
     return "error reported inside the stream"
+
+
+_MARKERS = (b'"usage"', b'"error"', b"[DONE]")
+
+
+def _marked_lines(data: bytes) -> list[bytes]:
+    """The lines of ``data`` (whole lines, ending in \n, \r\n or a lone \r) that hold
+    one of the markers, in order, each once: a chunk of many events is searched in C
+    instead of being split into every one of its lines."""
+    spans = set()
+    for marker in _MARKERS:
+        at = data.find(marker)
+        while at >= 0:
+            start = max(data.rfind(b"\n", 0, at), data.rfind(b"\r", 0, at)) + 1
+            end = min((e for e in (data.find(b"\n", at), data.find(b"\r", at)) if e >= 0),
+                      default=len(data))
+            spans.add((start, end))
+            at = data.find(marker, end)
+    return [data[start:end] for start, end in sorted(spans)]
 
 
 class StreamReader:
@@ -107,7 +115,7 @@ class StreamReader:
             if m:
                 self.outcome.generation_id = m.group(1).decode("ascii", "replace")
         if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
-            for line in complete.splitlines():
+            for line in _marked_lines(complete):
                 self._line(line)
         return self.outcome.done
 

@@ -22,7 +22,6 @@ import math
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -30,6 +29,7 @@ import aiohttp
 
 from . import attribution
 from .errors import BudgetExceeded, FundingInvalid, RateLimited, UpstreamError, UpstreamTimeout, WattgateError
+from .jsonread import loads_exact
 from .metering import generation_charge
 from .money import usd_to_nanos
 from .pricing import PriceList
@@ -61,10 +61,10 @@ class KeyLimit:
 def key_limit_of(body: bytes) -> KeyLimit | None:
     """Read ``GET /key``'s answer; None when it is not the documented shape."""
     try:
-        data = json.loads(body, parse_float=Decimal).get("data")
+        data = loads_exact(body).get("data")
         limit = data.get("limit")
         nanos = None if limit is None else usd_to_nanos(limit)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     if nanos is not None and nanos < 0:
         return None
@@ -80,7 +80,7 @@ def upstream_message(status: int, body: bytes) -> str:
         message = data["error"]["message"]
         if isinstance(message, str) and message:
             return message[:500]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         pass
     return f"The model provider answered HTTP {status}."
 
@@ -427,7 +427,7 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return None, None
         try:
-            data = json.loads(body, parse_float=Decimal)
+            data = loads_exact(body)
         except (ValueError, RecursionError):
             return None, "the answer is not JSON"
         return generation_charge(data.get("data") if isinstance(data, dict) else None)
@@ -437,8 +437,8 @@ class Upstream:
         if status != 200:
             raise map_failure(status, body, headers, now=self._clock())
         try:
-            data = json.loads(body, parse_float=Decimal)
-        except ValueError:
+            data = loads_exact(body)
+        except (ValueError, RecursionError):
             raise UpstreamError("The model provider's model list is not JSON.") from None
         self.prices.load(data, now=self._clock())
 

@@ -26,6 +26,15 @@ import aiohttp
 
 from ._errors import WattfareError, WattfareInvalidRequestError, auth_error, error_from_body
 
+
+def _exact_number(text: str) -> Decimal:
+    """``parse_float``: the number as Decimal, or ValueError (never InvalidOperation,
+    which ``Decimal("1e9999999999999999999")`` raises)."""
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        raise ValueError(text[:40]) from None
+
 if TYPE_CHECKING:
     from aiohttp import web
     from openai import AsyncOpenAI, OpenAI
@@ -284,8 +293,8 @@ class Wattfare:
                                    headers=headers, timeout=self._timeout) as response:
             text = await response.text()
             try:
-                parsed = json.loads(text, parse_float=Decimal) if text else None
-            except ValueError:
+                parsed = json.loads(text, parse_float=_exact_number) if text else None
+            except (ValueError, RecursionError):
                 parsed = None
             if response.status < 400 and isinstance(parsed, dict):
                 return parsed

@@ -16,14 +16,13 @@ from aiohttp import web
 from ..clientaddr import Client, ClientAddresses
 from ..config import Config
 from ..errors import AuthError, InvalidRequest
+from ..jsonread import exact_number, too_deep
 from ..money import usd_to_nanos
 
 MAX_USER_ID = 256
 MAX_USD = Decimal(1_000_000)
 MAX_JSON_DEPTH = 64  # a chat request nests ~6 deep; a tool's JSON schema rarely 20
 
-_BRACKETS_ONLY = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 @lru_cache(maxsize=8)
@@ -61,25 +60,10 @@ def session_token_of(request: web.Request) -> str:
 
 
 def check_json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> None:
-    """Refuse a body nested deeper than ``limit`` before any JSON parser sees it.
-
-    Deep nesting is cheap to send and costly to walk (every later recursion
-    over the body pays for it again), so it is measured with C-speed byte
-    operations only: drop escapes, drop string contents (quotes now alternate),
-    keep the brackets, then peel innermost pairs off one level at a time. The
-    cost is a few passes over the body, whatever its shape.
-    """
-    s = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    s = b"".join(s.split(b'"')[::2]).translate(_BRACKETS_ONLY, _NOT_BRACKETS)
-    too_deep = b"[" * (limit + 1)
-    for _ in range(limit + 1):
-        if too_deep in s:
-            break
-        size = len(s)
-        s = s.replace(b"[]", b"")
-        if len(s) == size:  # empty, or unbalanced (the parser refuses that)
-            return
-    raise InvalidRequest(f"The body nests deeper than {limit} levels.")
+    """Refuse a body nested deeper than ``limit`` before any JSON parser sees it
+    (``jsonread.too_deep``)."""
+    if too_deep(raw, limit):
+        raise InvalidRequest(f"The body nests deeper than {limit} levels.")
 
 
 def _no_constants(name: str) -> Any:
@@ -94,7 +78,7 @@ async def json_body(request: web.Request, *, optional: bool = False) -> dict[str
         raise InvalidRequest("A JSON object body is required.")
     check_json_depth(raw)
     try:
-        data = json.loads(raw, parse_float=Decimal, parse_constant=_no_constants)
+        data = json.loads(raw, parse_float=exact_number, parse_constant=_no_constants)
     except (ValueError, RecursionError):
         raise InvalidRequest("The body is not valid JSON.") from None
     if not isinstance(data, dict):
