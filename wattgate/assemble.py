@@ -161,6 +161,9 @@ class Assembler:
     def feed(self, chunk: bytes) -> None:
         self._reader.feed(chunk)
         complete, self._partial = split_complete(self._partial, chunk)
+        self._keep(complete)
+
+    def _keep(self, complete: bytes) -> None:
         for line in complete.splitlines():  # \n, \r\n or a lone \r, as in sse
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
@@ -168,13 +171,9 @@ class Assembler:
                     self._payloads.append(payload)
 
     def _events(self) -> list[Any]:
-        if self._partial:
+        if self._partial:  # the last line, unended (the reader closes its own)
             complete, self._partial = self._partial, b""
-            for line in complete.splitlines():
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    if payload and payload != b"[DONE]":
-                        self._payloads.append(payload)
+            self._keep(complete)
         payloads, self._payloads = self._payloads, []
         # orjson reads an event ~3× faster than ``json``, but it reads an integer wider
         # than 64 bits as a float: a run of 19 digits anywhere (in a string too; 2**63

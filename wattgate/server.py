@@ -70,7 +70,6 @@ from .config import Config
 from .errors import ConfigError, InvalidRequest, RequestTimeout, WattgateError
 from .supervisor import LISTEN_BACKLOG
 
-
 log = logging.getLogger("wattgate.http")
 
 # Linux's SIOCOUTQ (bytes the peer has not acknowledged) is TIOCOUTQ on a socket.
